@@ -1,0 +1,304 @@
+//! The server's config sections: `[server]`, `[probes]`, `[readiness]`, `[admin]`, `[shutdown]`.
+//!
+//! Every default carries the reason for its value; `docs/operations.md` lists them all.
+
+use std::net::SocketAddr;
+
+use keel_config::{ByteSize, Duration, Validate, Validator};
+use serde::{Deserialize, Serialize};
+
+/// `[server]`: the main listener and the HTTP limits applied to every connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ServerConfig {
+    /// Address of the main (traffic) port.
+    pub addr: SocketAddr,
+    /// Number of `SO_REUSEPORT` sockets bound to `addr`. Unset = one per runtime worker
+    /// (or per shard), so the kernel spreads new connections across them without a shared
+    /// accept queue becoming a contention point.
+    pub listeners: Option<usize>,
+    /// Listen backlog. 1024 absorbs a burst of reconnects after a deploy; the kernel caps it
+    /// at `net.core.somaxconn` (4096 on current kernels).
+    pub backlog: u32,
+    /// Disable Nagle on accepted sockets: request/response traffic is latency-bound and small
+    /// writes must not wait for an ACK.
+    pub tcp_nodelay: bool,
+    /// TCP Fast Open queue length on the listeners; 0 turns it off. 256 bounds the number of
+    /// pending TFO handshakes (a SYN flood with cookies cannot pin more than that).
+    pub tcp_fastopen_queue: u32,
+    /// Largest request header block (request line + headers). HTTP/1 answers 431 above it;
+    /// HTTP/2 advertises it as `SETTINGS_MAX_HEADER_LIST_SIZE`. 16 KiB fits large cookies and
+    /// JWTs (the 8 KiB of nginx's single buffer is a common source of surprise 431s) while
+    /// keeping a slow client's buffered garbage small. Minimum 8 KiB (hyper's floor).
+    pub max_header_bytes: ByteSize,
+    /// Most header fields in one HTTP/1 request; more get 431. 100 is what hyper, Go and
+    /// nginx effectively allow; real clients send 10–30.
+    pub max_headers: usize,
+    /// A client must deliver its whole request head within this time after its first byte,
+    /// or the connection is closed (slowloris defence). 10 s lets a slow mobile link through
+    /// and frees a stuck connection long before a load balancer's own timeouts.
+    pub header_read_timeout: Duration,
+    /// Largest request body; larger bodies get 413 (at once when `Content-Length` says so,
+    /// otherwise when the limit is crossed while reading). 4 MiB equals gRPC's default maximum
+    /// message size, so JSON and gRPC handlers share one ceiling.
+    pub max_body_bytes: ByteSize,
+    /// Close a connection that has had no request in flight for this long. Advertised to
+    /// HTTP/1 clients as `Keep-Alive: timeout=N` so their pools expire sockets first.
+    /// 75 s is longer than the 60 s idle timeout of common L7 load balancers, so the proxy in
+    /// front (the client) always closes first and never reuses a socket we are closing.
+    pub idle_timeout: Duration,
+    /// Concurrent streams allowed per HTTP/2 connection. 256 keeps one connection from
+    /// monopolising the server while leaving clients headroom (Go uses 250, hyper 200).
+    pub http2_max_concurrent_streams: u32,
+    /// Interval of HTTP/2 PING frames that detect dead peers behind NATs and idle-killing
+    /// middleboxes. 20 s is below the 30–60 s idle timeouts typical of such middleboxes.
+    pub http2_keepalive_interval: Duration,
+    /// How long to wait for a PING ACK before closing the connection.
+    pub http2_keepalive_timeout: Duration,
+    /// HTTP/2 rapid-reset defence (CVE-2023-44487): streams a client may open and reset
+    /// before the server accepted them. 20 is hyper's own default, ample for real clients.
+    pub http2_max_pending_accept_reset_streams: usize,
+    /// HTTP/2 reset-flood defence for the "MadeYouReset" family: locally-caused stream resets
+    /// tolerated per connection before it is closed with ENHANCE_YOUR_CALM.
+    pub http2_max_local_error_reset_streams: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            listeners: None,
+            backlog: 1024,
+            tcp_nodelay: true,
+            tcp_fastopen_queue: 256,
+            max_header_bytes: ByteSize::kib(16),
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            max_body_bytes: ByteSize::mib(4),
+            idle_timeout: Duration::from_secs(75),
+            http2_max_concurrent_streams: 256,
+            http2_keepalive_interval: Duration::from_secs(20),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            http2_max_pending_accept_reset_streams: 20,
+            http2_max_local_error_reset_streams: 1024,
+        }
+    }
+}
+
+impl Validate for ServerConfig {
+    fn validate(&self, v: &mut Validator) {
+        if let Some(n) = self.listeners {
+            v.check(n >= 1, "listeners", n, "must be at least 1");
+            v.check(n <= 1024, "listeners", n, "must be at most 1024");
+        }
+        v.check(self.backlog >= 1, "backlog", self.backlog, "must be at least 1");
+        v.check(
+            self.max_header_bytes.get() >= 8192,
+            "max_header_bytes",
+            self.max_header_bytes,
+            "must be at least 8KiB (the HTTP/1 parser's smallest buffer)",
+        );
+        v.check(
+            self.max_header_bytes.get() <= u64::from(u32::MAX),
+            "max_header_bytes",
+            self.max_header_bytes,
+            "must fit in 32 bits (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE)",
+        );
+        v.check(self.max_headers >= 1, "max_headers", self.max_headers, "must be at least 1");
+        v.check(
+            !self.header_read_timeout.get().is_zero(),
+            "header_read_timeout",
+            self.header_read_timeout,
+            "must be greater than 0",
+        );
+        v.check(
+            !self.idle_timeout.get().is_zero(),
+            "idle_timeout",
+            self.idle_timeout,
+            "must be greater than 0",
+        );
+        v.check(
+            self.idle_timeout.get() >= std::time::Duration::from_secs(1),
+            "idle_timeout",
+            self.idle_timeout,
+            "must be at least 1s (it is advertised in whole seconds)",
+        );
+        v.check(
+            self.http2_max_concurrent_streams >= 1,
+            "http2_max_concurrent_streams",
+            self.http2_max_concurrent_streams,
+            "must be at least 1",
+        );
+        v.check(
+            !self.http2_keepalive_timeout.get().is_zero(),
+            "http2_keepalive_timeout",
+            self.http2_keepalive_timeout,
+            "must be greater than 0",
+        );
+    }
+}
+
+/// `[probes]`: liveness/readiness endpoints on the main port (the admin port always has them).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ProbesConfig {
+    /// Answer probes on the main port too. Kubernetes probes the pod IP, and the admin port
+    /// is bound to loopback by default, so the main port is where kubelet can reach them.
+    pub main_port: bool,
+    /// Liveness: the process and its event loop respond.
+    pub livez_path: String,
+    /// Readiness: started, not draining, and every registered dependency check passing.
+    pub readyz_path: String,
+    /// Alias of liveness, for tools that expect the older name.
+    pub healthz_path: String,
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        ProbesConfig {
+            main_port: true,
+            livez_path: "/livez".into(),
+            readyz_path: "/readyz".into(),
+            healthz_path: "/healthz".into(),
+        }
+    }
+}
+
+impl Validate for ProbesConfig {
+    fn validate(&self, v: &mut Validator) {
+        for (key, path) in [
+            ("livez_path", &self.livez_path),
+            ("readyz_path", &self.readyz_path),
+            ("healthz_path", &self.healthz_path),
+        ] {
+            v.check(
+                path.starts_with('/') && !path.contains(['?', '#', ' ']),
+                key,
+                format!("{path:?}"),
+                "must be an absolute path without query or fragment, e.g. \"/livez\"",
+            );
+        }
+    }
+}
+
+/// `[readiness]`: how dependency checks are run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ReadinessConfig {
+    /// How often each dependency check runs in the background. Probes read the cached result,
+    /// so a kubelet probing every second costs the database one query per interval, not one
+    /// per probe. 5 s notices an outage within one kubelet `periodSeconds` of the default 10 s.
+    pub interval: Duration,
+    /// A check that takes longer fails. 2 s is well above a healthy round trip and below the
+    /// kubelet's default 1 s × failureThreshold window only when checks are cheap; raise it for
+    /// dependencies behind slow links.
+    pub timeout: Duration,
+    /// Consecutive failures before a check counts as failing. 1 reports the truth at once;
+    /// kubelet's own `failureThreshold` already smooths blips on top of it.
+    pub failure_threshold: u32,
+}
+
+impl Default for ReadinessConfig {
+    fn default() -> Self {
+        ReadinessConfig {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            failure_threshold: 1,
+        }
+    }
+}
+
+impl Validate for ReadinessConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check(
+            self.interval.get() >= std::time::Duration::from_millis(10),
+            "interval",
+            self.interval,
+            "must be at least 10ms",
+        );
+        v.check(
+            !self.timeout.get().is_zero(),
+            "timeout",
+            self.timeout,
+            "must be greater than 0",
+        );
+        v.check(
+            self.failure_threshold >= 1,
+            "failure_threshold",
+            self.failure_threshold,
+            "must be at least 1",
+        );
+    }
+}
+
+/// `[admin]`: the operator's port.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct AdminConfig {
+    /// Serve the admin endpoints at all.
+    pub enabled: bool,
+    /// Loopback by default: `/debug/config` and friends are for operators (port-forward or a
+    /// node-local agent), not for the network.
+    pub addr: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            addr: SocketAddr::from(([127, 0, 0, 1], 9990)),
+        }
+    }
+}
+
+impl Validate for AdminConfig {}
+
+/// `[shutdown]`: the graceful drain.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ShutdownConfig {
+    /// Time between withdrawing readiness and closing the listeners, so load balancers and
+    /// kube-proxy see the endpoint removed before connections are refused. 5 s covers
+    /// endpoint propagation in a typical cluster.
+    pub drain_delay: Duration,
+    /// Time in-flight requests get to finish after the listeners close; what still runs then
+    /// is cancelled. 20 s + the 5 s delay fit Kubernetes' default 30 s
+    /// `terminationGracePeriodSeconds` with room for the process to exit.
+    pub grace_period: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_delay: Duration::from_secs(5),
+            grace_period: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Validate for ShutdownConfig {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let mut v = Validator::default();
+        v.nested("server", &ServerConfig::default());
+        v.nested("probes", &ProbesConfig::default());
+        v.nested("readiness", &ReadinessConfig::default());
+        assert!(v.is_empty(), "{v:?}");
+    }
+
+    #[test]
+    fn tiny_header_limit_is_rejected() {
+        let cfg = ServerConfig {
+            max_header_bytes: ByteSize::kib(4),
+            ..ServerConfig::default()
+        };
+        let mut v = Validator::default();
+        v.nested("server", &cfg);
+        assert!(!v.is_empty());
+    }
+}

@@ -1,0 +1,358 @@
+//! One accepted connection: protocol detection, per-connection timers, graceful close.
+//!
+//! hyper has no idle timeout, and its HTTP/1 header-read timer also runs while a keep-alive
+//! connection sits idle, which would make the header timeout the idle timeout. Keel keeps the
+//! two apart with one lazily re-armed timer per connection:
+//!
+//! - *reading a request head* (from the first byte after idle, or from accept) — closed after
+//!   `header_read_timeout` (slowloris defence, HTTP/1 only);
+//! - *idle* (no request in flight) — closed gracefully after `idle_timeout`, the value
+//!   advertised in `Keep-Alive: timeout=N`;
+//! - *busy* — no timer of ours; request deadlines bound the work.
+//!
+//! State lives in a few atomics shared with the request path (`ConnTracker`). The timer is
+//! never woken by the request path: when it fires it recomputes the real deadline from the
+//! atomics and re-arms, so a busy connection costs no timer churn. The only early wake-up needed
+//! — a new request head starting while the timer sits on a later idle deadline — happens inside
+//! the IO read, which this driver itself polls, so it is handled without a cross-task wake.
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use keel_core::Phase;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use crate::service::{KeelService, RequestBody};
+use keel_core::BoxError;
+use crate::shared::Shared;
+
+/// Per-connection state shared between the driver and the request path.
+#[derive(Debug)]
+pub(crate) struct ConnTracker {
+    pub(crate) shared: Arc<Shared>,
+    in_flight: AtomicU32,
+    /// Milliseconds since `shared.epoch` when the connection last became idle.
+    idle_since: AtomicU64,
+    /// Milliseconds since `shared.epoch` + 1 when the current request head started; 0 = none.
+    head_started: AtomicU64,
+    /// Set once a request arrived over HTTP/2: frames there (PINGs, window updates) are not
+    /// request heads, so the head timer no longer applies.
+    h2: AtomicBool,
+    /// The IO saw a new request head start: the driver must re-arm its timer earlier.
+    rearm: AtomicBool,
+}
+
+impl ConnTracker {
+    fn new(shared: Arc<Shared>) -> Self {
+        let now = shared.now_ms();
+        ConnTracker {
+            shared,
+            in_flight: AtomicU32::new(0),
+            idle_since: AtomicU64::new(now),
+            // A fresh connection is waiting for its first request head: a client that
+            // connects and sends nothing is held to the header timeout, not the idle one.
+            head_started: AtomicU64::new(now + 1),
+            h2: AtomicBool::new(false),
+            rearm: AtomicBool::new(false),
+        }
+    }
+
+    /// A request reached the service.
+    pub(crate) fn request_started(&self, is_h2: bool) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_started.store(0, Ordering::Relaxed);
+        if is_h2 {
+            self.h2.store(true, Ordering::Relaxed);
+        }
+        self.shared.request_started();
+    }
+
+    /// A request's response finished (or was abandoned).
+    pub(crate) fn request_finished(&self) {
+        // Record idleness before the decrement so the driver never sees in_flight == 0 with a
+        // stale idle_since.
+        self.idle_since.store(self.shared.now_ms(), Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Release);
+        self.shared.request_finished();
+    }
+
+    fn on_bytes_read(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && !self.h2.load(Ordering::Relaxed)
+            && self.head_started.load(Ordering::Relaxed) == 0
+        {
+            self.head_started
+                .store(self.shared.now_ms() + 1, Ordering::Relaxed);
+            self.rearm.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// What the timer should do now.
+    fn check(&self, now_ms: u64) -> TimerCheck {
+        let header_ms = self.shared.limits.header_read_timeout_ms;
+        let idle_ms = self.shared.limits.idle_timeout_ms;
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return TimerCheck::Wait(now_ms + idle_ms);
+        }
+        let head = self.head_started.load(Ordering::Relaxed);
+        if head != 0 && !self.h2.load(Ordering::Relaxed) {
+            let deadline = head - 1 + header_ms;
+            return if now_ms >= deadline {
+                TimerCheck::HeadTimeout
+            } else {
+                TimerCheck::Wait(deadline)
+            };
+        }
+        let deadline = self.idle_since.load(Ordering::Relaxed) + idle_ms;
+        if now_ms >= deadline {
+            TimerCheck::Idle
+        } else {
+            TimerCheck::Wait(deadline)
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum TimerCheck {
+    Wait(u64),
+    HeadTimeout,
+    Idle,
+}
+
+pin_project_lite::pin_project! {
+    /// The socket, instrumented to notice when a new request head starts arriving.
+    struct TrackedIo {
+        #[pin]
+        inner: TcpStream,
+        tracker: Arc<ConnTracker>,
+    }
+}
+
+impl AsyncRead for TrackedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let res = this.inner.poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            if buf.filled().len() > before {
+                this.tracker.on_bytes_read();
+            }
+        }
+        res
+    }
+}
+
+impl AsyncWrite for TrackedIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Build the HTTP/1 + HTTP/2 connection builder from the configured limits.
+pub(crate) fn builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
+    let l = &shared.limits;
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        // Keel runs its own head timer (see the module doc); hyper's would also fire on idle
+        // keep-alive connections.
+        .header_read_timeout(None)
+        .max_buf_size(l.max_header_bytes)
+        .max_headers(l.max_headers)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(l.h2_max_concurrent_streams)
+        .keep_alive_interval(Some(l.h2_keepalive_interval))
+        .keep_alive_timeout(l.h2_keepalive_timeout)
+        .max_pending_accept_reset_streams(l.h2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(l.h2_max_local_error_reset_streams);
+    b
+}
+
+/// Serve one accepted connection until it closes, times out, or shutdown ends it.
+pub(crate) async fn serve_connection<S, B>(
+    stream: TcpStream,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    shared: Arc<Shared>,
+    service: S,
+) where
+    S: tower::Service<http::Request<RequestBody>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let tracker = Arc::new(ConnTracker::new(shared.clone()));
+    let io = TokioIo::new(TrackedIo {
+        inner: stream,
+        tracker: tracker.clone(),
+    });
+    let svc = KeelService::new(service, tracker.clone());
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    let mut conn = pin!(conn);
+
+    let first = match tracker.check(shared.now_ms()) {
+        TimerCheck::Wait(ms) => ms,
+        _ => shared.now_ms(),
+    };
+    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(shared.instant_at(first)));
+    let mut phase_rx = shared.shutdown.subscribe();
+    let mut closing = false;
+
+    loop {
+        if !closing && *phase_rx.borrow_and_update() >= Phase::Closing {
+            closing = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        if *phase_rx.borrow() >= Phase::Stopped {
+            // Grace period over: dropping the connection cancels its in-flight work.
+            return;
+        }
+        let changed = phase_rx.changed();
+        let mut changed = pin!(changed);
+        let event = poll_fn(|cx| {
+            if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Event::Done(res.err()));
+            }
+            if tracker.rearm.swap(false, Ordering::Relaxed) {
+                if let TimerCheck::Wait(ms) = tracker.check(shared.now_ms()) {
+                    timer.as_mut().reset(shared.instant_at(ms));
+                }
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timer);
+            }
+            if let Poll::Ready(r) = changed.as_mut().poll(cx) {
+                return Poll::Ready(if r.is_ok() { Event::Phase } else { Event::Timer });
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Done(err) => {
+                if let Some(err) = err {
+                    tracing::debug!(error = %err, "connection ended with an error");
+                }
+                return;
+            }
+            Event::Phase => {}
+            Event::Timer => match tracker.check(shared.now_ms()) {
+                TimerCheck::Wait(ms) => timer.as_mut().reset(shared.instant_at(ms)),
+                TimerCheck::HeadTimeout => {
+                    tracing::debug!("closing connection: request head not received within header_read_timeout");
+                    shared.stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                TimerCheck::Idle => {
+                    if closing {
+                        // Already asked to close and still idle after the wait: the peer is
+                        // not finishing the close handshake; drop it.
+                        return;
+                    }
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                    // HTTP/1 closes at once; HTTP/2 sends GOAWAY and waits for the peer.
+                    timer
+                        .as_mut()
+                        .reset(Instant::now() + shared.limits.h2_keepalive_timeout);
+                }
+            },
+        }
+    }
+}
+
+enum Event {
+    Done(Option<Box<dyn std::error::Error + Send + Sync>>),
+    Timer,
+    Phase,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::ServerConfig;
+
+    fn tracker() -> ConnTracker {
+        let shared = Shared::for_tests(&ServerConfig {
+            header_read_timeout: keel_config::Duration::from_secs(10),
+            idle_timeout: keel_config::Duration::from_secs(75),
+            ..ServerConfig::default()
+        });
+        ConnTracker::new(shared)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fresh_connection_is_held_to_the_header_timeout() {
+        let t = tracker();
+        let now = t.shared.now_ms();
+        assert_eq!(t.check(now), TimerCheck::Wait(now + 10_000));
+        assert_eq!(t.check(now + 10_000), TimerCheck::HeadTimeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_keepalive_uses_the_idle_timeout_not_the_header_timeout() {
+        let t = tracker();
+        t.request_started(false);
+        assert!(matches!(t.check(t.shared.now_ms() + 500_000), TimerCheck::Wait(_)), "busy never expires");
+        t.request_finished();
+        let idle = t.shared.now_ms();
+        assert_eq!(t.check(idle + 20_000), TimerCheck::Wait(idle + 75_000));
+        assert_eq!(t.check(idle + 75_000), TimerCheck::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_after_idle_start_the_head_timer() {
+        let t = tracker();
+        t.request_started(false);
+        t.request_finished();
+        tokio::time::advance(std::time::Duration::from_secs(30)).await;
+        t.on_bytes_read();
+        assert!(t.rearm.load(Ordering::Relaxed));
+        let now = t.shared.now_ms();
+        assert_eq!(t.check(now), TimerCheck::Wait(now + 10_000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_frames_while_idle_are_not_request_heads() {
+        let t = tracker();
+        t.request_started(true);
+        t.request_finished();
+        t.on_bytes_read();
+        let now = t.shared.now_ms();
+        assert_eq!(t.check(now), TimerCheck::Wait(now + 75_000));
+    }
+}

@@ -1,0 +1,327 @@
+//! The per-request wrapper between hyper and the user's `tower::Service`.
+//!
+//! In order, for every request: probes are answered before the user's service (so a wedged
+//! handler cannot fail liveness), bodies declared larger than the limit get 413 without
+//! running the handler, the body is capped for those that do not declare a length, and the
+//! response is cleaned of hop-by-hop headers before Keel adds its own `Keep-Alive`.
+//! No allocation happens here beyond what the user's service does; the future is a named type.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full, Limited};
+use hyper::body::Incoming;
+use keel_core::{BoxError, Phase};
+use tower::ServiceExt;
+use tower::util::Oneshot;
+
+use crate::conn::ConnTracker;
+use crate::readiness;
+
+/// The request body handed to user services: hyper's body, capped at `server.max_body_bytes`.
+/// Reading past the cap yields `http_body_util::LengthLimitError`, which axum's extractors turn
+/// into 413.
+pub type RequestBody = Limited<Incoming>;
+
+/// Response body produced by Keel: the service's own body or a small fixed one (probes, 413),
+/// tracked so the connection knows when the response has really finished.
+pub type ResponseBody<B> = TrackedBody<Either<B, Full<Bytes>>>;
+
+/// Counts a request as in flight on its connection and server until dropped.
+#[derive(Debug)]
+struct RequestGuard(Arc<ConnTracker>);
+
+impl RequestGuard {
+    fn start(tracker: Arc<ConnTracker>, is_h2: bool) -> Self {
+        tracker.request_started(is_h2);
+        RequestGuard(tracker)
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.request_finished();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that releases its request's in-flight slot when it ends or is dropped.
+    #[derive(Debug)]
+    pub struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<RequestGuard>,
+    }
+}
+
+impl<B> Body for TrackedBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let res = ready!(this.inner.poll_frame(cx));
+        if !matches!(res, Some(Ok(_))) {
+            // End of stream or error: the request is over even if hyper keeps the body a while.
+            this.guard.take();
+        }
+        Poll::Ready(res)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// hyper-facing service for one connection.
+#[derive(Debug)]
+pub(crate) struct KeelService<S> {
+    inner: S,
+    tracker: Arc<ConnTracker>,
+}
+
+impl<S: Clone> Clone for KeelService<S> {
+    fn clone(&self) -> Self {
+        KeelService {
+            inner: self.inner.clone(),
+            tracker: self.tracker.clone(),
+        }
+    }
+}
+
+impl<S> KeelService<S> {
+    pub(crate) fn new(inner: S, tracker: Arc<ConnTracker>) -> Self {
+        KeelService { inner, tracker }
+    }
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for KeelService<S>
+where
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<B>>;
+    type Error = Infallible;
+    type Future = KeelFuture<S, B>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let is_h2 = req.version() == Version::HTTP_2;
+        let keep_alive = req.version() == Version::HTTP_11;
+        let guard = RequestGuard::start(self.tracker.clone(), is_h2);
+        let shared = &self.tracker.shared;
+
+        if let Some(paths) = &shared.probes {
+            if let Some(resp) = readiness::probe_response(
+                req.uri(),
+                &paths.livez,
+                &paths.readyz,
+                &paths.healthz,
+                &shared.readiness,
+            ) {
+                return KeelFuture::fixed(resp, guard, keep_alive);
+            }
+        }
+
+        let limit = shared.limits.max_body_bytes;
+        if declared_length(req.headers()).is_some_and(|n| n > limit) {
+            shared.stats.body_too_large.fetch_add(1, Ordering::Relaxed);
+            let resp = fixed(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+            return KeelFuture::fixed(resp, guard, keep_alive);
+        }
+        let req = req.map(|b| Limited::new(b, usize::try_from(limit).unwrap_or(usize::MAX)));
+        KeelFuture {
+            state: State::Inner {
+                fut: self.inner.clone().oneshot(req),
+            },
+            guard: Some(guard),
+            keep_alive,
+        }
+    }
+}
+
+fn declared_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// A small fixed plain-text response.
+pub(crate) fn fixed(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: tower::Service<Request<RequestBody>, Response = Response<B>>,
+    {
+        Inner { #[pin] fut: Oneshot<S, Request<RequestBody>> },
+        Fixed { resp: Option<Response<Full<Bytes>>> },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Future of [`KeelService`].
+    pub(crate) struct KeelFuture<S, B>
+    where
+        S: tower::Service<Request<RequestBody>, Response = Response<B>>,
+    {
+        #[pin]
+        state: State<S, B>,
+        guard: Option<RequestGuard>,
+        keep_alive: bool,
+    }
+}
+
+impl<S, B> KeelFuture<S, B>
+where
+    S: tower::Service<Request<RequestBody>, Response = Response<B>>,
+{
+    fn fixed(resp: Response<Full<Bytes>>, guard: RequestGuard, keep_alive: bool) -> Self {
+        KeelFuture {
+            state: State::Fixed { resp: Some(resp) },
+            guard: Some(guard),
+            keep_alive,
+        }
+    }
+}
+
+impl<S, B> Future for KeelFuture<S, B>
+where
+    S: tower::Service<Request<RequestBody>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+{
+    type Output = Result<Response<ResponseBody<B>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = match this.state.project() {
+            StateProj::Inner { fut } => match ready!(fut.poll(cx)) {
+                Ok(resp) => resp.map(Either::Left),
+                Err(err) => {
+                    let err: BoxError = err.into();
+                    tracing::error!(error = %err, "service returned an error; answering 500");
+                    fixed(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
+                        .map(Either::Right)
+                }
+            },
+            StateProj::Fixed { resp } => match resp.take() {
+                Some(r) => r.map(Either::Right),
+                None => fixed(StatusCode::INTERNAL_SERVER_ERROR, "polled after completion\n")
+                    .map(Either::Right),
+            },
+        };
+        let guard = this.guard.take();
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, parts.status);
+        if *this.keep_alive {
+            if let Some(g) = &guard {
+                let shared = &g.0.shared;
+                // While closing hyper answers `Connection: close`; advertising a keep-alive
+                // then would contradict it.
+                if shared.shutdown.phase() < Phase::Closing {
+                    parts
+                        .headers
+                        .insert(HeaderName::from_static("keep-alive"), shared.keep_alive.clone());
+                }
+            }
+        }
+        Poll::Ready(Ok(Response::from_parts(
+            parts,
+            TrackedBody { inner: body, guard },
+        )))
+    }
+}
+
+/// Headers that describe one hop's connection, never the end-to-end message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Remove hop-by-hop headers from a handler's response, including any named by its
+/// `Connection` header. A `101 Switching Protocols` keeps `Connection`/`Upgrade`: they *are*
+/// the protocol switch.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, status: StatusCode) {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    // Names listed in `Connection` are hop-by-hop too; collect them before removing it.
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        if let Ok(s) = v.to_str() {
+            for name in s.split(',') {
+                if let Ok(n) = HeaderName::from_bytes(name.trim().as_bytes()) {
+                    listed.push(n);
+                }
+            }
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    for n in listed {
+        headers.remove(n);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_including_connection_listed_ones() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-secret-hop".parse().unwrap());
+        h.insert("keep-alive", "timeout=1".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("x-end-to-end", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, StatusCode::OK);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn switching_protocols_keeps_upgrade_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "upgrade".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        strip_hop_by_hop(&mut h, StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(h.len(), 2);
+    }
+}

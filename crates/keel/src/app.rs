@@ -1,0 +1,360 @@
+//! `App`: one service's wiring — config, runtime, readiness, admin, serving and drain.
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use keel_config::{ConfigError, Loaded};
+use keel_core::{BoxError, Shutdown};
+use keel_runtime::Sizing;
+use keel_server::{AdminRoutes, DrainOutcome, Readiness, RequestBody, Server, ServerHandle};
+
+use crate::config::{Config, Sources};
+
+/// Errors that stop a service from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// Binding or serving failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A second stop signal cut the drain short.
+    #[error("stopped by a second signal before the drain finished")]
+    Forced,
+    /// Anything else.
+    #[error("{0}")]
+    Other(BoxError),
+}
+
+struct Inner {
+    name: String,
+    loaded: Loaded<Config>,
+    sizing: Sizing,
+    shutdown: Shutdown,
+    readiness: Readiness,
+    admin_routes: Mutex<AdminRoutes>,
+}
+
+/// A service being assembled. Cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("name", &self.inner.name).finish()
+    }
+}
+
+impl App {
+    /// Build from loaded config and a runtime sizing decision.
+    pub fn new(name: &str, loaded: Loaded<Config>, sizing: Sizing) -> App {
+        let shutdown = Shutdown::new();
+        let readiness = Readiness::new(loaded.value.readiness.clone(), shutdown.clone());
+        let app = App {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                loaded,
+                sizing,
+                shutdown,
+                readiness,
+                admin_routes: Mutex::new(AdminRoutes::default()),
+            }),
+        };
+        app.register_debug_routes();
+        app
+    }
+
+    /// The service name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The effective config.
+    pub fn config(&self) -> &Config {
+        &self.inner.loaded.value
+    }
+
+    /// The config with its layers and hash.
+    pub fn loaded_config(&self) -> &Loaded<Config> {
+        &self.inner.loaded
+    }
+
+    /// Readiness: register dependency checks here.
+    pub fn readiness(&self) -> &Readiness {
+        &self.inner.readiness
+    }
+
+    /// The lifecycle; `on_drain` registers deregistration hooks.
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.inner.shutdown
+    }
+
+    /// The runtime sizing decision.
+    pub fn sizing(&self) -> &Sizing {
+        &self.inner.sizing
+    }
+
+    /// Add an admin endpoint.
+    pub fn admin_route<F>(&self, path: &str, help: &str, f: F)
+    where
+        F: Fn(&Request<hyper::body::Incoming>) -> (&'static str, String) + Send + Sync + 'static,
+    {
+        if let Ok(mut r) = self.inner.admin_routes.lock() {
+            r.route(path, help, f);
+        }
+    }
+
+    fn register_debug_routes(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        self.admin_route("/debug/runtime", "worker threads, shards and why", move |_| {
+            let Some(inner) = weak.upgrade() else {
+                return ("text/plain", "shutting down\n".into());
+            };
+            let tokio_workers = tokio::runtime::Handle::try_current()
+                .map(|h| h.metrics().num_workers())
+                .ok();
+            let v = serde_json::json!({
+                "workers": inner.sizing.workers,
+                "reason": inner.sizing.reason,
+                "cgroup": inner.sizing.cgroup,
+                "available_cpus": inner.sizing.available_cpus,
+                "shard_mode": inner.loaded.value.runtime.shards,
+                "shards": inner.sizing.shards,
+                "control_runtime_workers": tokio_workers,
+            });
+            ("application/json", pretty(&v))
+        });
+        let weak = Arc::downgrade(&self.inner);
+        self.admin_route("/debug/config", "effective config (secrets redacted), layers, hash", move |_| {
+            let Some(inner) = weak.upgrade() else {
+                return ("text/plain", "shutting down\n".into());
+            };
+            let l = &inner.loaded;
+            let v = serde_json::json!({
+                "hash": l.hash(),
+                "layers": l.layers(),
+                "config": l.redacted(),
+            });
+            ("application/json", pretty(&v))
+        });
+    }
+
+    /// Serve `service` until a stop signal, then drain. Returns once the drain is over.
+    pub async fn serve<S, B>(self, service: S) -> Result<(), Error>
+    where
+        S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.serve_until(service, keel_server::stop_signal(), keel_server::stop_signal())
+            .await
+    }
+
+    /// [`App::serve`] with explicit stop triggers (tests, embedding).
+    pub async fn serve_until<S, B, F1, F2>(self, service: S, stop: F1, again: F2) -> Result<(), Error>
+    where
+        S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+        F1: Future<Output = ()>,
+        F2: Future<Output = ()>,
+    {
+        let cfg = self.config().clone();
+        let inner = &self.inner;
+        let shards = inner.sizing.shards.clone();
+        let listeners = if shards.is_empty() {
+            cfg.server.listeners.unwrap_or(inner.sizing.workers)
+        } else {
+            // One listener per shard: each shard's runtime accepts on its own socket.
+            shards.len()
+        };
+        let server = Server::bind(
+            &cfg.server,
+            &cfg.probes,
+            listeners,
+            inner.readiness.clone(),
+            inner.shutdown.clone(),
+        )?;
+        let handle: ServerHandle = server.handle();
+        tracing::info!(service = %inner.name, addr = %server.local_addr(), listeners, config_hash = %&inner.loaded.hash()[..12], "serving");
+
+        if cfg.admin.enabled {
+            let l = keel_server::admin::bind_admin(cfg.admin.addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on admin.addr {}: {e}", cfg.admin.addr)))?;
+            tracing::info!(addr = %l.local_addr()?, "admin listening");
+            let routes = inner.admin_routes.lock().map(|r| r.clone()).unwrap_or_default();
+            tokio::spawn(keel_server::serve_admin(
+                l,
+                inner.readiness.clone(),
+                routes,
+                inner.shutdown.clone(),
+            ));
+        }
+
+        inner.readiness.start();
+        let serving = if shards.is_empty() {
+            let t = tokio::spawn(server.serve(service));
+            Serving::Tasks(t)
+        } else {
+            Serving::Shards(spawn_shards(server, service, &inner.sizing, &cfg.runtime)?)
+        };
+        inner.readiness.mark_started();
+
+        let outcome = keel_server::drain(stop, again, &inner.shutdown, &cfg.shutdown, &[handle]).await;
+        if outcome == DrainOutcome::Forced {
+            return Err(Error::Forced);
+        }
+        match serving {
+            Serving::Tasks(t) => {
+                let _ = t.await;
+            }
+            Serving::Shards(handles) => {
+                // Shard threads return promptly once the lifecycle is stopped.
+                let _ = tokio::task::spawn_blocking(move || {
+                    for h in handles {
+                        let _ = h.join();
+                    }
+                })
+                .await;
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Serving {
+    Tasks(tokio::task::JoinHandle<std::io::Result<()>>),
+    Shards(Vec<std::thread::JoinHandle<std::io::Result<()>>>),
+}
+
+fn spawn_shards<S, B>(
+    server: Server,
+    service: S,
+    sizing: &Sizing,
+    rt: &keel_runtime::RuntimeConfig,
+) -> Result<Vec<std::thread::JoinHandle<std::io::Result<()>>>, Error>
+where
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let parts: Vec<Mutex<Option<keel_server::ShardServer>>> =
+        server.into_shards().into_iter().map(|s| Mutex::new(Some(s))).collect();
+    let parts = Arc::new(parts);
+    let sizing = sizing.clone();
+    let rt = rt.clone();
+    // Each shard clones the service once at start; the mutex only makes `S` shareable with
+    // the shard threads without demanding `S: Sync` from users.
+    let service = Mutex::new(service);
+    // `run_sharded` builds every shard runtime before starting any, and drops them again if a
+    // thread fails to start; dropping a runtime inside this async context would panic, so the
+    // set-up runs on a short-lived plain thread.
+    let handles = std::thread::Builder::new()
+        .name("keel-shard-setup".into())
+        .spawn(move || {
+            keel_runtime::run_sharded(&sizing, &rt, move |plan| {
+                let part = parts
+                    .get(plan.index)
+                    .and_then(|m| m.lock().ok().and_then(|mut o| o.take()));
+                let svc = service.lock().ok().map(|s| s.clone());
+                async move {
+                    let Some(svc) = svc else {
+                        return Ok(());
+                    };
+                    match part {
+                        Some(p) => p.serve(svc).await,
+                        None => Ok(()),
+                    }
+                }
+            })
+        })?
+        .join()
+        .map_err(|_| Error::Other("shard set-up thread panicked".into()))??;
+    Ok(handles)
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// Run a service: parse Keel's flags (`--config`, `--set`), load and validate config, set up
+/// logging, size the runtime from the cgroup quota, and run `f` on it. Invalid config prints
+/// every problem and exits 2; a second stop signal exits 130.
+pub fn run<F, Fut>(name: &str, f: F) -> ExitCode
+where
+    F: FnOnce(App) -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    let sources = match Sources::from_args(std::env::args().skip(1)) {
+        Ok(s) => s.with_env_file(),
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    run_with(name, &sources, f)
+}
+
+/// [`run`] with explicit config sources.
+pub fn run_with<F, Fut>(name: &str, sources: &Sources, f: F) -> ExitCode
+where
+    F: FnOnce(App) -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    let loaded = match sources.load() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{name}: invalid configuration:\n{e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::logging::init(&loaded.value.log);
+    let sizing = keel_runtime::detect(&loaded.value.runtime);
+    sizing.log();
+    // Sharded: the main runtime only runs the control plane (signals, admin, checks); the
+    // shards carry the traffic on their own pinned runtimes.
+    let runtime = if sizing.shards.is_empty() {
+        keel_runtime::build_runtime(&loaded.value.runtime, &sizing)
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("keel-control")
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let app = App::new(name, loaded, sizing);
+    let result = runtime.block_on(f(app));
+    // Tasks still alive (streams cancelled at the end of the grace period) are dropped here.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Forced) => ExitCode::from(130),
+        Err(e) => {
+            tracing::error!(error = %e, "service failed");
+            eprintln!("{name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! Keel: a Rust chassis for cloud-native microservices.
+//!
+//! A service is a `tower::Service` (an axum `Router`, tonic routes merged into one); Keel
+//! supplies the rest — layered config, runtime sizing from the cgroup quota, `SO_REUSEPORT`
+//! listeners, HTTP/1 + h2c + gRPC on one port with limits, probes with dependency checks, an
+//! admin port, and a graceful drain.
+//!
+//! ```no_run
+//! use axum::{Router, routing::get};
+//!
+//! fn main() -> std::process::ExitCode {
+//!     keel::run("hello", |app| async move {
+//!         app.readiness().check("self", || async { Ok::<(), String>(()) });
+//!         app.serve(Router::new().route("/", get(|| async { "hi\n" }))).await
+//!     })
+//! }
+//! ```
+//! (The example above needs `axum` as a dependency of your crate.)
+
+mod app;
+pub mod config;
+mod logging;
+
+pub use app::{App, Error, run, run_with};
+pub use config::{Config, LogConfig, LogFormat, Sources};
+pub use keel_config as conf;
+pub use keel_core::{BoxError, Phase, Shutdown};
+pub use keel_runtime as runtime;
+pub use keel_server as server;
+pub use keel_server::{Readiness, RequestBody};
+
+/// `Result` with Keel's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
