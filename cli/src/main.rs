@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use keel::Sources;
 
 #[derive(Parser)]
-#[command(name = "keel", version, about = "Keel: a Rust chassis for cloud-native microservices")]
+#[command(
+    name = "keel",
+    version,
+    about = "Keel: a Rust chassis for cloud-native microservices"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

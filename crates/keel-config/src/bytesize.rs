@@ -302,8 +302,14 @@ mod tests {
         assert_eq!(ByteSize::b(1000).to_string(), "1000B");
         assert_eq!(ByteSize::b(0).to_string(), "0B");
 
-        assert_eq!(serde_json::to_value(ByteSize::kib(64)).unwrap(), json!("64KiB"));
-        assert_eq!(serde_json::to_value(ByteSize::b(1000)).unwrap(), json!(1000));
+        assert_eq!(
+            serde_json::to_value(ByteSize::kib(64)).unwrap(),
+            json!("64KiB")
+        );
+        assert_eq!(
+            serde_json::to_value(ByteSize::b(1000)).unwrap(),
+            json!(1000)
+        );
         assert_eq!(serde_json::to_value(ByteSize::b(0)).unwrap(), json!(0));
     }
 

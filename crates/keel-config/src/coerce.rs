@@ -38,8 +38,12 @@ pub(crate) fn coerce(slot: &Slot<'_>, raw: &str) -> Result<Typed, String> {
     };
     match default {
         Value::Null => Ok(infer(raw)),
-        Value::Bool(_) => parse_bool(raw).map(|b| exact(Value::Bool(b))).ok_or_else(|| EXPECTED_BOOL.to_owned()),
-        Value::Number(n) if n.is_f64() => parse_float(raw).map(exact).ok_or_else(|| EXPECTED_NUMBER.to_owned()),
+        Value::Bool(_) => parse_bool(raw)
+            .map(|b| exact(Value::Bool(b)))
+            .ok_or_else(|| EXPECTED_BOOL.to_owned()),
+        Value::Number(n) if n.is_f64() => parse_float(raw)
+            .map(exact)
+            .ok_or_else(|| EXPECTED_NUMBER.to_owned()),
         Value::Number(_) => match parse_integer(raw) {
             Some(value) => Ok(exact(value)),
             None if looks_like_quantity(raw) => Ok(Typed {
@@ -59,7 +63,10 @@ pub(crate) fn coerce(slot: &Slot<'_>, raw: &str) -> Result<Typed, String> {
                     Err(e) => Err(format!("expected a JSON object: {e}")),
                 }
             } else {
-                Err("expected a table; set its keys one by one (section.key) or give a JSON object".to_owned())
+                Err(
+                    "expected a table; set its keys one by one (section.key) or give a JSON object"
+                        .to_owned(),
+                )
             }
         }
     }
@@ -106,7 +113,14 @@ fn parse_list(raw: &str, first_default: Option<&Value>) -> Result<Typed, String>
     } else {
         trimmed.split(',').map(str::trim).collect()
     };
-    let strings = || Value::Array(items.iter().map(|s| Value::String((*s).to_owned())).collect());
+    let strings = || {
+        Value::Array(
+            items
+                .iter()
+                .map(|s| Value::String((*s).to_owned()))
+                .collect(),
+        )
+    };
     let typed = |parse: fn(&str) -> Option<Value>, reason: &str| {
         items
             .iter()
@@ -120,8 +134,12 @@ fn parse_list(raw: &str, first_default: Option<&Value>) -> Result<Typed, String>
             .ok_or_else(|| reason.to_owned())
     };
     match first_default {
-        Some(Value::Number(n)) if n.is_f64() => typed(parse_float, "expected a comma-separated list of numbers"),
-        Some(Value::Number(_)) => typed(parse_integer, "expected a comma-separated list of integers"),
+        Some(Value::Number(n)) if n.is_f64() => {
+            typed(parse_float, "expected a comma-separated list of numbers")
+        }
+        Some(Value::Number(_)) => {
+            typed(parse_integer, "expected a comma-separated list of integers")
+        }
         Some(Value::Bool(_)) => typed(
             |s| parse_bool(s).map(Value::Bool),
             "expected a comma-separated list of booleans",
@@ -204,14 +222,26 @@ mod tests {
         assert_eq!(typed(json!(false), "Yes").unwrap().value, json!(true));
         assert_eq!(typed(json!(true), "off").unwrap().value, json!(false));
         assert_eq!(typed(json!(1), "42").unwrap().value, json!(42));
-        assert_eq!(typed(json!(1), "18446744073709551615").unwrap().value, json!(u64::MAX));
+        assert_eq!(
+            typed(json!(1), "18446744073709551615").unwrap().value,
+            json!(u64::MAX)
+        );
         assert_eq!(typed(json!(0.5), "2").unwrap().value, json!(2.0));
         assert_eq!(typed(json!("x"), "123").unwrap().value, json!("123"));
-        assert_eq!(typed(json!(["a"]), "a, b ,c").unwrap().value, json!(["a", "b", "c"]));
+        assert_eq!(
+            typed(json!(["a"]), "a, b ,c").unwrap().value,
+            json!(["a", "b", "c"])
+        );
         assert_eq!(typed(json!([1]), "80,443").unwrap().value, json!([80, 443]));
-        assert_eq!(typed(json!(["a"]), "[\"x,y\"]").unwrap().value, json!(["x,y"]));
+        assert_eq!(
+            typed(json!(["a"]), "[\"x,y\"]").unwrap().value,
+            json!(["x,y"])
+        );
         assert_eq!(typed(json!(["a"]), "").unwrap().value, json!([]));
-        assert_eq!(typed(json!({}), "{\"a\":\"b\"}").unwrap().value, json!({"a": "b"}));
+        assert_eq!(
+            typed(json!({}), "{\"a\":\"b\"}").unwrap().value,
+            json!({"a": "b"})
+        );
     }
 
     #[test]
@@ -240,6 +270,9 @@ mod tests {
         let t = typed(Value::Null, "nan").unwrap();
         assert_eq!((t.value, t.fallback), (json!("nan"), None));
         let t = typed(json!([]), "1,a").unwrap();
-        assert_eq!((t.value, t.fallback), (json!([1, "a"]), Some(json!(["1", "a"]))));
+        assert_eq!(
+            (t.value, t.fallback),
+            (json!([1, "a"]), Some(json!(["1", "a"])))
+        );
     }
 }

@@ -236,9 +236,7 @@ fn parse(input: &str) -> Result<std::time::Duration, ParseDurationError> {
             ))
         })?;
         let part = component(s, number, per)?;
-        total = total
-            .checked_add(part)
-            .ok_or_else(|| too_large(s))?;
+        total = total.checked_add(part).ok_or_else(|| too_large(s))?;
     }
 
     let secs = u64::try_from(total / NANOS_PER_SEC).map_err(|_| too_large(s))?;

@@ -58,7 +58,8 @@ pub(crate) fn parse(format: Format, name: &str, contents: &str) -> Result<Value,
     };
     let value = match format {
         Format::Toml => {
-            let value: toml::Value = toml::from_str(contents).map_err(|e| parse_error(e.to_string()))?;
+            let value: toml::Value =
+                toml::from_str(contents).map_err(|e| parse_error(e.to_string()))?;
             from_toml(value, "").map_err(parse_error)?
         }
         Format::Yaml => {
@@ -66,7 +67,9 @@ pub(crate) fn parse(format: Format, name: &str, contents: &str) -> Result<Value,
                 serde_yaml::from_str(contents).map_err(|e| parse_error(e.to_string()))?;
             // `<<: *base` merge keys are how YAML users share blocks; resolve them here so
             // they are not seen as unknown keys.
-            value.apply_merge().map_err(|e| parse_error(e.to_string()))?;
+            value
+                .apply_merge()
+                .map_err(|e| parse_error(e.to_string()))?;
             from_yaml(value, "").map_err(parse_error)?
         }
     };
@@ -161,7 +164,11 @@ fn from_yaml(value: serde_yaml::Value, path: &str) -> Result<Value, String> {
             for (k, v) in mapping {
                 let Y::String(key) = k else {
                     let shown = serde_yaml::to_string(&k).unwrap_or_default();
-                    let at = if path.is_empty() { "the top level".to_owned() } else { format!("`{path}`") };
+                    let at = if path.is_empty() {
+                        "the top level".to_owned()
+                    } else {
+                        format!("`{path}`")
+                    };
                     return Err(format!(
                         "keys must be strings, found key {} under {at}",
                         shown.trim_end()
@@ -185,8 +192,18 @@ mod tests {
 
     #[test]
     fn toml_and_yaml_become_the_same_tree() {
-        let toml = parse(Format::Toml, "a.toml", "[server]\nport = 80\nratio = 0.5\ntags = [\"a\"]\n").unwrap();
-        let yaml = parse(Format::Yaml, "a.yaml", "server:\n  port: 80\n  ratio: 0.5\n  tags: [a]\n").unwrap();
+        let toml = parse(
+            Format::Toml,
+            "a.toml",
+            "[server]\nport = 80\nratio = 0.5\ntags = [\"a\"]\n",
+        )
+        .unwrap();
+        let yaml = parse(
+            Format::Yaml,
+            "a.yaml",
+            "server:\n  port: 80\n  ratio: 0.5\n  tags: [a]\n",
+        )
+        .unwrap();
         let expected = json!({"server": {"port": 80, "ratio": 0.5, "tags": ["a"]}});
         assert_eq!(toml, expected);
         assert_eq!(yaml, expected);
@@ -213,7 +230,10 @@ mod tests {
 
     #[test]
     fn format_names_and_extensions() {
-        assert_eq!(Format::from_path(Path::new("/etc/keel.TOML")), Some(Format::Toml));
+        assert_eq!(
+            Format::from_path(Path::new("/etc/keel.TOML")),
+            Some(Format::Toml)
+        );
         assert_eq!(Format::from_path(Path::new("keel.yml")), Some(Format::Yaml));
         assert_eq!(Format::from_path(Path::new("keel.json")), None);
         assert_eq!("yaml".parse::<Format>().unwrap(), Format::Yaml);

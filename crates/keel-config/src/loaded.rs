@@ -184,7 +184,10 @@ mod tests {
     #[test]
     fn canonical_json_sorts_keys() {
         let mut out = String::new();
-        write_canonical(&json!({"b": [1, {"z": null, "a": "x"}], "a": true}), &mut out);
+        write_canonical(
+            &json!({"b": [1, {"z": null, "a": "x"}], "a": true}),
+            &mut out,
+        );
         assert_eq!(out, r#"{"a":true,"b":[1,{"a":"x","z":null}]}"#);
     }
 }

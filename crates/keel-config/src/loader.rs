@@ -74,7 +74,10 @@ impl Loader {
         })?;
         if !defaults.is_object() {
             return Err(ConfigError::Defaults {
-                reason: format!("they must serialize to a table, not {}", format::kind(&defaults)),
+                reason: format!(
+                    "they must serialize to a table, not {}",
+                    format::kind(&defaults)
+                ),
             });
         }
         let layers = vec![LayerInfo {
@@ -166,8 +169,9 @@ impl Loader {
 
     /// Adds the process environment's `<PREFIX>_…__…` variables (non-UTF-8 ones are skipped).
     pub fn env(self, prefix: &str) -> Loader {
-        let vars = std::env::vars_os()
-            .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)));
+        let vars = std::env::vars_os().filter_map(|(name, value)| {
+            Some((name.into_string().ok()?, value.into_string().ok()?))
+        });
         self.env_vars(prefix, vars)
     }
 
@@ -249,7 +253,11 @@ impl Loader {
             }
             problems.push(ConfigError::Invalid {
                 value: show(value_at(&merged, &segments)),
-                key: if key.is_empty() { "<root>".to_owned() } else { key },
+                key: if key.is_empty() {
+                    "<root>".to_owned()
+                } else {
+                    key
+                },
                 layer: origin.map_or_else(|| "defaults".to_owned(), |o| o.layer),
                 reason: err.into_inner().to_string(),
             });
@@ -291,7 +299,11 @@ impl fmt::Debug for Loader {
 }
 
 /// Checks keys and types strings, turning entries into assignments; problems are collected.
-fn prepare(defaults: &Value, entries: Vec<Entry>, problems: &mut Vec<ConfigError>) -> Vec<Assignment> {
+fn prepare(
+    defaults: &Value,
+    entries: Vec<Entry>,
+    problems: &mut Vec<ConfigError>,
+) -> Vec<Assignment> {
     let mut assignments = Vec::with_capacity(entries.len());
     for (i, entry) in entries.into_iter().enumerate() {
         // Sequence 0 is the defaults; later layers count up so "latest" is a comparison.
@@ -350,7 +362,11 @@ fn prepare(defaults: &Value, entries: Vec<Entry>, problems: &mut Vec<ConfigError
                 }
             }
         };
-        problems.extend(unknown.into_iter().map(|u| unknown_key(u, &assignment.origin.layer)));
+        problems.extend(
+            unknown
+                .into_iter()
+                .map(|u| unknown_key(u, &assignment.origin.layer)),
+        );
         assignments.push(assignment);
     }
     assignments
@@ -411,10 +427,12 @@ fn display_key(segments: &[Segment]) -> String {
 }
 
 fn value_at<'a>(tree: &'a Value, segments: &[Segment]) -> Option<&'a Value> {
-    segments.iter().try_fold(tree, |node, segment| match segment {
-        Segment::Key(k) => node.get(k),
-        Segment::Index(i) => node.get(i),
-    })
+    segments
+        .iter()
+        .try_fold(tree, |node, segment| match segment {
+            Segment::Key(k) => node.get(k),
+            Segment::Index(i) => node.get(i),
+        })
 }
 
 /// A value for a message: compact JSON, cut short so one bad table cannot flood the log.

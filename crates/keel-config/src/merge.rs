@@ -160,9 +160,24 @@ mod tests {
         let mut tree = json!({"server": {"addr": "a", "ports": [1, 2]}, "tls": null});
         let mut sources = Sources::default();
         let file = origin(1, "file f");
-        apply(&mut tree, &mut sources, &[], json!({"server": {"ports": [3]}}), &file);
-        apply(&mut tree, &mut sources, &path("tls.cert"), json!("c.pem"), &origin(2, "env X"));
-        assert_eq!(tree, json!({"server": {"addr": "a", "ports": [3]}, "tls": {"cert": "c.pem"}}));
+        apply(
+            &mut tree,
+            &mut sources,
+            &[],
+            json!({"server": {"ports": [3]}}),
+            &file,
+        );
+        apply(
+            &mut tree,
+            &mut sources,
+            &path("tls.cert"),
+            json!("c.pem"),
+            &origin(2, "env X"),
+        );
+        assert_eq!(
+            tree,
+            json!({"server": {"addr": "a", "ports": [3]}, "tls": {"cert": "c.pem"}})
+        );
 
         assert_eq!(sources.lookup("server.ports").unwrap().layer, "file f");
         assert_eq!(sources.lookup("server.ports[0]").unwrap().layer, "file f");
@@ -175,8 +190,20 @@ mod tests {
     fn replacing_a_table_forgets_its_old_leaves() {
         let mut tree = json!({"labels": {}});
         let mut sources = Sources::default();
-        apply(&mut tree, &mut sources, &path("labels.a"), json!("1"), &origin(1, "file"));
-        apply(&mut tree, &mut sources, &path("labels"), json!(["x"]), &origin(2, "flag"));
+        apply(
+            &mut tree,
+            &mut sources,
+            &path("labels.a"),
+            json!("1"),
+            &origin(1, "file"),
+        );
+        apply(
+            &mut tree,
+            &mut sources,
+            &path("labels"),
+            json!(["x"]),
+            &origin(2, "flag"),
+        );
         let all: Vec<_> = sources.iter().collect();
         assert_eq!(all, [("labels", "flag")]);
     }

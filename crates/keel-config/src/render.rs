@@ -87,8 +87,7 @@ fn inline(value: &Value) -> Option<toml::Value> {
 
 fn key(k: &str) -> String {
     let bare = !k.is_empty()
-        && k
-            .chars()
+        && k.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if bare {
         k.to_owned()

@@ -157,9 +157,17 @@ mod tests {
         let err = locate(&defaults, &path("server.addr.port")).unwrap_err();
         assert_eq!(err.key, "server.addr.port");
 
-        assert!(matches!(locate(&defaults, &path("labels.team")), Ok(Slot::Open)));
-        assert!(matches!(locate(&defaults, &path("tls.cert")), Ok(Slot::Open)));
-        assert!(matches!(locate(&defaults, &path("server.listeners")), Ok(Slot::Known(v)) if v == &json!(1)));
+        assert!(matches!(
+            locate(&defaults, &path("labels.team")),
+            Ok(Slot::Open)
+        ));
+        assert!(matches!(
+            locate(&defaults, &path("tls.cert")),
+            Ok(Slot::Open)
+        ));
+        assert!(
+            matches!(locate(&defaults, &path("server.listeners")), Ok(Slot::Known(v)) if v == &json!(1))
+        );
     }
 
     #[test]
@@ -169,7 +177,10 @@ mod tests {
         let mut unknown = Vec::new();
         let kept = prune(&defaults, given, "", &mut unknown);
         assert_eq!(kept, json!({"server": {"addr": "y"}, "labels": {"a": "b"}}));
-        let keys: Vec<_> = unknown.iter().map(|u| (u.key.as_str(), u.suggestion.as_deref())).collect();
+        let keys: Vec<_> = unknown
+            .iter()
+            .map(|u| (u.key.as_str(), u.suggestion.as_deref()))
+            .collect();
         assert_eq!(
             keys,
             [

@@ -18,6 +18,8 @@ struct Server {
     upload_limit: ByteSize,
     allowed_origins: Vec<String>,
     ports: Vec<u16>,
+    name: Option<String>,
+    workers: Option<u32>,
 }
 
 impl Default for Server {
@@ -32,14 +34,26 @@ impl Default for Server {
             upload_limit: ByteSize::b(1000),
             allowed_origins: vec!["https://example.com".into()],
             ports: vec![80],
+            name: None,
+            workers: None,
         }
     }
 }
 
 impl Validate for Server {
     fn validate(&self, v: &mut Validator) {
-        v.check(self.listeners >= 1, "listeners", self.listeners, "must be at least 1");
-        v.check(!self.addr.is_empty(), "addr", format!("{:?}", self.addr), "must not be empty");
+        v.check(
+            self.listeners >= 1,
+            "listeners",
+            self.listeners,
+            "must be at least 1",
+        );
+        v.check(
+            !self.addr.is_empty(),
+            "addr",
+            format!("{:?}", self.addr),
+            "must not be empty",
+        );
     }
 }
 
@@ -64,8 +78,6 @@ struct Root {
     server: Server,
     labels: BTreeMap<String, String>,
     tls: Option<Tls>,
-    name: Option<String>,
-    workers: Option<u32>,
     database: Database,
 }
 
@@ -80,7 +92,9 @@ fn base() -> Loader {
 }
 
 fn toml(loader: Loader, contents: &str) -> Loader {
-    loader.file_contents("x.toml", Format::Toml, contents).unwrap()
+    loader
+        .file_contents("x.toml", Format::Toml, contents)
+        .unwrap()
 }
 
 fn env(loader: Loader, vars: &[(&str, &str)]) -> Loader {
@@ -119,7 +133,10 @@ fn toml_file_overrides_defaults() {
     let loaded = base().file(&path).unwrap().load::<Root>().unwrap();
     assert_eq!(loaded.value.server.addr, "0.0.0.0:80");
     assert_eq!(loaded.value.server.listeners, 4);
-    assert!(loaded.value.server.keepalive, "untouched keys keep their defaults");
+    assert!(
+        loaded.value.server.keepalive,
+        "untouched keys keep their defaults"
+    );
 
     let layer = format!("file {}", path.display());
     assert_eq!(loaded.source_of("server.addr"), Some(layer.as_str()));
@@ -139,7 +156,10 @@ fn yaml_file_overrides_defaults() {
     .unwrap();
 
     let loaded = base().file(&path).unwrap().load::<Root>().unwrap();
-    assert_eq!(loaded.value.server.header_read_timeout, Duration::from_secs(90));
+    assert_eq!(
+        loaded.value.server.header_read_timeout,
+        Duration::from_secs(90)
+    );
     assert_eq!(loaded.value.server.max_body_bytes, ByteSize::kib(64));
     assert_eq!(loaded.value.server.ports, [80, 443]);
 
@@ -149,12 +169,18 @@ fn yaml_file_overrides_defaults() {
         .load::<Root>()
         .unwrap();
     assert!(!inline.value.server.keepalive);
-    assert_eq!(inline.source_of("server.keepalive"), Some("file inline.yaml"));
+    assert_eq!(
+        inline.source_of("server.keepalive"),
+        Some("file inline.yaml")
+    );
 }
 
 #[test]
 fn env_overrides_file_and_flag_overrides_env() {
-    let loader = toml(base(), "[server]\nlisteners = 2\naddr = \"file\"\nkeepalive = false\n");
+    let loader = toml(
+        base(),
+        "[server]\nlisteners = 2\naddr = \"file\"\nkeepalive = false\n",
+    );
     let loader = env(
         loader,
         &[
@@ -171,21 +197,42 @@ fn env_overrides_file_and_flag_overrides_env() {
         .load::<Root>()
         .unwrap();
 
-    assert_eq!(loaded.value.server.keepalive, false);
+    assert!(!loaded.value.server.keepalive);
     assert_eq!(loaded.value.server.listeners, 3);
     assert_eq!(loaded.value.server.addr, "flag");
     assert_eq!(loaded.value.server.max_body_bytes, ByteSize::mib(2));
 
     assert_eq!(loaded.source_of("server.keepalive"), Some("file x.toml"));
-    assert_eq!(loaded.source_of("server.listeners"), Some("env KEEL_SERVER__LISTENERS"));
-    assert_eq!(loaded.source_of("server.addr"), Some("flag --set server.addr"));
-    assert_eq!(loaded.source_of("server.max_body_bytes"), Some("flag --set server.max_body_bytes"));
-    assert_eq!(loaded.source_of("server.header_read_timeout"), Some("defaults"));
+    assert_eq!(
+        loaded.source_of("server.listeners"),
+        Some("env KEEL_SERVER__LISTENERS")
+    );
+    assert_eq!(
+        loaded.source_of("server.addr"),
+        Some("flag --set server.addr")
+    );
+    assert_eq!(
+        loaded.source_of("server.max_body_bytes"),
+        Some("flag --set server.max_body_bytes")
+    );
+    assert_eq!(
+        loaded.source_of("server.header_read_timeout"),
+        Some("defaults")
+    );
 
-    let layers: Vec<_> = loaded.layers().iter().map(|l| (l.name.as_str(), l.keys)).collect();
+    let layers: Vec<_> = loaded
+        .layers()
+        .iter()
+        .map(|l| (l.name.as_str(), l.keys))
+        .collect();
     assert_eq!(
         layers,
-        [("defaults", 15), ("file x.toml", 3), ("env KEEL_*", 2), ("flags --set", 2)]
+        [
+            ("defaults", 14),
+            ("file x.toml", 3),
+            ("env KEEL_*", 2),
+            ("flags --set", 2)
+        ]
     );
 }
 
@@ -212,14 +259,17 @@ fn unknown_key_with_and_without_hint() {
 
 #[test]
 fn several_unknown_keys_are_reported_together() {
-    let loader = toml(base(), "nmae = \"x\"\n[server]\nlistenrs = 2\nkeepalive = false\n");
+    let loader = toml(
+        base(),
+        "labells = \"x\"\n[server]\nlistenrs = 2\nkeepalive = false\n",
+    );
     let loader = env(loader, &[("KEEL_SERVER__ADDRES", "x")]);
     let err = load_err(loader.set("bogus.key", "1"));
     assert_eq!(err.problems().len(), 4, "{err}");
     assert_eq!(
         lines(&err),
         [
-            "unknown key `nmae` (from file x.toml); did you mean `name`?",
+            "unknown key `labells` (from file x.toml); did you mean `labels`?",
             "unknown key `server.listenrs` (from file x.toml); did you mean `server.listeners`?",
             "unknown key `server.addres` (from env KEEL_SERVER__ADDRES); did you mean `server.addr`?",
             "unknown key `bogus` (from flag --set bogus.key)",
@@ -229,8 +279,14 @@ fn several_unknown_keys_are_reported_together() {
 
 #[test]
 fn open_maps_and_unset_options_accept_any_subkeys() {
-    let loader = toml(base(), "[labels]\nteam = \"core\"\n\n[tls]\ncert = \"/c.pem\"\n");
-    let loader = env(loader, &[("KEEL_LABELS__TIER", "1"), ("KEEL_TLS__KEY", "/k.pem")]);
+    let loader = toml(
+        base(),
+        "[labels]\nteam = \"core\"\n\n[tls]\ncert = \"/c.pem\"\n",
+    );
+    let loader = env(
+        loader,
+        &[("KEEL_LABELS__TIER", "1"), ("KEEL_TLS__KEY", "/k.pem")],
+    );
     let loaded = loader.load::<Root>().unwrap();
 
     assert_eq!(loaded.value.labels["team"], "core");
@@ -269,7 +325,10 @@ fn bad_env_values_name_key_value_layer_and_reason() {
     // Both reported at once.
     let err = load_err(env(
         base(),
-        &[("KEEL_SERVER__KEEPALIVE", "maybe"), ("KEEL_SERVER__LISTENERS", "abc")],
+        &[
+            ("KEEL_SERVER__KEEPALIVE", "maybe"),
+            ("KEEL_SERVER__LISTENERS", "abc"),
+        ],
     ));
     assert_eq!(err.problems().len(), 2);
 }
@@ -283,53 +342,91 @@ fn bad_values_in_files_carry_serde_reasons() {
     );
 
     let err = load_err(toml(base(), "[server]\nheader_read_timeout = 30\n"));
-    assert!(err.to_string().starts_with("invalid value 30 for `server.header_read_timeout`"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("invalid value 30 for `server.header_read_timeout`"),
+        "{err}"
+    );
 
     let err = load_err(toml(base(), "[server]\nlisteners = \"four\"\n"));
     let message = err.to_string();
-    assert!(message.contains("`server.listeners` (from file x.toml)"), "{message}");
+    assert!(
+        message.contains("`server.listeners` (from file x.toml)"),
+        "{message}"
+    );
     assert!(message.contains("expected u32"), "{message}");
 
     let err = load_err(toml(base(), "[server]\nports = [80, \"x\"]\n"));
-    assert!(err.to_string().contains("invalid value \"x\" for `server.ports[1]` (from file x.toml)"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("invalid value \"x\" for `server.ports[1]` (from file x.toml)"),
+        "{err}"
+    );
 }
 
 #[test]
 fn option_string_and_option_u32_from_env() {
-    let loaded = env(base(), &[("KEEL_NAME__", "x")]).load::<Root>();
-    assert!(loaded.is_err());
+    let loader = env(
+        base(),
+        &[("KEEL_SERVER__NAME", "123"), ("KEEL_SERVER__WORKERS", "8")],
+    );
+    let loaded = loader.load::<Root>().unwrap();
+    assert_eq!(loaded.value.server.name.as_deref(), Some("123"));
+    assert_eq!(loaded.value.server.workers, Some(8));
+    assert_eq!(
+        loaded.source_of("server.name"),
+        Some("env KEEL_SERVER__NAME")
+    );
 
-    let loaded = base()
-        .env_vars(
-            "KEEL",
-            [("KEEL_WORKERS__".to_owned(), "8".to_owned())].into_iter().filter(|_| false),
-        )
-        .load::<Root>()
-        .unwrap();
-    assert_eq!(loaded.value.workers, None);
+    let err = load_err(env(base(), &[("KEEL_SERVER__WORKERS", "eight")]));
+    let message = err.to_string();
+    assert!(
+        message.starts_with(
+            "invalid value \"eight\" for `server.workers` (from env KEEL_SERVER__WORKERS): "
+        ),
+        "{message}"
+    );
+
+    let err = load_err(env(base(), &[("KEEL_SERVER__", "x")]));
+    assert!(err.to_string().contains("invalid key `server.`"), "{err}");
 }
 
 #[test]
 fn comma_lists_from_env_and_flags() {
-    let loaded = env(base(), &[("KEEL_SERVER__ALLOWED_ORIGINS", "https://a.example, https://b.example")])
-        .set("server.ports", "80,443")
-        .load::<Root>()
-        .unwrap();
+    let loaded = env(
+        base(),
+        &[(
+            "KEEL_SERVER__ALLOWED_ORIGINS",
+            "https://a.example, https://b.example",
+        )],
+    )
+    .set("server.ports", "80,443")
+    .load::<Root>()
+    .unwrap();
     assert_eq!(
         loaded.value.server.allowed_origins,
         ["https://a.example", "https://b.example"]
     );
     assert_eq!(loaded.value.server.ports, [80, 443]);
 
-    let loaded = base().set("server.allowed_origins", "[\"x,y\"]").load::<Root>().unwrap();
+    let loaded = base()
+        .set("server.allowed_origins", "[\"x,y\"]")
+        .load::<Root>()
+        .unwrap();
     assert_eq!(loaded.value.server.allowed_origins, ["x,y"]);
 }
 
 #[test]
 fn byte_sizes_from_env_whatever_the_default_printed_as() {
-    let loaded = env(base(), &[("KEEL_SERVER__UPLOAD_LIMIT", "1MiB"), ("KEEL_SERVER__MAX_BODY_BYTES", "512")])
-        .load::<Root>()
-        .unwrap();
+    let loaded = env(
+        base(),
+        &[
+            ("KEEL_SERVER__UPLOAD_LIMIT", "1MiB"),
+            ("KEEL_SERVER__MAX_BODY_BYTES", "512"),
+        ],
+    )
+    .load::<Root>()
+    .unwrap();
     assert_eq!(loaded.value.server.upload_limit, ByteSize::mib(1));
     assert_eq!(loaded.value.server.max_body_bytes, ByteSize::b(512));
 
@@ -370,7 +467,10 @@ fn file_errors() {
     std::fs::write(&bad, "[server]\naddr = \n").unwrap();
     let message = base().file(&bad).unwrap_err().to_string();
     assert!(
-        message.starts_with(&format!("cannot parse config file {} as TOML: ", bad.display())),
+        message.starts_with(&format!(
+            "cannot parse config file {} as TOML: ",
+            bad.display()
+        )),
         "{message}"
     );
     assert!(message.contains("line 2"), "{message}");
@@ -404,8 +504,15 @@ fn file_errors() {
 #[test]
 fn set_arg_needs_an_equals_sign() {
     let err = base().set_arg("server.addr").unwrap_err();
-    assert_eq!(err.to_string(), "invalid --set argument \"server.addr\": expected key=value");
-    let loaded = base().set_arg("server.addr=a=b").unwrap().load::<Root>().unwrap();
+    assert_eq!(
+        err.to_string(),
+        "invalid --set argument \"server.addr\": expected key=value"
+    );
+    let loaded = base()
+        .set_arg("server.addr=a=b")
+        .unwrap()
+        .load::<Root>()
+        .unwrap();
     assert_eq!(loaded.value.server.addr, "a=b");
 }
 
@@ -415,63 +522,98 @@ fn redaction_hides_secrets() {
         base(),
         "[database]\nurl = \"postgres://app:hunter2@db:5432/app\"\npassword = \"hunter2\"\nauth_token = \"t0k3n\"\n",
     );
-    let loaded = env(loader, &[("KEEL_TLS__KEY", "/k.pem")]).load::<Root>().unwrap();
+    let loaded = env(loader, &[("KEEL_TLS__KEY", "/k.pem")])
+        .load::<Root>()
+        .unwrap();
     let redacted = loaded.redacted();
     assert_eq!(redacted["database"]["password"], "<redacted>");
     assert_eq!(redacted["database"]["auth_token"], "<redacted>");
-    assert_eq!(redacted["database"]["url"], "postgres://app:<redacted>@db:5432/app");
+    assert_eq!(
+        redacted["database"]["url"],
+        "postgres://app:<redacted>@db:5432/app"
+    );
     assert_eq!(redacted["tls"]["key"], "<redacted>");
     assert_eq!(redacted["server"]["addr"], "127.0.0.1:8080");
     // The typed value itself is untouched.
     assert_eq!(loaded.value.database.password, "hunter2");
 
     let text = loaded.to_toml_redacted();
-    assert!(!text.contains("hunter2") && !text.contains("t0k3n"), "{text}");
+    assert!(
+        !text.contains("hunter2") && !text.contains("t0k3n"),
+        "{text}"
+    );
     assert!(text.contains("# name = (unset)"), "{text}");
     let reparsed: toml::Table = toml::from_str(&text).unwrap();
-    assert_eq!(reparsed["server"]["header_read_timeout"].as_str(), Some("30s"));
+    assert_eq!(
+        reparsed["server"]["header_read_timeout"].as_str(),
+        Some("30s")
+    );
 
     assert!(!format!("{loaded:?}").is_empty());
 }
 
 #[test]
 fn hash_is_stable_and_tracks_values() {
-    let a = toml(base(), "[server]\naddr = \"a\"\nlisteners = 2\n[labels]\nx = \"1\"\ny = \"2\"\n")
-        .load::<Root>()
-        .unwrap();
-    let b = toml(base(), "[labels]\ny = \"2\"\nx = \"1\"\n[server]\nlisteners = 2\naddr = \"a\"\n")
-        .load::<Root>()
-        .unwrap();
+    let a = toml(
+        base(),
+        "[server]\naddr = \"a\"\nlisteners = 2\n[labels]\nx = \"1\"\ny = \"2\"\n",
+    )
+    .load::<Root>()
+    .unwrap();
+    let b = toml(
+        base(),
+        "[labels]\ny = \"2\"\nx = \"1\"\n[server]\nlisteners = 2\naddr = \"a\"\n",
+    )
+    .load::<Root>()
+    .unwrap();
     assert_eq!(a.hash(), b.hash());
     assert_eq!(a.hash().len(), 64);
     assert!(a.hash().chars().all(|c| c.is_ascii_hexdigit()));
 
     // The same effective config from a different layer and spelling hashes the same.
-    let c = env(base(), &[("KEEL_SERVER__ADDR", "a"), ("KEEL_SERVER__LISTENERS", "2")])
-        .set("labels.x", "1")
-        .set("labels.y", "2")
-        .load::<Root>()
-        .unwrap();
+    let c = env(
+        base(),
+        &[("KEEL_SERVER__ADDR", "a"), ("KEEL_SERVER__LISTENERS", "2")],
+    )
+    .set("labels.x", "1")
+    .set("labels.y", "2")
+    .load::<Root>()
+    .unwrap();
     assert_eq!(a.hash(), c.hash());
 
-    let d = toml(base(), "[server]\naddr = \"a\"\nlisteners = 3\n[labels]\nx = \"1\"\ny = \"2\"\n")
-        .load::<Root>()
-        .unwrap();
+    let d = toml(
+        base(),
+        "[server]\naddr = \"a\"\nlisteners = 3\n[labels]\nx = \"1\"\ny = \"2\"\n",
+    )
+    .load::<Root>()
+    .unwrap();
     assert_ne!(a.hash(), d.hash());
 
-    let e = base().set("server.header_read_timeout", "90s").load::<Root>().unwrap();
-    let f = base().set("server.header_read_timeout", "1m30s").load::<Root>().unwrap();
+    let e = base()
+        .set("server.header_read_timeout", "90s")
+        .load::<Root>()
+        .unwrap();
+    let f = base()
+        .set("server.header_read_timeout", "1m30s")
+        .load::<Root>()
+        .unwrap();
     assert_eq!(e.hash(), f.hash());
 }
 
 #[test]
 fn process_env_layer_ignores_unrelated_variables() {
-    let loaded = base().env("KEEL_TEST_PREFIX_NOBODY_USES").load::<Root>().unwrap();
+    let loaded = base()
+        .env("KEEL_TEST_PREFIX_NOBODY_USES")
+        .load::<Root>()
+        .unwrap();
     assert_eq!(loaded.value, Root::default());
 }
 
 #[test]
 fn defaults_must_be_a_table() {
     let err = Loader::defaults(&42).unwrap_err();
-    assert!(err.to_string().contains("must serialize to a table"), "{err}");
+    assert!(
+        err.to_string().contains("must serialize to a table"),
+        "{err}"
+    );
 }

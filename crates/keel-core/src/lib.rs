@@ -16,7 +16,9 @@ pub use shutdown::{Phase, Shutdown, ShutdownHook};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// True if `err` or any error in its `source()` chain is an `E`.
-pub fn is_caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
+pub fn is_caused_by<E: std::error::Error + 'static>(
+    err: &(dyn std::error::Error + 'static),
+) -> bool {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if e.is::<E>() {

@@ -56,7 +56,9 @@ pub struct ShutdownHook {
 
 impl std::fmt::Debug for ShutdownHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShutdownHook").field("name", &self.name).finish()
+        f.debug_struct("ShutdownHook")
+            .field("name", &self.name)
+            .finish()
     }
 }
 

@@ -83,18 +83,26 @@ pub async fn serve_admin(
                 let resp = handle(&req, &readiness, &routes);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
 
-fn handle(req: &Request<Incoming>, readiness: &Readiness, routes: &AdminRoutes) -> Response<Full<Bytes>> {
+fn handle(
+    req: &Request<Incoming>,
+    readiness: &Readiness,
+    routes: &AdminRoutes,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "admin endpoints are GET only\n".into());
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "admin endpoints are GET only\n".into(),
+        );
     }
-    if let Some(r) = readiness::probe_response(req.uri(), "/livez", "/readyz", "/healthz", readiness) {
+    if let Some(r) =
+        readiness::probe_response(req.uri(), "/livez", "/readyz", "/healthz", readiness)
+    {
         return r;
     }
     let path = req.uri().path();
@@ -103,13 +111,19 @@ fn handle(req: &Request<Incoming>, readiness: &Readiness, routes: &AdminRoutes) 
         return respond(StatusCode::OK, ct, body);
     }
     if path == "/" {
-        let mut s = String::from("keel admin\n\n/livez        liveness\n/healthz      liveness (alias)\n/readyz       readiness; ?verbose lists every check\n");
+        let mut s = String::from(
+            "keel admin\n\n/livez        liveness\n/healthz      liveness (alias)\n/readyz       readiness; ?verbose lists every check\n",
+        );
         for (p, (help, _)) in &routes.routes {
             s.push_str(&format!("{p:<13} {help}\n"));
         }
         return respond(StatusCode::OK, "text/plain; charset=utf-8", s);
     }
-    respond(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", format!("no admin endpoint {path}; GET / lists them\n"))
+    respond(
+        StatusCode::NOT_FOUND,
+        "text/plain; charset=utf-8",
+        format!("no admin endpoint {path}; GET / lists them\n"),
+    )
 }
 
 fn respond(status: StatusCode, ct: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -117,8 +131,10 @@ fn respond(status: StatusCode, ct: &'static str, body: String) -> Response<Full<
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
     r
 }
 

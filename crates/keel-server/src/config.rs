@@ -91,7 +91,12 @@ impl Validate for ServerConfig {
             v.check(n >= 1, "listeners", n, "must be at least 1");
             v.check(n <= 1024, "listeners", n, "must be at most 1024");
         }
-        v.check(self.backlog >= 1, "backlog", self.backlog, "must be at least 1");
+        v.check(
+            self.backlog >= 1,
+            "backlog",
+            self.backlog,
+            "must be at least 1",
+        );
         v.check(
             self.max_header_bytes.get() >= 8192,
             "max_header_bytes",
@@ -104,7 +109,12 @@ impl Validate for ServerConfig {
             self.max_header_bytes,
             "must fit in 32 bits (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE)",
         );
-        v.check(self.max_headers >= 1, "max_headers", self.max_headers, "must be at least 1");
+        v.check(
+            self.max_headers >= 1,
+            "max_headers",
+            self.max_headers,
+            "must be at least 1",
+        );
         v.check(
             !self.header_read_timeout.get().is_zero(),
             "header_read_timeout",

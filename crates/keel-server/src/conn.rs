@@ -31,8 +31,8 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::service::{KeelService, RequestBody};
-use keel_core::BoxError;
 use crate::shared::Shared;
+use keel_core::BoxError;
 
 /// Per-connection state shared between the driver and the request path.
 #[derive(Debug)]
@@ -79,7 +79,8 @@ impl ConnTracker {
     pub(crate) fn request_finished(&self) {
         // Record idleness before the decrement so the driver never sees in_flight == 0 with a
         // stale idle_since.
-        self.idle_since.store(self.shared.now_ms(), Ordering::Relaxed);
+        self.idle_since
+            .store(self.shared.now_ms(), Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::Release);
         self.shared.request_finished();
     }
@@ -155,7 +156,11 @@ impl AsyncRead for TrackedIo {
 }
 
 impl AsyncWrite for TrackedIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.project().inner.poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -256,7 +261,11 @@ pub(crate) async fn serve_connection<S, B>(
                 return Poll::Ready(Event::Timer);
             }
             if let Poll::Ready(r) = changed.as_mut().poll(cx) {
-                return Poll::Ready(if r.is_ok() { Event::Phase } else { Event::Timer });
+                return Poll::Ready(if r.is_ok() {
+                    Event::Phase
+                } else {
+                    Event::Timer
+                });
             }
             Poll::Pending
         })
@@ -272,7 +281,9 @@ pub(crate) async fn serve_connection<S, B>(
             Event::Timer => match tracker.check(shared.now_ms()) {
                 TimerCheck::Wait(ms) => timer.as_mut().reset(shared.instant_at(ms)),
                 TimerCheck::HeadTimeout => {
-                    tracing::debug!("closing connection: request head not received within header_read_timeout");
+                    tracing::debug!(
+                        "closing connection: request head not received within header_read_timeout"
+                    );
                     shared.stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -327,7 +338,10 @@ mod tests {
     async fn idle_keepalive_uses_the_idle_timeout_not_the_header_timeout() {
         let t = tracker();
         t.request_started(false);
-        assert!(matches!(t.check(t.shared.now_ms() + 500_000), TimerCheck::Wait(_)), "busy never expires");
+        assert!(
+            matches!(t.check(t.shared.now_ms() + 500_000), TimerCheck::Wait(_)),
+            "busy never expires"
+        );
         t.request_finished();
         let idle = t.shared.now_ms();
         assert_eq!(t.check(idle + 20_000), TimerCheck::Wait(idle + 75_000));

@@ -222,8 +222,9 @@ async fn run_once(inner: &Inner, state: &CheckState) {
         }
         // Failing only after `failure_threshold` failures in a row; a pending check that has
         // never passed stays not-passing either way.
-        ok_now || (state.passing.load(Ordering::SeqCst)
-            && o.consecutive_failures < inner.cfg.failure_threshold)
+        ok_now
+            || (state.passing.load(Ordering::SeqCst)
+                && o.consecutive_failures < inner.cfg.failure_threshold)
     };
     let was = state.passing.swap(passing, Ordering::SeqCst);
     match (was, passing) {
@@ -301,7 +302,12 @@ impl Report {
     pub fn verbose(&self) -> String {
         let mut s = String::new();
         let mark = |ok: bool| if ok { "[+]" } else { "[-]" };
-        let _ = writeln!(s, "{}started {}", mark(self.started), if self.started { "ok" } else { "no" });
+        let _ = writeln!(
+            s,
+            "{}started {}",
+            mark(self.started),
+            if self.started { "ok" } else { "no" }
+        );
         let running = self.phase == Phase::Running;
         let _ = writeln!(s, "{}lifecycle {}", mark(running), self.phase.as_str());
         for c in &self.checks {
@@ -349,9 +355,10 @@ pub(crate) fn probe_response(
     if path != readyz {
         return None;
     }
-    let verbose = uri
-        .query()
-        .is_some_and(|q| q.split('&').any(|kv| kv == "verbose" || kv.starts_with("verbose=")));
+    let verbose = uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "verbose" || kv.starts_with("verbose="))
+    });
     let ready = readiness.is_ready();
     let status = if ready {
         StatusCode::OK
@@ -377,7 +384,10 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     // Probe answers are live state; a cache in between would lie.
-    h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
     r
 }
 
@@ -403,7 +413,13 @@ mod tests {
         let h = healthy.clone();
         r.check("db", move || {
             let ok = h.load(Ordering::SeqCst);
-            async move { if ok { Ok(()) } else { Err("connection refused") } }
+            async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err("connection refused")
+                }
+            }
         });
         assert!(!r.is_ready(), "not started");
         r.start();
@@ -441,7 +457,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(60)).await;
         let rep = r.report();
         assert_eq!(rep.checks[0].status, "failing");
-        assert!(rep.checks[0].last_error.as_deref().unwrap().contains("timed out"));
+        assert!(
+            rep.checks[0]
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("timed out")
+        );
         assert!(!r.is_ready());
     }
 
@@ -463,6 +485,9 @@ mod tests {
         assert!(r.is_ready());
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(n.load(Ordering::SeqCst), 2);
-        assert!(r.is_ready(), "one failure below the threshold keeps it ready");
+        assert!(
+            r.is_ready(),
+            "one failure below the threshold keeps it ready"
+        );
     }
 }

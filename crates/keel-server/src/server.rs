@@ -231,7 +231,10 @@ impl TokioShard {
                 let _ = stream.set_nodelay(true);
             }
             self.shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-            self.shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .stats
+                .connections
+                .fetch_add(1, Ordering::Relaxed);
             let shared = self.shared.clone();
             let builder = builder.clone();
             let svc = service.clone();
@@ -294,7 +297,11 @@ where
     outcome
 }
 
-async fn drain_steps(shutdown: &Shutdown, cfg: &ShutdownConfig, servers: &[ServerHandle]) -> DrainOutcome {
+async fn drain_steps(
+    shutdown: &Shutdown,
+    cfg: &ShutdownConfig,
+    servers: &[ServerHandle],
+) -> DrainOutcome {
     let delay_end = tokio::time::Instant::now() + cfg.drain_delay.get();
     shutdown.advance(Phase::Draining);
     tracing::info!(drain_delay = %cfg.drain_delay, "stop requested: readiness withdrawn, draining");
@@ -316,13 +323,19 @@ async fn drain_steps(shutdown: &Shutdown, cfg: &ShutdownConfig, servers: &[Serve
     tokio::time::sleep_until(delay_end).await;
 
     shutdown.advance(Phase::Closing);
-    let in_flight: usize = servers.iter().map(|s| s.stats.in_flight.load(Ordering::Relaxed)).sum();
+    let in_flight: usize = servers
+        .iter()
+        .map(|s| s.stats.in_flight.load(Ordering::Relaxed))
+        .sum();
     tracing::info!(in_flight, grace_period = %cfg.grace_period, "listeners closed; finishing in-flight requests");
     let all_closed = futures_util::future::join_all(servers.iter().map(|s| s.closed()));
     match tokio::time::timeout(cfg.grace_period.get(), all_closed).await {
         Ok(_) => DrainOutcome::Clean,
         Err(_) => DrainOutcome::GraceExpired {
-            cancelled: servers.iter().map(|s| s.stats.in_flight.load(Ordering::Relaxed)).sum(),
+            cancelled: servers
+                .iter()
+                .map(|s| s.stats.in_flight.load(Ordering::Relaxed))
+                .sum(),
         },
     }
 }
@@ -330,7 +343,10 @@ async fn drain_steps(shutdown: &Shutdown, cfg: &ShutdownConfig, servers: &[Serve
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop the process with SIGKILL");
         std::future::pending::<()>().await;
         return;

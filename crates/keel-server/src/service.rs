@@ -234,8 +234,11 @@ where
             },
             StateProj::Fixed { resp } => match resp.take() {
                 Some(r) => r.map(Either::Right),
-                None => fixed(StatusCode::INTERNAL_SERVER_ERROR, "polled after completion\n")
-                    .map(Either::Right),
+                None => fixed(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "polled after completion\n",
+                )
+                .map(Either::Right),
             },
         };
         let guard = this.guard.take();
@@ -247,9 +250,10 @@ where
                 // While closing hyper answers `Connection: close`; advertising a keep-alive
                 // then would contradict it.
                 if shared.shutdown.phase() < Phase::Closing {
-                    parts
-                        .headers
-                        .insert(HeaderName::from_static("keep-alive"), shared.keep_alive.clone());
+                    parts.headers.insert(
+                        HeaderName::from_static("keep-alive"),
+                        shared.keep_alive.clone(),
+                    );
                 }
             }
         }

@@ -53,7 +53,9 @@ impl ChildGuard {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
         ChildGuard { child: Some(child) }
     }
 
@@ -102,7 +104,11 @@ pub fn port_open(addr: SocketAddr) -> bool {
 }
 
 /// Send raw bytes, read until the peer closes or `timeout`; returns what was read.
-pub fn raw_exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -> std::io::Result<Vec<u8>> {
+pub fn raw_exchange(
+    addr: SocketAddr,
+    request: &[u8],
+    timeout: Duration,
+) -> std::io::Result<Vec<u8>> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(timeout))?;
     s.write_all(request)?;
@@ -112,7 +118,12 @@ pub fn raw_exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -> std:
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => break,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                break;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
             Err(e) => return Err(e),
         }

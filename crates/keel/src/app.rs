@@ -48,7 +48,9 @@ pub struct App {
 
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App").field("name", &self.inner.name).finish()
+        f.debug_struct("App")
+            .field("name", &self.inner.name)
+            .finish()
     }
 }
 
@@ -113,37 +115,45 @@ impl App {
 
     fn register_debug_routes(&self) {
         let weak = Arc::downgrade(&self.inner);
-        self.admin_route("/debug/runtime", "worker threads, shards and why", move |_| {
-            let Some(inner) = weak.upgrade() else {
-                return ("text/plain", "shutting down\n".into());
-            };
-            let tokio_workers = tokio::runtime::Handle::try_current()
-                .map(|h| h.metrics().num_workers())
-                .ok();
-            let v = serde_json::json!({
-                "workers": inner.sizing.workers,
-                "reason": inner.sizing.reason,
-                "cgroup": inner.sizing.cgroup,
-                "available_cpus": inner.sizing.available_cpus,
-                "shard_mode": inner.loaded.value.runtime.shards,
-                "shards": inner.sizing.shards,
-                "control_runtime_workers": tokio_workers,
-            });
-            ("application/json", pretty(&v))
-        });
+        self.admin_route(
+            "/debug/runtime",
+            "worker threads, shards and why",
+            move |_| {
+                let Some(inner) = weak.upgrade() else {
+                    return ("text/plain", "shutting down\n".into());
+                };
+                let tokio_workers = tokio::runtime::Handle::try_current()
+                    .map(|h| h.metrics().num_workers())
+                    .ok();
+                let v = serde_json::json!({
+                    "workers": inner.sizing.workers,
+                    "reason": inner.sizing.reason,
+                    "cgroup": inner.sizing.cgroup,
+                    "available_cpus": inner.sizing.available_cpus,
+                    "shard_mode": inner.loaded.value.runtime.shards,
+                    "shards": inner.sizing.shards,
+                    "control_runtime_workers": tokio_workers,
+                });
+                ("application/json", pretty(&v))
+            },
+        );
         let weak = Arc::downgrade(&self.inner);
-        self.admin_route("/debug/config", "effective config (secrets redacted), layers, hash", move |_| {
-            let Some(inner) = weak.upgrade() else {
-                return ("text/plain", "shutting down\n".into());
-            };
-            let l = &inner.loaded;
-            let v = serde_json::json!({
-                "hash": l.hash(),
-                "layers": l.layers(),
-                "config": l.redacted(),
-            });
-            ("application/json", pretty(&v))
-        });
+        self.admin_route(
+            "/debug/config",
+            "effective config (secrets redacted), layers, hash",
+            move |_| {
+                let Some(inner) = weak.upgrade() else {
+                    return ("text/plain", "shutting down\n".into());
+                };
+                let l = &inner.loaded;
+                let v = serde_json::json!({
+                    "hash": l.hash(),
+                    "layers": l.layers(),
+                    "config": l.redacted(),
+                });
+                ("application/json", pretty(&v))
+            },
+        );
     }
 
     /// Serve `service` until a stop signal, then drain. Returns once the drain is over.
@@ -155,12 +165,21 @@ impl App {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        self.serve_until(service, keel_server::stop_signal(), keel_server::stop_signal())
-            .await
+        self.serve_until(
+            service,
+            keel_server::stop_signal(),
+            keel_server::stop_signal(),
+        )
+        .await
     }
 
     /// [`App::serve`] with explicit stop triggers (tests, embedding).
-    pub async fn serve_until<S, B, F1, F2>(self, service: S, stop: F1, again: F2) -> Result<(), Error>
+    pub async fn serve_until<S, B, F1, F2>(
+        self,
+        service: S,
+        stop: F1,
+        again: F2,
+    ) -> Result<(), Error>
     where
         S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
         S::Error: Into<BoxError>,
@@ -192,9 +211,18 @@ impl App {
         if cfg.admin.enabled {
             let l = keel_server::admin::bind_admin(cfg.admin.addr)
                 .await
-                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on admin.addr {}: {e}", cfg.admin.addr)))?;
+                .map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("cannot listen on admin.addr {}: {e}", cfg.admin.addr),
+                    )
+                })?;
             tracing::info!(addr = %l.local_addr()?, "admin listening");
-            let routes = inner.admin_routes.lock().map(|r| r.clone()).unwrap_or_default();
+            let routes = inner
+                .admin_routes
+                .lock()
+                .map(|r| r.clone())
+                .unwrap_or_default();
             tokio::spawn(keel_server::serve_admin(
                 l,
                 inner.readiness.clone(),
@@ -212,7 +240,8 @@ impl App {
         };
         inner.readiness.mark_started();
 
-        let outcome = keel_server::drain(stop, again, &inner.shutdown, &cfg.shutdown, &[handle]).await;
+        let outcome =
+            keel_server::drain(stop, again, &inner.shutdown, &cfg.shutdown, &[handle]).await;
         if outcome == DrainOutcome::Forced {
             return Err(Error::Forced);
         }
@@ -252,8 +281,11 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let parts: Vec<Mutex<Option<keel_server::ShardServer>>> =
-        server.into_shards().into_iter().map(|s| Mutex::new(Some(s))).collect();
+    let parts: Vec<Mutex<Option<keel_server::ShardServer>>> = server
+        .into_shards()
+        .into_iter()
+        .map(|s| Mutex::new(Some(s)))
+        .collect();
     let parts = Arc::new(parts);
     let sizing = sizing.clone();
     let rt = rt.clone();

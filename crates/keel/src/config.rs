@@ -70,7 +70,8 @@ impl Validate for Config {
         self.runtime.validate_into(&mut |key, value, reason| {
             v.invalid(&format!("runtime.{key}"), value, reason);
         });
-        if self.admin.enabled && self.admin.addr == self.server.addr && self.server.addr.port() != 0 {
+        if self.admin.enabled && self.admin.addr == self.server.addr && self.server.addr.port() != 0
+        {
             v.invalid(
                 "admin.addr",
                 self.admin.addr,
@@ -126,9 +127,10 @@ impl Sources {
 
     /// Load: defaults → file → `KEEL_*` env → `--set` flags, then validate.
     pub fn load(&self) -> Result<Loaded<Config>, ConfigError> {
-        self.load_with_env(std::env::vars_os().filter_map(|(k, v)| {
-            Some((k.into_string().ok()?, v.into_string().ok()?))
-        }))
+        self.load_with_env(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        )
     }
 
     /// [`Sources::load`] with explicit environment variables (tests).
@@ -155,7 +157,17 @@ mod tests {
 
     #[test]
     fn flags_parse_and_reject_unknown() {
-        let s = Sources::from_args(["-c", "a.toml", "--set", "server.addr=1.2.3.4:5", "--set=log.level=debug"].map(String::from)).unwrap();
+        let s = Sources::from_args(
+            [
+                "-c",
+                "a.toml",
+                "--set",
+                "server.addr=1.2.3.4:5",
+                "--set=log.level=debug",
+            ]
+            .map(String::from),
+        )
+        .unwrap();
         assert_eq!(s.file.as_deref(), Some(std::path::Path::new("a.toml")));
         assert_eq!(s.sets, vec!["server.addr=1.2.3.4:5", "log.level=debug"]);
         let e = Sources::from_args(["--port".to_string()]).unwrap_err();
@@ -171,10 +183,16 @@ mod tests {
     #[test]
     fn env_overrides_and_admin_clash_is_caught() {
         let env = vec![
-            ("KEEL_SERVER__ADDR".to_string(), "127.0.0.1:7000".to_string()),
+            (
+                "KEEL_SERVER__ADDR".to_string(),
+                "127.0.0.1:7000".to_string(),
+            ),
             ("KEEL_ADMIN__ADDR".to_string(), "127.0.0.1:7000".to_string()),
         ];
-        let e = Sources::default().load_with_env(env).unwrap_err().to_string();
+        let e = Sources::default()
+            .load_with_env(env)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("admin.addr") && e.contains("must differ"), "{e}");
     }
 }

@@ -1,0 +1,450 @@
+//! The server over real TCP: protocols on one port, limits, probes, readiness, keep-alive,
+//! hop-by-hop hygiene, SO_REUSEPORT groups.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::routing::{get, post};
+use http_body_util::{BodyExt, Full, StreamBody};
+use keel_core::{Phase, Shutdown};
+use keel_server::{
+    AdminRoutes, ProbesConfig, Readiness, ReadinessConfig, Server, ServerConfig, ServerHandle,
+};
+use keel_test_support as ts;
+
+struct TestServer {
+    addr: SocketAddr,
+    shutdown: Shutdown,
+    readiness: Readiness,
+    handle: ServerHandle,
+}
+
+fn config() -> ServerConfig {
+    ServerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        ..ServerConfig::default()
+    }
+}
+
+fn router() -> Router {
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    Router::new()
+        .route("/", get(|| async { "hello" }))
+        .route("/echo", post(|b: Bytes| async move { b }))
+        .route(
+            "/hop",
+            get(|| async {
+                let mut h = HeaderMap::new();
+                h.insert("connection", HeaderValue::from_static("x-private"));
+                h.insert("x-private", HeaderValue::from_static("1"));
+                h.insert("keep-alive", HeaderValue::from_static("timeout=999"));
+                h.insert("upgrade", HeaderValue::from_static("h2c"));
+                h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+                (h, "hop")
+            }),
+        )
+        .merge(tonic::service::Routes::new(health).into_axum_router())
+}
+
+async fn start(cfg: ServerConfig, listeners: usize) -> TestServer {
+    let shutdown = Shutdown::new();
+    let readiness = Readiness::new(
+        ReadinessConfig {
+            interval: keel_config::Duration::from_millis(50),
+            timeout: keel_config::Duration::from_millis(200),
+            failure_threshold: 1,
+        },
+        shutdown.clone(),
+    );
+    let server = Server::bind(
+        &cfg,
+        &ProbesConfig::default(),
+        listeners,
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let handle = server.handle();
+    readiness.start();
+    tokio::spawn(server.serve(router()));
+    readiness.mark_started();
+    TestServer {
+        addr,
+        shutdown,
+        readiness,
+        handle,
+    }
+}
+
+#[tokio::test]
+async fn http1_h2c_and_grpc_share_one_port() {
+    let s = start(config(), 1).await;
+    let url = format!("http://{}/", s.addr);
+
+    let h1 = ts::http1_client();
+    let resp = h1
+        .request(
+            http::Request::get(&url)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_11);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["keep-alive"], "timeout=75");
+
+    let h2 = ts::h2c_client();
+    let resp = h2
+        .request(
+            http::Request::get(&url)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers().get("keep-alive").is_none(),
+        "HTTP/2 has no Keep-Alive header"
+    );
+    assert_eq!(
+        resp.into_body().collect().await.unwrap().to_bytes(),
+        "hello"
+    );
+
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic_health::pb::health_client::HealthClient::new(channel);
+    let r = grpc
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        r.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+#[tokio::test]
+async fn oversized_header_block_and_too_many_headers_get_431() {
+    let s = start(config(), 1).await;
+    let addr = s.addr;
+    tokio::task::spawn_blocking(move || {
+        let big = "a".repeat(20 * 1024);
+        let req = format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n");
+        let out = ts::raw_exchange(addr, req.as_bytes(), Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            ts::status_of(&out),
+            Some(431),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+
+        let mut req = String::from("GET / HTTP/1.1\r\nhost: x\r\n");
+        for i in 0..150 {
+            req.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        req.push_str("\r\n");
+        let out = ts::raw_exchange(addr, req.as_bytes(), Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            ts::status_of(&out),
+            Some(431),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+
+        // Just under both limits is fine.
+        let mut req = String::from("GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n");
+        for i in 0..90 {
+            req.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        req.push_str("\r\n");
+        let out = ts::raw_exchange(addr, req.as_bytes(), Duration::from_secs(5)).unwrap();
+        assert_eq!(ts::status_of(&out), Some(200));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn oversized_body_gets_413_declared_or_streamed() {
+    let mut cfg = config();
+    cfg.max_body_bytes = keel_config::ByteSize::kib(64);
+    let s = start(cfg, 1).await;
+    let url = format!("http://{}/echo", s.addr);
+    let client = ts::http1_client();
+
+    // Declared by Content-Length: refused before the handler runs.
+    let body = Bytes::from(vec![b'x'; 100 * 1024]);
+    let resp = client
+        .request(http::Request::post(&url).body(Full::new(body)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+
+    // Streamed (chunked, no length): refused once the limit is crossed while reading.
+    let chunks = (0..10).map(|_| {
+        Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from(vec![b'y'; 16 * 1024])))
+    });
+    let stream = futures_util::stream::iter(chunks);
+    let client2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<StreamBody<_>>();
+    let resp = client2
+        .request(
+            http::Request::post(&url)
+                .body(StreamBody::new(stream))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+
+    // Within the limit: echoed.
+    let body = Bytes::from(vec![b'z'; 1000]);
+    let resp = client
+        .request(
+            http::Request::post(&url)
+                .body(Full::new(body.clone()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), body);
+    assert_eq!(s.handle.stats().body_too_large.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn slow_header_client_is_disconnected_after_header_read_timeout() {
+    let mut cfg = config();
+    cfg.header_read_timeout = keel_config::Duration::from_millis(800);
+    let s = start(cfg, 1).await;
+    let addr = s.addr;
+    let elapsed = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut sock = std::net::TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let start = Instant::now();
+        // One byte every 100 ms: the whole head would take ~4 s.
+        for b in b"GET / HTTP/1.1\r\nhost: x\r\nuser-agent: slowloris\r\n\r\n" {
+            if sock.write_all(&[*b]).is_err() {
+                break;
+            }
+            let mut buf = [0u8; 256];
+            match sock.read(&mut buf) {
+                Ok(0) => break, // closed by the server
+                Ok(n) => {
+                    let got = String::from_utf8_lossy(&buf[..n]);
+                    assert!(got.starts_with("HTTP/1.1 408"), "unexpected response {got}");
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => break, // reset by the server
+            }
+        }
+        start.elapsed()
+    })
+    .await
+    .unwrap();
+    assert!(
+        elapsed >= Duration::from_millis(700),
+        "closed too early: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_millis(800 + 1500),
+        "not closed within the timeout plus margin: {elapsed:?}"
+    );
+    assert_eq!(s.handle.stats().header_timeouts.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn idle_keepalive_connection_outlives_the_header_timeout_and_closes_at_idle_timeout() {
+    let mut cfg = config();
+    cfg.header_read_timeout = keel_config::Duration::from_millis(300);
+    cfg.idle_timeout = keel_config::Duration::from_millis(1200);
+    let s = start(cfg, 1).await;
+    let addr = s.addr;
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut sock = std::net::TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let req = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+        let mut buf = [0u8; 1024];
+        sock.write_all(req).unwrap();
+        let n = sock.read(&mut buf).unwrap();
+        assert_eq!(ts::status_of(&buf[..n]), Some(200));
+        // Idle for longer than the header timeout: still usable.
+        std::thread::sleep(Duration::from_millis(600));
+        sock.write_all(req).unwrap();
+        let n = sock.read(&mut buf).unwrap();
+        assert_eq!(
+            ts::status_of(&buf[..n]),
+            Some(200),
+            "keep-alive survived past the header timeout"
+        );
+        // Idle past the idle timeout: the server closes.
+        let idle_start = Instant::now();
+        let n = sock.read(&mut buf).unwrap_or(0);
+        assert_eq!(
+            n,
+            0,
+            "expected close, got {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        let waited = idle_start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(1000),
+            "closed too early: {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_millis(3000),
+            "closed too late: {waited:?}"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_from_handlers_never_reach_the_client() {
+    let s = start(config(), 1).await;
+    let addr = s.addr;
+    let out = tokio::task::spawn_blocking(move || {
+        ts::raw_exchange(
+            addr,
+            b"GET /hop HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("x-end-to-end: kept"), "{text}");
+    assert!(!text.contains("x-private"), "{text}");
+    assert!(!text.contains("timeout=999"), "{text}");
+    assert!(!text.contains("upgrade"), "{text}");
+}
+
+#[tokio::test]
+async fn reuseport_group_has_n_listening_sockets() {
+    let s = start(config(), 3).await;
+    assert_eq!(ts::listening_sockets(s.addr.port()), 3);
+    // And they all serve.
+    let client = ts::http1_client();
+    for _ in 0..10 {
+        let (st, _) = ts::get(&client, &format!("http://{}/", s.addr))
+            .await
+            .unwrap();
+        assert_eq!(st, 200);
+    }
+}
+
+#[tokio::test]
+async fn readiness_follows_a_dependency_that_fails_and_recovers() {
+    let s = start(config(), 1).await;
+    let healthy = Arc::new(AtomicBool::new(true));
+    let h = healthy.clone();
+    s.readiness.check("postgres", move || {
+        let ok = h.load(Ordering::SeqCst);
+        async move {
+            if ok {
+                Ok(())
+            } else {
+                Err("connection refused (os error 111)")
+            }
+        }
+    });
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    tokio::spawn(keel_server::serve_admin(
+        admin,
+        s.readiness.clone(),
+        AdminRoutes::default(),
+        s.shutdown.clone(),
+    ));
+
+    let client = ts::http1_client();
+    let ready = |c: &hyper_util::client::legacy::Client<_, _>, addr: SocketAddr| {
+        let c = c.clone();
+        async move {
+            ts::get(&c, &format!("http://{addr}/readyz"))
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    let wait_for = |status: u16| {
+        let client = client.clone();
+        async move {
+            let end = Instant::now() + Duration::from_secs(5);
+            loop {
+                let main = ready(&client, s.addr).await;
+                let adm = ready(&client, admin_addr).await;
+                if main == status && adm == status {
+                    return;
+                }
+                assert!(
+                    Instant::now() < end,
+                    "readyz stuck at main={main} admin={adm}, wanted {status}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(200).await;
+
+    healthy.store(false, Ordering::SeqCst);
+    wait_for(503).await;
+    let (st, body) = ts::get(&client, &format!("http://{}/readyz?verbose", s.addr))
+        .await
+        .unwrap();
+    assert_eq!(st, 503);
+    assert!(body.contains("[-]postgres failing"), "{body}");
+    assert!(body.contains("connection refused"), "{body}");
+    let (_, short) = ts::get(&client, &format!("http://{admin_addr}/readyz"))
+        .await
+        .unwrap();
+    assert!(short.contains("postgres"), "{short}");
+    // Liveness is not readiness: the process is alive even while a dependency is down.
+    assert_eq!(
+        ts::get(&client, &format!("http://{}/livez", s.addr))
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    assert_eq!(
+        ts::get(&client, &format!("http://{admin_addr}/healthz"))
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+
+    healthy.store(true, Ordering::SeqCst);
+    wait_for(200).await;
+    let (_, body) = ts::get(&client, &format!("http://{}/readyz?verbose", s.addr))
+        .await
+        .unwrap();
+    assert!(body.contains("[+]postgres ok"), "{body}");
+
+    s.shutdown.advance(Phase::Draining);
+    wait_for(503).await;
+}
