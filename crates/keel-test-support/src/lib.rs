@@ -59,6 +59,28 @@ impl ChildGuard {
         ChildGuard { child: Some(child) }
     }
 
+    /// Like [`ChildGuard::spawn`], with stderr written to `log` so tests can read the logs.
+    pub fn spawn_logged(
+        program: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+        log: &std::path::Path,
+    ) -> ChildGuard {
+        let file =
+            std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::from(file));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+        ChildGuard { child: Some(child) }
+    }
+
     /// The process id.
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)

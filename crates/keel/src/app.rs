@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -207,6 +208,23 @@ impl App {
         )?;
         let handle: ServerHandle = server.handle();
         tracing::info!(service = %inner.name, addr = %server.local_addr(), listeners, config_hash = %&inner.loaded.hash()[..12], "serving");
+
+        let stats = handle.clone();
+        self.admin_route(
+            "/debug/server",
+            "connections and requests in flight, limit counters",
+            move |_| {
+                let s = stats.stats();
+                let v = serde_json::json!({
+                    "in_flight": s.in_flight.load(Ordering::Relaxed),
+                    "connections": s.connections.load(Ordering::Relaxed),
+                    "accepted": s.accepted.load(Ordering::Relaxed),
+                    "header_timeouts": s.header_timeouts.load(Ordering::Relaxed),
+                    "body_too_large": s.body_too_large.load(Ordering::Relaxed),
+                });
+                ("application/json", pretty(&v))
+            },
+        );
 
         if cfg.admin.enabled {
             let l = keel_server::admin::bind_admin(cfg.admin.addr)
