@@ -100,12 +100,24 @@ fn suggest<'a>(given: &str, siblings: &'a Map<String, Value>) -> Option<&'a str>
     let mut candidates: Vec<&str> = siblings.keys().map(String::as_str).collect();
     // Sorted so ties resolve the same way whatever order the map iterates in.
     candidates.sort_unstable();
-    candidates
-        .into_iter()
-        .map(|c| (levenshtein(given, c), c))
+    let close = candidates
+        .iter()
+        .map(|c| (levenshtein(given, c), *c))
         .filter(|&(d, _)| d <= limit)
         .min_by_key(|&(d, _)| d)
-        .map(|(_, c)| c)
+        .map(|(_, c)| c);
+    // Abbreviations and their long forms (`address` for `addr`, `timeout` for `timeout_ms`)
+    // are far apart by edit distance but are the mistakes people actually make.
+    close.or_else(|| {
+        candidates.into_iter().find(|c| {
+            let (short, long) = if c.len() < given.len() {
+                (*c, given)
+            } else {
+                (given, *c)
+            };
+            short.len() >= 3 && long.starts_with(short)
+        })
+    })
 }
 
 /// Edit distance (insertions, deletions, substitutions) between two strings, by characters.
@@ -153,6 +165,13 @@ mod tests {
 
         let err = locate(&defaults, &path("server.completely_different")).unwrap_err();
         assert_eq!(err.suggestion, None);
+
+        // The long form of an abbreviated key is suggested although it is far by distance.
+        let err = locate(&defaults, &path("server.address")).unwrap_err();
+        assert_eq!(err.suggestion.as_deref(), Some("server.addr"));
+        // Two letters are not enough to guess from.
+        let err = locate(&defaults, &path("server.ad")).unwrap_err();
+        assert_ne!(err.suggestion.as_deref(), Some("server.addr_long"));
 
         let err = locate(&defaults, &path("server.addr.port")).unwrap_err();
         assert_eq!(err.key, "server.addr.port");
