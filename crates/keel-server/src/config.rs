@@ -53,13 +53,17 @@ pub struct ServerConfig {
     /// Interval of HTTP/2 PING frames that detect dead peers behind NATs and idle-killing
     /// middleboxes. 20 s is below the 30–60 s idle timeouts typical of such middleboxes.
     pub http2_keepalive_interval: Duration,
-    /// How long to wait for a PING ACK before closing the connection.
+    /// How long to wait for a PING ACK before closing the connection. 10 s tolerates a
+    /// congested but alive peer (many round trips) while freeing a dead one's streams well
+    /// before clients' own request timeouts give up on them.
     pub http2_keepalive_timeout: Duration,
     /// HTTP/2 rapid-reset defence (CVE-2023-44487): streams a client may open and reset
     /// before the server accepted them. 20 is hyper's own default, ample for real clients.
     pub http2_max_pending_accept_reset_streams: usize,
-    /// HTTP/2 reset-flood defence for the "MadeYouReset" family: locally-caused stream resets
-    /// tolerated per connection before it is closed with ENHANCE_YOUR_CALM.
+    /// HTTP/2 reset-flood defence for the "MadeYouReset" family (CVE-2025-8671): stream
+    /// resets the server itself had to send because of client misbehaviour, tolerated per
+    /// connection before it is closed with ENHANCE_YOUR_CALM. 1024 is hyper's default: far above
+    /// what a correct client ever provokes, far below what a flood needs to hurt.
     pub http2_max_local_error_reset_streams: usize,
 }
 
@@ -199,9 +203,9 @@ pub struct ReadinessConfig {
     /// so a kubelet probing every second costs the database one query per interval, not one
     /// per probe. 5 s notices an outage within one kubelet `periodSeconds` of the default 10 s.
     pub interval: Duration,
-    /// A check that takes longer fails. 2 s is well above a healthy round trip and below the
-    /// kubelet's default 1 s × failureThreshold window only when checks are cheap; raise it for
-    /// dependencies behind slow links.
+    /// A check that takes longer fails. 2 s is far above a healthy round trip to a
+    /// dependency on the same network, and short enough that a hung dependency is reported
+    /// within one interval instead of holding the check open.
     pub timeout: Duration,
     /// Consecutive failures before a check counts as failing. 1 reports the truth at once;
     /// kubelet's own `failureThreshold` already smooths blips on top of it.

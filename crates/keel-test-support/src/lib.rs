@@ -48,15 +48,7 @@ pub struct ChildGuard {
 impl ChildGuard {
     /// Spawn `program` with `env` added, stdout/stderr inherited (so failures show the logs).
     pub fn spawn(program: &str, args: &[&str], env: &[(&str, String)]) -> ChildGuard {
-        let mut cmd = Command::new(program);
-        cmd.args(args).stdin(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
-        ChildGuard { child: Some(child) }
+        Self::spawn_with(program, args, env, Stdio::inherit())
     }
 
     /// Like [`ChildGuard::spawn`], with stderr written to `log` so tests can read the logs.
@@ -68,10 +60,17 @@ impl ChildGuard {
     ) -> ChildGuard {
         let file =
             std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        Self::spawn_with(program, args, env, Stdio::from(file))
+    }
+
+    fn spawn_with(
+        program: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+        stderr: Stdio,
+    ) -> ChildGuard {
         let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stderr(Stdio::from(file));
+        cmd.args(args).stdin(Stdio::null()).stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
         }
