@@ -15,9 +15,9 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # scripts/services.sh once they exist, each on its own port and data directory.
 
 if cargo nextest --version >/dev/null 2>&1; then
+    # nextest does not run doctests; run them first so the suite's summary line comes last.
+    cargo test --workspace --doc --quiet
     cargo nextest run --workspace --no-fail-fast "$@"
-    # nextest does not run doctests.
-    cargo test --workspace --doc
 else
     cargo test --workspace --no-fail-fast "$@"
 fi
