@@ -74,7 +74,9 @@ async fn sigterm_drains_100_in_flight_requests_over_http1_and_http2() {
         ("KEEL_SHUTDOWN__DRAIN_DELAY", "1500ms"),
         ("KEEL_SHUTDOWN__GRACE_PERIOD", "15s"),
     ]);
-    let slow = format!("http://{}/slow?ms=4000", p.addr);
+    // Long enough that every response is written after the listeners close, even on a busy
+    // machine, so each HTTP/1.1 one must carry `Connection: close`.
+    let slow = format!("http://{}/slow?ms=6000", p.addr);
 
     let h1 = ts::http1_client();
     let h2 = ts::h2c_client();
