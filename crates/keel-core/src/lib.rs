@@ -4,12 +4,27 @@
 //!   inspecting a chain by downcasting (leaf errors stay typed near the code that raises them).
 //! - [`shutdown`], the process lifecycle signal: the phases a graceful drain walks through and the
 //!   hooks (deregistration, consumer stop) that run on the way.
+//! - [`context`]: the request [`Context`] — absolute deadline, request id, trace identity,
+//!   baggage, retry marker, and the [`tasks::TaskScope`] its spawned tasks belong to.
+//! - [`codec`]: parsers and encoders for `grpc-timeout`, W3C `traceparent`/`tracestate`/`baggage`,
+//!   B3 and request ids.
+//! - [`propagation`]: writing a context into the next hop's headers (HTTP, gRPC, messages).
+//! - [`tasks`]: the task registry behind `/debug/tasks` and leak detection.
 //!
-//! The request `Context`, deadlines and header codecs land here next; nothing in this crate
-//! knows about HTTP servers, brokers or databases.
+//! Nothing in this crate knows about servers, brokers or databases; `http` is used only as
+//! the header-map type.
 
+#[cfg(feature = "axum")]
+mod axum;
+pub mod codec;
+pub mod context;
+pub mod propagation;
 pub mod shutdown;
+pub mod tasks;
 
+#[cfg(feature = "axum")]
+pub use axum::MissingContext;
+pub use context::Context;
 pub use shutdown::{Phase, Shutdown, ShutdownHook};
 
 /// The boxed error used at crate boundaries, compatible with hyper, tower and tonic.

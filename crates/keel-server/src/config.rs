@@ -2,6 +2,7 @@
 //!
 //! Every default carries the reason for its value; `docs/operations.md` lists them all.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use keel_config::{ByteSize, Duration, Validate, Validator};
@@ -291,6 +292,90 @@ impl Default for ShutdownConfig {
 }
 
 impl Validate for ShutdownConfig {}
+
+/// `[deadline]`: how long a request may run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DeadlineConfig {
+    /// Deadline for a request whose caller sent none, and the most a caller may ask for on
+    /// routes without their own entry. 30 s is longer than any interactive request should take
+    /// and shorter than the 60 s at which common load balancers give up, so Keel answers 504
+    /// itself — and cancels the work — instead of computing an answer nobody receives.
+    pub default: Duration,
+    /// Per path-prefix maximum (the longest matching prefix wins), e.g.
+    /// `"/api/orders" = "2s"`. The effective deadline is the minimum of what the caller sent
+    /// and this maximum.
+    pub routes: BTreeMap<String, Duration>,
+}
+
+impl Default for DeadlineConfig {
+    fn default() -> Self {
+        DeadlineConfig {
+            default: Duration::from_secs(30),
+            routes: BTreeMap::new(),
+        }
+    }
+}
+
+impl Validate for DeadlineConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check(
+            !self.default.get().is_zero(),
+            "default",
+            self.default,
+            "must be greater than 0",
+        );
+        for (prefix, d) in &self.routes {
+            let key = format!("routes.{prefix}");
+            v.check(
+                prefix.starts_with('/'),
+                &key,
+                format!("{prefix:?}"),
+                "a route prefix must start with '/'",
+            );
+            v.check(!d.get().is_zero(), &key, *d, "must be greater than 0");
+        }
+    }
+}
+
+/// `[propagation]`: what travels to the next hop.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PropagationConfig {
+    /// Subtracted from the remaining time sent downstream, so the callee gives up (and frees
+    /// its resources) slightly before the caller does and a late answer is not wasted. 5 ms
+    /// covers a loopback or same-zone round trip plus scheduling jitter.
+    pub margin: Duration,
+    /// B3 written next to W3C `traceparent`: `single` (the `b3` header), `multi`
+    /// (`X-B3-*`), or `off`. Single by default so Zipkin-era services keep the trace.
+    pub b3: keel_core::propagation::B3Format,
+    /// Sampling flag for traces this service starts itself (callers' decisions are always
+    /// honoured). Off until the telemetry layer decides with a real sampler.
+    pub sample_new_traces: bool,
+}
+
+impl Default for PropagationConfig {
+    fn default() -> Self {
+        PropagationConfig {
+            margin: Duration::from_millis(5),
+            b3: keel_core::propagation::B3Format::Single,
+            sample_new_traces: false,
+        }
+    }
+}
+
+impl Validate for PropagationConfig {}
+
+impl PropagationConfig {
+    /// The outbound options for one attempt.
+    pub fn outbound(&self, retry: bool) -> keel_core::propagation::Outbound {
+        keel_core::propagation::Outbound {
+            margin: self.margin.get(),
+            b3: self.b3,
+            retry,
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

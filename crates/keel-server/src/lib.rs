@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod config;
 mod conn;
+mod context;
 pub mod listener;
 pub mod readiness;
 mod server;
@@ -23,8 +24,13 @@ mod service;
 mod shared;
 
 pub use admin::{AdminRoutes, serve_admin};
-pub use config::{AdminConfig, ProbesConfig, ReadinessConfig, ServerConfig, ShutdownConfig};
+pub use config::{
+    AdminConfig, DeadlineConfig, ProbesConfig, PropagationConfig, ReadinessConfig, ServerConfig,
+    ShutdownConfig,
+};
 pub use readiness::{Check, Readiness, Report};
-pub use server::{DrainOutcome, Server, ServerHandle, ShardServer, drain, stop_signal};
+pub use server::{
+    DrainOutcome, HttpSettings, Server, ServerHandle, ShardServer, drain, stop_signal,
+};
 pub use service::{RequestBody, ResponseBody, TrackedBody};
 pub use shared::Stats;

@@ -16,12 +16,27 @@ use keel_core::{BoxError, Phase, Shutdown};
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ProbesConfig, ServerConfig, ShutdownConfig};
+use crate::config::{
+    DeadlineConfig, ProbesConfig, PropagationConfig, ServerConfig, ShutdownConfig,
+};
 use crate::conn;
 use crate::listener::{ListenOptions, bind_group};
 use crate::readiness::Readiness;
 use crate::service::RequestBody;
 use crate::shared::{Shared, Stats};
+
+/// Everything that shapes how the main port serves HTTP.
+#[derive(Debug, Clone, Default)]
+pub struct HttpSettings {
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[probes]`.
+    pub probes: ProbesConfig,
+    /// `[deadline]`.
+    pub deadline: DeadlineConfig,
+    /// `[propagation]`.
+    pub propagation: PropagationConfig,
+}
 
 /// A bound server, not yet serving.
 #[derive(Debug)]
@@ -53,14 +68,14 @@ impl ServerHandle {
 }
 
 impl Server {
-    /// Bind `listeners` `SO_REUSEPORT` sockets to `cfg.addr`.
+    /// Bind `listeners` `SO_REUSEPORT` sockets to `settings.server.addr`.
     pub fn bind(
-        cfg: &ServerConfig,
-        probes: &ProbesConfig,
+        settings: &HttpSettings,
         listeners: usize,
         readiness: Readiness,
         shutdown: Shutdown,
     ) -> io::Result<Server> {
+        let cfg = &settings.server;
         let socks = bind_group(
             cfg.addr,
             ListenOptions {
@@ -72,7 +87,7 @@ impl Server {
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cfg.addr)))?;
         let local_addr = socks[0].local_addr()?;
         Ok(Server {
-            shared: Shared::new(cfg, probes, readiness, shutdown),
+            shared: Shared::new(settings, readiness, shutdown),
             listeners: socks,
             local_addr,
             tcp_nodelay: cfg.tcp_nodelay,

@@ -19,11 +19,15 @@ use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
+use keel_core::context::Context as RequestContext;
+use keel_core::tasks::{Owner, TaskGuard, TaskKind};
 use keel_core::{BoxError, Phase};
+use tokio::time::Sleep;
 use tower::ServiceExt;
 use tower::util::Oneshot;
 
 use crate::conn::ConnTracker;
+use crate::context as ctxmod;
 use crate::readiness;
 
 /// The request body handed to user services: hyper's body, capped at `server.max_body_bytes`.
@@ -35,20 +39,32 @@ pub type RequestBody = Limited<Incoming>;
 /// tracked so the connection knows when the response has really finished.
 pub type ResponseBody<B> = TrackedBody<Either<B, Full<Bytes>>>;
 
-/// Counts a request as in flight on its connection and server until dropped.
+/// Counts a request as in flight on its connection and server until dropped; ends the
+/// request's task scope (cancelling its scoped tasks) and its task-registry entry with it.
 #[derive(Debug)]
-struct RequestGuard(Arc<ConnTracker>);
+struct RequestGuard {
+    tracker: Arc<ConnTracker>,
+    ctx: Option<RequestContext>,
+    _task: Option<TaskGuard>,
+}
 
 impl RequestGuard {
     fn start(tracker: Arc<ConnTracker>, is_h2: bool) -> Self {
         tracker.request_started(is_h2);
-        RequestGuard(tracker)
+        RequestGuard {
+            tracker,
+            ctx: None,
+            _task: None,
+        }
     }
 }
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.0.request_finished();
+        if let Some(ctx) = &self.ctx {
+            ctx.task_scope().cancel();
+        }
+        self.tracker.request_finished();
     }
 }
 
@@ -151,13 +167,47 @@ where
             let resp = fixed(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
             return KeelFuture::fixed(resp, guard, false);
         }
-        let req = req.map(|b| Limited::new(b, usize::try_from(limit).unwrap_or(usize::MAX)));
+        let grpc = ctxmod::is_grpc(req.headers());
+        let policy = shared.deadlines.for_path(req.uri().path());
+        let route: Arc<str> = Arc::from(req.uri().path());
+        let ctx = match RequestContext::from_headers(
+            req.headers(),
+            &policy,
+            Some(route.clone()),
+            shared.registry,
+        ) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                shared
+                    .stats
+                    .refused_on_arrival
+                    .fetch_add(1, Ordering::Relaxed);
+                return KeelFuture::fixed(ctxmod::refusal(&e, grpc), guard, keep_alive);
+            }
+        };
+        let mut guard = guard;
+        guard._task = Some(shared.registry.register(
+            if grpc { "grpc request" } else { "http request" },
+            TaskKind::Request,
+            &Owner {
+                route: Some(route),
+                request_id: Some(ctx.request_id_arc().clone()),
+                deadline: Some(ctx.deadline()),
+            },
+        ));
+        let deadline = ctx.deadline();
+        let mut req = req.map(|b| Limited::new(b, usize::try_from(limit).unwrap_or(usize::MAX)));
+        req.extensions_mut().insert(ctx.clone());
+        let fut = ctx.scope(self.inner.clone().oneshot(req));
+        guard.ctx = Some(ctx);
         KeelFuture {
             state: State::Inner {
-                fut: self.inner.clone().oneshot(req),
+                fut,
+                sleep: tokio::time::sleep_until(deadline),
             },
             guard: Some(guard),
             keep_alive,
+            grpc,
         }
     }
 }
@@ -183,7 +233,11 @@ pin_project_lite::pin_project! {
     where
         S: tower::Service<Request<RequestBody>, Response = Response<B>>,
     {
-        Inner { #[pin] fut: Oneshot<S, Request<RequestBody>> },
+        Inner {
+            #[pin] fut: tokio::task::futures::TaskLocalFuture<RequestContext, Oneshot<S, Request<RequestBody>>>,
+            // The request's deadline: when it fires first, the handler future is dropped.
+            #[pin] sleep: Sleep,
+        },
         Fixed { resp: Option<Response<Full<Bytes>>> },
     }
 }
@@ -198,6 +252,7 @@ pin_project_lite::pin_project! {
         state: State<S, B>,
         guard: Option<RequestGuard>,
         keep_alive: bool,
+        grpc: bool,
     }
 }
 
@@ -210,6 +265,7 @@ where
             state: State::Fixed { resp: Some(resp) },
             guard: Some(guard),
             keep_alive,
+            grpc: false,
         }
     }
 }
@@ -223,15 +279,35 @@ where
     type Output = Result<Response<ResponseBody<B>>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let resp = match this.state.project() {
-            StateProj::Inner { fut } => match ready!(fut.poll(cx)) {
-                Ok(resp) => resp.map(Either::Left),
-                Err(err) => {
+        let mut this = self.project();
+        let resp = match this.state.as_mut().project() {
+            StateProj::Inner { fut, sleep } => match fut.poll(cx) {
+                Poll::Ready(Ok(resp)) => resp.map(Either::Left),
+                Poll::Ready(Err(err)) => {
                     let err: BoxError = err.into();
                     tracing::error!(error = %err, "service returned an error; answering 500");
                     fixed(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
                         .map(Either::Right)
+                }
+                Poll::Pending => {
+                    ready!(sleep.poll(cx));
+                    // Deadline passed mid-handler: drop the handler future now, which cancels
+                    // its outbound calls and queries, and answer at once.
+                    this.state.set(State::Fixed { resp: None });
+                    if let Some(g) = this.guard.as_ref() {
+                        g.tracker
+                            .shared
+                            .stats
+                            .deadline_exceeded
+                            .fetch_add(1, Ordering::Relaxed);
+                        if let Some(ctx) = &g.ctx {
+                            tracing::debug!(
+                                request_id = ctx.request_id(),
+                                "deadline exceeded; handler cancelled"
+                            );
+                        }
+                    }
+                    ctxmod::deadline_exceeded(*this.grpc).map(Either::Right)
                 }
             },
             StateProj::Fixed { resp } => match resp.take() {
@@ -246,9 +322,16 @@ where
         let guard = this.guard.take();
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, parts.status);
+        if let Some(ctx) = guard.as_ref().and_then(|g| g.ctx.as_ref()) {
+            if let Some(v) = ctxmod::request_id_value(ctx.request_id_arc()) {
+                parts
+                    .headers
+                    .insert(HeaderName::from_static("x-request-id"), v);
+            }
+        }
         if *this.keep_alive {
             if let Some(g) = &guard {
-                let shared = &g.0.shared;
+                let shared = &g.tracker.shared;
                 // While closing hyper answers `Connection: close`; advertising a keep-alive
                 // then would contradict it.
                 if shared.shutdown.phase() < Phase::Closing {

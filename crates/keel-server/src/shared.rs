@@ -7,8 +7,12 @@ use http::HeaderValue;
 use keel_core::Shutdown;
 use tokio::time::Instant;
 
-use crate::config::{ProbesConfig, ServerConfig};
+use keel_core::tasks::Registry;
+
+use crate::config::ServerConfig;
+use crate::context::DeadlinePolicy;
 use crate::readiness::Readiness;
+use crate::server::HttpSettings;
 
 /// The limits in the form the hot path wants them (plain integers, no re-parsing).
 #[derive(Debug, Clone)]
@@ -59,6 +63,11 @@ pub struct Stats {
     pub header_timeouts: AtomicU64,
     /// Requests refused with 413 before reaching the handler.
     pub body_too_large: AtomicU64,
+    /// Requests refused on arrival: malformed propagation headers (400) or an already
+    /// expired deadline (504).
+    pub refused_on_arrival: AtomicU64,
+    /// Handlers cancelled because their deadline passed (answered 504).
+    pub deadline_exceeded: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -71,6 +80,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<Stats>,
     /// `Keep-Alive: timeout=N`, precomputed once.
     pub(crate) keep_alive: HeaderValue,
+    pub(crate) deadlines: DeadlinePolicy,
+    pub(crate) registry: &'static Registry,
 }
 
 #[derive(Debug, Clone)]
@@ -82,11 +93,12 @@ pub(crate) struct ProbePaths {
 
 impl Shared {
     pub(crate) fn new(
-        cfg: &ServerConfig,
-        probes: &ProbesConfig,
+        settings: &HttpSettings,
         readiness: Readiness,
         shutdown: Shutdown,
     ) -> Arc<Self> {
+        let cfg = &settings.server;
+        let probes = &settings.probes;
         let limits = Limits::from_config(cfg);
         let secs = (limits.idle_timeout_ms / 1000).max(1);
         let keep_alive = HeaderValue::try_from(format!("timeout={secs}"))
@@ -103,6 +115,11 @@ impl Shared {
             shutdown,
             stats: Arc::new(Stats::default()),
             keep_alive,
+            deadlines: DeadlinePolicy::new(
+                &settings.deadline,
+                settings.propagation.sample_new_traces,
+            ),
+            registry: Registry::global(),
         })
     }
 
@@ -128,6 +145,10 @@ impl Shared {
     pub(crate) fn for_tests(cfg: &ServerConfig) -> Arc<Self> {
         let shutdown = Shutdown::new();
         let readiness = Readiness::new(Default::default(), shutdown.clone());
-        Shared::new(cfg, &ProbesConfig::default(), readiness, shutdown)
+        let settings = HttpSettings {
+            server: cfg.clone(),
+            ..HttpSettings::default()
+        };
+        Shared::new(&settings, readiness, shutdown)
     }
 }

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use http_body_util::{BodyExt, Full, StreamBody};
 use keel_core::{Phase, Shutdown};
 use keel_server::{
-    AdminRoutes, ProbesConfig, Readiness, ReadinessConfig, Server, ServerConfig, ServerHandle,
+    AdminRoutes, HttpSettings, Readiness, ReadinessConfig, Server, ServerConfig, ServerHandle,
 };
 use keel_test_support as ts;
 
@@ -62,14 +62,11 @@ async fn start(cfg: ServerConfig, listeners: usize) -> TestServer {
         },
         shutdown.clone(),
     );
-    let server = Server::bind(
-        &cfg,
-        &ProbesConfig::default(),
-        listeners,
-        readiness.clone(),
-        shutdown.clone(),
-    )
-    .unwrap();
+    let settings = HttpSettings {
+        server: cfg,
+        ..HttpSettings::default()
+    };
+    let server = Server::bind(&settings, listeners, readiness.clone(), shutdown.clone()).unwrap();
     let addr = server.local_addr();
     let handle = server.handle();
     readiness.start();

@@ -9,9 +9,12 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use keel_config::{ConfigError, Loaded};
+use keel_core::tasks::Registry;
 use keel_core::{BoxError, Shutdown};
 use keel_runtime::Sizing;
-use keel_server::{AdminRoutes, DrainOutcome, Readiness, RequestBody, Server, ServerHandle};
+use keel_server::{
+    AdminRoutes, DrainOutcome, HttpSettings, Readiness, RequestBody, Server, ServerHandle,
+};
 
 use crate::config::{Config, Sources};
 
@@ -138,6 +141,27 @@ impl App {
                 ("application/json", pretty(&v))
             },
         );
+        self.admin_route(
+            "/debug/tasks",
+            "live Keel tasks, leak suspects first (JSON; ?format=text for people)",
+            |req| {
+                let registry = Registry::global();
+                let text = req
+                    .uri()
+                    .query()
+                    .is_some_and(|q| q.split('&').any(|kv| kv == "format=text"));
+                if text {
+                    return ("text/plain; charset=utf-8", registry.render_text());
+                }
+                let tasks = registry.snapshot();
+                let v = serde_json::json!({
+                    "live": tasks.len(),
+                    "leak_suspects_total": registry.leak_suspects_total(),
+                    "tasks": tasks,
+                });
+                ("application/json", pretty(&v))
+            },
+        );
         let weak = Arc::downgrade(&self.inner);
         self.admin_route(
             "/debug/config",
@@ -199,13 +223,29 @@ impl App {
             // One listener per shard: each shard's runtime accepts on its own socket.
             shards.len()
         };
+        let settings = HttpSettings {
+            server: cfg.server.clone(),
+            probes: cfg.probes.clone(),
+            deadline: cfg.deadline.clone(),
+            propagation: cfg.propagation.clone(),
+        };
         let server = Server::bind(
-            &cfg.server,
-            &cfg.probes,
+            &settings,
             listeners,
             inner.readiness.clone(),
             inner.shutdown.clone(),
         )?;
+        let registry = Registry::global();
+        registry.set_leak_grace(cfg.tasks.leak_grace.get());
+        let sweep_every = cfg.tasks.sweep_interval.get();
+        keel_core::tasks::spawn_background("task leak sweep", async move {
+            let mut tick = tokio::time::interval(sweep_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                registry.sweep();
+            }
+        });
         let handle: ServerHandle = server.handle();
         tracing::info!(service = %inner.name, addr = %server.local_addr(), listeners, config_hash = %&inner.loaded.hash()[..12], "serving");
 
@@ -221,6 +261,9 @@ impl App {
                     "accepted": s.accepted.load(Ordering::Relaxed),
                     "header_timeouts": s.header_timeouts.load(Ordering::Relaxed),
                     "body_too_large": s.body_too_large.load(Ordering::Relaxed),
+                    "refused_on_arrival": s.refused_on_arrival.load(Ordering::Relaxed),
+                    "deadline_exceeded": s.deadline_exceeded.load(Ordering::Relaxed),
+                    "live_tasks": Registry::global().live(),
                 });
                 ("application/json", pretty(&v))
             },

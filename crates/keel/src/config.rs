@@ -2,9 +2,13 @@
 
 use std::path::PathBuf;
 
+use keel_config::Duration;
 use keel_config::{ConfigError, Loaded, Loader, Validate, Validator};
 use keel_runtime::RuntimeConfig;
-use keel_server::{AdminConfig, ProbesConfig, ReadinessConfig, ServerConfig, ShutdownConfig};
+use keel_server::{
+    AdminConfig, DeadlineConfig, ProbesConfig, PropagationConfig, ReadinessConfig, ServerConfig,
+    ShutdownConfig,
+};
 use serde::{Deserialize, Serialize};
 
 /// Prefix of environment variables: `KEEL_<SECTION>__<KEY>`.
@@ -27,8 +31,36 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// `[runtime]` — worker threads and sharding.
     pub runtime: RuntimeConfig,
+    /// `[deadline]` — request deadlines per route.
+    pub deadline: DeadlineConfig,
+    /// `[propagation]` — what travels to the next hop.
+    pub propagation: PropagationConfig,
+    /// `[tasks]` — task registry and leak detection.
+    pub tasks: TasksConfig,
     /// `[log]` — log level and format.
     pub log: LogConfig,
+}
+
+/// `[tasks]`: the task registry behind `/debug/tasks`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TasksConfig {
+    /// A task still alive this long after its owning request's deadline is a leak suspect:
+    /// listed first in `/debug/tasks`, counted, and logged once. 5 s forgives a task that is
+    /// merely finishing its cleanup, and still flags a real leak within seconds.
+    pub leak_grace: Duration,
+    /// How often the registry is swept for new leak suspects, so they are logged even when
+    /// nobody reads `/debug/tasks`. A sweep walks every live task, so not more often than 1 s.
+    pub sweep_interval: Duration,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        TasksConfig {
+            leak_grace: Duration::from_secs(5),
+            sweep_interval: Duration::from_secs(1),
+        }
+    }
 }
 
 /// `[log]`.
@@ -67,6 +99,14 @@ impl Validate for Config {
         v.nested("readiness", &self.readiness);
         v.nested("admin", &self.admin);
         v.nested("shutdown", &self.shutdown);
+        v.nested("deadline", &self.deadline);
+        v.nested("propagation", &self.propagation);
+        v.check(
+            self.tasks.sweep_interval.get() >= std::time::Duration::from_millis(100),
+            "tasks.sweep_interval",
+            self.tasks.sweep_interval,
+            "must be at least 100ms (a sweep walks every live task)",
+        );
         self.runtime.validate_into(&mut |key, value, reason| {
             v.invalid(&format!("runtime.{key}"), value, reason);
         });

@@ -22,9 +22,11 @@ pub mod config;
 mod logging;
 
 pub use app::{App, Error, run, run_with};
-pub use config::{Config, LogConfig, LogFormat, Sources};
+pub use config::{Config, LogConfig, LogFormat, Sources, TasksConfig};
 pub use keel_config as conf;
+pub use keel_core::context::{self, Context};
 pub use keel_core::{BoxError, Phase, Shutdown};
+pub use keel_core::{codec, propagation, tasks};
 pub use keel_runtime as runtime;
 pub use keel_server as server;
 pub use keel_server::{Readiness, RequestBody};

@@ -1,0 +1,378 @@
+//! `Context`: what Keel knows about the request being served, carried to everything the
+//! request causes — spawned tasks, outbound HTTP/gRPC calls, published messages.
+//!
+//! A context holds an absolute deadline (never a duration: time spent queueing, in the
+//! handler and on the wire all count against it), the request id, the trace identity, W3C
+//! baggage (which carries the traffic colour), whether the request is itself a retry, and the
+//! [`TaskScope`] its spawned tasks belong to. It is cheap to clone (one `Arc`).
+//!
+//! Inbound parsing lives in [`Context::from_headers`]; outbound writing in
+//! [`crate::propagation`]. Within a request, [`Context::current`] returns it from a task-local,
+//! so library code (clients, producers) finds it without it being passed by hand.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::codec::{self, Baggage, CodecError, SpanId, TraceId, TraceParent, TraceState};
+use crate::propagation::{HeaderReader, names};
+use crate::tasks::{Owner, Registry, TaskScope};
+
+/// The baggage key that carries the traffic colour (e.g. `canary`).
+pub const COLOR_BAGGAGE_KEY: &str = "keel-color";
+
+/// Trace identity of this hop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trace {
+    /// The trace this request belongs to.
+    pub trace_id: TraceId,
+    /// This hop's span: outbound calls name it as their parent.
+    pub span_id: SpanId,
+    /// The caller's span, if the caller sent one.
+    pub parent_span_id: Option<SpanId>,
+    /// The caller's sampling decision (parent-based sampling honours it).
+    pub sampled: bool,
+    /// Vendor trace state, passed through unchanged.
+    pub tracestate: Option<TraceState>,
+}
+
+impl Trace {
+    /// A new root trace (no caller context).
+    pub fn root(sampled: bool) -> Trace {
+        Trace {
+            trace_id: TraceId::random(),
+            span_id: SpanId::random(),
+            parent_span_id: None,
+            sampled,
+            tracestate: None,
+        }
+    }
+
+    /// The `traceparent` an outbound call sends: this hop's span as the parent.
+    pub fn outbound(&self) -> TraceParent {
+        TraceParent {
+            trace_id: self.trace_id,
+            parent_id: self.span_id,
+            flags: u8::from(self.sampled),
+        }
+    }
+}
+
+/// Where a deadline came from, for logs and error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadlineSource {
+    /// The caller's `grpc-timeout`.
+    GrpcTimeout,
+    /// The caller's `keel-timeout`.
+    KeelTimeout,
+    /// Envoy's `x-envoy-expected-rq-timeout-ms`.
+    Envoy,
+    /// An absolute `keel-deadline` (message headers).
+    Absolute,
+    /// The route's configured maximum (the caller asked for more, or for nothing).
+    Route,
+}
+
+/// Limits applied while building a context from inbound headers.
+#[derive(Debug, Clone, Copy)]
+pub struct InboundPolicy {
+    /// The route's maximum; also the deadline when the caller sent none.
+    pub route_timeout: Duration,
+    /// Sampling decision for traces this hop starts.
+    pub sample_roots: bool,
+}
+
+/// A rejected inbound request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InboundError {
+    /// A propagation header did not parse; the request gets 400 / `INVALID_ARGUMENT`.
+    #[error(transparent)]
+    Malformed(#[from] CodecError),
+    /// The deadline had already passed on arrival: 504 / `DEADLINE_EXCEEDED`.
+    #[error("deadline already exceeded on arrival ({0:?})")]
+    Expired(DeadlineSource),
+}
+
+struct Inner {
+    deadline: Instant,
+    deadline_source: DeadlineSource,
+    request_id: Arc<str>,
+    trace: Trace,
+    baggage: Baggage,
+    retry: bool,
+    scope: TaskScope,
+}
+
+/// The request context. Cheap to clone.
+#[derive(Clone)]
+pub struct Context {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("request_id", &self.inner.request_id)
+            .field("remaining", &self.remaining())
+            .field("trace_id", &self.inner.trace.trace_id)
+            .field("retry", &self.inner.retry)
+            .finish()
+    }
+}
+
+tokio::task_local! {
+    static CURRENT: Context;
+}
+
+impl Context {
+    /// Build the context of an inbound request from its headers.
+    ///
+    /// Deadline: the minimum of every timeout the caller sent (`grpc-timeout`,
+    /// `keel-timeout`, `x-envoy-expected-rq-timeout-ms`, an absolute `keel-deadline`) and the
+    /// route's maximum; the route's maximum alone when the caller sent none. Trace: W3C
+    /// `traceparent` wins over B3 when both arrive (they should agree); B3 single wins over
+    /// multi. A malformed header is an error naming it — a silently dropped deadline or trace
+    /// is worse than a 400 the caller can fix.
+    pub fn from_headers<R: HeaderReader + ?Sized>(
+        headers: &R,
+        policy: &InboundPolicy,
+        route: Option<Arc<str>>,
+        registry: &'static Registry,
+    ) -> Result<Context, InboundError> {
+        let now = Instant::now();
+        let (deadline, source) = inbound_deadline(headers, now, policy.route_timeout)?;
+        if deadline <= now {
+            return Err(InboundError::Expired(source));
+        }
+        let request_id: Arc<str> = match headers.get(names::REQUEST_ID) {
+            Some(v) if codec::request_id::is_valid(v) => {
+                // is_valid guarantees visible ASCII.
+                Arc::from(std::str::from_utf8(v).unwrap_or_default())
+            }
+            _ => Arc::from(codec::request_id::generate()),
+        };
+        let trace = inbound_trace(headers, policy.sample_roots)?;
+        let baggage = inbound_baggage(headers)?;
+        let retry = headers
+            .get(names::RETRY)
+            .is_some_and(|v| v == b"1" || v.eq_ignore_ascii_case(b"true"));
+        let owner = Owner {
+            route,
+            request_id: Some(request_id.clone()),
+            deadline: Some(deadline),
+        };
+        Ok(Context {
+            inner: Arc::new(Inner {
+                deadline,
+                deadline_source: source,
+                request_id,
+                trace,
+                baggage,
+                retry,
+                scope: TaskScope::new(registry, owner),
+            }),
+        })
+    }
+
+    /// A context for work no request started (a background job, a test): a new root trace,
+    /// a generated request id, and `timeout` from now as the deadline.
+    pub fn background(timeout: Duration) -> Context {
+        let deadline = Instant::now() + timeout;
+        let request_id: Arc<str> = Arc::from(codec::request_id::generate());
+        let owner = Owner {
+            route: None,
+            request_id: Some(request_id.clone()),
+            deadline: Some(deadline),
+        };
+        Context {
+            inner: Arc::new(Inner {
+                deadline,
+                deadline_source: DeadlineSource::Route,
+                request_id,
+                trace: Trace::root(false),
+                baggage: Baggage::default(),
+                retry: false,
+                scope: TaskScope::new(Registry::global(), owner),
+            }),
+        }
+    }
+
+    /// The context of the request this task is serving, if any.
+    pub fn current() -> Option<Context> {
+        CURRENT.try_with(Context::clone).ok()
+    }
+
+    /// Run `fut` with this context as [`Context::current`].
+    pub fn scope<F: Future>(&self, fut: F) -> tokio::task::futures::TaskLocalFuture<Context, F> {
+        CURRENT.scope(self.clone(), fut)
+    }
+
+    /// The absolute deadline.
+    pub fn deadline(&self) -> Instant {
+        self.inner.deadline
+    }
+
+    /// Where the deadline came from.
+    pub fn deadline_source(&self) -> DeadlineSource {
+        self.inner.deadline_source
+    }
+
+    /// Time left (zero once past).
+    pub fn remaining(&self) -> Duration {
+        self.inner
+            .deadline
+            .saturating_duration_since(Instant::now())
+    }
+
+    /// The request id (kept from `x-request-id` when well-formed, generated otherwise).
+    pub fn request_id(&self) -> &str {
+        &self.inner.request_id
+    }
+
+    /// Shared handle to the request id.
+    pub fn request_id_arc(&self) -> &Arc<str> {
+        &self.inner.request_id
+    }
+
+    /// Trace identity.
+    pub fn trace(&self) -> &Trace {
+        &self.inner.trace
+    }
+
+    /// W3C baggage as received.
+    pub fn baggage(&self) -> &Baggage {
+        &self.inner.baggage
+    }
+
+    /// The traffic colour (`keel-color` baggage entry), e.g. `canary`.
+    pub fn color(&self) -> Option<&str> {
+        self.inner.baggage.get(COLOR_BAGGAGE_KEY)
+    }
+
+    /// Whether the caller marked this request as a retry (`keel-retry: 1`): such a request
+    /// must not be retried again downstream, or retries multiply across hops.
+    pub fn is_retry(&self) -> bool {
+        self.inner.retry
+    }
+
+    /// The scope that owns this request's tasks.
+    pub fn task_scope(&self) -> &TaskScope {
+        &self.inner.scope
+    }
+
+    /// Spawn a task owned by this request: cancelled when the request finishes or its
+    /// deadline passes, whichever comes first (the join handle then yields `None`). The task
+    /// sees this context as [`Context::current`], so its outbound calls propagate correctly.
+    pub fn spawn<F>(
+        &self,
+        name: impl Into<std::borrow::Cow<'static, str>>,
+        fut: F,
+    ) -> tokio::task::JoinHandle<Option<F::Output>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.inner.scope.spawn(name, self.scope(fut))
+    }
+
+    /// Spawn a task that must outlive the request (an audit write, a cache fill). It is not
+    /// cancelled with the request but stays listed in `/debug/tasks`, and becomes a leak
+    /// suspect if it is still alive well past the request's deadline.
+    pub fn detach<F>(
+        &self,
+        name: impl Into<std::borrow::Cow<'static, str>>,
+        fut: F,
+    ) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.inner.scope.detach(name, self.scope(fut))
+    }
+}
+
+fn inbound_deadline<R: HeaderReader + ?Sized>(
+    h: &R,
+    now: Instant,
+    route_timeout: Duration,
+) -> Result<(Instant, DeadlineSource), CodecError> {
+    let mut best = (now + route_timeout, DeadlineSource::Route);
+    let mut offer = |d: Instant, s: DeadlineSource| {
+        if d < best.0 {
+            best = (d, s);
+        }
+    };
+    if let Some(v) = h.get(names::GRPC_TIMEOUT) {
+        offer(
+            now + codec::timeout::parse(names::GRPC_TIMEOUT, v)?,
+            DeadlineSource::GrpcTimeout,
+        );
+    }
+    if let Some(v) = h.get(names::KEEL_TIMEOUT) {
+        offer(
+            now + codec::timeout::parse(names::KEEL_TIMEOUT, v)?,
+            DeadlineSource::KeelTimeout,
+        );
+    }
+    if let Some(v) = h.get(names::ENVOY_TIMEOUT) {
+        offer(
+            now + codec::timeout::parse_envoy_ms(v)?,
+            DeadlineSource::Envoy,
+        );
+    }
+    if let Some(v) = h.get(names::DEADLINE) {
+        offer(
+            crate::propagation::parse_absolute(v, now)?,
+            DeadlineSource::Absolute,
+        );
+    }
+    Ok(best)
+}
+
+fn inbound_trace<R: HeaderReader + ?Sized>(h: &R, sample_roots: bool) -> Result<Trace, CodecError> {
+    let tracestate = match h.get(names::TRACESTATE) {
+        Some(v) => Some(TraceState::parse(v)?),
+        None => None,
+    };
+    if let Some(v) = h.get(names::TRACEPARENT) {
+        let tp = TraceParent::parse(v)?;
+        return Ok(Trace {
+            trace_id: tp.trace_id,
+            span_id: SpanId::random(),
+            parent_span_id: Some(tp.parent_id),
+            sampled: tp.sampled(),
+            tracestate,
+        });
+    }
+    let b3 = match h.get(names::B3) {
+        Some(v) => match codec::b3::parse_single(v)? {
+            Some(b) => Some(b),
+            // A lone sampling decision carries no identity: start a trace that honours it.
+            None => {
+                let sampled = codec::b3::parse_single_sampling(v)
+                    .flatten()
+                    .unwrap_or(sample_roots);
+                return Ok(Trace::root(sampled));
+            }
+        },
+        None => codec::b3::parse_multi(|name| h.get(name))?,
+    };
+    Ok(match b3 {
+        Some(b) => Trace {
+            trace_id: b.trace_id,
+            span_id: SpanId::random(),
+            parent_span_id: Some(b.span_id),
+            sampled: b.sampled.unwrap_or(b.debug) || b.debug,
+            tracestate,
+        },
+        None => Trace::root(sample_roots),
+    })
+}
+
+fn inbound_baggage<R: HeaderReader + ?Sized>(h: &R) -> Result<Baggage, CodecError> {
+    let mut b = Baggage::default();
+    h.for_each(names::BAGGAGE, &mut |v| b.extend_from(v))?;
+    Ok(b)
+}

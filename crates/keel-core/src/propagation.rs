@@ -1,0 +1,264 @@
+//! Outbound propagation: what a Keel client or producer writes so the next hop continues this
+//! request — the remaining time, a child `traceparent` (and B3), `baggage`, `x-request-id`,
+//! and the retry marker — and the header-map abstraction shared with inbound parsing.
+//!
+//! Deadlines travel as *remaining time minus a safety margin* (`keel-timeout` for HTTP,
+//! `grpc-timeout` for gRPC), so the callee gives up slightly before the caller does and its
+//! answer, if any, still arrives in time. Messages carry an absolute `keel-deadline` (unix
+//! milliseconds) instead: a message may sit in a queue, and time spent there must count.
+//! A call whose remaining time is already below the margin fails fast with
+//! [`DeadlineExceeded`] without touching the network.
+//!
+//! Header names (all lower-case, as HTTP/2 requires) are in [`names`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use crate::codec::{self, CodecError, b3::B3};
+use crate::context::Context;
+
+/// The headers Keel reads and writes.
+pub mod names {
+    /// gRPC's remaining time (`1..8 digits` + unit `H M S m u n`).
+    pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+    /// Keel's remaining time for HTTP, same syntax as `grpc-timeout`.
+    pub const KEEL_TIMEOUT: &str = "keel-timeout";
+    /// Envoy's expected request timeout in milliseconds (read only).
+    pub const ENVOY_TIMEOUT: &str = "x-envoy-expected-rq-timeout-ms";
+    /// Absolute deadline in unix milliseconds (message headers).
+    pub const DEADLINE: &str = "keel-deadline";
+    /// W3C trace parent.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C vendor trace state.
+    pub const TRACESTATE: &str = "tracestate";
+    /// B3 single header.
+    pub const B3: &str = "b3";
+    /// W3C baggage.
+    pub const BAGGAGE: &str = "baggage";
+    /// Request id.
+    pub const REQUEST_ID: &str = "x-request-id";
+    /// `1` when this request is a retry: the callee must not retry it again (chain stop).
+    pub const RETRY: &str = "keel-retry";
+}
+
+/// Read access to a header map: HTTP headers or a message's string headers.
+pub trait HeaderReader {
+    /// The first value of `name` (lower-case), if any.
+    fn get(&self, name: &str) -> Option<&[u8]>;
+    /// Every value of `name`, in order (multi-valued headers such as `baggage`).
+    fn for_each(
+        &self,
+        name: &str,
+        f: &mut dyn FnMut(&[u8]) -> Result<(), CodecError>,
+    ) -> Result<(), CodecError> {
+        match self.get(name) {
+            Some(v) => f(v),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Write access to a header map.
+pub trait HeaderWriter {
+    /// Set `name` (lower-case) to `value`, replacing any previous value.
+    fn set(&mut self, name: &'static str, value: &str);
+}
+
+impl HeaderReader for http::HeaderMap {
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        http::HeaderMap::get(self, name).map(http::HeaderValue::as_bytes)
+    }
+
+    fn for_each(
+        &self,
+        name: &str,
+        f: &mut dyn FnMut(&[u8]) -> Result<(), CodecError>,
+    ) -> Result<(), CodecError> {
+        for v in self.get_all(name) {
+            f(v.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+impl HeaderWriter for http::HeaderMap {
+    fn set(&mut self, name: &'static str, value: &str) {
+        // Every value Keel writes is produced by its own encoders (visible ASCII), so this
+        // only fails on a bug; dropping the header then is better than a panic.
+        if let Ok(v) = http::HeaderValue::from_str(value) {
+            self.insert(http::HeaderName::from_static(name), v);
+        }
+    }
+}
+
+/// Message headers as a string map (AMQP, Kafka and NATS adapters convert to this). Lookups
+/// ignore case, since brokers and producers disagree on it.
+impl HeaderReader for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        HashMap::get(self, name)
+            .or_else(|| {
+                self.iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v)
+            })
+            .map(String::as_bytes)
+    }
+}
+
+impl HeaderWriter for HashMap<String, String> {
+    fn set(&mut self, name: &'static str, value: &str) {
+        self.insert(name.to_string(), value.to_string());
+    }
+}
+
+impl HeaderReader for BTreeMap<String, String> {
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        BTreeMap::get(self, name)
+            .or_else(|| {
+                self.iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v)
+            })
+            .map(String::as_bytes)
+    }
+}
+
+impl HeaderWriter for BTreeMap<String, String> {
+    fn set(&mut self, name: &'static str, value: &str) {
+        self.insert(name.to_string(), value.to_string());
+    }
+}
+
+/// What kind of hop the headers are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    /// Plain HTTP: `keel-timeout`.
+    Http,
+    /// gRPC: `grpc-timeout`.
+    Grpc,
+    /// A message: absolute `keel-deadline`.
+    Message,
+}
+
+/// How B3 is written next to W3C trace context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum B3Format {
+    /// The `b3` single header (default: one header, understood by Zipkin-style tracers).
+    #[default]
+    Single,
+    /// `X-B3-TraceId`, `X-B3-SpanId`, `X-B3-Sampled`, `X-B3-Flags`.
+    Multi,
+    /// W3C only.
+    Off,
+}
+
+/// Outbound options.
+#[derive(Debug, Clone, Copy)]
+pub struct Outbound {
+    /// Subtracted from the remaining time before it is sent, so the callee times out first.
+    pub margin: Duration,
+    /// B3 alongside W3C.
+    pub b3: B3Format,
+    /// This attempt is a retry: mark it so the callee does not retry it again.
+    pub retry: bool,
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Outbound {
+            margin: Duration::from_millis(5),
+            b3: B3Format::Single,
+            retry: false,
+        }
+    }
+}
+
+/// The call was not made: too little time was left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "deadline exceeded: {remaining:?} left is below the {margin:?} safety margin; call not sent"
+)]
+pub struct DeadlineExceeded {
+    /// Time that was left.
+    pub remaining: Duration,
+    /// The configured margin.
+    pub margin: Duration,
+}
+
+/// Write `ctx` into outbound headers for `carrier`.
+pub fn inject<W: HeaderWriter + ?Sized>(
+    ctx: &Context,
+    carrier: Carrier,
+    opts: &Outbound,
+    w: &mut W,
+) -> Result<(), DeadlineExceeded> {
+    let remaining = ctx.remaining();
+    if remaining <= opts.margin {
+        return Err(DeadlineExceeded {
+            remaining,
+            margin: opts.margin,
+        });
+    }
+    let budget = remaining - opts.margin;
+    match carrier {
+        Carrier::Http => w.set(names::KEEL_TIMEOUT, codec::timeout::encode(budget).as_str()),
+        Carrier::Grpc => w.set(names::GRPC_TIMEOUT, codec::timeout::encode(budget).as_str()),
+        Carrier::Message => {
+            let at = SystemTime::now() + budget;
+            let ms = at
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+            w.set(names::DEADLINE, &ms.to_string());
+        }
+    }
+    let tp = ctx.trace().outbound();
+    w.set(names::TRACEPARENT, &tp.encode());
+    if let Some(ts) = &ctx.trace().tracestate {
+        w.set(names::TRACESTATE, ts.as_str());
+    }
+    match opts.b3 {
+        B3Format::Single => w.set(
+            names::B3,
+            &codec::b3::encode_single(&B3::from_traceparent(&tp)),
+        ),
+        B3Format::Multi => {
+            for (name, value) in codec::b3::encode_multi(&B3::from_traceparent(&tp)) {
+                w.set(name, &value);
+            }
+        }
+        B3Format::Off => {}
+    }
+    if !ctx.baggage().is_empty() {
+        w.set(names::BAGGAGE, &ctx.baggage().encode());
+    }
+    w.set(names::REQUEST_ID, ctx.request_id());
+    if opts.retry {
+        w.set(names::RETRY, "1");
+    }
+    Ok(())
+}
+
+/// Parse an absolute `keel-deadline` (unix milliseconds) into an `Instant` on this clock.
+/// A deadline in the past maps to `now` (already expired).
+pub fn parse_absolute(v: &[u8], now: Instant) -> Result<Instant, CodecError> {
+    let bad = |reason: &str| CodecError {
+        header: names::DEADLINE,
+        reason: reason.to_string(),
+    };
+    if v.is_empty() || v.len() > 20 || !v.iter().all(u8::is_ascii_digit) {
+        return Err(bad("expected unix milliseconds (decimal digits)"));
+    }
+    let ms: u64 = std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("out of range"))?;
+    let at = UNIX_EPOCH + Duration::from_millis(ms);
+    Ok(match at.duration_since(SystemTime::now()) {
+        Ok(ahead) => now + ahead,
+        Err(_) => now,
+    })
+}
