@@ -182,7 +182,14 @@ where
                     .stats
                     .refused_on_arrival
                     .fetch_add(1, Ordering::Relaxed);
-                return KeelFuture::fixed(ctxmod::refusal(&e, grpc), guard, keep_alive);
+                let mut resp = ctxmod::refusal(&e, grpc);
+                // Echo the caller's id (when well-formed) so it can report which request failed.
+                if let Some(id) = req.headers().get("x-request-id") {
+                    if keel_core::codec::request_id::is_valid(id.as_bytes()) {
+                        resp.headers_mut().insert("x-request-id", id.clone());
+                    }
+                }
+                return KeelFuture::fixed(resp, guard, keep_alive);
             }
         };
         let mut guard = guard;

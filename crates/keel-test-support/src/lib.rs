@@ -4,6 +4,8 @@
 //! Tests bind to ports chosen at run time (other programs share the machine) and wait for
 //! conditions with deadlines instead of sleeping fixed amounts.
 
+pub mod grpc;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};

@@ -235,17 +235,7 @@ impl App {
             inner.readiness.clone(),
             inner.shutdown.clone(),
         )?;
-        let registry = Registry::global();
-        registry.set_leak_grace(cfg.tasks.leak_grace.get());
-        let sweep_every = cfg.tasks.sweep_interval.get();
-        keel_core::tasks::spawn_background("task leak sweep", async move {
-            let mut tick = tokio::time::interval(sweep_every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                registry.sweep();
-            }
-        });
+        start_leak_sweep(&cfg.tasks);
         let handle: ServerHandle = server.handle();
         tracing::info!(service = %inner.name, addr = %server.local_addr(), listeners, config_hash = %&inner.loaded.hash()[..12], "serving");
 
@@ -322,6 +312,26 @@ impl App {
         }
         Ok(())
     }
+}
+
+/// The registry is process-wide, so one sweep serves every `App` in the process (tests and
+/// embedders run several).
+fn start_leak_sweep(cfg: &crate::config::TasksConfig) {
+    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let registry = Registry::global();
+    registry.set_leak_grace(cfg.leak_grace.get());
+    if STARTED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let every = cfg.sweep_interval.get();
+    keel_core::tasks::spawn_background("task leak sweep", async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            registry.sweep();
+        }
+    });
 }
 
 enum Serving {
