@@ -148,7 +148,9 @@ impl Readiness {
 
     fn spawn_loop(&self, state: Arc<CheckState>) {
         let inner = self.inner.clone();
-        tokio::spawn(async move {
+        let name = format!("readiness check {}", state.name);
+        // Registered so `/debug/tasks` shows every loop Keel runs, not only request work.
+        keel_core::tasks::spawn_background(name, async move {
             let mut tick = tokio::time::interval(inner.cfg.interval.get());
             // After a slow check, wait a full interval rather than firing a burst.
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
