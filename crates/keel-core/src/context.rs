@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::codec::{self, Baggage, CodecError, SpanId, TraceId, TraceParent, TraceState};
-use crate::propagation::{HeaderReader, names};
+use crate::propagation::{HeaderScan, names};
 use crate::tasks::{Owner, Registry, TaskScope};
 
 /// The baggage key that carries the traffic colour (e.g. `canary`).
@@ -135,28 +135,29 @@ impl Context {
     /// `traceparent` wins over B3 when both arrive (they should agree); B3 single wins over
     /// multi. A malformed header is an error naming it — a silently dropped deadline or trace
     /// is worse than a 400 the caller can fix.
-    pub fn from_headers<R: HeaderReader + ?Sized>(
+    pub fn from_headers<R: HeaderScan + ?Sized>(
         headers: &R,
         policy: &InboundPolicy,
         route: Option<Arc<str>>,
         registry: &'static Registry,
     ) -> Result<Context, InboundError> {
         let now = Instant::now();
-        let (deadline, source) = inbound_deadline(headers, now, policy.route_timeout)?;
+        let found = Found::scan(headers)?;
+        let (deadline, source) = found.deadline(now, policy.route_timeout)?;
         if deadline <= now {
             return Err(InboundError::Expired(source));
         }
-        let request_id: Arc<str> = match headers.get(names::REQUEST_ID) {
+        let request_id: Arc<str> = match found.request_id {
             Some(v) if codec::request_id::is_valid(v) => {
                 // is_valid guarantees visible ASCII.
                 Arc::from(std::str::from_utf8(v).unwrap_or_default())
             }
             _ => Arc::from(codec::request_id::generate()),
         };
-        let trace = inbound_trace(headers, policy.sample_roots)?;
-        let baggage = inbound_baggage(headers)?;
-        let retry = headers
-            .get(names::RETRY)
+        let trace = found.trace(policy.sample_roots)?;
+        let baggage = found.baggage;
+        let retry = found
+            .retry
             .is_some_and(|v| v == b"1" || v.eq_ignore_ascii_case(b"true"));
         let owner = Owner {
             route,
@@ -293,86 +294,175 @@ impl Context {
     }
 }
 
-fn inbound_deadline<R: HeaderReader + ?Sized>(
-    h: &R,
-    now: Instant,
-    route_timeout: Duration,
-) -> Result<(Instant, DeadlineSource), CodecError> {
-    let mut best = (now + route_timeout, DeadlineSource::Route);
-    let mut offer = |d: Instant, s: DeadlineSource| {
-        if d < best.0 {
-            best = (d, s);
-        }
-    };
-    if let Some(v) = h.get(names::GRPC_TIMEOUT) {
-        offer(
-            now + codec::timeout::parse(names::GRPC_TIMEOUT, v)?,
-            DeadlineSource::GrpcTimeout,
-        );
-    }
-    if let Some(v) = h.get(names::KEEL_TIMEOUT) {
-        offer(
-            now + codec::timeout::parse(names::KEEL_TIMEOUT, v)?,
-            DeadlineSource::KeelTimeout,
-        );
-    }
-    if let Some(v) = h.get(names::ENVOY_TIMEOUT) {
-        offer(
-            now + codec::timeout::parse_envoy_ms(v)?,
-            DeadlineSource::Envoy,
-        );
-    }
-    if let Some(v) = h.get(names::DEADLINE) {
-        offer(
-            crate::propagation::parse_absolute(v, now)?,
-            DeadlineSource::Absolute,
-        );
-    }
-    Ok(best)
+/// The propagation headers of one request, found in a single pass over its header map.
+///
+/// A request carries a handful of headers and Keel looks for about fifteen names; one walk
+/// comparing names beats fifteen hashed lookups (each of which also re-parses its name).
+#[derive(Default)]
+struct Found<'a> {
+    grpc_timeout: Option<&'a [u8]>,
+    keel_timeout: Option<&'a [u8]>,
+    envoy_timeout: Option<&'a [u8]>,
+    deadline: Option<&'a [u8]>,
+    request_id: Option<&'a [u8]>,
+    traceparent: Option<&'a [u8]>,
+    tracestate: Option<&'a [u8]>,
+    b3: Option<&'a [u8]>,
+    b3_multi: [Option<&'a [u8]>; 5],
+    retry: Option<&'a [u8]>,
+    baggage: Baggage,
 }
 
-fn inbound_trace<R: HeaderReader + ?Sized>(h: &R, sample_roots: bool) -> Result<Trace, CodecError> {
-    let tracestate = match h.get(names::TRACESTATE) {
-        Some(v) => Some(TraceState::parse(v)?),
-        None => None,
-    };
-    if let Some(v) = h.get(names::TRACEPARENT) {
-        let tp = TraceParent::parse(v)?;
-        return Ok(Trace {
-            trace_id: tp.trace_id,
-            span_id: SpanId::random(),
-            parent_span_id: Some(tp.parent_id),
-            sampled: tp.sampled(),
-            tracestate,
-        });
-    }
-    let b3 = match h.get(names::B3) {
-        Some(v) => match codec::b3::parse_single(v)? {
-            Some(b) => Some(b),
-            // A lone sampling decision carries no identity: start a trace that honours it.
-            None => {
-                let sampled = codec::b3::parse_single_sampling(v)
-                    .flatten()
-                    .unwrap_or(sample_roots);
-                return Ok(Trace::root(sampled));
+/// `x-b3-*` names in `Found::b3_multi` order.
+const B3_MULTI: [&str; 5] = [
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
+impl<'a> Found<'a> {
+    fn scan<R: HeaderScan + ?Sized>(h: &'a R) -> Result<Found<'a>, CodecError> {
+        let mut f = Found::default();
+        let mut err = None;
+        h.for_each_header(&mut |name, value| {
+            // Names from an http::HeaderMap are already lower-case; message maps may not be.
+            let slot = match name.len() {
+                1..=40 => f.slot(name),
+                _ => None,
+            };
+            match slot {
+                // The first value wins for single-valued headers.
+                Some(Slot::One(s)) if s.is_none() => *s = Some(value),
+                Some(Slot::Baggage) if err.is_none() => {
+                    if let Err(e) = f.baggage.extend_from(value) {
+                        err = Some(e);
+                    }
+                }
+                _ => {}
             }
-        },
-        None => codec::b3::parse_multi(|name| h.get(name))?,
-    };
-    Ok(match b3 {
-        Some(b) => Trace {
-            trace_id: b.trace_id,
-            span_id: SpanId::random(),
-            parent_span_id: Some(b.span_id),
-            sampled: b.sampled.unwrap_or(b.debug) || b.debug,
-            tracestate,
-        },
-        None => Trace::root(sample_roots),
-    })
+        });
+        match err {
+            Some(e) => Err(e),
+            None => Ok(f),
+        }
+    }
+
+    fn slot<'s>(&'s mut self, name: &str) -> Option<Slot<'s, 'a>> {
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        Some(Slot::One(if is(names::GRPC_TIMEOUT) {
+            &mut self.grpc_timeout
+        } else if is(names::KEEL_TIMEOUT) {
+            &mut self.keel_timeout
+        } else if is(names::ENVOY_TIMEOUT) {
+            &mut self.envoy_timeout
+        } else if is(names::DEADLINE) {
+            &mut self.deadline
+        } else if is(names::REQUEST_ID) {
+            &mut self.request_id
+        } else if is(names::TRACEPARENT) {
+            &mut self.traceparent
+        } else if is(names::TRACESTATE) {
+            &mut self.tracestate
+        } else if is(names::B3) {
+            &mut self.b3
+        } else if is(names::RETRY) {
+            &mut self.retry
+        } else if is(names::BAGGAGE) {
+            return Some(Slot::Baggage);
+        } else if let Some(i) = B3_MULTI.iter().position(|n| is(n)) {
+            &mut self.b3_multi[i]
+        } else {
+            return None;
+        }))
+    }
+
+    fn deadline(
+        &self,
+        now: Instant,
+        route_timeout: Duration,
+    ) -> Result<(Instant, DeadlineSource), CodecError> {
+        let mut best = (now + route_timeout, DeadlineSource::Route);
+        let mut offer = |d: Instant, s: DeadlineSource| {
+            if d < best.0 {
+                best = (d, s);
+            }
+        };
+        if let Some(v) = self.grpc_timeout {
+            offer(
+                now + codec::timeout::parse(names::GRPC_TIMEOUT, v)?,
+                DeadlineSource::GrpcTimeout,
+            );
+        }
+        if let Some(v) = self.keel_timeout {
+            offer(
+                now + codec::timeout::parse(names::KEEL_TIMEOUT, v)?,
+                DeadlineSource::KeelTimeout,
+            );
+        }
+        if let Some(v) = self.envoy_timeout {
+            offer(
+                now + codec::timeout::parse_envoy_ms(v)?,
+                DeadlineSource::Envoy,
+            );
+        }
+        if let Some(v) = self.deadline {
+            offer(
+                crate::propagation::parse_absolute(v, now)?,
+                DeadlineSource::Absolute,
+            );
+        }
+        Ok(best)
+    }
+
+    fn trace(&self, sample_roots: bool) -> Result<Trace, CodecError> {
+        let tracestate = match self.tracestate {
+            Some(v) => Some(TraceState::parse(v)?),
+            None => None,
+        };
+        if let Some(v) = self.traceparent {
+            let tp = TraceParent::parse(v)?;
+            return Ok(Trace {
+                trace_id: tp.trace_id,
+                span_id: SpanId::random(),
+                parent_span_id: Some(tp.parent_id),
+                sampled: tp.sampled(),
+                tracestate,
+            });
+        }
+        let b3 = match self.b3 {
+            Some(v) => match codec::b3::parse_single(v)? {
+                Some(b) => Some(b),
+                // A lone sampling decision carries no identity: start a trace that honours it.
+                None => {
+                    let sampled = codec::b3::parse_single_sampling(v)
+                        .flatten()
+                        .unwrap_or(sample_roots);
+                    return Ok(Trace::root(sampled));
+                }
+            },
+            None => codec::b3::parse_multi(|name| {
+                B3_MULTI
+                    .iter()
+                    .position(|n| n.eq_ignore_ascii_case(name))
+                    .and_then(|i| self.b3_multi[i])
+            })?,
+        };
+        Ok(match b3 {
+            Some(b) => Trace {
+                trace_id: b.trace_id,
+                span_id: SpanId::random(),
+                parent_span_id: Some(b.span_id),
+                sampled: b.sampled.unwrap_or(false) || b.debug,
+                tracestate,
+            },
+            None => Trace::root(sample_roots),
+        })
+    }
 }
 
-fn inbound_baggage<R: HeaderReader + ?Sized>(h: &R) -> Result<Baggage, CodecError> {
-    let mut b = Baggage::default();
-    h.for_each(names::BAGGAGE, &mut |v| b.extend_from(v))?;
-    Ok(b)
+enum Slot<'s, 'a> {
+    One(&'s mut Option<&'a [u8]>),
+    Baggage,
 }

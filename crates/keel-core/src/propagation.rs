@@ -60,6 +60,36 @@ pub trait HeaderReader {
     }
 }
 
+/// Walking every header of a map once (inbound parsing looks for many names at once).
+pub trait HeaderScan {
+    /// Call `f` with every (name, value) pair, in order.
+    fn for_each_header<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a [u8]));
+}
+
+impl HeaderScan for http::HeaderMap {
+    fn for_each_header<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a [u8])) {
+        for (name, value) in self {
+            f(name.as_str(), value.as_bytes());
+        }
+    }
+}
+
+impl HeaderScan for HashMap<String, String> {
+    fn for_each_header<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a [u8])) {
+        for (name, value) in self {
+            f(name, value.as_bytes());
+        }
+    }
+}
+
+impl HeaderScan for BTreeMap<String, String> {
+    fn for_each_header<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a [u8])) {
+        for (name, value) in self {
+            f(name, value.as_bytes());
+        }
+    }
+}
+
 /// Write access to a header map.
 pub trait HeaderWriter {
     /// Set `name` (lower-case) to `value`, replacing any previous value.

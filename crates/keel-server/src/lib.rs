@@ -30,7 +30,7 @@ pub use config::{
 };
 pub use readiness::{Check, Readiness, Report};
 pub use server::{
-    DrainOutcome, HttpSettings, Server, ServerHandle, ShardServer, drain, stop_signal,
+    DrainOutcome, HttpSettings, Server, ServerHandle, ShardServer, drain, stop_signals,
 };
 pub use service::{RequestBody, ResponseBody, TrackedBody};
 pub use shared::Stats;

@@ -355,19 +355,36 @@ async fn drain_steps(
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn stop_signal() {
+/// Install SIGTERM/SIGINT handling now and return two futures: the first resolves on the
+/// first signal, the second on the second one (for [`drain`]'s `stop` and `again`).
+///
+/// Handlers are installed when this is *called*, not when the futures are first polled: a
+/// signal arriving between "ready" and the first poll would otherwise take the default action
+/// and kill the process mid-start. Both futures read one counter, so the first signal can
+/// never be mistaken for the second.
+pub fn stop_signals() -> io::Result<(impl Future<Output = ()>, impl Future<Output = ()>)> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the process with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (tx, rx) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                Some(()) = term.recv() => "SIGTERM",
+                Some(()) = int.recv() => "SIGINT",
+                else => return,
+            };
+            tracing::info!(signal = name, "stop signal");
+            tx.send_modify(|n| *n += 1);
+        }
+    });
+    let nth = |n: u32| {
+        let mut rx = rx.clone();
+        async move {
+            // The sender lives as long as the listener task, which never ends while signals
+            // can arrive.
+            let _ = rx.wait_for(|c| *c >= n).await;
+        }
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!(signal = "SIGTERM", "stop signal"),
-        _ = int.recv() => tracing::info!(signal = "SIGINT", "stop signal"),
-    }
+    Ok((nth(1), nth(2)))
 }

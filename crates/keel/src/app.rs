@@ -190,12 +190,10 @@ impl App {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        self.serve_until(
-            service,
-            keel_server::stop_signal(),
-            keel_server::stop_signal(),
-        )
-        .await
+        // Installed before anything can report ready, so an early SIGTERM drains instead of
+        // killing the process with the default action.
+        let (stop, again) = keel_server::stop_signals()?;
+        self.serve_until(service, stop, again).await
     }
 
     /// [`App::serve`] with explicit stop triggers (tests, embedding).
