@@ -74,22 +74,6 @@ impl HeaderScan for http::HeaderMap {
     }
 }
 
-impl HeaderScan for HashMap<String, String> {
-    fn for_each_header<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a [u8])) {
-        for (name, value) in self {
-            f(name, value.as_bytes());
-        }
-    }
-}
-
-impl HeaderScan for BTreeMap<String, String> {
-    fn for_each_header<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a [u8])) {
-        for (name, value) in self {
-            f(name, value.as_bytes());
-        }
-    }
-}
-
 /// Write access to a header map.
 pub trait HeaderWriter {
     /// Set `name` (lower-case) to `value`, replacing any previous value.
@@ -123,43 +107,42 @@ impl HeaderWriter for http::HeaderMap {
     }
 }
 
-/// Message headers as a string map (AMQP, Kafka and NATS adapters convert to this). Lookups
-/// ignore case, since brokers and producers disagree on it.
-impl HeaderReader for HashMap<String, String> {
-    fn get(&self, name: &str) -> Option<&[u8]> {
-        HashMap::get(self, name)
-            .or_else(|| {
-                self.iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                    .map(|(_, v)| v)
-            })
-            .map(String::as_bytes)
-    }
+/// Message headers as string maps (AMQP, Kafka and NATS adapters convert to these). Lookups
+/// ignore case, since brokers and producers disagree on it; writes use Keel's lower-case
+/// names and replace any differently-cased copy so a key never appears twice.
+macro_rules! string_map_headers {
+    ($map:ident) => {
+        impl HeaderReader for $map<String, String> {
+            fn get(&self, name: &str) -> Option<&[u8]> {
+                $map::get(self, name)
+                    .or_else(|| {
+                        self.iter()
+                            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                            .map(|(_, v)| v)
+                    })
+                    .map(String::as_bytes)
+            }
+        }
+
+        impl HeaderWriter for $map<String, String> {
+            fn set(&mut self, name: &'static str, value: &str) {
+                self.retain(|k, _| !k.eq_ignore_ascii_case(name));
+                self.insert(name.to_string(), value.to_string());
+            }
+        }
+
+        impl HeaderScan for $map<String, String> {
+            fn for_each_header<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a [u8])) {
+                for (name, value) in self {
+                    f(name, value.as_bytes());
+                }
+            }
+        }
+    };
 }
 
-impl HeaderWriter for HashMap<String, String> {
-    fn set(&mut self, name: &'static str, value: &str) {
-        self.insert(name.to_string(), value.to_string());
-    }
-}
-
-impl HeaderReader for BTreeMap<String, String> {
-    fn get(&self, name: &str) -> Option<&[u8]> {
-        BTreeMap::get(self, name)
-            .or_else(|| {
-                self.iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                    .map(|(_, v)| v)
-            })
-            .map(String::as_bytes)
-    }
-}
-
-impl HeaderWriter for BTreeMap<String, String> {
-    fn set(&mut self, name: &'static str, value: &str) {
-        self.insert(name.to_string(), value.to_string());
-    }
-}
+string_map_headers!(HashMap);
+string_map_headers!(BTreeMap);
 
 /// What kind of hop the headers are for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
