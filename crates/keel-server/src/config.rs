@@ -304,7 +304,8 @@ pub struct DeadlineConfig {
     pub default: Duration,
     /// Per path-prefix maximum (the longest matching prefix wins), e.g.
     /// `"/api/orders" = "2s"`. The effective deadline is the minimum of what the caller sent
-    /// and this maximum.
+    /// and this maximum. `"0s"` means no Keel deadline on that route — for server streams,
+    /// long polls and websockets, which a default would cut — so only the caller's applies.
     pub routes: BTreeMap<String, Duration>,
 }
 
@@ -319,21 +320,14 @@ impl Default for DeadlineConfig {
 
 impl Validate for DeadlineConfig {
     fn validate(&self, v: &mut Validator) {
-        v.check(
-            !self.default.get().is_zero(),
-            "default",
-            self.default,
-            "must be greater than 0",
-        );
-        for (prefix, d) in &self.routes {
-            let key = format!("routes.{prefix}");
+        // Zero is allowed everywhere: it means "no Keel deadline" (streams, long polls).
+        for prefix in self.routes.keys() {
             v.check(
                 prefix.starts_with('/'),
-                &key,
+                &format!("routes.{prefix}"),
                 format!("{prefix:?}"),
                 "a route prefix must start with '/'",
             );
-            v.check(!d.get().is_zero(), &key, *d, "must be greater than 0");
         }
     }
 }

@@ -26,11 +26,11 @@ impl DeadlinePolicy {
         let mut routes: Vec<(String, Duration)> = cfg
             .routes
             .iter()
-            .map(|(p, d)| (p.clone(), d.get()))
+            .map(|(p, d)| (p.clone(), unbounded_if_zero(d.get())))
             .collect();
         routes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         DeadlinePolicy {
-            default: cfg.default.get(),
+            default: unbounded_if_zero(cfg.default.get()),
             routes,
             sample_roots,
         }
@@ -48,6 +48,16 @@ impl DeadlinePolicy {
             sample_roots: self.sample_roots,
         }
     }
+}
+
+/// What "no deadline" means: far enough that nothing real waits for it, near enough that
+/// `Instant` arithmetic cannot overflow.
+const UNBOUNDED: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// `0s` configures a route without a Keel deadline (streams, long polls, websockets): only
+/// what the caller sends applies there.
+fn unbounded_if_zero(d: Duration) -> Duration {
+    if d.is_zero() { UNBOUNDED } else { d }
 }
 
 /// Is this a gRPC request? (`content-type: application/grpc[+proto|;...]`)
@@ -161,6 +171,20 @@ mod tests {
             Duration::from_secs(5)
         );
         assert_eq!(p.for_path("/").route_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn zero_means_no_keel_deadline_on_that_route() {
+        let mut routes = BTreeMap::new();
+        routes.insert("/watch".to_string(), keel_config::Duration::from_secs(0));
+        let p = DeadlinePolicy::new(
+            &DeadlineConfig {
+                default: keel_config::Duration::from_secs(30),
+                routes,
+            },
+            false,
+        );
+        assert!(p.for_path("/watch/orders").route_timeout > Duration::from_secs(365 * 24 * 3600));
     }
 
     #[test]
