@@ -5,6 +5,8 @@
 //! - `GET /cpu?us=N` → burns N µs of CPU on the worker (at most 1 000 000), then 200 — for
 //!   overload tests
 //! - `POST /echo` → 200 with the request body (bounded by `server.max_body_bytes`)
+//! - `GET /context` → the request's `keel::Context`: request id, remaining deadline, trace id,
+//!   parent span, colour (try `-H 'keel-timeout: 2S' -H 'baggage: keel-color=canary'`)
 //! - gRPC `grpc.health.v1.Health/Check` on the same port, serving while the process runs
 
 use std::time::{Duration, Instant};
@@ -36,7 +38,24 @@ pub fn routes() -> Router {
         .route("/slow", get(slow))
         .route("/cpu", get(cpu))
         .route("/echo", post(|body: Bytes| async move { body }))
+        .route("/context", get(context))
         .merge(grpc)
+}
+
+async fn context(ctx: keel::Context) -> String {
+    let t = ctx.trace();
+    format!(
+        "request_id={}\nremaining_ms={}\ntrace_id={}\nparent_span_id={}\nspan_id={}\ncolor={}\nretry={}\n",
+        ctx.request_id(),
+        ctx.remaining().as_millis(),
+        t.trace_id,
+        t.parent_span_id
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "-".into()),
+        t.span_id,
+        ctx.color().unwrap_or("-"),
+        ctx.is_retry(),
+    )
 }
 
 async fn slow(Query(q): Query<Ms>) -> String {

@@ -281,3 +281,37 @@ fn per_core_shards_each_get_a_listener_and_serve() {
     let text = String::from_utf8_lossy(&body);
     assert!(text.contains("\"shard_mode\": \"per-core\""), "{text}");
 }
+
+#[tokio::test]
+async fn context_endpoint_shows_what_the_caller_sent() {
+    let p = spawn(&[]);
+    let req = http::Request::get(format!("http://{}/context", p.addr))
+        .header("keel-timeout", "2S")
+        .header("baggage", "keel-color=canary")
+        .header("b3", "463ac35c9f6413ad48485a3953bb6124-a2fb4a1d1a96d312-1")
+        .header("x-request-id", "ctx-1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = ts::http1_client().request(req).await.unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "ctx-1");
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    for line in [
+        "request_id=ctx-1",
+        "trace_id=463ac35c9f6413ad48485a3953bb6124",
+        "parent_span_id=a2fb4a1d1a96d312",
+        "color=canary",
+    ] {
+        assert!(text.contains(line), "missing {line}: {text}");
+    }
+    let ms: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("remaining_ms="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(ms > 1000 && ms <= 2000, "{text}");
+}
