@@ -152,7 +152,7 @@ impl Context {
                 // is_valid guarantees visible ASCII.
                 Arc::from(std::str::from_utf8(v).unwrap_or_default())
             }
-            _ => Arc::from(codec::request_id::generate()),
+            _ => Arc::from(codec::request_id::generate_into(&mut [0u8; 32])),
         };
         let trace = found.trace(policy.sample_roots)?;
         let baggage = found.baggage;
@@ -181,7 +181,7 @@ impl Context {
     /// a generated request id, and `timeout` from now as the deadline.
     pub fn background(timeout: Duration) -> Context {
         let deadline = Instant::now() + timeout;
-        let request_id: Arc<str> = Arc::from(codec::request_id::generate());
+        let request_id: Arc<str> = Arc::from(codec::request_id::generate_into(&mut [0u8; 32]));
         let owner = Owner {
             route: None,
             request_id: Some(request_id.clone()),

@@ -8,7 +8,7 @@
 //! the same shape as a W3C trace id, from the non-cryptographic [`super::rand`] generator: a
 //! request id identifies, it does not authorise.
 
-use super::{hex, rand};
+use super::rand;
 
 /// The longest caller-supplied id Keel keeps.
 pub const MAX_LEN: usize = 200;
@@ -20,11 +20,23 @@ pub fn is_valid(v: &[u8]) -> bool {
 
 /// A new id: 32 lowercase hex characters (128 random bits).
 pub fn generate() -> String {
-    let mut bytes = [0u8; 16];
-    rand::fill(&mut bytes);
-    let mut s = String::with_capacity(32);
-    hex::push(&mut s, &bytes);
-    s
+    generate_into(&mut [0u8; 32]).to_owned()
+}
+
+/// [`generate`] into a caller's stack buffer, so the hot path makes its one allocation where
+/// the id is finally stored (an `Arc<str>`) and nowhere else.
+pub fn generate_into(buf: &mut [u8; 32]) -> &str {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let words = [rand::next_u64(), rand::next_u64()];
+    for (i, w) in words.iter().enumerate() {
+        for (j, b) in w.to_be_bytes().iter().enumerate() {
+            let at = (i * 8 + j) * 2;
+            buf[at] = HEX[usize::from(b >> 4)];
+            buf[at + 1] = HEX[usize::from(b & 0x0f)];
+        }
+    }
+    // Every byte written above is an ASCII hex digit.
+    std::str::from_utf8(buf).unwrap_or_default()
 }
 
 #[cfg(test)]

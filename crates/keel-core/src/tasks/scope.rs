@@ -6,6 +6,8 @@
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -13,26 +15,55 @@ use tracing::Instrument as _;
 
 use super::{Owner, Registry, TaskKind};
 
-/// A request's scope for the tasks it spawns. Cheap to clone; clones share one cancellation.
+/// A request's scope for the tasks it spawns. Clones share one cancellation.
 ///
 /// Dropping a scope cancels nothing: the server calls [`TaskScope::cancel`] when the request
 /// ends or its deadline passes, because a scope is cloned into handlers and the last clone can
 /// outlive the response.
-#[derive(Debug, Clone)]
+///
+/// The cancellation token is created on first need: most requests spawn nothing, and a token
+/// costs an allocation and a tree node on every request that would never use it. Until then a
+/// flag records a cancel; whoever creates the token re-checks the flag (both sides use SeqCst,
+/// so a `cancel` racing the creation is seen by one of them).
+#[derive(Debug)]
 pub struct TaskScope {
-    token: CancellationToken,
+    token: OnceLock<CancellationToken>,
+    cancelled: AtomicBool,
     owner: Owner,
     registry: &'static Registry,
+}
+
+impl Clone for TaskScope {
+    fn clone(&self) -> Self {
+        // Clones must share cancellation, so the token has to exist from here on.
+        let token = OnceLock::new();
+        let _ = token.set(self.token().clone());
+        TaskScope {
+            token,
+            cancelled: AtomicBool::new(self.cancelled.load(Ordering::SeqCst)),
+            owner: self.owner.clone(),
+            registry: self.registry,
+        }
+    }
 }
 
 impl TaskScope {
     /// A fresh, uncancelled scope for tasks owned by `owner`.
     pub fn new(registry: &'static Registry, owner: Owner) -> TaskScope {
         TaskScope {
-            token: CancellationToken::new(),
+            token: OnceLock::new(),
+            cancelled: AtomicBool::new(false),
             owner,
             registry,
         }
+    }
+
+    fn token(&self) -> &CancellationToken {
+        let t = self.token.get_or_init(CancellationToken::new);
+        if self.cancelled.load(Ordering::SeqCst) {
+            t.cancel();
+        }
+        t
     }
 
     /// Who the scope's tasks belong to.
@@ -57,7 +88,7 @@ impl TaskScope {
         F::Output: Send + 'static,
     {
         let guard = self.registry.register(name, TaskKind::Scoped, &self.owner);
-        let token = self.token.clone();
+        let token = self.token().clone();
         let deadline = self.owner.deadline;
         let task = async move {
             let _guard = guard;
@@ -94,17 +125,20 @@ impl TaskScope {
 
     /// Cancel every scoped task (idempotent).
     pub fn cancel(&self) {
-        self.token.cancel();
+        self.cancelled.store(true, Ordering::SeqCst);
+        if let Some(t) = self.token.get() {
+            t.cancel();
+        }
     }
 
-    /// Whether [`TaskScope::cancel`] has been called.
+    /// Whether [`TaskScope::cancel`] has been called (on this scope or a clone).
     pub fn is_cancelled(&self) -> bool {
-        self.token.is_cancelled()
+        self.cancelled.load(Ordering::SeqCst) || self.token.get().is_some_and(|t| t.is_cancelled())
     }
 
     /// Resolves when the scope is cancelled.
     pub async fn cancelled(&self) {
-        self.token.cancelled().await;
+        self.token().cancelled().await;
     }
 }
 

@@ -120,6 +120,27 @@ async fn spawning_into_a_cancelled_scope_does_no_work() {
     assert_eq!(reg.live(), 0);
 }
 
+#[tokio::test]
+async fn clones_share_cancellation_whichever_side_cancels_and_whenever_the_token_is_made() {
+    let reg = registry(Duration::from_secs(5));
+    // Cancelled before any token exists: a clone made afterwards is cancelled too.
+    let a = TaskScope::new(reg, owner(None));
+    a.cancel();
+    let a2 = a.clone();
+    assert!(a2.is_cancelled());
+    assert_eq!(a2.spawn("late", async { 1 }).await.unwrap(), None);
+
+    // Cancelling a clone stops tasks spawned through the original.
+    let b = TaskScope::new(reg, owner(None));
+    let stuck = b.spawn("stuck", std::future::pending::<()>());
+    let b2 = b.clone();
+    assert!(!b.is_cancelled());
+    b2.cancel();
+    assert_eq!(stuck.await.unwrap(), None);
+    assert!(b.is_cancelled());
+    b.cancelled().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_detached_task_outliving_its_owner_becomes_a_leak_suspect_once() {
     let reg = registry(Duration::from_secs(1));
