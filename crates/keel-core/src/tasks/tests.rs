@@ -121,6 +121,7 @@ async fn spawning_into_a_cancelled_scope_does_no_work() {
 }
 
 #[tokio::test]
+#[allow(clippy::unwrap_used)]
 async fn clones_share_cancellation_whichever_side_cancels_and_whenever_the_token_is_made() {
     let reg = registry(Duration::from_secs(5));
     // Cancelled before any token exists: a clone made afterwards is cancelled too.
