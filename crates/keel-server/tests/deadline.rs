@@ -134,7 +134,7 @@ async fn a_deadline_passing_mid_handler_answers_504_at_once_and_drops_the_handle
     let took = t.elapsed();
     assert_eq!(status, 504, "{body}");
     assert!(
-        took >= Duration::from_millis(140) && took < Duration::from_millis(150 + 250),
+        took >= Duration::from_millis(140) && took < Duration::from_millis(150 + 750),
         "{took:?}"
     );
     assert_eq!(c.ran.load(Ordering::SeqCst), 1);
@@ -154,7 +154,7 @@ async fn route_maximum_caps_the_caller_and_applies_by_default() {
     let t = Instant::now();
     let (status, _, _) = get_with(addr, "/slow", &[("keel-timeout", "10S")]).await;
     assert_eq!(status, 504);
-    assert!(t.elapsed() < Duration::from_millis(100 + 250));
+    assert!(t.elapsed() < Duration::from_millis(100 + 750));
     // Other routes get the 30 s default.
     let (status, _, body) = get_with(addr, "/run", &[]).await;
     assert_eq!(status, 200);

@@ -27,7 +27,7 @@ async fn grpc_chain_propagates_remaining_deadline_and_cancels_every_hop() {
     let mut grpc = grpc_client(a_addr);
     let mut req = tonic::Request::new(Bytes::new());
     req.metadata_mut()
-        .insert("grpc-timeout", "300m".parse().unwrap());
+        .insert("grpc-timeout", "500m".parse().unwrap());
     for (k, v) in inbound_headers(request_id) {
         req.metadata_mut().insert(k, v.parse().unwrap());
     }
@@ -42,7 +42,7 @@ async fn grpc_chain_propagates_remaining_deadline_and_cancels_every_hop() {
         .unwrap_err();
     let took = started.elapsed();
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
-    assert!(took < Duration::from_millis(300 + 300), "{took:?}");
+    assert!(took < Duration::from_millis(500 + 750), "{took:?}");
 
     check_chain([&a, &b, &c], request_id, live_before).await;
 }

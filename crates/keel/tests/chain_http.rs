@@ -44,7 +44,7 @@ async fn http_chain_propagates_remaining_deadline_and_cancels_every_hop() {
 
     let request_id = "chain-http-1";
     let mut req = http::Request::get(format!("http://{a_addr}/hop"));
-    req = req.header("keel-timeout", "300m");
+    req = req.header("keel-timeout", "500m");
     for (k, v) in inbound_headers(request_id) {
         req = req.header(k, v);
     }
@@ -57,11 +57,11 @@ async fn http_chain_propagates_remaining_deadline_and_cancels_every_hop() {
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(resp.headers()["x-request-id"], request_id);
     assert!(
-        took >= Duration::from_millis(250),
+        took >= Duration::from_millis(450),
         "answered long before the deadline: {took:?}"
     );
     assert!(
-        took < Duration::from_millis(300 + 300),
+        took < Duration::from_millis(500 + 750),
         "504 not within the deadline plus a margin: {took:?}"
     );
 

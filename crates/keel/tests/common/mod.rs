@@ -343,7 +343,7 @@ pub async fn check_chain(hops: [&Arc<Hop>; 3], request_id: &str, live_before: us
         sb.timeout.unwrap(),
         sc.timeout.unwrap(),
     );
-    assert_eq!(ta, Duration::from_millis(300));
+    assert_eq!(ta, Duration::from_millis(500));
     assert!(
         tb < ta && tc < tb,
         "remaining times a={ta:?} b={tb:?} c={tc:?}"
