@@ -1,0 +1,22 @@
+//! Keel's outbound client. This crate grows in layers; what is here now are the *policies* —
+//! pure, deterministic decision logic with no I/O, each tested with paused time:
+//!
+//! - [`breaker`]: Google SRE adaptive throttling (client-side rejection probability from
+//!   requests vs. accepts over a sliding window).
+//! - [`retry`]: which failures are safe to retry, jittered exponential backoff, and a retry
+//!   budget (a share of recent requests, with a floor) so retries cannot multiply an outage.
+//! - [`balance`]: power of two choices over peak-EWMA latency × (in-flight + 1), with a penalty
+//!   for recent failures and `Retry-After`.
+//! - [`outlier`]: Envoy-style consecutive-failure ejection with growing ejection times and a cap
+//!   on the share of endpoints ejected at once.
+//! - [`priority`]: Envoy-style priority spill-over (overprovisioning factor 1.4) and panic
+//!   threshold across clusters/localities.
+//!
+//! The pooled HTTP/1 + HTTP/2 transport that applies them, and propagation of the request
+//! [`keel_core::Context`], come next (see `docs/checklist.md`).
+
+pub mod balance;
+pub mod breaker;
+pub mod outlier;
+pub mod priority;
+pub mod retry;
