@@ -20,3 +20,4 @@ pub mod breaker;
 pub mod outlier;
 pub mod priority;
 pub mod retry;
+mod window;
