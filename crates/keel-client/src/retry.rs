@@ -164,17 +164,14 @@ pub struct BudgetStats {
 /// | failure | any route | idempotent route |
 /// |---|---|---|
 /// | `ConnectRefused`, `ResetBeforeWrite`, `Status503NoBody`, `GrpcUnavailable` | yes | yes |
-/// | `ResetAfterWrite`, `Timeout`, `Status5xx(502 \| 503 \| 504)` | no | yes |
-/// | other `Status5xx`, `GrpcOther`, `Other` | no | no |
+/// | everything else | no | yes |
 ///
-/// The first row is what the upstream certainly did not process. The second may have been
-/// processed, which only an idempotent route tolerates; 502/503/504 are the statuses a proxy or
-/// an overloaded server sends, which another attempt (on another endpoint) can fix. A 500 or
-/// 501 is an answer about the request itself, which the same request would get again.
-///
-/// gRPC `UNAVAILABLE` is retried on any route because gRPC's status guide defines it as a
-/// transient condition for which retrying is the remedy; a server that returns it after side
-/// effects breaks that contract. `GrpcOther(14)` is treated as `GrpcUnavailable`.
+/// The first row is what the upstream certainly did not process (or, for gRPC `UNAVAILABLE`,
+/// what gRPC's status guide defines as transient with retrying as the remedy). Anything else
+/// may have been processed, which only a route declared idempotent tolerates — and there any
+/// error is retried, as Envoy's `5xx` policy does: a 500 from one endpoint may not recur on
+/// another, and the retry budget bounds the cost when it does. `GrpcOther(14)` is treated as
+/// `GrpcUnavailable`.
 ///
 /// Never retry when `is_chain_retry` (the request is itself a retry from the hop upstream,
 /// `keel_core::Context::is_retry`): only one hop in a chain retries, so attempts add up
@@ -189,8 +186,11 @@ pub fn retryable(failure: Failure, idempotent: bool, is_chain_retry: bool) -> bo
         | Failure::Status503NoBody
         | Failure::GrpcUnavailable
         | Failure::GrpcOther(GRPC_UNAVAILABLE) => true,
-        Failure::ResetAfterWrite | Failure::Timeout | Failure::Status5xx(502..=504) => idempotent,
-        Failure::Status5xx(_) | Failure::GrpcOther(_) | Failure::Other => false,
+        Failure::ResetAfterWrite
+        | Failure::Timeout
+        | Failure::Status5xx(_)
+        | Failure::GrpcOther(_)
+        | Failure::Other => idempotent,
     }
 }
 
