@@ -5,6 +5,8 @@
 //!   requests vs. accepts over a sliding window).
 //! - [`retry`]: which failures are safe to retry, jittered exponential backoff, and a retry
 //!   budget (a share of recent requests, with a floor) so retries cannot multiply an outage.
+//! - [`endpoint`]: endpoints (address, priority, locality, labels), immutable endpoint sets
+//!   published through a watch so discovery backends plug in, colour subsets with fallback.
 //! - [`balance`]: power of two choices over peak-EWMA latency × (in-flight + 1), with a penalty
 //!   for recent failures and `Retry-After`.
 //! - [`outlier`]: Envoy-style consecutive-failure ejection with growing ejection times and a cap
@@ -17,6 +19,7 @@
 
 pub mod balance;
 pub mod breaker;
+pub mod endpoint;
 pub mod outlier;
 pub mod priority;
 pub mod retry;
