@@ -13,6 +13,8 @@
 //!   on the share of endpoints ejected at once.
 //! - [`priority`]: Envoy-style priority spill-over (overprovisioning factor 1.4) and panic
 //!   threshold across clusters/localities.
+//! - [`upstream`]: the composition — colour subset → ejection-aware priority level → P2C —
+//!   and outcome reporting back into the policies.
 //!
 //! The pooled HTTP/1 + HTTP/2 transport that applies them, and propagation of the request
 //! [`keel_core::Context`], come next (see `docs/checklist.md`).
@@ -23,4 +25,5 @@ pub mod endpoint;
 pub mod outlier;
 pub mod priority;
 pub mod retry;
+pub mod upstream;
 mod window;

@@ -1,0 +1,296 @@
+//! One upstream's routing decision, composed from the policies: which endpoint a request goes
+//! to, and what its outcome teaches the policies.
+//!
+//! For each pick: the request's colour selects a subset (falling back to the main fleet);
+//! outlier ejection decides which endpoints count as healthy; the priority distribution
+//! chooses a level (spilling to the next one as health falls, using every endpoint of a level in
+//! panic); P2C over peak-EWMA picks within it. Outcomes feed the outlier detector and the
+//! endpoint's load (failures and `Retry-After` penalise it). No I/O happens here: the
+//! transport calls [`Upstream::pick`] before connecting and [`Picked`]'s methods after.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::balance::{self, BalanceConfig, Load};
+use crate::endpoint::{Endpoint, EndpointSet, Endpoints};
+use crate::outlier::{OutlierConfig, OutlierDetector};
+use crate::priority::{self, PriorityConfig};
+
+/// Policy settings of one upstream.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UpstreamConfig {
+    /// Load balancing.
+    pub balance: BalanceConfig,
+    /// Outlier ejection.
+    pub outlier: OutlierConfig,
+    /// Priority spill-over and panic.
+    pub priority: PriorityConfig,
+}
+
+/// Loads keyed by address, rebuilt when the endpoint set's version changes (an address that
+/// stays keeps its load history).
+#[derive(Debug, Default)]
+struct LoadTable {
+    version: Option<u64>,
+    by_addr: HashMap<SocketAddr, Arc<Load>>,
+}
+
+/// Routing state of one upstream. Share it (`Arc`) between callers.
+#[derive(Debug)]
+pub struct Upstream {
+    cfg: UpstreamConfig,
+    endpoints: Endpoints,
+    outlier: OutlierDetector<SocketAddr>,
+    loads: Mutex<LoadTable>,
+}
+
+/// The chosen endpoint for one attempt.
+#[derive(Debug, Clone)]
+pub struct Picked {
+    /// Where to send it.
+    pub endpoint: Endpoint,
+    /// Its load; start a call on it with [`Load::start`].
+    pub load: Arc<Load>,
+    /// The priority level chosen, and whether that level was in panic.
+    pub level: usize,
+    /// Panic mode: the level had too few healthy endpoints, so ejected ones were used too.
+    pub panic: bool,
+}
+
+impl Upstream {
+    /// Route over `endpoints` with `cfg`.
+    pub fn new(cfg: UpstreamConfig, endpoints: Endpoints) -> Upstream {
+        Upstream {
+            outlier: OutlierDetector::new(cfg.outlier.clone()),
+            cfg,
+            endpoints,
+            loads: Mutex::new(LoadTable::default()),
+        }
+    }
+
+    /// The endpoint set handle (discovery publishes into it).
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// The outlier detector (for reports and the doctor).
+    pub fn outlier(&self) -> &OutlierDetector<SocketAddr> {
+        &self.outlier
+    }
+
+    /// Choose an endpoint for a request of traffic colour `color`. `None` only when the
+    /// upstream has no endpoints at all.
+    pub fn pick(&self, color: Option<&str>) -> Option<Picked> {
+        self.pick_with(color, keel_core::codec::rand::next_u64())
+    }
+
+    /// [`Upstream::pick`] with an explicit random draw (tests).
+    pub fn pick_with(&self, color: Option<&str>, draw: u64) -> Option<Picked> {
+        let set = self.endpoints.snapshot();
+        self.sync(&set);
+        let candidates = set.for_color(color);
+        let subset = EndpointSet {
+            version: set.version,
+            endpoints: candidates.into_iter().cloned().collect(),
+        };
+        let healthy = |e: &Endpoint| !self.outlier.is_ejected(&e.addr);
+        let levels = subset.level_health(healthy);
+        let dist = priority::distribute(&self.cfg.priority, &levels);
+        let level = priority::pick_level(&dist, (draw % 100) as u32)?;
+        let panic = dist.panic.get(level).copied().unwrap_or(false);
+        let in_level: Vec<&Endpoint> = subset
+            .endpoints
+            .iter()
+            .filter(|e| e.priority as usize == level && (panic || healthy(e)))
+            .collect();
+        let loads = self.loads_for(&in_level);
+        let pairs: Vec<(&Endpoint, Arc<Load>)> = in_level.into_iter().zip(loads).collect();
+        let (endpoint, load) = balance::p2c(
+            &self.cfg.balance,
+            &pairs,
+            |(_, l)| l,
+            (draw.rotate_left(17), draw.rotate_left(41)),
+        )?;
+        Some(Picked {
+            endpoint: (*endpoint).clone(),
+            load: load.clone(),
+            level,
+            panic,
+        })
+    }
+
+    /// Report an attempt's outcome: feeds outlier ejection, and on failure penalises the
+    /// endpoint in the balancer (for `retry_after` when the upstream sent one).
+    pub fn report(&self, addr: SocketAddr, success: bool, retry_after: Option<Duration>) {
+        if let Some(until) = self.outlier.report(&addr, success) {
+            tracing::warn!(%addr, ?until, "endpoint ejected after consecutive failures");
+        }
+        if !success {
+            if let Some(load) = self.lock_loads().by_addr.get(&addr) {
+                load.penalize(&self.cfg.balance, retry_after);
+            }
+        }
+    }
+
+    /// The load tracked for `addr` (for reports and tests).
+    pub fn load_of(&self, addr: &SocketAddr) -> Option<Arc<Load>> {
+        self.lock_loads().by_addr.get(addr).cloned()
+    }
+
+    fn sync(&self, set: &EndpointSet) {
+        let mut t = self.lock_loads();
+        if t.version == Some(set.version) {
+            return;
+        }
+        let mut next = HashMap::with_capacity(set.endpoints.len());
+        for e in &set.endpoints {
+            let load = t
+                .by_addr
+                .remove(&e.addr)
+                .unwrap_or_else(|| Arc::new(Load::new(&self.cfg.balance)));
+            next.insert(e.addr, load);
+        }
+        t.by_addr = next;
+        t.version = Some(set.version);
+        drop(t);
+        self.outlier
+            .set_endpoints(set.endpoints.iter().map(|e| e.addr));
+    }
+
+    fn loads_for(&self, eps: &[&Endpoint]) -> Vec<Arc<Load>> {
+        let t = self.lock_loads();
+        eps.iter()
+            .map(|e| {
+                t.by_addr
+                    .get(&e.addr)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Load::new(&self.cfg.balance)))
+            })
+            .collect()
+    }
+
+    fn lock_loads(&self) -> std::sync::MutexGuard<'_, LoadTable> {
+        // Plain data: a panic elsewhere cannot leave it inconsistent.
+        self.loads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn ep(s: &str) -> Endpoint {
+        Endpoint::parse(s).unwrap()
+    }
+
+    fn upstream(eps: &[&str]) -> Upstream {
+        Upstream::new(
+            UpstreamConfig::default(),
+            Endpoints::new(eps.iter().map(|s| ep(s)).collect()),
+        )
+    }
+
+    fn picks(u: &Upstream, color: Option<&str>, n: u64) -> HashMap<u16, usize> {
+        let mut m = HashMap::new();
+        for i in 0..n {
+            let p = u
+                .pick_with(color, i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                .unwrap();
+            *m.entry(p.endpoint.addr.port()).or_default() += 1;
+        }
+        m
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_endpoint_gets_no_traffic_until_its_ejection_ends() {
+        let u = upstream(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        let bad = "127.0.0.1:2".parse().unwrap();
+        u.pick(None);
+        for _ in 0..5 {
+            u.report(bad, false, None);
+        }
+        assert!(u.outlier().is_ejected(&bad));
+        let m = picks(&u, None, 300);
+        assert_eq!(m.get(&2), None, "{m:?}");
+        assert!(m[&1] > 0 && m[&3] > 0);
+
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let m = picks(&u, None, 300);
+        assert!(
+            m.get(&2).copied().unwrap_or(0) > 0,
+            "returns after the ejection: {m:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn losing_priority_zero_spills_to_priority_one_and_returns_when_it_heals() {
+        let u = upstream(&[
+            "127.0.0.1:1",
+            "127.0.0.1:2",
+            "127.0.0.1:11;priority=1",
+            "127.0.0.1:12;priority=1",
+        ]);
+        assert!(
+            picks(&u, None, 200).keys().all(|p| *p < 10),
+            "healthy P0 takes everything"
+        );
+        for port in [1u16, 2] {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            for _ in 0..5 {
+                u.report(addr, false, None);
+            }
+        }
+        // The ejection cap (10 %, at least one) lets one of the two P0 endpoints go: P0 is then
+        // 50 % healthy, its health 1.4 × 50 = 70 %, so priority 1 takes the other 30 %.
+        let m = picks(&u, None, 1000);
+        let p1: usize = m.iter().filter(|(p, _)| **p > 10).map(|(_, n)| *n).sum();
+        assert!((250..=350).contains(&p1), "about 30 % spilled to priority 1: {m:?}");
+        let picked = u.pick_with(None, 99).unwrap();
+        assert_eq!(picked.level, 1);
+
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(
+            picks(&u, None, 200).keys().all(|p| *p < 10),
+            "back to P0 once healed"
+        );
+    }
+
+    #[tokio::test]
+    async fn colour_picks_its_subset_and_new_sets_keep_load_history() {
+        let u = upstream(&["127.0.0.1:1", "127.0.0.1:3;keel.color=canary"]);
+        assert_eq!(
+            picks(&u, Some("canary"), 50)
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![3]
+        );
+        assert_eq!(
+            picks(&u, None, 50).keys().copied().collect::<Vec<_>>(),
+            vec![1]
+        );
+
+        let before = u.pick(None).unwrap().load;
+        u.endpoints()
+            .publish(vec![ep("127.0.0.1:1"), ep("127.0.0.1:4")])
+            .unwrap();
+        let after = picks(&u, None, 100);
+        assert!(after.contains_key(&4));
+        let again = u.pick_with(None, 0).unwrap();
+        if again.endpoint.addr.port() == 1 {
+            assert!(
+                Arc::ptr_eq(&before, &again.load),
+                "an address that stays keeps its load"
+            );
+        }
+    }
+
+    #[test]
+    fn no_endpoints_no_pick() {
+        let u = upstream(&[]);
+        assert!(u.pick(None).is_none());
+    }
+}
