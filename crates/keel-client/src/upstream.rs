@@ -247,7 +247,10 @@ mod tests {
         // 50 % healthy, its health 1.4 × 50 = 70 %, so priority 1 takes the other 30 %.
         let m = picks(&u, None, 1000);
         let p1: usize = m.iter().filter(|(p, _)| **p > 10).map(|(_, n)| *n).sum();
-        assert!((250..=350).contains(&p1), "about 30 % spilled to priority 1: {m:?}");
+        assert!(
+            (250..=350).contains(&p1),
+            "about 30 % spilled to priority 1: {m:?}"
+        );
         let picked = u.pick_with(None, 99).unwrap();
         assert_eq!(picked.level, 1);
 

@@ -4,6 +4,7 @@
 //! Tests bind to ports chosen at run time (other programs share the machine) and wait for
 //! conditions with deadlines instead of sleeping fixed amounts.
 
+pub mod fault;
 pub mod grpc;
 
 use std::io::{Read, Write};
