@@ -16,11 +16,14 @@
 //! - [`upstream`]: the composition — colour subset → ejection-aware priority level → P2C —
 //!   and outcome reporting back into the policies.
 //!
-//! The pooled HTTP/1 + HTTP/2 transport that applies them, and propagation of the request
-//! [`keel_core::Context`], come next (see `docs/checklist.md`).
+//! [`client`] applies them to real HTTP/1.1 calls over per-endpoint pools whose idle timeout
+//! follows the server's advertised keep-alive, propagating the request [`keel_core::Context`].
+//! HTTP/2 pooling, gRPC transport for tonic clients and per-upstream config come next
+//! (see `docs/checklist.md`).
 
 pub mod balance;
 pub mod breaker;
+pub mod client;
 pub mod endpoint;
 pub mod outlier;
 pub mod priority;

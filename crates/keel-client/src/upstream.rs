@@ -70,6 +70,11 @@ impl Upstream {
         }
     }
 
+    /// Balancer settings (calls report their outcome with them).
+    pub fn balance_config(&self) -> &BalanceConfig {
+        &self.cfg.balance
+    }
+
     /// The endpoint set handle (discovery publishes into it).
     pub fn endpoints(&self) -> &Endpoints {
         &self.endpoints

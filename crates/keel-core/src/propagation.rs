@@ -169,7 +169,7 @@ pub enum B3Format {
 }
 
 /// Outbound options.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outbound {
     /// Subtracted from the remaining time before it is sent, so the callee times out first.
     pub margin: Duration,

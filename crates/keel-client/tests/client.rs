@@ -1,0 +1,243 @@
+//! The client against real Keel servers on loopback, with faults from the in-repo proxy.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use bytes::Bytes;
+use keel_client::client::{Client, ClientConfig, ClientError};
+use keel_client::endpoint::{Endpoint, Endpoints};
+use keel_client::upstream::{Upstream, UpstreamConfig};
+use keel_core::Shutdown;
+use keel_server::{HttpSettings, Readiness, Server, ServerConfig, ServerHandle};
+use keel_test_support::fault::{Fault, FaultProxy};
+
+#[derive(Default)]
+struct Upstreamish {
+    hits: AtomicUsize,
+    failing: AtomicBool,
+}
+
+async fn serve(idle: Duration) -> (SocketAddr, Arc<Upstreamish>, ServerHandle) {
+    let state = Arc::new(Upstreamish::default());
+    let router = Router::new()
+        .route(
+            "/",
+            get(|State(s): State<Arc<Upstreamish>>| async move {
+                s.hits.fetch_add(1, Ordering::SeqCst);
+                if s.failing.load(Ordering::SeqCst) {
+                    (StatusCode::SERVICE_UNAVAILABLE, "down")
+                } else {
+                    (StatusCode::OK, "ok")
+                }
+            }),
+        )
+        .with_state(state.clone());
+    let settings = HttpSettings {
+        server: ServerConfig {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            idle_timeout: keel_config::Duration::from(idle),
+            ..ServerConfig::default()
+        },
+        ..HttpSettings::default()
+    };
+    let shutdown = Shutdown::new();
+    let readiness = Readiness::new(Default::default(), shutdown.clone());
+    let server = Server::bind(&settings, 1, readiness, shutdown).unwrap();
+    let addr = server.local_addr();
+    let handle = server.handle();
+    tokio::spawn(server.serve(router));
+    (addr, state, handle)
+}
+
+fn client(addrs: &[SocketAddr], cfg: ClientConfig) -> Client {
+    let eps = Endpoints::new(addrs.iter().map(|a| Endpoint::new(*a)).collect());
+    Client::new(
+        "test",
+        cfg,
+        Arc::new(Upstream::new(UpstreamConfig::default(), eps)),
+    )
+}
+
+fn get_root() -> http::Request<Bytes> {
+    http::Request::get("/").body(Bytes::new()).unwrap()
+}
+
+#[tokio::test]
+async fn steady_load_reuses_connections() {
+    let mut addrs = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        let (a, _, h) = serve(Duration::from_secs(75)).await;
+        addrs.push(a);
+        handles.push(h);
+    }
+    let c = client(&addrs, ClientConfig::default());
+    let n = 600;
+    for _ in 0..n {
+        let r = c.request(get_root()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        // Read the body so the connection returns to the pool.
+        http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap();
+    }
+    let accepted: u64 = handles
+        .iter()
+        .map(|h| h.stats().accepted.load(Ordering::Relaxed))
+        .sum();
+    // Sequential calls need one connection per upstream.
+    assert!(accepted <= 3, "{accepted} connections for {n} requests");
+    let reuse = 1.0 - accepted as f64 / n as f64;
+    assert!(reuse >= 0.99, "reuse ratio {reuse}");
+}
+
+#[tokio::test]
+async fn the_pool_gives_up_idle_sockets_before_the_servers_keep_alive_closes_them() {
+    let (addr, _, handle) = serve(Duration::from_secs(2)).await;
+    let c = client(&[addr], ClientConfig::default());
+    let mut failures = 0;
+    // Gaps straddling the server's 2 s keep-alive: before learning, the pool would keep
+    // sockets 30 s and race the server's close.
+    for gap_ms in [0u64, 1900, 2000, 2100, 1950, 2050] {
+        tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+        match c.request(get_root()).await {
+            Ok(r) if r.status() == 200 => {
+                http_body_util::BodyExt::collect(r.into_body())
+                    .await
+                    .unwrap();
+            }
+            _ => failures += 1,
+        }
+    }
+    assert_eq!(failures, 0);
+    assert_eq!(
+        c.idle_timeout_of(addr),
+        Some(Duration::from_secs(1)),
+        "learned from `Keep-Alive: timeout=2` minus the margin"
+    );
+    assert!(
+        handle.stats().accepted.load(Ordering::Relaxed) >= 2,
+        "idle sockets were not reused past the server's timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_503_endpoint_is_avoided_and_its_requests_retried_elsewhere() {
+    let mut addrs = Vec::new();
+    let mut states = Vec::new();
+    for _ in 0..3 {
+        let (a, s, _) = serve(Duration::from_secs(75)).await;
+        addrs.push(a);
+        states.push(s);
+    }
+    // Start with only the soon-to-fail endpoint, so it is the one measured fastest and the
+    // balancer's first choice once the others join.
+    let eps = Endpoints::new(vec![Endpoint::new(addrs[1])]);
+    let upstream = Arc::new(Upstream::new(UpstreamConfig::default(), eps.clone()));
+    let c = Client::new("test", ClientConfig::default(), upstream);
+    for _ in 0..5 {
+        let r = c.request(get_root()).await.unwrap();
+        http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap();
+    }
+    eps.publish(addrs.iter().map(|a| Endpoint::new(*a)).collect())
+        .unwrap();
+    let before: Vec<usize> = states
+        .iter()
+        .map(|s| s.hits.load(Ordering::SeqCst))
+        .collect();
+    states[1].failing.store(true, Ordering::SeqCst);
+    for _ in 0..200 {
+        let r = c.request(get_root()).await.unwrap();
+        assert_eq!(r.status(), 200, "503 is retried on a healthy endpoint");
+        http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap();
+    }
+    let bad_hits = states[1].hits.load(Ordering::SeqCst) - before[1];
+    // A failure penalises it in the balancer (it loses every P2C comparison for 1 s), and 5 in
+    // a row eject it for 30 s: it sees at most a handful, not a third of 200.
+    assert!(
+        (1..=5).contains(&bad_hits),
+        "hits on the failing endpoint: {bad_hits}"
+    );
+    let healthy: usize = [0, 2]
+        .iter()
+        .map(|i| states[*i].hits.load(Ordering::SeqCst) - before[*i])
+        .sum();
+    assert_eq!(
+        healthy, 200,
+        "every call was answered by a healthy endpoint"
+    );
+}
+
+#[tokio::test]
+async fn refused_endpoints_are_retried_around_and_a_dead_upstream_is_bounded_by_budget_and_breaker()
+{
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        let (a, _, _) = serve(Duration::from_secs(75)).await;
+        proxies.push(FaultProxy::start(a).await.unwrap());
+    }
+    let addrs: Vec<SocketAddr> = proxies.iter().map(FaultProxy::addr).collect();
+    let c = client(&addrs, ClientConfig::default());
+    proxies[0].set(Fault::Refuse);
+    for _ in 0..50 {
+        let r = c.request(get_root()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap();
+    }
+
+    // Everything down: every call fails, retries stay within the budget, the breaker opens.
+    for p in &proxies {
+        p.set(Fault::Refuse);
+        // Pooled connections would otherwise keep working through a refusing proxy.
+        p.reset_all();
+    }
+    // The resets happen in the proxy's connection tasks: wait until they are done.
+    for _ in 0..200 {
+        if proxies.iter().all(|p| p.stats().active == 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(proxies.iter().all(|p| p.stats().active == 0));
+    let calls = 300;
+    let mut failed = 0;
+    let mut fast_rejects = 0;
+    for _ in 0..calls {
+        match c.request(get_root()).await {
+            Ok(r) => panic!("unexpected success {}", r.status()),
+            Err(ClientError::BreakerOpen(_)) => fast_rejects += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    assert_eq!(failed + fast_rejects, calls);
+    let budget = c.budget().stats();
+    // 20 % of the window's requests plus the floor (10/s × 10 s).
+    let allowed = (budget.deposits as f64 * 0.2) as u64 + 100;
+    assert!(budget.withdrawals <= allowed, "{budget:?}");
+    assert!(budget.exhausted > 0, "the budget ran out: {budget:?}");
+    assert!(fast_rejects > 0, "the breaker opened and failed calls fast");
+    assert!(c.breaker().stats().local_rejects > 0);
+}
+
+#[tokio::test]
+async fn no_call_is_made_with_less_than_the_margin_left() {
+    let (addr, state, _) = serve(Duration::from_secs(75)).await;
+    let c = client(&[addr], ClientConfig::default());
+    let ctx = keel_core::Context::background(Duration::from_millis(2));
+    let err = ctx.scope(c.request(get_root())).await.unwrap_err();
+    assert!(matches!(err, ClientError::DeadlineExceeded(_)), "{err}");
+    assert_eq!(state.hits.load(Ordering::SeqCst), 0);
+}
