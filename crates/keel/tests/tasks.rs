@@ -133,7 +133,8 @@ async fn thousand_scoped_tasks_die_with_their_request_and_a_detached_one_becomes
     }
     let v = suspect.expect("the detached task never became a leak suspect");
     assert_eq!(v["tasks"][0]["request_id"], "detach-1");
-    assert!(v["tasks"][0]["deadline_in_ms"].as_i64().unwrap() < -200);
+    // Whole milliseconds, truncated: exactly at the grace boundary it reads -200.
+    assert!(v["tasks"][0]["deadline_in_ms"].as_i64().unwrap() <= -200);
     assert!(v["leak_suspects_total"].as_u64().unwrap() >= 1);
     let (_, text) = ts::get(&client, &format!("http://{admin}/debug/tasks?format=text"))
         .await
