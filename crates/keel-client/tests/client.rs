@@ -22,6 +22,17 @@ use keel_test_support::fault::{Fault, FaultProxy};
 struct Upstreamish {
     hits: AtomicUsize,
     failing: AtomicBool,
+    /// `/slow` handlers dropped before finishing.
+    cancelled: AtomicUsize,
+}
+
+struct DropProbe(Arc<Upstreamish>, bool);
+impl Drop for DropProbe {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 async fn serve(idle: Duration) -> (SocketAddr, Arc<Upstreamish>, ServerHandle) {
@@ -36,6 +47,16 @@ async fn serve(idle: Duration) -> (SocketAddr, Arc<Upstreamish>, ServerHandle) {
                 } else {
                     (StatusCode::OK, "ok")
                 }
+            }),
+        )
+        .route(
+            "/slow",
+            get(|State(s): State<Arc<Upstreamish>>| async move {
+                s.hits.fetch_add(1, Ordering::SeqCst);
+                let mut probe = DropProbe(s.clone(), false);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                probe.1 = true;
+                "slow"
             }),
         )
         .with_state(state.clone());
@@ -240,4 +261,49 @@ async fn no_call_is_made_with_less_than_the_margin_left() {
     let err = ctx.scope(c.request(get_root())).await.unwrap_err();
     assert!(matches!(err, ClientError::DeadlineExceeded(_)), "{err}");
     assert_eq!(state.hits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_slow_upstream_fails_at_the_deadline_is_cancelled_there_and_is_not_retried() {
+    let (addr, state, _) = serve(Duration::from_secs(75)).await;
+    let cfg = ClientConfig {
+        // Even where a retry would be allowed, none happens without time left for it.
+        idempotent: true,
+        ..ClientConfig::default()
+    };
+    let c = client(&[addr], cfg);
+    let ctx = keel_core::Context::background(Duration::from_millis(300));
+    let started = tokio::time::Instant::now();
+    let req = http::Request::get("/slow").body(Bytes::new()).unwrap();
+    let result = ctx.scope(c.request(req)).await;
+    let took = started.elapsed();
+    // The upstream was sent the remaining time minus the margin, so it gives up first and its
+    // 504 arrives just before this side's deadline: the caller gets that answer (a timeout
+    // error here would only be a slower way of saying the same).
+    match result {
+        Ok(r) => assert_eq!(r.status(), 504),
+        Err(e) => assert!(
+            matches!(e, ClientError::Failed { attempts: 1, .. }),
+            "one attempt, then no time for another: {e}"
+        ),
+    }
+    assert!(
+        took >= Duration::from_millis(280),
+        "failed before the deadline: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(300 + 700),
+        "not at the deadline: {took:?}"
+    );
+    // The upstream got the remaining time minus the margin and dropped its handler itself.
+    let mut cancelled = 0;
+    for _ in 0..100 {
+        cancelled = state.cancelled.load(Ordering::SeqCst);
+        if cancelled == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cancelled, 1, "the upstream saw the request cancelled");
+    assert_eq!(state.hits.load(Ordering::SeqCst), 1, "no retry");
 }
