@@ -33,9 +33,21 @@ use crate::breaker::{Breaker, BreakerConfig, BreakerOpen};
 use crate::retry::{self, BackoffConfig, BudgetConfig, Failure, RetryBudget};
 use crate::upstream::Upstream;
 
+/// The wire protocol to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// HTTP/1.1 with keep-alive pooling.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): one multiplexed connection per endpoint; gRPC.
+    H2c,
+}
+
 /// Client settings for one upstream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientConfig {
+    /// HTTP/1.1 or h2c.
+    pub protocol: Protocol,
     /// TCP connect timeout. 1 s: far above an in-cluster handshake, short enough that a dead
     /// endpoint costs one retry, not the whole deadline.
     pub connect_timeout: Duration,
@@ -64,6 +76,7 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
+            protocol: Protocol::Http1,
             connect_timeout: Duration::from_secs(1),
             per_try_timeout: None,
             idle_timeout: Duration::from_secs(30),
@@ -176,7 +189,12 @@ impl Client {
                 retry: attempt > 0,
                 ..self.cfg.outbound
             };
-            propagation::inject(&ctx, Carrier::Http, &opts, &mut headers)?;
+            let carrier = if is_grpc(&headers) {
+                Carrier::Grpc
+            } else {
+                Carrier::Http
+            };
+            propagation::inject(&ctx, carrier, &opts, &mut headers)?;
             let uri = format!(
                 "http://{addr}{}",
                 parts.uri.path_and_query().map_or("/", |p| p.as_str())
@@ -264,11 +282,15 @@ impl Client {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some(self.cfg.connect_timeout));
-        let client = HyperClient::builder(TokioExecutor::new())
+        let mut builder = HyperClient::builder(TokioExecutor::new());
+        builder
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(idle)
-            .pool_max_idle_per_host(self.cfg.max_idle_per_endpoint)
-            .build(conn);
+            .pool_max_idle_per_host(self.cfg.max_idle_per_endpoint);
+        if self.cfg.protocol == Protocol::H2c {
+            builder.http2_only(true);
+        }
+        let client = builder.build(conn);
         EndpointPool { client, idle }
     }
 
@@ -295,6 +317,61 @@ impl Client {
 
     fn lock_pools(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<EndpointPool>>> {
         self.pools.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The client as a `tower::Service`, so generated tonic clients run over it
+/// (`HealthClient::new(keel_client::client::Service::new(client))`). Request bodies are
+/// buffered so an attempt can be replayed on another endpoint; use it for unary calls.
+#[derive(Debug, Clone)]
+pub struct Service {
+    client: Arc<Client>,
+}
+
+impl Service {
+    /// Wrap a shared client.
+    pub fn new(client: Arc<Client>) -> Service {
+        Service { client }
+    }
+}
+
+impl<B> tower::Service<Request<B>> for Service
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<keel_core::BoxError>,
+{
+    type Response = Response<Incoming>;
+    type Error = keel_core::BoxError;
+    type Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Response<Incoming>, keel_core::BoxError>>
+                + Send,
+        >,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let bytes = http_body_util::BodyExt::collect(body)
+                .await
+                .map_err(Into::into)?
+                .to_bytes();
+            Ok(client.request(Request::from_parts(parts, bytes)).await?)
+        })
     }
 }
 

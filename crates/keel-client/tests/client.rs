@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use bytes::Bytes;
-use keel_client::client::{Client, ClientConfig, ClientError};
+use keel_client::client::{Client, ClientConfig, ClientError, Protocol};
 use keel_client::endpoint::{Endpoint, Endpoints};
 use keel_client::upstream::{Upstream, UpstreamConfig};
 use keel_core::Shutdown;
@@ -306,4 +306,48 @@ async fn a_slow_upstream_fails_at_the_deadline_is_cancelled_there_and_is_not_ret
     }
     assert_eq!(cancelled, 1, "the upstream saw the request cancelled");
     assert_eq!(state.hits.load(Ordering::SeqCst), 1, "no retry");
+}
+
+#[tokio::test]
+async fn a_generated_tonic_client_runs_over_the_keel_client() {
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let router = tonic::service::Routes::new(health).into_axum_router();
+    let settings = HttpSettings {
+        server: ServerConfig {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            ..ServerConfig::default()
+        },
+        ..HttpSettings::default()
+    };
+    let shutdown = Shutdown::new();
+    let readiness = Readiness::new(Default::default(), shutdown.clone());
+    let server = Server::bind(&settings, 1, readiness, shutdown).unwrap();
+    let addr = server.local_addr();
+    let handle = server.handle();
+    tokio::spawn(server.serve(router));
+
+    let cfg = ClientConfig {
+        protocol: Protocol::H2c,
+        ..ClientConfig::default()
+    };
+    let c = Arc::new(client(&[addr], cfg));
+    let mut grpc =
+        tonic_health::pb::health_client::HealthClient::new(keel_client::client::Service::new(c));
+    for _ in 0..20 {
+        let r = grpc
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            r.into_inner().status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+    }
+    assert_eq!(
+        handle.stats().accepted.load(Ordering::Relaxed),
+        1,
+        "all calls multiplexed on one HTTP/2 connection"
+    );
 }
