@@ -19,11 +19,12 @@
 //! [`client`] applies them to real HTTP/1.1 calls over per-endpoint pools whose idle timeout
 //! follows the server's advertised keep-alive, propagating the request [`keel_core::Context`].
 //! HTTP/2 pooling, gRPC transport for tonic clients and per-upstream config come next
-//! (see `docs/checklist.md`).
+//! (see `docs/checklist.md`). [`config`] is the `[clients.<name>]` section that builds one.
 
 pub mod balance;
 pub mod breaker;
 pub mod client;
+pub mod config;
 pub mod endpoint;
 pub mod outlier;
 pub mod priority;

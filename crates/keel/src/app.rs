@@ -30,6 +30,9 @@ pub enum Error {
     /// A second stop signal cut the drain short.
     #[error("stopped by a second signal before the drain finished")]
     Forced,
+    /// `app.client(name)` for a name with no `[clients.<name>]` section.
+    #[error("no upstream named {0:?} in [clients]; configured: {1}")]
+    UnknownClient(String, String),
     /// Anything else.
     #[error("{0}")]
     Other(BoxError),
@@ -42,6 +45,7 @@ struct Inner {
     shutdown: Shutdown,
     readiness: Readiness,
     admin_routes: Mutex<AdminRoutes>,
+    clients: Mutex<std::collections::HashMap<String, Arc<keel_client::client::Client>>>,
 }
 
 /// A service being assembled. Cheap to clone.
@@ -71,6 +75,7 @@ impl App {
                 shutdown,
                 readiness,
                 admin_routes: Mutex::new(AdminRoutes::default()),
+                clients: Mutex::new(std::collections::HashMap::new()),
             }),
         };
         app.register_debug_routes();
@@ -105,6 +110,36 @@ impl App {
     /// The runtime sizing decision.
     pub fn sizing(&self) -> &Sizing {
         &self.inner.sizing
+    }
+
+    /// The client for upstream `name` (`[clients.<name>]`), built on first use and shared
+    /// afterwards: pooled, balanced, retrying within a budget, breaking, and propagating the
+    /// request context.
+    pub fn client(&self, name: &str) -> Result<Arc<keel_client::client::Client>, Error> {
+        let mut clients = self.inner.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(name) {
+            return Ok(c.clone());
+        }
+        let settings = self.config().clients.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.config().clients.keys().map(String::as_str).collect();
+            Error::UnknownClient(
+                name.to_string(),
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                },
+            )
+        })?;
+        // Validated at load time, so endpoints parse; an error here is still reported, not
+        // unwrapped.
+        let client = Arc::new(
+            settings
+                .build(name)
+                .map_err(|e| Error::Other(Box::new(e)))?,
+        );
+        clients.insert(name.to_string(), client.clone());
+        Ok(client)
     }
 
     /// Add an admin endpoint.

@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 
+use std::collections::BTreeMap;
+
+use keel_client::config::UpstreamSettings;
 use keel_config::Duration;
 use keel_config::{ConfigError, Loaded, Loader, Validate, Validator};
 use keel_runtime::RuntimeConfig;
@@ -37,6 +40,8 @@ pub struct Config {
     pub propagation: PropagationConfig,
     /// `[tasks]` — task registry and leak detection.
     pub tasks: TasksConfig,
+    /// `[clients.<name>]` — upstreams this service calls, by name.
+    pub clients: BTreeMap<String, UpstreamSettings>,
     /// `[log]` — log level and format.
     pub log: LogConfig,
 }
@@ -101,6 +106,9 @@ impl Validate for Config {
         v.nested("shutdown", &self.shutdown);
         v.nested("deadline", &self.deadline);
         v.nested("propagation", &self.propagation);
+        for (name, c) in &self.clients {
+            v.nested(&format!("clients.{name}"), c);
+        }
         v.check(
             self.tasks.sweep_interval.get() >= std::time::Duration::from_millis(100),
             "tasks.sweep_interval",
@@ -194,6 +202,7 @@ impl Sources {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use keel_config::{ConfigError, Loaded, Loader};
 
     #[test]
     fn flags_parse_and_reject_unknown() {
@@ -234,5 +243,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("admin.addr") && e.contains("must differ"), "{e}");
+    }
+
+    fn load_toml(toml: &str) -> Result<Loaded<Config>, ConfigError> {
+        Loader::defaults(&Config::default())?
+            .file_contents("test.toml", keel_config::Format::Toml, toml)?
+            .load::<Config>()
+    }
+
+    #[test]
+    fn clients_are_configured_by_name_with_policy_defaults() {
+        let l = load_toml(
+            "[clients.inventory]\nendpoints = [\"127.0.0.1:7001\", \"127.0.0.1:7002;priority=1\"]\nprotocol = \"h2c\"\nretry.max_attempts = 2\n",
+        )
+        .unwrap();
+        let inv = &l.value.clients["inventory"];
+        assert_eq!(inv.endpoints.len(), 2);
+        assert_eq!(inv.retry.max_attempts, 2);
+        assert_eq!(
+            inv.outlier.consecutive_failures, 5,
+            "unset keys keep the policy default"
+        );
+        assert!(inv.build("inventory").is_ok());
+    }
+
+    #[test]
+    fn client_mistakes_name_the_key() {
+        let e = load_toml("[clients.inventory]\nendpoints = [\"localhost\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("clients.inventory.endpoints[0]") && e.contains("localhost"),
+            "{e}"
+        );
+        let e = load_toml("[clients.inventory]\nretries = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("retries"), "{e}");
     }
 }

@@ -1,0 +1,335 @@
+//! `[clients.<name>]`: one upstream's endpoints and policies, as written in config.
+//!
+//! Every field has the default of the policy it configures (the reasons live on those
+//! policies' docs and in `docs/operations.md`). Unknown keys inside an entry are rejected by
+//! name, like everywhere else in Keel's config.
+
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use keel_config::{Duration, Validate, Validator};
+use serde::{Deserialize, Serialize};
+
+use crate::breaker::BreakerConfig;
+use crate::client::{Client, ClientConfig, Protocol};
+use crate::endpoint::{Endpoint, EndpointError, Endpoints};
+use crate::outlier::OutlierConfig;
+use crate::priority::PriorityConfig;
+use crate::retry::{BackoffConfig, BudgetConfig};
+use crate::upstream::{Upstream, UpstreamConfig};
+
+/// One upstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSettings {
+    /// Static endpoints, `ADDR[;priority=N][;locality=L][;label=value…]`.
+    pub endpoints: Vec<String>,
+    /// `http1` or `h2c` (HTTP/2 prior knowledge; required for gRPC).
+    pub protocol: ProtocolSetting,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Upper bound of one attempt; unset = the request's deadline only.
+    pub per_try_timeout: Option<Duration>,
+    /// Pool idle timeout until the server advertises its keep-alive.
+    pub idle_timeout: Duration,
+    /// Subtracted from a learned server keep-alive.
+    pub keepalive_margin: Duration,
+    /// Idle connections kept per endpoint.
+    pub max_idle_per_endpoint: usize,
+    /// Calls to this upstream are idempotent: any failure may be retried.
+    pub idempotent: bool,
+    /// Retries.
+    pub retry: RetrySettings,
+    /// Adaptive throttling.
+    pub breaker: BreakerSettings,
+    /// Outlier ejection.
+    pub outlier: OutlierSettings,
+    /// Priority spill-over.
+    pub priority: PrioritySettings,
+}
+
+/// Wire protocol, as written in config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtocolSetting {
+    /// HTTP/1.1.
+    #[default]
+    Http1,
+    /// HTTP/2 prior knowledge.
+    H2c,
+}
+
+/// `retry` of an upstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Attempts including the first.
+    pub max_attempts: u32,
+    /// First backoff range.
+    pub backoff_base: Duration,
+    /// Backoff cap.
+    pub backoff_max: Duration,
+    /// Retries earned per request.
+    pub budget_ratio: f64,
+    /// Budget memory.
+    pub budget_window: Duration,
+    /// Retries per second always allowed.
+    pub budget_min_per_sec: u32,
+}
+
+/// `breaker` of an upstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerSettings {
+    /// SRE throttling multiplier K.
+    pub k: f64,
+    /// Evidence window.
+    pub window: Duration,
+    /// Requests in the window before any rejection.
+    pub min_requests: u64,
+    /// Highest rejection probability.
+    pub max_reject_probability: f64,
+}
+
+/// `outlier` of an upstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierSettings {
+    /// Failures in a row that eject an endpoint (0 disables).
+    pub consecutive_failures: u32,
+    /// First ejection time; multiplied by the times ejected.
+    pub base_ejection: Duration,
+    /// Longest ejection.
+    pub max_ejection: Duration,
+    /// Largest share of endpoints ejected at once.
+    pub max_ejection_percent: u32,
+}
+
+/// `priority` of an upstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrioritySettings {
+    /// Overprovisioning factor.
+    pub overprovisioning: f64,
+    /// Healthy share below which a level is in panic.
+    pub panic_threshold: f64,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        let c = ClientConfig::default();
+        UpstreamSettings {
+            endpoints: Vec::new(),
+            protocol: ProtocolSetting::Http1,
+            connect_timeout: c.connect_timeout.into(),
+            per_try_timeout: c.per_try_timeout.map(Into::into),
+            idle_timeout: c.idle_timeout.into(),
+            keepalive_margin: c.keepalive_margin.into(),
+            max_idle_per_endpoint: c.max_idle_per_endpoint,
+            idempotent: c.idempotent,
+            retry: RetrySettings::default(),
+            breaker: BreakerSettings::default(),
+            outlier: OutlierSettings::default(),
+            priority: PrioritySettings::default(),
+        }
+    }
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        let (b, g) = (BackoffConfig::default(), BudgetConfig::default());
+        RetrySettings {
+            max_attempts: b.max_attempts,
+            backoff_base: b.base.into(),
+            backoff_max: b.max.into(),
+            budget_ratio: g.ratio,
+            budget_window: g.window.into(),
+            budget_min_per_sec: g.min_per_sec,
+        }
+    }
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        let b = BreakerConfig::default();
+        BreakerSettings {
+            k: b.k,
+            window: b.window.into(),
+            min_requests: b.min_requests,
+            max_reject_probability: b.max_reject_probability,
+        }
+    }
+}
+
+impl Default for OutlierSettings {
+    fn default() -> Self {
+        let o = OutlierConfig::default();
+        OutlierSettings {
+            consecutive_failures: o.consecutive_failures,
+            base_ejection: o.base_ejection.into(),
+            max_ejection: o.max_ejection.into(),
+            max_ejection_percent: o.max_ejection_percent,
+        }
+    }
+}
+
+impl Default for PrioritySettings {
+    fn default() -> Self {
+        let p = PriorityConfig::default();
+        PrioritySettings {
+            overprovisioning: p.overprovisioning,
+            panic_threshold: p.panic_threshold,
+        }
+    }
+}
+
+impl Validate for UpstreamSettings {
+    fn validate(&self, v: &mut Validator) {
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if let Err(err) = Endpoint::parse(e) {
+                v.invalid(&format!("endpoints[{i}]"), format!("{e:?}"), err.reason);
+            }
+        }
+        v.check(
+            self.retry.max_attempts >= 1,
+            "retry.max_attempts",
+            self.retry.max_attempts,
+            "must be at least 1 (the first attempt)",
+        );
+        v.check(
+            (0.0..=1.0).contains(&self.retry.budget_ratio),
+            "retry.budget_ratio",
+            self.retry.budget_ratio,
+            "must be between 0 and 1",
+        );
+        v.check(
+            self.breaker.k >= 1.0,
+            "breaker.k",
+            self.breaker.k,
+            "must be at least 1 (below 1 the breaker rejects healthy traffic)",
+        );
+        v.check(
+            (0.0..=1.0).contains(&self.breaker.max_reject_probability),
+            "breaker.max_reject_probability",
+            self.breaker.max_reject_probability,
+            "must be between 0 and 1",
+        );
+        v.check(
+            self.outlier.max_ejection_percent <= 100,
+            "outlier.max_ejection_percent",
+            self.outlier.max_ejection_percent,
+            "must be at most 100",
+        );
+        v.check(
+            self.priority.overprovisioning >= 1.0,
+            "priority.overprovisioning",
+            self.priority.overprovisioning,
+            "must be at least 1.0",
+        );
+        v.check(
+            (0.0..=1.0).contains(&self.priority.panic_threshold),
+            "priority.panic_threshold",
+            self.priority.panic_threshold,
+            "must be between 0 and 1",
+        );
+        v.check(
+            !self.idle_timeout.get().is_zero(),
+            "idle_timeout",
+            self.idle_timeout,
+            "must be greater than 0",
+        );
+    }
+}
+
+impl UpstreamSettings {
+    /// The client these settings describe.
+    pub fn build(&self, name: &str) -> Result<Client, EndpointError> {
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|e| Endpoint::parse(e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let d = |x: Duration| -> StdDuration { x.get() };
+        let outlier_default = OutlierConfig::default();
+        let upstream = Upstream::new(
+            UpstreamConfig {
+                balance: Default::default(),
+                outlier: OutlierConfig {
+                    consecutive_failures: self.outlier.consecutive_failures,
+                    base_ejection: d(self.outlier.base_ejection),
+                    max_ejection: d(self.outlier.max_ejection),
+                    max_ejection_percent: self.outlier.max_ejection_percent,
+                    decay: outlier_default.decay,
+                },
+                priority: PriorityConfig {
+                    overprovisioning: self.priority.overprovisioning,
+                    panic_threshold: self.priority.panic_threshold,
+                },
+            },
+            Endpoints::new(endpoints),
+        );
+        let cfg = ClientConfig {
+            protocol: match self.protocol {
+                ProtocolSetting::Http1 => Protocol::Http1,
+                ProtocolSetting::H2c => Protocol::H2c,
+            },
+            connect_timeout: d(self.connect_timeout),
+            per_try_timeout: self.per_try_timeout.map(d),
+            idle_timeout: d(self.idle_timeout),
+            keepalive_margin: d(self.keepalive_margin),
+            max_idle_per_endpoint: self.max_idle_per_endpoint,
+            idempotent: self.idempotent,
+            outbound: ClientConfig::default().outbound,
+            backoff: BackoffConfig {
+                base: d(self.retry.backoff_base),
+                max: d(self.retry.backoff_max),
+                max_attempts: self.retry.max_attempts,
+            },
+            budget: BudgetConfig {
+                ratio: self.retry.budget_ratio,
+                window: d(self.retry.budget_window),
+                min_per_sec: self.retry.budget_min_per_sec,
+            },
+            breaker: BreakerConfig {
+                k: self.breaker.k,
+                window: d(self.breaker.window),
+                min_requests: self.breaker.min_requests,
+                max_reject_probability: self.breaker.max_reject_probability,
+            },
+        };
+        Ok(Client::new(name, cfg, Arc::new(upstream)))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_mirror_the_policies_and_validate() {
+        let s = UpstreamSettings::default();
+        let mut v = Validator::default();
+        s.validate(&mut v);
+        assert!(v.is_empty(), "{v:?}");
+        assert_eq!(s.retry.max_attempts, BackoffConfig::default().max_attempts);
+        assert_eq!(s.outlier.consecutive_failures, 5);
+        assert!(s.build("x").is_ok());
+    }
+
+    #[test]
+    fn bad_endpoints_and_ranges_are_reported_by_key() {
+        let s = UpstreamSettings {
+            endpoints: vec!["127.0.0.1:80".into(), "nonsense".into()],
+            retry: RetrySettings {
+                budget_ratio: 1.5,
+                ..RetrySettings::default()
+            },
+            ..UpstreamSettings::default()
+        };
+        let mut v = Validator::default();
+        s.validate(&mut v);
+        let keys: Vec<&str> = v.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, vec!["endpoints[1]", "retry.budget_ratio"]);
+    }
+}
