@@ -227,7 +227,8 @@ impl Client {
                             call.failure(self.upstream.balance_config(), retry_after);
                             self.upstream.report(addr, false, retry_after);
                             if !self.may_retry(f, &ctx, attempt).await {
-                                // An answer is an answer: hand the 5xx to the caller.
+                                // An answer is an answer: hand the 5xx (or gRPC error) to
+                                // the caller.
                                 return Ok(resp);
                             }
                             attempt += 1;
@@ -389,7 +390,23 @@ pub fn keep_alive_timeout(h: &HeaderMap) -> Option<Duration> {
 }
 
 /// A response status that counts as a failure of the endpoint, with its `Retry-After`.
+/// For gRPC, a *trailers-only* response (the usual shape of an error) carries `grpc-status`
+/// in its headers and is classified here; a status in trailers after a body is not seen yet.
 fn classify_status(s: StatusCode, h: &HeaderMap) -> Option<(Failure, Option<Duration>)> {
+    if let Some(code) = h
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+    {
+        return match code {
+            0 => None,
+            14 => Some((Failure::GrpcUnavailable, None)),
+            // Only statuses that speak about the server's health count against it: an
+            // INVALID_ARGUMENT or NOT_FOUND is the caller's business, not an outage.
+            4 | 8 | 13 => Some((Failure::GrpcOther(code), None)),
+            _ => None,
+        };
+    }
     if !s.is_server_error() {
         return None;
     }
@@ -420,5 +437,56 @@ fn classify_error(e: &hyper_util::client::legacy::Error) -> Failure {
         Failure::ResetBeforeWrite
     } else {
         Failure::ResetAfterWrite
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn statuses_that_speak_about_the_server_count_as_failures() {
+        assert_eq!(classify_status(StatusCode::OK, &headers(&[])), None);
+        assert_eq!(classify_status(StatusCode::NOT_FOUND, &headers(&[])), None);
+        assert_eq!(
+            classify_status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &headers(&[("retry-after", "3")])
+            ),
+            Some((Failure::Status503NoBody, Some(Duration::from_secs(3))))
+        );
+        assert_eq!(
+            classify_status(StatusCode::BAD_GATEWAY, &headers(&[])),
+            Some((Failure::Status5xx(502), None))
+        );
+        // gRPC trailers-only responses travel as HTTP 200.
+        let grpc = |code: &str| classify_status(StatusCode::OK, &headers(&[("grpc-status", code)]));
+        assert_eq!(grpc("0"), None);
+        assert_eq!(grpc("14"), Some((Failure::GrpcUnavailable, None)));
+        assert_eq!(grpc("4"), Some((Failure::GrpcOther(4), None)));
+        assert_eq!(grpc("3"), None, "INVALID_ARGUMENT is the caller's fault");
+        assert_eq!(grpc("5"), None, "NOT_FOUND is an answer");
+    }
+
+    #[test]
+    fn keep_alive_timeout_is_read_from_the_header() {
+        assert_eq!(
+            keep_alive_timeout(&headers(&[("keep-alive", "timeout=5, max=100")])),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            keep_alive_timeout(&headers(&[("keep-alive", "max=100")])),
+            None
+        );
+        assert_eq!(keep_alive_timeout(&headers(&[])), None);
     }
 }

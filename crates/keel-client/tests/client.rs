@@ -351,3 +351,90 @@ async fn a_generated_tonic_client_runs_over_the_keel_client() {
         "all calls multiplexed on one HTTP/2 connection"
     );
 }
+
+#[tokio::test]
+async fn losing_priority_zero_fails_over_to_priority_one_and_traffic_returns_when_it_heals() {
+    let mut states = Vec::new();
+    let mut proxies = Vec::new();
+    for _ in 0..4 {
+        let (a, s, _) = serve(Duration::from_secs(75)).await;
+        states.push(s);
+        proxies.push(FaultProxy::start(a).await.unwrap());
+    }
+    // P0 = proxies 0 and 1 ("cluster A"), P1 = proxies 2 and 3 ("cluster B").
+    let eps: Vec<Endpoint> = proxies
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Endpoint::parse(&format!("{};priority={}", p.addr(), i / 2)).unwrap())
+        .collect();
+    let upstream_cfg = UpstreamConfig {
+        outlier: keel_client::outlier::OutlierConfig {
+            consecutive_failures: 2,
+            base_ejection: Duration::from_secs(1),
+            // A whole cluster must be able to go.
+            max_ejection_percent: 50,
+            ..Default::default()
+        },
+        ..UpstreamConfig::default()
+    };
+    let c = Client::new(
+        "failover",
+        ClientConfig::default(),
+        Arc::new(Upstream::new(upstream_cfg, Endpoints::new(eps))),
+    );
+    let hits = |states: &[Arc<Upstreamish>]| -> Vec<usize> {
+        states
+            .iter()
+            .map(|s| s.hits.load(Ordering::SeqCst))
+            .collect()
+    };
+    async fn run(c: &Client, n: usize) -> usize {
+        let mut failed = 0;
+        for _ in 0..n {
+            match c.request(get_root()).await {
+                Ok(r) if r.status() == 200 => {
+                    http_body_util::BodyExt::collect(r.into_body())
+                        .await
+                        .unwrap();
+                }
+                _ => failed += 1,
+            }
+        }
+        failed
+    }
+
+    assert_eq!(run(&c, 100).await, 0);
+    let h0 = hits(&states);
+    assert_eq!(
+        h0[2] + h0[3],
+        0,
+        "healthy priority 0 takes everything: {h0:?}"
+    );
+
+    // Cluster A goes away.
+    for p in &proxies[..2] {
+        p.set(Fault::Refuse);
+        p.reset_all();
+    }
+    let failed_during_switch = run(&c, 200).await;
+    let h1 = hits(&states);
+    let to_b = (h1[2] + h1[3]) - (h0[2] + h0[3]);
+    // Refused connections are retried elsewhere: the switch costs no failed request here, and
+    // at most a few under load.
+    assert!(
+        failed_during_switch <= 2,
+        "{failed_during_switch} failed during the switch"
+    );
+    assert_eq!(to_b, 200 - failed_during_switch, "cluster B served: {h1:?}");
+
+    // Cluster A heals; after its ejections end, traffic returns to priority 0.
+    for p in &proxies[..2] {
+        p.set(Fault::None);
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(run(&c, 100).await, 0);
+    let h2 = hits(&states);
+    let back_to_a = (h2[0] + h2[1]) - (h1[0] + h1[1]);
+    assert!(back_to_a >= 95, "traffic returned to priority 0: {h2:?}");
+    eprintln!("failover: {failed_during_switch} failed requests during the switch");
+}
