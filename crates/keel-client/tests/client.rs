@@ -419,8 +419,10 @@ async fn losing_priority_zero_fails_over_to_priority_one_and_traffic_returns_whe
     let failed_during_switch = run(&c, 200).await;
     let h1 = hits(&states);
     let to_b = (h1[2] + h1[3]) - (h0[2] + h0[3]);
-    // Refused connections are retried elsewhere: the switch costs no failed request here, and
-    // at most a few under load.
+    // New connections to cluster A are refused, which is retried elsewhere. What can fail is at
+    // most one request per cluster-A endpoint: the one sent on its pooled connection as the
+    // reset hit it — not retried, since the upstream may have processed it (the route is not
+    // declared idempotent). Observed: 1–2.
     assert!(
         failed_during_switch <= 2,
         "{failed_during_switch} failed during the switch"
