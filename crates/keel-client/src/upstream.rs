@@ -281,19 +281,21 @@ mod tests {
             vec![1]
         );
 
-        let before = u.pick(None).unwrap().load;
+        let one: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let before = u.load_of(&one).unwrap();
         u.endpoints()
             .publish(vec![ep("127.0.0.1:1"), ep("127.0.0.1:4")])
             .unwrap();
         let after = picks(&u, None, 100);
         assert!(after.contains_key(&4));
-        let again = u.pick_with(None, 0).unwrap();
-        if again.endpoint.addr.port() == 1 {
-            assert!(
-                Arc::ptr_eq(&before, &again.load),
-                "an address that stays keeps its load"
-            );
-        }
+        assert!(
+            Arc::ptr_eq(&before, &u.load_of(&one).unwrap()),
+            "an address that stays keeps its load history"
+        );
+        assert!(
+            u.load_of(&"127.0.0.1:3".parse().unwrap()).is_none(),
+            "a removed address is dropped"
+        );
     }
 
     #[test]
