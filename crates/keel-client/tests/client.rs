@@ -86,6 +86,23 @@ fn client(addrs: &[SocketAddr], cfg: ClientConfig) -> Client {
     )
 }
 
+/// Send `n` calls to `/`, reading each body so its connection returns to the pool; returns
+/// how many did not end in 200.
+async fn run(c: &Client, n: usize) -> usize {
+    let mut failed = 0;
+    for _ in 0..n {
+        match c.request(get_root()).await {
+            Ok(r) if r.status() == 200 => {
+                http_body_util::BodyExt::collect(r.into_body())
+                    .await
+                    .unwrap();
+            }
+            _ => failed += 1,
+        }
+    }
+    failed
+}
+
 fn get_root() -> http::Request<Bytes> {
     http::Request::get("/").body(Bytes::new()).unwrap()
 }
@@ -101,14 +118,7 @@ async fn steady_load_reuses_connections() {
     }
     let c = client(&addrs, ClientConfig::default());
     let n = 600;
-    for _ in 0..n {
-        let r = c.request(get_root()).await.unwrap();
-        assert_eq!(r.status(), 200);
-        // Read the body so the connection returns to the pool.
-        http_body_util::BodyExt::collect(r.into_body())
-            .await
-            .unwrap();
-    }
+    assert_eq!(run(&c, n).await, 0);
     let accepted: u64 = handles
         .iter()
         .map(|h| h.stats().accepted.load(Ordering::Relaxed))
@@ -163,12 +173,7 @@ async fn a_503_endpoint_is_avoided_and_its_requests_retried_elsewhere() {
     let eps = Endpoints::new(vec![Endpoint::new(addrs[1])]);
     let upstream = Arc::new(Upstream::new(UpstreamConfig::default(), eps.clone()));
     let c = Client::new("test", ClientConfig::default(), upstream);
-    for _ in 0..5 {
-        let r = c.request(get_root()).await.unwrap();
-        http_body_util::BodyExt::collect(r.into_body())
-            .await
-            .unwrap();
-    }
+    assert_eq!(run(&c, 5).await, 0);
     eps.publish(addrs.iter().map(|a| Endpoint::new(*a)).collect())
         .unwrap();
     let before: Vec<usize> = states
@@ -176,13 +181,11 @@ async fn a_503_endpoint_is_avoided_and_its_requests_retried_elsewhere() {
         .map(|s| s.hits.load(Ordering::SeqCst))
         .collect();
     states[1].failing.store(true, Ordering::SeqCst);
-    for _ in 0..200 {
-        let r = c.request(get_root()).await.unwrap();
-        assert_eq!(r.status(), 200, "503 is retried on a healthy endpoint");
-        http_body_util::BodyExt::collect(r.into_body())
-            .await
-            .unwrap();
-    }
+    assert_eq!(
+        run(&c, 200).await,
+        0,
+        "503s are retried on healthy endpoints"
+    );
     let bad_hits = states[1].hits.load(Ordering::SeqCst) - before[1];
     // A failure penalises it in the balancer (it loses every P2C comparison for 1 s), and 5 in
     // a row eject it for 30 s: it sees at most a handful, not a third of 200.
@@ -211,13 +214,11 @@ async fn refused_endpoints_are_retried_around_and_a_dead_upstream_is_bounded_by_
     let addrs: Vec<SocketAddr> = proxies.iter().map(FaultProxy::addr).collect();
     let c = client(&addrs, ClientConfig::default());
     proxies[0].set(Fault::Refuse);
-    for _ in 0..50 {
-        let r = c.request(get_root()).await.unwrap();
-        assert_eq!(r.status(), 200);
-        http_body_util::BodyExt::collect(r.into_body())
-            .await
-            .unwrap();
-    }
+    assert_eq!(
+        run(&c, 50).await,
+        0,
+        "refused connections are retried elsewhere"
+    );
 
     // Everything down: every call fails, retries stay within the budget, the breaker opens.
     for p in &proxies {
@@ -388,20 +389,6 @@ async fn losing_priority_zero_fails_over_to_priority_one_and_traffic_returns_whe
             .map(|s| s.hits.load(Ordering::SeqCst))
             .collect()
     };
-    async fn run(c: &Client, n: usize) -> usize {
-        let mut failed = 0;
-        for _ in 0..n {
-            match c.request(get_root()).await {
-                Ok(r) if r.status() == 200 => {
-                    http_body_util::BodyExt::collect(r.into_body())
-                        .await
-                        .unwrap();
-                }
-                _ => failed += 1,
-            }
-        }
-        failed
-    }
 
     assert_eq!(run(&c, 100).await, 0);
     let h0 = hits(&states);

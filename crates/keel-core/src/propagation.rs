@@ -43,24 +43,9 @@ pub mod names {
     pub const RETRY: &str = "keel-retry";
 }
 
-/// Read access to a header map: HTTP headers or a message's string headers.
-pub trait HeaderReader {
-    /// The first value of `name` (lower-case), if any.
-    fn get(&self, name: &str) -> Option<&[u8]>;
-    /// Every value of `name`, in order (multi-valued headers such as `baggage`).
-    fn for_each(
-        &self,
-        name: &str,
-        f: &mut dyn FnMut(&[u8]) -> Result<(), CodecError>,
-    ) -> Result<(), CodecError> {
-        match self.get(name) {
-            Some(v) => f(v),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Walking every header of a map once (inbound parsing looks for many names at once).
+/// Read access to a header map — HTTP headers or a message's string headers — as one walk
+/// over every header: inbound parsing looks for about fifteen names at once, and one pass
+/// comparing names beats that many lookups. Names may come in any case.
 pub trait HeaderScan {
     /// Call `f` with every (name, value) pair, in order.
     fn for_each_header<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a [u8]));
@@ -80,23 +65,6 @@ pub trait HeaderWriter {
     fn set(&mut self, name: &'static str, value: &str);
 }
 
-impl HeaderReader for http::HeaderMap {
-    fn get(&self, name: &str) -> Option<&[u8]> {
-        http::HeaderMap::get(self, name).map(http::HeaderValue::as_bytes)
-    }
-
-    fn for_each(
-        &self,
-        name: &str,
-        f: &mut dyn FnMut(&[u8]) -> Result<(), CodecError>,
-    ) -> Result<(), CodecError> {
-        for v in self.get_all(name) {
-            f(v.as_bytes())?;
-        }
-        Ok(())
-    }
-}
-
 impl HeaderWriter for http::HeaderMap {
     fn set(&mut self, name: &'static str, value: &str) {
         // Every value Keel writes is produced by its own encoders (visible ASCII), so this
@@ -107,23 +75,11 @@ impl HeaderWriter for http::HeaderMap {
     }
 }
 
-/// Message headers as string maps (AMQP, Kafka and NATS adapters convert to these). Lookups
+/// Message headers as string maps (AMQP, Kafka and NATS adapters convert to these). Reads
 /// ignore case, since brokers and producers disagree on it; writes use Keel's lower-case
 /// names and replace any differently-cased copy so a key never appears twice.
 macro_rules! string_map_headers {
     ($map:ident) => {
-        impl HeaderReader for $map<String, String> {
-            fn get(&self, name: &str) -> Option<&[u8]> {
-                $map::get(self, name)
-                    .or_else(|| {
-                        self.iter()
-                            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                            .map(|(_, v)| v)
-                    })
-                    .map(String::as_bytes)
-            }
-        }
-
         impl HeaderWriter for $map<String, String> {
             fn set(&mut self, name: &'static str, value: &str) {
                 self.retain(|k, _| !k.eq_ignore_ascii_case(name));
