@@ -8,61 +8,48 @@
 //! when the failure is safe to retry, the backoff fits in the remaining time and the budget
 //! has a token.
 //!
-//! **Pools and keep-alive.** Each endpoint has its own pool whose idle timeout starts at
-//! `idle_timeout` and *shrinks* to the server's advertised `Keep-Alive: timeout=N` minus
-//! `keepalive_margin` as soon as a response shows it: a client must give up an idle socket
-//! before the server closes it, or it sends a request into a connection being torn down. The
-//! pool is rebuilt with the shorter timeout when that happens (rare: once per endpoint).
+//! **Connections** live in per-endpoint pools ([`crate::pool`]) that learn the server's
+//! keep-alive, size their idle set by a decaying peak of concurrency, and open another HTTP/2
+//! connection when one reaches the server's stream limit. A response's HTTP/1.1 connection
+//! returns to its pool when the [`Body`] has been read to the end.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use keel_core::Context;
 use keel_core::propagation::{self, Carrier, Outbound};
 
-use crate::breaker::{Breaker, BreakerConfig, BreakerOpen};
+use crate::body::{Body, GrpcOutcome};
+use crate::breaker::{Breaker, BreakerConfig, BreakerOpen, BreakerStats};
+pub use crate::pool::Protocol;
+use crate::pool::{ConnectError, Pool, PoolConfig, PoolSnapshot};
 use crate::retry::{self, BackoffConfig, BudgetConfig, Failure, RetryBudget};
 use crate::upstream::Upstream;
 
-/// The wire protocol to an upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Protocol {
-    /// HTTP/1.1 with keep-alive pooling.
-    #[default]
-    Http1,
-    /// HTTP/2 with prior knowledge (h2c): one multiplexed connection per endpoint; gRPC.
-    H2c,
-}
-
 /// Client settings for one upstream.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ClientConfig {
-    /// HTTP/1.1 or h2c.
-    pub protocol: Protocol,
-    /// TCP connect timeout. 1 s: far above an in-cluster handshake, short enough that a dead
-    /// endpoint costs one retry, not the whole deadline.
-    pub connect_timeout: Duration,
+    /// Connections.
+    pub pool: PoolConfig,
     /// Upper bound of one attempt (the remaining deadline may shorten it). None: deadline only.
     pub per_try_timeout: Option<Duration>,
-    /// Pool idle timeout until the server advertises its own. 30 s is below the keep-alive of
-    /// common servers and proxies (Keel 75 s, nginx 75 s, Node 5 s is learned from its header).
-    pub idle_timeout: Duration,
-    /// Subtracted from a learned server keep-alive. 1 s covers the clock skew between the two
-    /// timers and a request in flight when the server's timer fires.
-    pub keepalive_margin: Duration,
-    /// Idle connections kept per endpoint.
-    pub max_idle_per_endpoint: usize,
     /// The route is idempotent: any failure may be retried.
     pub idempotent: bool,
+    /// Hedging (idempotent upstreams only): when the first attempt has not answered after
+    /// this long, send a second one to another endpoint and take whichever answers first.
+    /// The hedge spends a retry-budget token. Off by default: it trades upstream load for
+    /// tail latency, which is the service owner's call. A good value is the route's p95.
+    pub hedge_after: Option<Duration>,
+    /// Path prefixes with a breaker of their own: a failing route is throttled without
+    /// throttling the others. Requests under no listed prefix share the upstream's breaker.
+    pub route_breakers: Vec<String>,
     /// Deadline propagation.
     pub outbound: Outbound,
     /// Retry backoff and attempts.
@@ -71,24 +58,6 @@ pub struct ClientConfig {
     pub budget: BudgetConfig,
     /// Adaptive throttling.
     pub breaker: BreakerConfig,
-}
-
-impl Default for ClientConfig {
-    fn default() -> Self {
-        ClientConfig {
-            protocol: Protocol::Http1,
-            connect_timeout: Duration::from_secs(1),
-            per_try_timeout: None,
-            idle_timeout: Duration::from_secs(30),
-            keepalive_margin: Duration::from_secs(1),
-            max_idle_per_endpoint: 64,
-            idempotent: false,
-            outbound: Outbound::default(),
-            backoff: BackoffConfig::default(),
-            budget: BudgetConfig::default(),
-            breaker: BreakerConfig::default(),
-        }
-    }
 }
 
 /// Why a call failed.
@@ -103,6 +72,14 @@ pub enum ClientError {
     /// The upstream has no endpoints.
     #[error("upstream {0} has no endpoints")]
     NoEndpoints(String),
+    /// The request could not be built (an invalid header value from the caller).
+    #[error("upstream {upstream}: invalid request: {reason}")]
+    InvalidRequest {
+        /// Upstream name.
+        upstream: String,
+        /// What was wrong.
+        reason: String,
+    },
     /// The last attempt failed and no retry was possible.
     #[error("upstream {upstream}: {failure:?} from {addr} after {attempts} attempt(s)")]
     Failed {
@@ -117,19 +94,45 @@ pub enum ClientError {
     },
 }
 
-struct EndpointPool {
-    client: HyperClient<HttpConnector, Full<Bytes>>,
-    idle: Duration,
+/// Counters of one upstream, for metrics and `/debug/clients`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClientStats {
+    /// Calls made (not attempts).
+    pub calls: u64,
+    /// Retries sent.
+    pub retries: u64,
+    /// Hedged attempts sent.
+    pub hedges: u64,
+    /// Connections, summed over endpoints.
+    pub pool: PoolSnapshot,
+    /// The upstream's breaker.
+    pub breaker: BreakerStats,
+    /// Per-route breakers, by prefix.
+    pub route_breakers: Vec<(String, BreakerStats)>,
 }
 
 /// An HTTP client for one upstream.
 pub struct Client {
     name: String,
     cfg: ClientConfig,
+    pool_cfg: Arc<PoolConfig>,
     upstream: Arc<Upstream>,
     breaker: Breaker,
+    /// Longest prefix first.
+    route_breakers: Vec<(String, Breaker)>,
     budget: RetryBudget,
-    pools: Mutex<HashMap<SocketAddr, Arc<EndpointPool>>>,
+    pools: Mutex<Pools>,
+    calls: AtomicU64,
+    retries: AtomicU64,
+    hedges: AtomicU64,
+}
+
+/// Pools by address, pruned to the endpoint set when its version changes (discovery removes
+/// an endpoint: its idle connections close with its pool).
+#[derive(Default)]
+struct Pools {
+    version: Option<u64>,
+    by_addr: HashMap<SocketAddr, Arc<Pool>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -140,22 +143,63 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// What one attempt produced.
+enum Outcome {
+    /// An answer for the caller: a success, or an error the caller should see as is.
+    Answer(Response<Body>, SocketAddr),
+    /// A response that speaks against the endpoint (5xx, gRPC UNAVAILABLE…); retried when
+    /// that is safe, otherwise handed to the caller.
+    Refused(Response<Body>, Failure, SocketAddr),
+    /// No response.
+    Error(Failure, SocketAddr),
+}
+
 impl Client {
     /// A client for `upstream`.
     pub fn new(name: impl Into<String>, cfg: ClientConfig, upstream: Arc<Upstream>) -> Client {
+        let mut route_breakers: Vec<(String, Breaker)> = cfg
+            .route_breakers
+            .iter()
+            .map(|p| (p.clone(), Breaker::new(cfg.breaker.clone())))
+            .collect();
+        route_breakers.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
         Client {
             name: name.into(),
             breaker: Breaker::new(cfg.breaker.clone()),
+            route_breakers,
             budget: RetryBudget::new(cfg.budget.clone()),
+            pool_cfg: Arc::new(cfg.pool.clone()),
             cfg,
             upstream,
-            pools: Mutex::new(HashMap::new()),
+            pools: Mutex::new(Pools::default()),
+            calls: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            hedges: AtomicU64::new(0),
         }
     }
 
-    /// The breaker (stats for metrics and tests).
+    /// The upstream's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The routing state (endpoints, outlier detector, loads).
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+
+    /// The upstream's breaker (stats for metrics and tests).
     pub fn breaker(&self) -> &Breaker {
         &self.breaker
+    }
+
+    /// The breaker a request for `path` is admitted by: the longest matching route prefix,
+    /// else the upstream's.
+    pub fn breaker_for(&self, path: &str) -> &Breaker {
+        self.route_breakers
+            .iter()
+            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map_or(&self.breaker, |(_, b)| b)
     }
 
     /// The retry budget (stats for metrics and tests).
@@ -165,92 +209,253 @@ impl Client {
 
     /// The idle timeout currently used for `addr`'s pool.
     pub fn idle_timeout_of(&self, addr: SocketAddr) -> Option<Duration> {
-        self.lock_pools().get(&addr).map(|p| p.idle)
+        self.lock_pools()
+            .by_addr
+            .get(&addr)
+            .map(|p| p.idle_timeout())
+    }
+
+    /// Connection counters of one endpoint.
+    pub fn pool_stats_of(&self, addr: SocketAddr) -> Option<PoolSnapshot> {
+        self.lock_pools().by_addr.get(&addr).map(|p| p.snapshot())
+    }
+
+    /// Counters of the whole upstream.
+    pub fn stats(&self) -> ClientStats {
+        let mut pool = PoolSnapshot::default();
+        for p in self.lock_pools().by_addr.values() {
+            pool.add(&p.snapshot());
+        }
+        ClientStats {
+            calls: self.calls.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            hedges: self.hedges.load(Ordering::Relaxed),
+            pool,
+            breaker: self.breaker.stats(),
+            route_breakers: self
+                .route_breakers
+                .iter()
+                .map(|(p, b)| (p.clone(), b.stats()))
+                .collect(),
+        }
     }
 
     /// Send `req` (its URI's path and query are used; the authority comes from the chosen
     /// endpoint). The request context is `Context::current()`, or a fresh one with the
     /// client's per-try timeout when called outside a request.
-    pub async fn request(&self, req: Request<Bytes>) -> Result<Response<Incoming>, ClientError> {
+    pub async fn request(&self, req: Request<Bytes>) -> Result<Response<Body>, ClientError> {
         let ctx = Context::current().unwrap_or_else(|| {
             Context::background(self.cfg.per_try_timeout.unwrap_or(Duration::from_secs(30)))
         });
-        let admitted = self.breaker.admit()?;
-        self.budget.deposit();
         let (parts, body) = req.into_parts();
+        let admitted = self.breaker_for(parts.uri.path()).admit()?;
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.budget.deposit();
         let mut attempt: u32 = 0;
         loop {
-            let Some(picked) = self.upstream.pick(ctx.color()) else {
-                return Err(ClientError::NoEndpoints(self.name.clone()));
-            };
-            let addr = picked.endpoint.addr;
-            let mut headers = parts.headers.clone();
-            let opts = Outbound {
-                retry: attempt > 0,
-                ..self.cfg.outbound
-            };
-            let carrier = if is_grpc(&headers) {
-                Carrier::Grpc
-            } else {
-                Carrier::Http
-            };
-            propagation::inject(&ctx, carrier, &opts, &mut headers)?;
-            let uri = format!(
-                "http://{addr}{}",
-                parts.uri.path_and_query().map_or("/", |p| p.as_str())
-            );
-            let mut out = Request::builder()
-                .method(parts.method.clone())
-                .uri(uri)
-                .body(Full::new(body.clone()))
-                .map_err(|_| ClientError::NoEndpoints(self.name.clone()))?;
-            *out.headers_mut() = headers;
-
-            let pool = self.pool(addr);
-            let budget = self
-                .cfg
-                .per_try_timeout
-                .map_or(ctx.remaining(), |t| t.min(ctx.remaining()));
-            let call = picked.load.start();
-            let result = tokio::time::timeout(budget, pool.client.request(out)).await;
-            let failure = match result {
-                Ok(Ok(resp)) => {
-                    self.learn_keepalive(addr, &pool, resp.headers());
-                    match classify_status(resp.status(), resp.headers()) {
-                        None => {
-                            call.success(self.upstream.balance_config());
-                            self.upstream.report(addr, true, None);
-                            admitted.success();
-                            return Ok(resp);
-                        }
-                        Some((f, retry_after)) => {
-                            call.failure(self.upstream.balance_config(), retry_after);
-                            self.upstream.report(addr, false, retry_after);
-                            if !self.may_retry(f, &ctx, attempt).await {
-                                // An answer is an answer: hand the 5xx (or gRPC error) to
-                                // the caller.
-                                return Ok(resp);
-                            }
-                            attempt += 1;
-                            continue;
-                        }
+            let (failure, addr) = match self.attempt_hedged(&ctx, &parts, &body, attempt).await? {
+                Outcome::Answer(mut resp, addr) => {
+                    if status_in_trailers(resp.headers()) {
+                        resp.body_mut().report_trailers_to(GrpcOutcome {
+                            upstream: self.upstream.clone(),
+                            addr,
+                            admitted,
+                        });
+                    } else {
+                        admitted.success();
                     }
+                    return Ok(resp);
                 }
-                Ok(Err(e)) => classify_error(&e),
-                Err(_) => Failure::Timeout,
+                Outcome::Refused(resp, failure, addr) => {
+                    if !self.may_retry(failure, &ctx, attempt).await {
+                        admitted.failure();
+                        // An answer is an answer: hand the 5xx (or gRPC error) to the caller.
+                        return Ok(resp);
+                    }
+                    (failure, addr)
+                }
+                Outcome::Error(failure, addr) => {
+                    if !self.may_retry(failure, &ctx, attempt).await {
+                        admitted.failure();
+                        return Err(ClientError::Failed {
+                            upstream: self.name.clone(),
+                            addr,
+                            failure,
+                            attempts: attempt + 1,
+                        });
+                    }
+                    (failure, addr)
+                }
             };
-            call.failure(self.upstream.balance_config(), None);
-            self.upstream.report(addr, false, None);
-            if !self.may_retry(failure, &ctx, attempt).await {
-                return Err(ClientError::Failed {
-                    upstream: self.name.clone(),
-                    addr,
-                    failure,
-                    attempts: attempt + 1,
-                });
-            }
+            tracing::debug!(upstream = %self.name, %addr, ?failure, attempt, "retrying");
+            self.retries.fetch_add(1, Ordering::Relaxed);
             attempt += 1;
         }
+    }
+
+    /// One attempt, with a hedge to another endpoint when configured and the first is slow.
+    async fn attempt_hedged(
+        &self,
+        ctx: &Context,
+        parts: &Parts,
+        body: &Bytes,
+        attempt: u32,
+    ) -> Result<Outcome, ClientError> {
+        let first = self.attempt(ctx, parts, body, attempt > 0, false);
+        let hedge_after = match self.cfg.hedge_after {
+            Some(d) if self.cfg.idempotent && !ctx.is_retry() && d < ctx.remaining() => d,
+            _ => return first.await,
+        };
+        tokio::pin!(first);
+        tokio::select! {
+            out = &mut first => return out,
+            () = tokio::time::sleep(hedge_after) => {}
+        }
+        if !self.budget.try_withdraw() {
+            return first.await;
+        }
+        self.hedges.fetch_add(1, Ordering::Relaxed);
+        let second = self.attempt(ctx, parts, body, true, true);
+        tokio::pin!(second);
+        // The first answer wins; a failure waits for the other attempt, whose answer (or
+        // failure) then stands. The loser is dropped: its stream reset, or its HTTP/1.1
+        // connection closed.
+        tokio::select! {
+            out = &mut first => match out? {
+                answer @ Outcome::Answer(..) => Ok(answer),
+                _ => second.await,
+            },
+            out = &mut second => match out? {
+                answer @ Outcome::Answer(..) => Ok(answer),
+                _ => first.await,
+            },
+        }
+    }
+
+    /// One attempt on one endpoint. `hedge`: this attempt should not go where the first
+    /// one went (best effort: a few draws).
+    async fn attempt(
+        &self,
+        ctx: &Context,
+        parts: &Parts,
+        body: &Bytes,
+        is_retry: bool,
+        hedge: bool,
+    ) -> Result<Outcome, ClientError> {
+        let picked = self.pick(ctx, hedge)?;
+        let addr = picked.endpoint.addr;
+        let out = self.build(ctx, parts, body, addr, is_retry)?;
+        let pool = self.pool(addr);
+        let budget = self
+            .cfg
+            .per_try_timeout
+            .map_or(ctx.remaining(), |t| t.min(ctx.remaining()));
+        let call = picked.load.start();
+        let sent = tokio::time::timeout(budget, async {
+            let mut lease = pool.checkout().await.map_err(Sent::Connect)?;
+            match lease.send(out).await {
+                Ok(resp) => Ok((resp, lease)),
+                Err(e) => Err(Sent::Send(e.maybe_sent, e.error)),
+            }
+        })
+        .await;
+        let balance = self.upstream.balance_config();
+        let failure = match sent {
+            Ok(Ok((resp, lease))) => {
+                if let Some(server) = keep_alive_timeout(resp.headers()) {
+                    pool.learn_keepalive(server);
+                }
+                let classified = classify_status(resp.status(), resp.headers());
+                let resp = resp.map(|b| Body::new(b, lease));
+                return Ok(match classified {
+                    None => {
+                        call.success(balance);
+                        if !status_in_trailers(resp.headers()) {
+                            self.upstream.report(addr, true, None);
+                        }
+                        Outcome::Answer(resp, addr)
+                    }
+                    Some((f, retry_after)) => {
+                        call.failure(balance, retry_after);
+                        self.upstream.report(addr, false, retry_after);
+                        Outcome::Refused(resp, f, addr)
+                    }
+                });
+            }
+            Ok(Err(Sent::Connect(e))) => {
+                tracing::debug!(upstream = %self.name, error = %e, "connect failed");
+                Failure::ConnectRefused
+            }
+            Ok(Err(Sent::Send(maybe_sent, e))) => {
+                tracing::debug!(upstream = %self.name, %addr, error = %e, maybe_sent, "send failed");
+                if maybe_sent {
+                    Failure::ResetAfterWrite
+                } else {
+                    Failure::ResetBeforeWrite
+                }
+            }
+            Err(_) => Failure::Timeout,
+        };
+        call.failure(balance, None);
+        self.upstream.report(addr, false, None);
+        Ok(Outcome::Error(failure, addr))
+    }
+
+    fn pick(
+        &self,
+        ctx: &Context,
+        avoid_busy: bool,
+    ) -> Result<crate::upstream::Picked, ClientError> {
+        let none = || ClientError::NoEndpoints(self.name.clone());
+        let picked = self.upstream.pick(ctx.color()).ok_or_else(none)?;
+        if !avoid_busy || picked.load.in_flight() == 0 {
+            return Ok(picked);
+        }
+        // A hedge wants an endpoint other than the slow one, which is the one with a call in
+        // flight; a couple more draws find another in all but tiny fleets.
+        for _ in 0..2 {
+            let again = self.upstream.pick(ctx.color()).ok_or_else(none)?;
+            if again.load.in_flight() < picked.load.in_flight() {
+                return Ok(again);
+            }
+        }
+        Ok(picked)
+    }
+
+    /// The outgoing request for one attempt, with the context's headers.
+    fn build(
+        &self,
+        ctx: &Context,
+        parts: &Parts,
+        body: &Bytes,
+        addr: SocketAddr,
+        is_retry: bool,
+    ) -> Result<Request<Full<Bytes>>, ClientError> {
+        let mut headers = parts.headers.clone();
+        let opts = Outbound {
+            retry: is_retry,
+            ..self.cfg.outbound
+        };
+        let carrier = if is_grpc(&headers) {
+            Carrier::Grpc
+        } else {
+            Carrier::Http
+        };
+        propagation::inject(ctx, carrier, &opts, &mut headers)?;
+        let uri = format!(
+            "http://{addr}{}",
+            parts.uri.path_and_query().map_or("/", |p| p.as_str())
+        );
+        let mut out = Request::builder()
+            .method(parts.method.clone())
+            .uri(uri)
+            .body(Full::new(body.clone()))
+            .map_err(|e| ClientError::InvalidRequest {
+                upstream: self.name.clone(),
+                reason: e.to_string(),
+            })?;
+        *out.headers_mut() = headers;
+        Ok(out)
     }
 
     /// Decide on a retry and sleep its backoff. False: give up.
@@ -271,54 +476,43 @@ impl Client {
         true
     }
 
-    fn pool(&self, addr: SocketAddr) -> Arc<EndpointPool> {
+    fn pool(&self, addr: SocketAddr) -> Arc<Pool> {
+        let version = self.upstream.endpoints().snapshot().version;
         let mut pools = self.lock_pools();
+        if pools.version != Some(version) {
+            let set = self.upstream.endpoints().snapshot();
+            pools
+                .by_addr
+                .retain(|a, _| set.endpoints.iter().any(|e| e.addr == *a));
+            pools.version = Some(version);
+        }
         pools
+            .by_addr
             .entry(addr)
-            .or_insert_with(|| Arc::new(self.build_pool(self.cfg.idle_timeout)))
+            .or_insert_with(|| Arc::new(Pool::new(addr, self.pool_cfg.clone())))
             .clone()
     }
 
-    fn build_pool(&self, idle: Duration) -> EndpointPool {
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(self.cfg.connect_timeout));
-        let mut builder = HyperClient::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(idle)
-            .pool_max_idle_per_host(self.cfg.max_idle_per_endpoint);
-        if self.cfg.protocol == Protocol::H2c {
-            builder.http2_only(true);
-        }
-        let client = builder.build(conn);
-        EndpointPool { client, idle }
-    }
-
-    /// Shrink `addr`'s idle timeout below the server's advertised keep-alive.
-    fn learn_keepalive(&self, addr: SocketAddr, pool: &EndpointPool, h: &HeaderMap) {
-        let Some(server) = keep_alive_timeout(h) else {
-            return;
-        };
-        // Keep at least half the server's value: a 1 s keep-alive minus a 1 s margin would
-        // otherwise disable pooling altogether.
-        let learned = server
-            .saturating_sub(self.cfg.keepalive_margin)
-            .max(server / 2);
-        if learned >= pool.idle {
-            return;
-        }
-        tracing::debug!(upstream = %self.name, %addr, ?server, ?learned, "shortening pool idle timeout to the server's keep-alive");
-        let mut pools = self.lock_pools();
-        let stale = pools.get(&addr).is_none_or(|p| p.idle > learned);
-        if stale {
-            pools.insert(addr, Arc::new(self.build_pool(learned)));
-        }
-    }
-
-    fn lock_pools(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<EndpointPool>>> {
+    fn lock_pools(&self) -> MutexGuard<'_, Pools> {
         self.pools.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+enum Sent {
+    Connect(ConnectError),
+    Send(bool, keel_core::BoxError),
+}
+
+/// A gRPC response whose status is not in its headers: it comes in trailers after the
+/// messages, and the body reports it.
+fn status_in_trailers(h: &HeaderMap) -> bool {
+    is_grpc(h) && !h.contains_key("grpc-status")
+}
+
+/// gRPC codes that speak about the server's health: UNAVAILABLE, DEADLINE_EXCEEDED,
+/// RESOURCE_EXHAUSTED, INTERNAL. INVALID_ARGUMENT or NOT_FOUND are the caller's business.
+pub(crate) fn grpc_code_is_failure(code: i32) -> bool {
+    matches!(code, 14 | 4 | 8 | 13)
 }
 
 fn is_grpc(h: &HeaderMap) -> bool {
@@ -347,13 +541,10 @@ where
     B::Data: Send,
     B::Error: Into<keel_core::BoxError>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<Body>;
     type Error = keel_core::BoxError;
     type Future = std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<Response<Incoming>, keel_core::BoxError>>
-                + Send,
-        >,
+        Box<dyn std::future::Future<Output = Result<Response<Body>, keel_core::BoxError>> + Send>,
     >;
 
     fn poll_ready(
@@ -399,11 +590,8 @@ fn classify_status(s: StatusCode, h: &HeaderMap) -> Option<(Failure, Option<Dura
         .and_then(|v| v.parse::<i32>().ok())
     {
         return match code {
-            0 => None,
             14 => Some((Failure::GrpcUnavailable, None)),
-            // Only statuses that speak about the server's health count against it: an
-            // INVALID_ARGUMENT or NOT_FOUND is the caller's business, not an outage.
-            4 | 8 | 13 => Some((Failure::GrpcOther(code), None)),
+            c if grpc_code_is_failure(c) => Some((Failure::GrpcOther(c), None)),
             _ => None,
         };
     }
@@ -422,22 +610,6 @@ fn classify_status(s: StatusCode, h: &HeaderMap) -> Option<(Failure, Option<Dura
         Failure::Status5xx(s.as_u16())
     };
     Some((f, retry_after))
-}
-
-fn classify_error(e: &hyper_util::client::legacy::Error) -> Failure {
-    if e.is_connect() {
-        return Failure::ConnectRefused;
-    }
-    // A connection reused from the pool that the server had closed: hyper reports the request
-    // as not sent when it could tell, which is then safe to retry anywhere.
-    let not_sent = std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<hyper::Error>())
-        .is_some_and(|h| h.is_canceled() || h.is_incomplete_message());
-    if not_sent {
-        Failure::ResetBeforeWrite
-    } else {
-        Failure::ResetAfterWrite
-    }
 }
 
 #[cfg(test)]

@@ -11,9 +11,10 @@ use keel_config::{Duration, Validate, Validator};
 use serde::{Deserialize, Serialize};
 
 use crate::breaker::BreakerConfig;
-use crate::client::{Client, ClientConfig, Protocol};
+use crate::client::{Client, ClientConfig};
 use crate::endpoint::{Endpoint, EndpointError, Endpoints};
 use crate::outlier::OutlierConfig;
+use crate::pool::{PoolConfig, Protocol};
 use crate::priority::PriorityConfig;
 use crate::retry::{BackoffConfig, BudgetConfig};
 use crate::upstream::{Upstream, UpstreamConfig};
@@ -34,10 +35,22 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
     /// Subtracted from a learned server keep-alive.
     pub keepalive_margin: Duration,
-    /// Idle connections kept per endpoint.
+    /// Connections per endpoint, busy or idle.
+    pub max_connections_per_endpoint: usize,
+    /// Upper bound of idle HTTP/1.1 connections per endpoint (the decaying peak of
+    /// concurrency decides below it).
     pub max_idle_per_endpoint: usize,
+    /// Half-life of the concurrency peak that sizes the idle pool.
+    pub idle_peak_half_life: Duration,
+    /// HTTP/2 streams per connection before another is opened (the server's own limit wins
+    /// when lower).
+    pub max_streams_per_connection: u32,
+    /// Connect with TCP Fast Open.
+    pub fastopen: bool,
     /// Calls to this upstream are idempotent: any failure may be retried.
     pub idempotent: bool,
+    /// Hedge an idempotent call to a second endpoint after this long without an answer.
+    pub hedge_after: Option<Duration>,
     /// Retries.
     pub retry: RetrySettings,
     /// Adaptive throttling.
@@ -89,6 +102,8 @@ pub struct BreakerSettings {
     pub min_requests: u64,
     /// Highest rejection probability.
     pub max_reject_probability: f64,
+    /// Path prefixes that get a breaker of their own.
+    pub routes: Vec<String>,
 }
 
 /// `outlier` of an upstream.
@@ -118,15 +133,21 @@ pub struct PrioritySettings {
 impl Default for UpstreamSettings {
     fn default() -> Self {
         let c = ClientConfig::default();
+        let p = &c.pool;
         UpstreamSettings {
             endpoints: Vec::new(),
             protocol: ProtocolSetting::Http1,
-            connect_timeout: c.connect_timeout.into(),
+            connect_timeout: p.connect_timeout.into(),
             per_try_timeout: c.per_try_timeout.map(Into::into),
-            idle_timeout: c.idle_timeout.into(),
-            keepalive_margin: c.keepalive_margin.into(),
-            max_idle_per_endpoint: c.max_idle_per_endpoint,
+            idle_timeout: p.idle_timeout.into(),
+            keepalive_margin: p.keepalive_margin.into(),
+            max_connections_per_endpoint: p.max_connections,
+            max_idle_per_endpoint: p.max_idle,
+            idle_peak_half_life: p.idle_peak_half_life.into(),
+            max_streams_per_connection: p.max_streams_per_connection,
+            fastopen: p.fastopen,
             idempotent: c.idempotent,
+            hedge_after: c.hedge_after.map(Into::into),
             retry: RetrySettings::default(),
             breaker: BreakerSettings::default(),
             outlier: OutlierSettings::default(),
@@ -157,6 +178,7 @@ impl Default for BreakerSettings {
             window: b.window.into(),
             min_requests: b.min_requests,
             max_reject_probability: b.max_reject_probability,
+            routes: Vec::new(),
         }
     }
 }
@@ -238,6 +260,40 @@ impl Validate for UpstreamSettings {
             self.idle_timeout,
             "must be greater than 0",
         );
+        v.check(
+            self.max_connections_per_endpoint >= 1,
+            "max_connections_per_endpoint",
+            self.max_connections_per_endpoint,
+            "must be at least 1",
+        );
+        v.check(
+            self.max_streams_per_connection >= 1,
+            "max_streams_per_connection",
+            self.max_streams_per_connection,
+            "must be at least 1",
+        );
+        v.check(
+            !self.idle_peak_half_life.get().is_zero(),
+            "idle_peak_half_life",
+            self.idle_peak_half_life,
+            "must be greater than 0",
+        );
+        if let Some(h) = self.hedge_after {
+            v.check(
+                self.idempotent,
+                "hedge_after",
+                h,
+                "hedging sends a request twice; set `idempotent = true` to allow it",
+            );
+        }
+        for (i, r) in self.breaker.routes.iter().enumerate() {
+            v.check(
+                r.starts_with('/'),
+                &format!("breaker.routes[{i}]"),
+                format!("{r:?}"),
+                "must be a path prefix starting with '/'",
+            );
+        }
     }
 }
 
@@ -269,16 +325,24 @@ impl UpstreamSettings {
             Endpoints::new(endpoints),
         );
         let cfg = ClientConfig {
-            protocol: match self.protocol {
-                ProtocolSetting::Http1 => Protocol::Http1,
-                ProtocolSetting::H2c => Protocol::H2c,
+            pool: PoolConfig {
+                protocol: match self.protocol {
+                    ProtocolSetting::Http1 => Protocol::Http1,
+                    ProtocolSetting::H2c => Protocol::H2c,
+                },
+                connect_timeout: d(self.connect_timeout),
+                idle_timeout: d(self.idle_timeout),
+                keepalive_margin: d(self.keepalive_margin),
+                max_connections: self.max_connections_per_endpoint,
+                max_idle: self.max_idle_per_endpoint,
+                idle_peak_half_life: d(self.idle_peak_half_life),
+                max_streams_per_connection: self.max_streams_per_connection,
+                fastopen: self.fastopen,
             },
-            connect_timeout: d(self.connect_timeout),
             per_try_timeout: self.per_try_timeout.map(d),
-            idle_timeout: d(self.idle_timeout),
-            keepalive_margin: d(self.keepalive_margin),
-            max_idle_per_endpoint: self.max_idle_per_endpoint,
             idempotent: self.idempotent,
+            hedge_after: self.hedge_after.map(d),
+            route_breakers: self.breaker.routes.clone(),
             outbound: ClientConfig::default().outbound,
             backoff: BackoffConfig {
                 base: d(self.retry.backoff_base),

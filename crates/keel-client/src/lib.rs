@@ -22,12 +22,15 @@
 //! (see `docs/checklist.md`). [`config`] is the `[clients.<name>]` section that builds one.
 
 pub mod balance;
+pub mod body;
 pub mod breaker;
 pub mod client;
 pub mod config;
 pub mod endpoint;
 pub mod outlier;
+pub mod pool;
 pub mod priority;
 pub mod retry;
+pub mod sockets;
 pub mod upstream;
 mod window;

@@ -51,7 +51,7 @@ const MICRO_TOKENS: u128 = 1_000_000;
 /// decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// The TCP connect was refused: nothing was sent.
+    /// The TCP connect failed (refused, unreachable, timed out): nothing was sent.
     ConnectRefused,
     /// The connection was reset or closed before any byte of the request was written (e.g. a
     /// pooled socket the server had just closed): nothing reached the server.

@@ -11,8 +11,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use bytes::Bytes;
-use keel_client::client::{Client, ClientConfig, ClientError, Protocol};
+use keel_client::client::{Client, ClientConfig, ClientError};
 use keel_client::endpoint::{Endpoint, Endpoints};
+use keel_client::pool::{PoolConfig, Protocol};
 use keel_client::upstream::{Upstream, UpstreamConfig};
 use keel_core::Shutdown;
 use keel_server::{HttpSettings, Readiness, Server, ServerConfig, ServerHandle};
@@ -328,7 +329,10 @@ async fn a_generated_tonic_client_runs_over_the_keel_client() {
     tokio::spawn(server.serve(router));
 
     let cfg = ClientConfig {
-        protocol: Protocol::H2c,
+        pool: PoolConfig {
+            protocol: Protocol::H2c,
+            ..PoolConfig::default()
+        },
         ..ClientConfig::default()
     };
     let c = Arc::new(client(&[addr], cfg));

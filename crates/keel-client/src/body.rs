@@ -1,0 +1,129 @@
+//! The response body the client hands out. It does two jobs at the end of the body, which is
+//! the first moment either can be done right:
+//!
+//! - returns the HTTP/1.1 connection to its pool (a connection is reusable only once the
+//!   response has been read to its end; dropped half-read, it is closed);
+//! - for gRPC responses whose status travels in trailers after the messages, reads
+//!   `grpc-status` there and reports it to the outlier detector and the breaker, which a
+//!   status check on the response headers cannot see.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskCx, Poll, ready};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::breaker::Admitted;
+use crate::pool::Lease;
+use crate::upstream::Upstream;
+
+/// A response body from the Keel client.
+pub struct Body {
+    inner: Incoming,
+    lease: Option<Lease>,
+    trailers: Option<GrpcOutcome>,
+}
+
+/// What to report when a gRPC status arrives in trailers.
+pub(crate) struct GrpcOutcome {
+    pub upstream: Arc<Upstream>,
+    pub addr: SocketAddr,
+    pub admitted: Admitted,
+}
+
+impl Body {
+    pub(crate) fn new(inner: Incoming, lease: Lease) -> Body {
+        let mut body = Body {
+            inner,
+            lease: Some(lease),
+            trailers: None,
+        };
+        // No body at all (204, HEAD, `Content-Length: 0`): callers need not poll it, so the
+        // connection goes back now.
+        if http_body::Body::is_end_stream(&body.inner) {
+            body.finish();
+        }
+        body
+    }
+
+    pub(crate) fn report_trailers_to(&mut self, outcome: GrpcOutcome) {
+        self.trailers = Some(outcome);
+    }
+
+    fn finish(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.finish();
+        }
+    }
+
+    fn on_trailers(&mut self, t: &HeaderMap) {
+        let Some(o) = self.trailers.take() else {
+            return;
+        };
+        let code = t
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok());
+        // No status at all is a broken response (gRPC says INTERNAL); count it as a failure.
+        let healthy = code.is_some_and(|c| !crate::client::grpc_code_is_failure(c));
+        o.upstream.report(o.addr, healthy, None);
+        if healthy {
+            o.admitted.success();
+        } else {
+            o.admitted.failure();
+        }
+    }
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Body")
+            .field("leased", &self.lease.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskCx<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(t) = f.trailers_ref() {
+                    this.on_trailers(t);
+                }
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+            }
+            None => {
+                if this.trailers.is_some() {
+                    // Ended without trailers: no gRPC status was ever sent.
+                    this.on_trailers(&HeaderMap::new());
+                }
+                this.finish();
+            }
+            // The lease drops with the body and closes the connection.
+            Some(Err(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
