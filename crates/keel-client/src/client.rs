@@ -162,7 +162,7 @@ impl Client {
             .iter()
             .map(|p| (p.clone(), Breaker::new(cfg.breaker.clone())))
             .collect();
-        route_breakers.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        route_breakers.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         Client {
             name: name.into(),
             breaker: Breaker::new(cfg.breaker.clone()),

@@ -230,6 +230,9 @@ pub(crate) struct Pool {
     state: Mutex<State>,
     /// Woken when a connection or stream frees up, or a connect ends.
     freed: Notify,
+    /// The server's stream limit as last seen on any connection: a new connection assumes it
+    /// until its own SETTINGS arrive, so it is not overfilled in its first round trip.
+    known_stream_limit: AtomicU32,
     stats: Arc<Stats>,
 }
 
@@ -257,6 +260,7 @@ impl Pool {
                 },
             }),
             freed: Notify::new(),
+            known_stream_limit: AtomicU32::new(u32::MAX),
             stats: Arc::new(Stats::default()),
         }
     }
@@ -446,7 +450,8 @@ impl Pool {
                 NewConn::H1(tx)
             }
             Protocol::H2c => {
-                let server_limit = Arc::new(AtomicU32::new(u32::MAX));
+                let known = self.known_stream_limit.load(Ordering::Relaxed);
+                let server_limit = Arc::new(AtomicU32::new(known));
                 let io = Sniff::new(stream, server_limit.clone());
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
@@ -493,6 +498,10 @@ impl Pool {
         let mut st = self.lock();
         match conn {
             Conn::H1(tx) => {
+                // The concurrency held until now counts too: a burst of long requests must not
+                // see its peak decay while its connections are still busy.
+                let held = st.busy + st.connecting;
+                st.peak.observe(held, now, self.cfg.idle_peak_half_life);
                 st.busy = st.busy.saturating_sub(1);
                 if let Some(tx) = tx.take()
                     && reusable
@@ -509,6 +518,8 @@ impl Pool {
             Conn::H2 { id, tx } => {
                 let closed = tx.is_closed();
                 if let Some(i) = st.h2.iter().position(|s| s.id == *id) {
+                    let limit = st.h2[i].server_limit.load(Ordering::Relaxed);
+                    self.known_stream_limit.store(limit, Ordering::Relaxed);
                     if closed {
                         st.h2.swap_remove(i);
                     } else {
@@ -590,8 +601,10 @@ impl Lease {
             }
         };
         result.map_err(|mut e| {
-            // hyper hands the request back when it never reached the connection.
-            let maybe_sent = e.take_message().is_none();
+            // hyper hands the request back when it never reached the connection; an HTTP/2
+            // server that refuses a stream (over its limit, or draining after GOAWAY) promises
+            // it did not process it.
+            let maybe_sent = e.take_message().is_none() && !refused_stream(e.error());
             SendError {
                 error: Box::new(e.into_error()),
                 maybe_sent,
@@ -609,6 +622,17 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.pool.give_back(&mut self.conn, self.reusable);
     }
+}
+
+fn refused_stream(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn spawn_driver<F>(conn: F, stats: Arc<Stats>)

@@ -1,164 +1,23 @@
 //! The client against real Keel servers on loopback, with faults from the in-repo proxy.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
 use bytes::Bytes;
+use common::{Upstreamish, call, client, get_root, run, serve};
+use http_body_util::BodyExt;
 use keel_client::client::{Client, ClientConfig, ClientError};
 use keel_client::endpoint::{Endpoint, Endpoints};
 use keel_client::pool::{PoolConfig, Protocol};
 use keel_client::upstream::{Upstream, UpstreamConfig};
 use keel_core::Shutdown;
-use keel_server::{HttpSettings, Readiness, Server, ServerConfig, ServerHandle};
+use keel_server::{HttpSettings, Readiness, Server, ServerConfig};
 use keel_test_support::fault::{Fault, FaultProxy};
-
-#[derive(Default)]
-struct Upstreamish {
-    hits: AtomicUsize,
-    failing: AtomicBool,
-    /// `/slow` handlers dropped before finishing.
-    cancelled: AtomicUsize,
-}
-
-struct DropProbe(Arc<Upstreamish>, bool);
-impl Drop for DropProbe {
-    fn drop(&mut self) {
-        if !self.1 {
-            self.0.cancelled.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-}
-
-async fn serve(idle: Duration) -> (SocketAddr, Arc<Upstreamish>, ServerHandle) {
-    let state = Arc::new(Upstreamish::default());
-    let router = Router::new()
-        .route(
-            "/",
-            get(|State(s): State<Arc<Upstreamish>>| async move {
-                s.hits.fetch_add(1, Ordering::SeqCst);
-                if s.failing.load(Ordering::SeqCst) {
-                    (StatusCode::SERVICE_UNAVAILABLE, "down")
-                } else {
-                    (StatusCode::OK, "ok")
-                }
-            }),
-        )
-        .route(
-            "/slow",
-            get(|State(s): State<Arc<Upstreamish>>| async move {
-                s.hits.fetch_add(1, Ordering::SeqCst);
-                let mut probe = DropProbe(s.clone(), false);
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                probe.1 = true;
-                "slow"
-            }),
-        )
-        .with_state(state.clone());
-    let settings = HttpSettings {
-        server: ServerConfig {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            idle_timeout: keel_config::Duration::from(idle),
-            ..ServerConfig::default()
-        },
-        ..HttpSettings::default()
-    };
-    let shutdown = Shutdown::new();
-    let readiness = Readiness::new(Default::default(), shutdown.clone());
-    let server = Server::bind(&settings, 1, readiness, shutdown).unwrap();
-    let addr = server.local_addr();
-    let handle = server.handle();
-    tokio::spawn(server.serve(router));
-    (addr, state, handle)
-}
-
-fn client(addrs: &[SocketAddr], cfg: ClientConfig) -> Client {
-    let eps = Endpoints::new(addrs.iter().map(|a| Endpoint::new(*a)).collect());
-    Client::new(
-        "test",
-        cfg,
-        Arc::new(Upstream::new(UpstreamConfig::default(), eps)),
-    )
-}
-
-/// Send `n` calls to `/`, reading each body so its connection returns to the pool; returns
-/// how many did not end in 200.
-async fn run(c: &Client, n: usize) -> usize {
-    let mut failed = 0;
-    for _ in 0..n {
-        match c.request(get_root()).await {
-            Ok(r) if r.status() == 200 => {
-                http_body_util::BodyExt::collect(r.into_body())
-                    .await
-                    .unwrap();
-            }
-            _ => failed += 1,
-        }
-    }
-    failed
-}
-
-fn get_root() -> http::Request<Bytes> {
-    http::Request::get("/").body(Bytes::new()).unwrap()
-}
-
-#[tokio::test]
-async fn steady_load_reuses_connections() {
-    let mut addrs = Vec::new();
-    let mut handles = Vec::new();
-    for _ in 0..3 {
-        let (a, _, h) = serve(Duration::from_secs(75)).await;
-        addrs.push(a);
-        handles.push(h);
-    }
-    let c = client(&addrs, ClientConfig::default());
-    let n = 600;
-    assert_eq!(run(&c, n).await, 0);
-    let accepted: u64 = handles
-        .iter()
-        .map(|h| h.stats().accepted.load(Ordering::Relaxed))
-        .sum();
-    // Sequential calls need one connection per upstream.
-    assert!(accepted <= 3, "{accepted} connections for {n} requests");
-    let reuse = 1.0 - accepted as f64 / n as f64;
-    assert!(reuse >= 0.99, "reuse ratio {reuse}");
-}
-
-#[tokio::test]
-async fn the_pool_gives_up_idle_sockets_before_the_servers_keep_alive_closes_them() {
-    let (addr, _, handle) = serve(Duration::from_secs(2)).await;
-    let c = client(&[addr], ClientConfig::default());
-    let mut failures = 0;
-    // Gaps straddling the server's 2 s keep-alive: before learning, the pool would keep
-    // sockets 30 s and race the server's close.
-    for gap_ms in [0u64, 1900, 2000, 2100, 1950, 2050] {
-        tokio::time::sleep(Duration::from_millis(gap_ms)).await;
-        match c.request(get_root()).await {
-            Ok(r) if r.status() == 200 => {
-                http_body_util::BodyExt::collect(r.into_body())
-                    .await
-                    .unwrap();
-            }
-            _ => failures += 1,
-        }
-    }
-    assert_eq!(failures, 0);
-    assert_eq!(
-        c.idle_timeout_of(addr),
-        Some(Duration::from_secs(1)),
-        "learned from `Keep-Alive: timeout=2` minus the margin"
-    );
-    assert!(
-        handle.stats().accepted.load(Ordering::Relaxed) >= 2,
-        "idle sockets were not reused past the server's timeout"
-    );
-}
 
 #[tokio::test]
 async fn a_503_endpoint_is_avoided_and_its_requests_retried_elsewhere() {
@@ -430,4 +289,136 @@ async fn losing_priority_zero_fails_over_to_priority_one_and_traffic_returns_whe
     let back_to_a = (h2[0] + h2[1]) - (h1[0] + h1[1]);
     assert!(back_to_a >= 95, "traffic returned to priority 0: {h2:?}");
     eprintln!("failover: {failed_during_switch} failed requests during the switch");
+}
+
+/// A gRPC call to `/grpc` on `c`, its body read to the trailers.
+async fn grpc_call(c: &Client) {
+    let req = http::Request::post("/grpc")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Bytes::new())
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let trailers = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .trailers()
+        .cloned();
+    assert!(trailers.is_some_and(|t| t.contains_key("grpc-status")));
+}
+
+#[tokio::test]
+async fn a_grpc_status_in_trailers_after_the_messages_counts_for_or_against_the_endpoint() {
+    for (status, counts_against) in [(14, true), (13, true), (0, false), (3, false)] {
+        let (addr, state, _) = serve(Duration::from_secs(75)).await;
+        state.grpc_status.store(status, Ordering::SeqCst);
+        // A fallback at priority 1, so that all traffic goes to `addr` while it is healthy
+        // and it can be ejected (a lone endpoint never is).
+        let (fallback, _, _) = serve(Duration::from_secs(75)).await;
+        let eps = Endpoints::new(vec![
+            Endpoint::new(addr),
+            Endpoint::parse(&format!("{fallback};priority=1")).unwrap(),
+        ]);
+        let upstream_cfg = UpstreamConfig {
+            outlier: keel_client::outlier::OutlierConfig {
+                consecutive_failures: 3,
+                max_ejection_percent: 100,
+                ..Default::default()
+            },
+            ..UpstreamConfig::default()
+        };
+        let c = Client::new(
+            "grpc",
+            ClientConfig {
+                pool: PoolConfig {
+                    protocol: Protocol::H2c,
+                    ..PoolConfig::default()
+                },
+                ..ClientConfig::default()
+            },
+            Arc::new(Upstream::new(upstream_cfg, eps)),
+        );
+        for _ in 0..3 {
+            grpc_call(&c).await;
+        }
+        let ejected = c.upstream().outlier().is_ejected(&addr);
+        let breaker = c.breaker().stats();
+        assert_eq!(ejected, counts_against, "grpc-status {status}");
+        let accepts = if counts_against { 0 } else { 3 };
+        assert_eq!(
+            breaker.accepts, accepts,
+            "grpc-status {status}: {breaker:?}"
+        );
+        assert_eq!(
+            state.hits.load(Ordering::SeqCst),
+            3,
+            "no retries after a body"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_route_with_its_own_breaker_is_throttled_without_throttling_the_rest() {
+    let (addr, _, _) = serve(Duration::from_secs(75)).await;
+    let cfg = ClientConfig {
+        route_breakers: vec!["/bad".into()],
+        ..ClientConfig::default()
+    };
+    let c = client(&[addr], cfg);
+    let mut rejected = 0;
+    for _ in 0..200 {
+        let req = http::Request::get("/bad").body(Bytes::new()).unwrap();
+        match c.request(req).await {
+            Err(ClientError::BreakerOpen(_)) => rejected += 1,
+            Ok(r) => assert_eq!(r.status(), 503),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(rejected > 0, "the /bad breaker opened");
+    assert_eq!(run(&c, 50).await, 0, "other routes are not throttled");
+    let stats = c.stats();
+    assert_eq!(stats.breaker.local_rejects, 0, "{stats:?}");
+    assert_eq!(stats.route_breakers[0].0, "/bad");
+    assert_eq!(stats.route_breakers[0].1.local_rejects, rejected);
+}
+
+#[tokio::test]
+async fn a_slow_first_attempt_is_hedged_on_idempotent_routes_only() {
+    let (addr, state, _) = serve(Duration::from_secs(75)).await;
+    let hedging = |idempotent| ClientConfig {
+        idempotent,
+        hedge_after: Some(Duration::from_millis(50)),
+        ..ClientConfig::default()
+    };
+    let c = client(&[addr], hedging(true));
+    state.delay_next_ms.store(3000, Ordering::SeqCst);
+    assert!(call(&c, "/").await);
+    assert_eq!(c.stats().hedges, 1);
+    assert_eq!(
+        state.hits.load(Ordering::SeqCst),
+        2,
+        "the first attempt and its hedge"
+    );
+    // The hedge answered first, so the slow attempt was abandoned: its connection closed and
+    // the server dropped the handler.
+    let mut cancelled = 0;
+    for _ in 0..200 {
+        cancelled = state.cancelled.load(Ordering::SeqCst);
+        if cancelled == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cancelled, 1, "the slow attempt was cancelled");
+
+    // Not idempotent: never sent twice, the call waits for its only attempt.
+    let c = client(&[addr], hedging(false));
+    state.delay_next_ms.store(300, Ordering::SeqCst);
+    assert!(call(&c, "/").await);
+    assert_eq!(c.stats().hedges, 0);
+    assert_eq!(state.hits.load(Ordering::SeqCst), 3);
+    assert_eq!(state.cancelled.load(Ordering::SeqCst), 1);
 }
