@@ -214,6 +214,25 @@ impl App {
                 ("application/json", pretty(&v))
             },
         );
+        let weak = Arc::downgrade(&self.inner);
+        self.admin_route(
+            "/debug/clients",
+            "upstreams in use: pools, reuse, TIME_WAIT, retries, breakers, endpoints (JSON)",
+            move |_| {
+                let Some(inner) = weak.upgrade() else {
+                    return ("text/plain", "shutting down\n".into());
+                };
+                let clients: Vec<_> = inner
+                    .clients
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .cloned()
+                    .collect();
+                let v: Vec<serde_json::Value> = clients.iter().map(|c| client_report(c)).collect();
+                ("application/json", pretty(&serde_json::Value::Array(v)))
+            },
+        );
     }
 
     /// Serve `service` until a stop signal, then drain. Returns once the drain is over.
@@ -493,4 +512,68 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+/// One upstream as `/debug/clients` shows it. TIME_WAIT is read from `/proc/net/tcp{,6}`
+/// here, at request time: it is a scrape-time measurement, never a per-call cost.
+fn client_report(c: &keel_client::client::Client) -> serde_json::Value {
+    let stats = c.stats();
+    let set = c.upstream().endpoints().snapshot();
+    let addrs: Vec<std::net::SocketAddr> = set.endpoints.iter().map(|e| e.addr).collect();
+    let time_wait = keel_client::sockets::time_wait_towards(&addrs);
+    let endpoints: Vec<serde_json::Value> = set
+        .endpoints
+        .iter()
+        .map(|e| {
+            let load = c.upstream().load_of(&e.addr);
+            let pool = c.pool_stats_of(e.addr).unwrap_or_default();
+            serde_json::json!({
+                "addr": e.addr.to_string(),
+                "priority": e.priority,
+                "ejected": c.upstream().outlier().is_ejected(&e.addr),
+                "in_flight": load.as_ref().map(|l| l.in_flight()),
+                "rtt_ms": load.as_ref().map(|l| l.rtt_estimate().as_secs_f64() * 1e3),
+                "requests": pool.requests,
+                "connects": pool.connects,
+                "connect_errors": pool.connect_errors,
+                "open": pool.open,
+                "idle": pool.idle,
+                "time_wait": time_wait.get(&e.addr).copied().unwrap_or(0),
+            })
+        })
+        .collect();
+    let breaker = |b: &keel_client::breaker::BreakerStats| {
+        serde_json::json!({
+            "requests": b.requests,
+            "accepts": b.accepts,
+            "local_rejects": b.local_rejects,
+            "reject_probability": b.reject_probability,
+        })
+    };
+    let budget = c.budget().stats();
+    serde_json::json!({
+        "name": c.name(),
+        "calls": stats.calls,
+        "retries": stats.retries,
+        "hedges": stats.hedges,
+        "requests": stats.pool.requests,
+        "connects": stats.pool.connects,
+        "connect_errors": stats.pool.connect_errors,
+        "reuse_ratio": stats.pool.reuse_ratio(),
+        "open": stats.pool.open,
+        "idle": stats.pool.idle,
+        "time_wait": time_wait.values().sum::<usize>(),
+        "retry_budget": {
+            "deposits": budget.deposits,
+            "withdrawals": budget.withdrawals,
+            "exhausted": budget.exhausted,
+        },
+        "breaker": breaker(&stats.breaker),
+        "route_breakers": stats
+            .route_breakers
+            .iter()
+            .map(|(p, b)| (p.clone(), breaker(b)))
+            .collect::<serde_json::Map<_, _>>(),
+        "endpoints": endpoints,
+    })
 }

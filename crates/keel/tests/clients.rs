@@ -2,8 +2,10 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use keel::{App, Error, Sources};
+use keel_test_support as ts;
 
 #[test]
 fn clients_come_from_config_by_name() {
@@ -33,4 +35,91 @@ fn clients_come_from_config_by_name() {
         msg.contains("inventroy") && msg.contains("inventory"),
         "{msg}"
     );
+}
+
+async fn start(app: App, router: axum::Router, addrs: &[std::net::SocketAddr]) {
+    tokio::spawn(app.serve_until(router, std::future::pending(), std::future::pending()));
+    let addrs = addrs.to_vec();
+    let up = tokio::task::spawn_blocking(move || {
+        ts::wait_until(Duration::from_secs(10), || {
+            addrs.iter().all(|a| ts::port_open(*a))
+        })
+    })
+    .await
+    .unwrap();
+    assert!(up);
+}
+
+fn app_from(toml: &str, dir: &std::path::Path) -> App {
+    let file = dir.join(format!("{}.toml", ts::free_addr().port()));
+    std::fs::write(&file, toml).unwrap();
+    let sources = Sources {
+        file: Some(file),
+        sets: vec![],
+    };
+    let loaded = sources.load_with_env(Vec::new()).unwrap();
+    let sizing = keel::runtime::detect(&loaded.value.runtime);
+    App::new("t", loaded, sizing)
+}
+
+#[tokio::test]
+async fn debug_clients_reports_each_upstreams_pool_and_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, up_admin) = (ts::free_addr(), ts::free_addr());
+    let upstream = app_from(
+        &format!("[server]\naddr = \"{up}\"\n[admin]\naddr = \"{up_admin}\"\n"),
+        dir.path(),
+    );
+    start(
+        upstream,
+        axum::Router::new().route("/", axum::routing::get(|| async { "ok" })),
+        &[up],
+    )
+    .await;
+
+    let (edge, admin) = (ts::free_addr(), ts::free_addr());
+    let app = app_from(
+        &format!(
+            "[server]\naddr = \"{edge}\"\n[admin]\naddr = \"{admin}\"\n\
+             [clients.up]\nendpoints = [\"{up}\"]\n"
+        ),
+        dir.path(),
+    );
+    let client = app.client("up").unwrap();
+    start(app, axum::Router::new(), &[edge, admin]).await;
+    for _ in 0..20 {
+        let resp = client
+            .request(http::Request::get("/").body(bytes::Bytes::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+    }
+
+    let req = http::Request::get(format!("http://{admin}/debug/clients"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = ts::http1_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let c = &v[0];
+    assert_eq!(c["name"], "up", "{v}");
+    assert_eq!(c["calls"], 20, "{v}");
+    assert_eq!(c["connects"], 1, "{v}");
+    assert_eq!(c["reuse_ratio"], 0.95, "{v}");
+    // Counted from /proc/net/tcp (its logic has tests of its own); the port may have been
+    // used by an earlier test, so only its presence is checked here.
+    assert!(c["time_wait"].is_u64(), "{v}");
+    assert_eq!(c["breaker"]["accepts"], 20, "{v}");
+    let ep = &c["endpoints"][0];
+    assert_eq!(ep["addr"], up.to_string(), "{v}");
+    assert_eq!(ep["requests"], 20, "{v}");
+    assert_eq!(ep["idle"], 1, "{v}");
+    assert_eq!(ep["ejected"], false, "{v}");
 }
