@@ -23,6 +23,13 @@
 //! shedding everything. Counting them keeps the estimate of the excess honest for as long as
 //! the upstream stays overloaded.
 //!
+//! **When a request is counted**: at its outcome, together with its accept or failure; a local
+//! rejection is an outcome at once. Counting at admission instead would make every request
+//! in flight look refused: a burst of 64 concurrent calls to a fresh, healthy upstream would
+//! show 64 requests and 0 accepts before the first answer, and the breaker would reject 90 %
+//! of healthy traffic (observed in `bench/client.sh` before this rule). A call its caller
+//! abandons counts nothing: it says nothing about the upstream.
+//!
 //! **What is an accept**: any answer from the upstream that is not an overload or availability
 //! failure. A 404 or a 400 is an accept: the upstream was healthy enough to do the work of
 //! saying no. Connection failures, timeouts, 503s and gRPC `UNAVAILABLE` are not. Deciding is the
@@ -116,10 +123,9 @@ struct Shared {
 /// Permission to send one request, returned by [`Breaker::admit`].
 ///
 /// Report the upstream's answer with [`Admitted::success`] (the upstream accepted the request)
-/// or [`Admitted::failure`] (it failed for overload or availability reasons). Dropping the
-/// token reports nothing beyond the request already counted at admission: a call cancelled by
-/// its caller (deadline, client went away) says nothing about the upstream's health, so it must
-/// neither raise the accept rate nor count as a failure twice.
+/// or [`Admitted::failure`] (it failed for overload or availability reasons); either counts
+/// the request. Dropping the token counts nothing: a call cancelled by its caller (deadline,
+/// client went away) says nothing about the upstream's health.
 #[must_use = "report the outcome with .success() or .failure(); dropping counts as neither"]
 pub struct Admitted {
     shared: Arc<Shared>,
@@ -212,13 +218,13 @@ impl Breaker {
         let now = Instant::now();
         let probability = {
             let mut window = self.shared.lock();
-            // The decision uses the history *before* this request; then the request joins it.
-            let probability = self.shared.probability(window.totals(now));
-            window.add(now, REQUESTS, 1);
-            probability
+            // The decision uses the history *before* this request; an admitted request joins
+            // it with its outcome.
+            self.shared.probability(window.totals(now))
         };
         // With a zero probability skip the draw: healthy traffic pays for no random numbers.
         if probability > 0.0 && draw() < probability {
+            self.shared.lock().add(now, REQUESTS, 1);
             self.shared.local_rejects.fetch_add(1, Ordering::Relaxed);
             return Err(BreakerOpen { probability });
         }
@@ -264,13 +270,17 @@ impl Admitted {
     /// The upstream accepted the request: any answer that is not an overload or availability
     /// failure (module doc).
     pub fn success(self) {
-        self.shared.lock().add(Instant::now(), ACCEPTS, 1);
+        let now = Instant::now();
+        let mut window = self.shared.lock();
+        window.add(now, REQUESTS, 1);
+        window.add(now, ACCEPTS, 1);
     }
 
-    /// The request failed for overload or availability reasons. Nothing more is recorded (the
-    /// request was counted at admission, and a missing accept is what raises the probability);
-    /// the method exists so call sites state the outcome instead of dropping the token.
-    pub fn failure(self) {}
+    /// The request failed for overload or availability reasons: it counts as a request with
+    /// no accept, which is what raises the probability.
+    pub fn failure(self) {
+        self.shared.lock().add(Instant::now(), REQUESTS, 1);
+    }
 }
 
 impl fmt::Debug for Admitted {

@@ -13,7 +13,6 @@
 //! connection when one reaches the server's stream limit. A response's HTTP/1.1 connection
 //! returns to its pool when the [`Body`] has been read to the end.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,6 +27,7 @@ use keel_core::propagation::{self, Carrier, Outbound};
 
 use crate::body::{Body, GrpcOutcome};
 use crate::breaker::{Breaker, BreakerConfig, BreakerOpen, BreakerStats};
+use crate::fasthash::FastMap;
 pub use crate::pool::Protocol;
 use crate::pool::{ConnectError, Pool, PoolConfig, PoolSnapshot};
 use crate::retry::{self, BackoffConfig, BudgetConfig, Failure, RetryBudget};
@@ -132,7 +132,7 @@ pub struct Client {
 #[derive(Default)]
 struct Pools {
     version: Option<u64>,
-    by_addr: HashMap<SocketAddr, Arc<Pool>>,
+    by_addr: FastMap<SocketAddr, Arc<Pool>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -301,11 +301,24 @@ impl Client {
         body: &Bytes,
         attempt: u32,
     ) -> Result<Outcome, ClientError> {
+        match self.cfg.hedge_after {
+            Some(d) if self.cfg.idempotent && !ctx.is_retry() && d < ctx.remaining() => {
+                // Boxed: two attempts in flight would double the size of every call's future.
+                Box::pin(self.hedged(ctx, parts, body, attempt, d)).await
+            }
+            _ => self.attempt(ctx, parts, body, attempt > 0, false).await,
+        }
+    }
+
+    async fn hedged(
+        &self,
+        ctx: &Context,
+        parts: &Parts,
+        body: &Bytes,
+        attempt: u32,
+        hedge_after: Duration,
+    ) -> Result<Outcome, ClientError> {
         let first = self.attempt(ctx, parts, body, attempt > 0, false);
-        let hedge_after = match self.cfg.hedge_after {
-            Some(d) if self.cfg.idempotent && !ctx.is_retry() && d < ctx.remaining() => d,
-            _ => return first.await,
-        };
         tokio::pin!(first);
         tokio::select! {
             out = &mut first => return out,
@@ -344,8 +357,8 @@ impl Client {
     ) -> Result<Outcome, ClientError> {
         let picked = self.pick(ctx, hedge)?;
         let addr = picked.endpoint.addr;
-        let out = self.build(ctx, parts, body, addr, is_retry)?;
-        let pool = self.pool(addr);
+        let pool = self.pool(addr, picked.version);
+        let out = self.build(ctx, parts, body, &pool, is_retry)?;
         let budget = self
             .cfg
             .per_try_timeout
@@ -428,7 +441,7 @@ impl Client {
         ctx: &Context,
         parts: &Parts,
         body: &Bytes,
-        addr: SocketAddr,
+        pool: &Pool,
         is_retry: bool,
     ) -> Result<Request<Full<Bytes>>, ClientError> {
         let mut headers = parts.headers.clone();
@@ -442,10 +455,7 @@ impl Client {
             Carrier::Http
         };
         propagation::inject(ctx, carrier, &opts, &mut headers)?;
-        let uri = format!(
-            "http://{addr}{}",
-            parts.uri.path_and_query().map_or("/", |p| p.as_str())
-        );
+        let uri = pool.target(parts.uri.path_and_query(), &mut headers);
         let mut out = Request::builder()
             .method(parts.method.clone())
             .uri(uri)
@@ -476,15 +486,16 @@ impl Client {
         true
     }
 
-    fn pool(&self, addr: SocketAddr) -> Arc<Pool> {
-        let version = self.upstream.endpoints().snapshot().version;
+    fn pool(&self, addr: SocketAddr, version: u64) -> Arc<Pool> {
         let mut pools = self.lock_pools();
-        if pools.version != Some(version) {
+        // Versions only grow; a pick made from an older set than the last prune changes
+        // nothing (its endpoint may get a pool that the next prune removes).
+        if pools.version.is_none_or(|v| v < version) {
             let set = self.upstream.endpoints().snapshot();
             pools
                 .by_addr
                 .retain(|a, _| set.endpoints.iter().any(|e| e.addr == *a));
-            pools.version = Some(version);
+            pools.version = Some(set.version);
         }
         pools
             .by_addr

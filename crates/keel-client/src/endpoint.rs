@@ -121,50 +121,74 @@ impl EndpointSet {
     /// the main fleet instead of failing. Without a colour: the uncoloured endpoints, or all of
     /// them when every endpoint is coloured.
     pub fn for_color<'a>(&'a self, color: Option<&str>) -> Vec<&'a Endpoint> {
-        if let Some(c) = color {
-            let coloured: Vec<&Endpoint> = self
-                .endpoints
-                .iter()
-                .filter(|e| e.color() == Some(c))
-                .collect();
-            if !coloured.is_empty() {
-                return coloured;
-            }
+        let filter = self.color_filter(color);
+        self.endpoints.iter().filter(|e| filter.admits(e)).collect()
+    }
+
+    /// The rule [`EndpointSet::for_color`] applies, decided once, so a caller can filter
+    /// while iterating instead of collecting a list first.
+    pub fn color_filter<'a>(&self, color: Option<&'a str>) -> ColorFilter<'a> {
+        if let Some(c) = color
+            && self.endpoints.iter().any(|e| e.color() == Some(c))
+        {
+            return ColorFilter::Colored(c);
         }
-        let plain: Vec<&Endpoint> = self
-            .endpoints
-            .iter()
-            .filter(|e| e.color().is_none())
-            .collect();
-        if plain.is_empty() {
-            self.endpoints.iter().collect()
+        if self.endpoints.iter().any(|e| e.color().is_none()) {
+            ColorFilter::Plain
         } else {
-            plain
+            ColorFilter::All
         }
     }
 
     /// Per-priority totals for [`crate::priority::distribute`], given which endpoints are
     /// healthy. Levels are dense from 0 to the highest priority present.
     pub fn level_health(&self, healthy: impl Fn(&Endpoint) -> bool) -> Vec<LevelHealth> {
-        let top = self.endpoints.iter().map(|e| e.priority).max();
-        let Some(top) = top else {
-            return Vec::new();
+        level_health_of(self.endpoints.iter().map(|e| (e.priority, healthy(e))))
+    }
+}
+
+/// Per-priority totals from `(priority, healthy)` pairs. Levels are dense from 0 to the
+/// highest priority present.
+pub fn level_health_of(items: impl Iterator<Item = (u32, bool)> + Clone) -> Vec<LevelHealth> {
+    let Some(top) = items.clone().map(|(p, _)| p).max() else {
+        return Vec::new();
+    };
+    let mut levels = vec![
+        LevelHealth {
+            total: 0,
+            healthy: 0
         };
-        let mut levels = vec![
-            LevelHealth {
-                total: 0,
-                healthy: 0
-            };
-            top as usize + 1
-        ];
-        for e in &self.endpoints {
-            let l = &mut levels[e.priority as usize];
-            l.total += 1;
-            if healthy(e) {
-                l.healthy += 1;
-            }
+        top as usize + 1
+    ];
+    for (priority, healthy) in items {
+        let l = &mut levels[priority as usize];
+        l.total += 1;
+        if healthy {
+            l.healthy += 1;
         }
-        levels
+    }
+    levels
+}
+
+/// Which endpoints a request's colour may use (see [`EndpointSet::for_color`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColorFilter<'a> {
+    /// Endpoints of this colour.
+    Colored(&'a str),
+    /// Uncoloured endpoints.
+    Plain,
+    /// Every endpoint (all are coloured and none matches).
+    All,
+}
+
+impl ColorFilter<'_> {
+    /// Whether `e` is in.
+    pub fn admits(&self, e: &Endpoint) -> bool {
+        match self {
+            ColorFilter::Colored(c) => e.color() == Some(c),
+            ColorFilter::Plain => e.color().is_none(),
+            ColorFilter::All => true,
+        }
     }
 }
 

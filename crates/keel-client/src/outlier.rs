@@ -29,7 +29,7 @@
 //! - **The ejection count stops growing at the cap** (`max_ejection / base_ejection`), as Envoy's
 //!   does, so the decay starts shortening ejections as soon as the endpoint behaves.
 
-use std::collections::HashMap;
+use crate::fasthash::FastMap;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -111,7 +111,7 @@ pub struct OutlierDetector<K> {
 }
 
 struct Inner<K> {
-    endpoints: HashMap<K, Endpoint>,
+    endpoints: FastMap<K, Endpoint>,
     ejections_total: u64,
     skipped_by_cap: u64,
 }
@@ -137,7 +137,7 @@ impl<K: Eq + Hash + Clone> OutlierDetector<K> {
         OutlierDetector {
             cfg,
             inner: Mutex::new(Inner {
-                endpoints: HashMap::new(),
+                endpoints: FastMap::default(),
                 ejections_total: 0,
                 skipped_by_cap: 0,
             }),
@@ -154,7 +154,7 @@ impl<K: Eq + Hash + Clone> OutlierDetector<K> {
     /// later starts healthy; new ones start healthy.
     pub fn set_endpoints(&self, keys: impl IntoIterator<Item = K>) {
         let mut inner = self.lock();
-        let mut next: HashMap<K, Endpoint> = HashMap::new();
+        let mut next: FastMap<K, Endpoint> = FastMap::default();
         for key in keys {
             let state = inner.endpoints.remove(&key).unwrap_or_default();
             next.entry(key).or_insert(state);
@@ -339,7 +339,7 @@ impl Endpoint {
 
 /// Ends the ejections that are due, then counts the ones still running.
 fn count_ejected<K>(
-    endpoints: &mut HashMap<K, Endpoint>,
+    endpoints: &mut FastMap<K, Endpoint>,
     now: Instant,
     cfg: &OutlierConfig,
 ) -> usize {

@@ -224,6 +224,9 @@ struct State {
 /// The connections to one endpoint.
 pub(crate) struct Pool {
     addr: SocketAddr,
+    /// `addr` as a URI authority and as a `Host` value, formatted once, not per request.
+    authority: http::uri::Authority,
+    host: http::HeaderValue,
     cfg: Arc<PoolConfig>,
     /// The idle timeout in use, in milliseconds (shrinks when the server's is learned).
     idle_ms: AtomicU64,
@@ -244,8 +247,15 @@ enum Step {
 
 impl Pool {
     pub(crate) fn new(addr: SocketAddr, cfg: Arc<PoolConfig>) -> Pool {
+        let text = addr.to_string();
         Pool {
             addr,
+            // A socket address always formats as a valid authority and header value.
+            authority: text
+                .parse()
+                .unwrap_or_else(|_| http::uri::Authority::from_static("invalid")),
+            host: http::HeaderValue::from_str(&text)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("invalid")),
             idle_ms: AtomicU64::new(millis(cfg.idle_timeout)),
             cfg,
             state: Mutex::new(State {
@@ -262,6 +272,34 @@ impl Pool {
             freed: Notify::new(),
             known_stream_limit: AtomicU32::new(u32::MAX),
             stats: Arc::new(Stats::default()),
+        }
+    }
+
+    /// Point `req` at this endpoint. HTTP/1.1 wants the origin form (`/path?q`) and a `Host`
+    /// header (hyper's connection-level client adds neither; a caller's own `Host` wins);
+    /// HTTP/2 wants the absolute form, from which hyper takes `:scheme` and `:authority`.
+    pub(crate) fn target(
+        &self,
+        pq: Option<&http::uri::PathAndQuery>,
+        headers: &mut http::HeaderMap,
+    ) -> http::Uri {
+        let pq = pq
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        match self.cfg.protocol {
+            Protocol::Http1 => {
+                headers
+                    .entry(http::header::HOST)
+                    .or_insert_with(|| self.host.clone());
+                http::Uri::from(pq)
+            }
+            Protocol::H2c => {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(http::uri::Scheme::HTTP);
+                parts.authority = Some(self.authority.clone());
+                parts.path_and_query = Some(pq);
+                http::Uri::from_parts(parts).unwrap_or_default()
+            }
         }
     }
 
@@ -313,7 +351,9 @@ impl Pool {
                     }
                     // Closed by the server while idle: drop it (the lease does) and go on.
                 }
-                Step::Connect => return self.connect_lease().await,
+                // Boxed: the connect and handshake futures are several KB, and keeping them
+                // inline would make every request's future (and its memcpy) that large too.
+                Step::Connect => return Box::pin(self.connect_lease()).await,
                 Step::Wait => freed.await,
             }
         }

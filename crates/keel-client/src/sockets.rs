@@ -8,19 +8,39 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-/// `st` column value of TIME_WAIT in `/proc/net/tcp`.
-const TIME_WAIT: &str = "06";
+/// A TCP state, as the `st` column of `/proc/net/tcp` spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpState {
+    /// `01`: open.
+    Established,
+    /// `06`: closed by this side, waiting out 2×MSL.
+    TimeWait,
+}
+
+impl TcpState {
+    fn code(self) -> &'static str {
+        match self {
+            TcpState::Established => "01",
+            TcpState::TimeWait => "06",
+        }
+    }
+}
 
 /// TIME_WAIT sockets of this network namespace whose remote end is one of `remotes`, per
-/// remote. Addresses missing from the tables count 0; unreadable tables (not Linux) give an
-/// empty map.
+/// remote. Addresses missing from the tables count 0; unreadable tables (not Linux) give
+/// zeros.
 pub fn time_wait_towards(remotes: &[SocketAddr]) -> HashMap<SocketAddr, usize> {
+    sockets_towards(remotes, TcpState::TimeWait)
+}
+
+/// Sockets in `state` whose remote end is one of `remotes`, per remote.
+pub fn sockets_towards(remotes: &[SocketAddr], state: TcpState) -> HashMap<SocketAddr, usize> {
     let mut counts: HashMap<SocketAddr, usize> = remotes.iter().map(|a| (*a, 0)).collect();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
             continue;
         };
-        for remote in time_wait_remotes(&text) {
+        for remote in remotes_in(&text, state) {
             if let Some(n) = counts.get_mut(&remote) {
                 *n += 1;
             }
@@ -29,14 +49,13 @@ pub fn time_wait_towards(remotes: &[SocketAddr]) -> HashMap<SocketAddr, usize> {
     counts
 }
 
-/// Remote addresses of TIME_WAIT rows in one `/proc/net/tcp{,6}` table. IPv4-mapped IPv6
-/// addresses (a dual-stack socket talking IPv4) are reported as IPv4.
-pub fn time_wait_remotes(table: &str) -> impl Iterator<Item = SocketAddr> + '_ {
-    table.lines().skip(1).filter_map(|line| {
+/// Remote addresses of the rows in `state` of one `/proc/net/tcp{,6}` table. IPv4-mapped
+/// IPv6 addresses (a dual-stack socket talking IPv4) are reported as IPv4.
+pub fn remotes_in(table: &str, state: TcpState) -> impl Iterator<Item = SocketAddr> + '_ {
+    table.lines().skip(1).filter_map(move |line| {
         let mut cols = line.split_whitespace();
         let remote = cols.nth(2)?;
-        let state = cols.next()?;
-        if state != TIME_WAIT {
+        if cols.next()? != state.code() {
             return None;
         }
         parse_addr(remote)
@@ -81,7 +100,7 @@ mod tests {
    2: 00000000000000000000000001000000:D433 00000000000000000000000001000000:0050 06 00000000:00000000 03:00001767 00000000 0 0 0 3 0
    3: 0000000000000000FFFF00000100007F:D434 0000000000000000FFFF00000100007F:1F91 06 00000000:00000000 03:00001767 00000000 0 0 0 3 0
 ";
-        let got: Vec<SocketAddr> = time_wait_remotes(table).collect();
+        let got: Vec<SocketAddr> = remotes_in(table, TcpState::TimeWait).collect();
         assert_eq!(
             got,
             vec![
@@ -90,12 +109,14 @@ mod tests {
                 "127.0.0.1:8081".parse().unwrap(),
             ]
         );
+        let open: Vec<SocketAddr> = remotes_in(table, TcpState::Established).collect();
+        assert_eq!(open, vec!["127.0.0.1:8080".parse().unwrap()]);
     }
 
     #[test]
     fn malformed_rows_are_skipped() {
         let table = "header\n 0: zz:1 qq:2 06\n 1: 0100007F:1 0100007F 06\n";
-        assert_eq!(time_wait_remotes(table).count(), 0);
+        assert_eq!(remotes_in(table, TcpState::TimeWait).count(), 0);
     }
 
     #[test]

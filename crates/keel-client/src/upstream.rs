@@ -8,13 +8,13 @@
 //! endpoint's load (failures and `Retry-After` penalise it). No I/O happens here: the
 //! transport calls [`Upstream::pick`] before connecting and [`Picked`]'s methods after.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::balance::{self, BalanceConfig, Load};
-use crate::endpoint::{Endpoint, EndpointSet, Endpoints};
+use crate::endpoint::{Endpoint, EndpointSet, Endpoints, level_health_of};
 use crate::outlier::{OutlierConfig, OutlierDetector};
 use crate::priority::{self, PriorityConfig};
 
@@ -29,12 +29,22 @@ pub struct UpstreamConfig {
     pub priority: PriorityConfig,
 }
 
-/// Loads keyed by address, rebuilt when the endpoint set's version changes (an address that
-/// stays keeps its load history).
+/// Loads in the order of the endpoint set's endpoints (a pick indexes, no hashing), rebuilt
+/// when the set's version changes; an address that stays keeps its load history.
 #[derive(Debug, Default)]
 struct LoadTable {
     version: Option<u64>,
-    by_addr: HashMap<SocketAddr, Arc<Load>>,
+    addrs: Vec<SocketAddr>,
+    loads: Vec<Arc<Load>>,
+}
+
+impl LoadTable {
+    fn get(&self, addr: &SocketAddr) -> Option<&Arc<Load>> {
+        self.addrs
+            .iter()
+            .position(|a| a == addr)
+            .and_then(|i| self.loads.get(i))
+    }
 }
 
 /// Routing state of one upstream. Share it (`Arc`) between callers.
@@ -44,6 +54,12 @@ pub struct Upstream {
     endpoints: Endpoints,
     outlier: OutlierDetector<SocketAddr>,
     loads: Mutex<LoadTable>,
+    /// The endpoint-set version the loads and the outlier detector were last synced to, plus
+    /// one (0: never).
+    synced: AtomicU64,
+    /// The load of an endpoint removed by a concurrent update between a pick's snapshot and
+    /// its table lookup: rare, short-lived, and not worth an allocation on every pick.
+    orphan: Arc<Load>,
 }
 
 /// The chosen endpoint for one attempt.
@@ -57,16 +73,20 @@ pub struct Picked {
     pub level: usize,
     /// Panic mode: the level had too few healthy endpoints, so ejected ones were used too.
     pub panic: bool,
+    /// Version of the endpoint set the pick was made from.
+    pub version: u64,
 }
 
 impl Upstream {
     /// Route over `endpoints` with `cfg`.
     pub fn new(cfg: UpstreamConfig, endpoints: Endpoints) -> Upstream {
         Upstream {
+            orphan: Arc::new(Load::new(&cfg.balance)),
             outlier: OutlierDetector::new(cfg.outlier.clone()),
             cfg,
             endpoints,
             loads: Mutex::new(LoadTable::default()),
+            synced: AtomicU64::new(0),
         }
     }
 
@@ -92,37 +112,53 @@ impl Upstream {
     }
 
     /// [`Upstream::pick`] with an explicit random draw (tests).
+    ///
+    /// On the hot path of every call: one pass over the endpoints with one outlier lookup
+    /// each, one lock of the load table, loads found by index, one small allocation (plus
+    /// the priority split's).
     pub fn pick_with(&self, color: Option<&str>, draw: u64) -> Option<Picked> {
         let set = self.endpoints.snapshot();
         self.sync(&set);
-        let candidates = set.for_color(color);
-        let subset = EndpointSet {
-            version: set.version,
-            endpoints: candidates.into_iter().cloned().collect(),
-        };
-        let healthy = |e: &Endpoint| !self.outlier.is_ejected(&e.addr);
-        let levels = subset.level_health(healthy);
+        let filter = set.color_filter(color);
+        let mut candidates: Vec<(usize, &Endpoint, bool)> = set
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| filter.admits(e))
+            .map(|(i, e)| (i, e, !self.outlier.is_ejected(&e.addr)))
+            .collect();
+        let levels = level_health_of(candidates.iter().map(|(_, e, h)| (e.priority, *h)));
         let dist = priority::distribute(&self.cfg.priority, &levels);
         let level = priority::pick_level(&dist, (draw % 100) as u32)?;
         let panic = dist.panic.get(level).copied().unwrap_or(false);
-        let in_level: Vec<&Endpoint> = subset
-            .endpoints
-            .iter()
-            .filter(|e| e.priority as usize == level && (panic || healthy(e)))
-            .collect();
-        let loads = self.loads_for(&in_level);
-        let pairs: Vec<(&Endpoint, Arc<Load>)> = in_level.into_iter().zip(loads).collect();
-        let (endpoint, load) = balance::p2c(
+        candidates.retain(|(_, e, healthy)| e.priority as usize == level && (panic || *healthy));
+        let t = self.lock_loads();
+        // Another caller may have synced a newer set since this snapshot: then indexes do
+        // not line up, and the address finds the load.
+        let aligned = t.version == Some(set.version);
+        let load_of = |i: usize, e: &Endpoint| -> &Arc<Load> {
+            let found = if aligned {
+                t.loads.get(i)
+            } else {
+                t.get(&e.addr)
+            };
+            found.unwrap_or(&self.orphan)
+        };
+        let &(i, endpoint, _) = balance::p2c(
             &self.cfg.balance,
-            &pairs,
-            |(_, l)| l,
+            &candidates,
+            |(i, e, _)| load_of(*i, e),
             (draw.rotate_left(17), draw.rotate_left(41)),
         )?;
+        let load = load_of(i, endpoint).clone();
+        let endpoint = endpoint.clone();
+        drop(t);
         Some(Picked {
-            endpoint: (*endpoint).clone(),
-            load: load.clone(),
+            endpoint,
+            load,
             level,
             panic,
+            version: set.version,
         })
     }
 
@@ -133,7 +169,7 @@ impl Upstream {
             tracing::warn!(%addr, ?until, "endpoint ejected after consecutive failures");
         }
         if !success {
-            if let Some(load) = self.lock_loads().by_addr.get(&addr) {
+            if let Some(load) = self.lock_loads().get(&addr) {
                 load.penalize(&self.cfg.balance, retry_after);
             }
         }
@@ -141,39 +177,34 @@ impl Upstream {
 
     /// The load tracked for `addr` (for reports and tests).
     pub fn load_of(&self, addr: &SocketAddr) -> Option<Arc<Load>> {
-        self.lock_loads().by_addr.get(addr).cloned()
+        self.lock_loads().get(addr).cloned()
     }
 
     fn sync(&self, set: &EndpointSet) {
+        // The common case, an unchanged set, costs one atomic load instead of a lock.
+        if self.synced.load(Ordering::Acquire) == set.version + 1 {
+            return;
+        }
         let mut t = self.lock_loads();
         if t.version == Some(set.version) {
             return;
         }
-        let mut next = HashMap::with_capacity(set.endpoints.len());
-        for e in &set.endpoints {
-            let load = t
-                .by_addr
-                .remove(&e.addr)
-                .unwrap_or_else(|| Arc::new(Load::new(&self.cfg.balance)));
-            next.insert(e.addr, load);
-        }
-        t.by_addr = next;
+        let loads = set
+            .endpoints
+            .iter()
+            .map(|e| {
+                t.get(&e.addr)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Load::new(&self.cfg.balance)))
+            })
+            .collect();
+        t.loads = loads;
+        t.addrs = set.endpoints.iter().map(|e| e.addr).collect();
         t.version = Some(set.version);
         drop(t);
         self.outlier
             .set_endpoints(set.endpoints.iter().map(|e| e.addr));
-    }
-
-    fn loads_for(&self, eps: &[&Endpoint]) -> Vec<Arc<Load>> {
-        let t = self.lock_loads();
-        eps.iter()
-            .map(|e| {
-                t.by_addr
-                    .get(&e.addr)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Load::new(&self.cfg.balance)))
-            })
-            .collect()
+        self.synced.store(set.version + 1, Ordering::Release);
     }
 
     fn lock_loads(&self) -> std::sync::MutexGuard<'_, LoadTable> {
@@ -186,6 +217,7 @@ impl Upstream {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn ep(s: &str) -> Endpoint {
         Endpoint::parse(s).unwrap()

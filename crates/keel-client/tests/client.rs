@@ -422,3 +422,47 @@ async fn a_slow_first_attempt_is_hedged_on_idempotent_routes_only() {
     assert_eq!(state.hits.load(Ordering::SeqCst), 3);
     assert_eq!(state.cancelled.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn http1_requests_carry_host_and_the_origin_form_and_h2_the_authority() {
+    let (addr, _, _) = serve(Duration::from_secs(75)).await;
+    for (protocol, expected) in [
+        (Protocol::Http1, format!("Some(\"{addr}\") /target?x=1")),
+        // HTTP/2 carries the authority in `:authority`; hyper's server shows the full URI.
+        (Protocol::H2c, format!("None http://{addr}/target?x=1")),
+    ] {
+        let cfg = ClientConfig {
+            pool: PoolConfig {
+                protocol,
+                ..PoolConfig::default()
+            },
+            ..ClientConfig::default()
+        };
+        let c = client(&[addr], cfg);
+        let req = http::Request::get("/target?x=1")
+            .body(Bytes::new())
+            .unwrap();
+        let resp = c.request(req).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(String::from_utf8_lossy(&body), expected, "{protocol:?}");
+    }
+    // A caller's own Host is kept.
+    let c = client(&[addr], ClientConfig::default());
+    let req = http::Request::get("/target")
+        .header("host", "orders.internal")
+        .body(Bytes::new())
+        .unwrap();
+    let body = c
+        .request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "Some(\"orders.internal\") /target"
+    );
+}

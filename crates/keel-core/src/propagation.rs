@@ -63,6 +63,11 @@ impl HeaderScan for http::HeaderMap {
 pub trait HeaderWriter {
     /// Set `name` (lower-case) to `value`, replacing any previous value.
     fn set(&mut self, name: &'static str, value: &str);
+
+    /// [`HeaderWriter::set`] with an owned value, which a writer may keep without copying.
+    fn set_owned(&mut self, name: &'static str, value: String) {
+        self.set(name, &value);
+    }
 }
 
 impl HeaderWriter for http::HeaderMap {
@@ -70,6 +75,13 @@ impl HeaderWriter for http::HeaderMap {
         // Every value Keel writes is produced by its own encoders (visible ASCII), so this
         // only fails on a bug; dropping the header then is better than a panic.
         if let Ok(v) = http::HeaderValue::from_str(value) {
+            self.insert(http::HeaderName::from_static(name), v);
+        }
+    }
+
+    fn set_owned(&mut self, name: &'static str, value: String) {
+        // The encoder's buffer becomes the header value: validated, not copied.
+        if let Ok(v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
             self.insert(http::HeaderName::from_static(name), v);
         }
     }
@@ -185,24 +197,24 @@ pub fn inject<W: HeaderWriter + ?Sized>(
         }
     }
     let tp = ctx.trace().outbound();
-    w.set(names::TRACEPARENT, &tp.encode());
+    w.set_owned(names::TRACEPARENT, tp.encode());
     if let Some(ts) = &ctx.trace().tracestate {
         w.set(names::TRACESTATE, ts.as_str());
     }
     match opts.b3 {
-        B3Format::Single => w.set(
+        B3Format::Single => w.set_owned(
             names::B3,
-            &codec::b3::encode_single(&B3::from_traceparent(&tp)),
+            codec::b3::encode_single(&B3::from_traceparent(&tp)),
         ),
         B3Format::Multi => {
             for (name, value) in codec::b3::encode_multi(&B3::from_traceparent(&tp)) {
-                w.set(name, &value);
+                w.set_owned(name, value);
             }
         }
         B3Format::Off => {}
     }
     if !ctx.baggage().is_empty() {
-        w.set(names::BAGGAGE, &ctx.baggage().encode());
+        w.set_owned(names::BAGGAGE, ctx.baggage().encode());
     }
     w.set(names::REQUEST_ID, ctx.request_id());
     if opts.retry {

@@ -161,11 +161,25 @@ async fn local_rejects_are_counted_and_still_count_as_requests() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn dropped_token_counts_as_attempted_but_not_accepted() {
+async fn a_dropped_token_counts_nothing() {
     let b = eager(0.9);
     drop(b.admit_with(0.0).unwrap());
     let stats = b.stats();
-    assert_eq!((stats.requests, stats.accepts), (1, 0));
+    assert_eq!((stats.requests, stats.accepts), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_in_flight_before_any_answer_is_not_mistaken_for_refusals() {
+    let b = Breaker::new(BreakerConfig::default());
+    // 64 concurrent calls to a fresh upstream, none answered yet.
+    let in_flight: Vec<Admitted> = (0..64).map(|_| b.admit_with(0.0).unwrap()).collect();
+    assert_eq!(b.reject_probability(), 0.0);
+    assert!(b.admit_with(0.0).is_ok(), "the 65th call is admitted");
+    for t in in_flight {
+        t.success();
+    }
+    assert_eq!(b.stats().accepts, 64);
+    assert_eq!(b.reject_probability(), 0.0);
 }
 
 #[test]

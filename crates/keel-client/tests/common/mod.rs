@@ -128,6 +128,13 @@ pub async fn serve_with(
         .route("/slow", get(slow))
         .route("/wait/{ms}", get(wait))
         .route("/bad", get(bad))
+        .route(
+            "/target",
+            get(|req: http::Request<axum::body::Body>| async move {
+                let host = req.headers().get(http::header::HOST).cloned();
+                format!("{:?} {}", host, req.uri())
+            }),
+        )
         .route("/grpc", get(grpc).post(grpc))
         .with_state(state.clone());
     let mut server = ServerConfig {

@@ -42,9 +42,17 @@ pub(crate) fn encode_into(src: &[u8], dst: &mut [u8]) {
 /// Appends `src` as lowercase hex to `out`.
 #[inline]
 pub(crate) fn push(out: &mut String, src: &[u8]) {
-    for b in src {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    // Through a stack buffer and one `push_str` per 32 bytes: `String::push` per digit costs
+    // a UTF-8 encode and a capacity check each, and this runs for every outbound call's
+    // trace headers.
+    let mut buf = [0u8; 64];
+    for chunk in src.chunks(32) {
+        for (i, b) in chunk.iter().enumerate() {
+            buf[2 * i] = DIGITS[usize::from(b >> 4)];
+            buf[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
+        }
+        // Hex digits are ASCII: this cannot fail, and falls back to nothing rather than panic.
+        out.push_str(std::str::from_utf8(&buf[..2 * chunk.len()]).unwrap_or_default());
     }
 }
 
