@@ -124,6 +124,26 @@ pub fn distribute(cfg: &PriorityConfig, levels: &[LevelHealth]) -> Distribution 
         cfg.panic_threshold.clamp(0.0, 1.0)
     };
 
+    // One level, the common case, always takes everything; only its panic flag needs work.
+    // Same answer as the general path below (a test compares them), without its float
+    // vectors on every pick.
+    if let [only] = levels {
+        let in_panic = only.total > 0
+            && level_health(only, overprovisioning) < 100.0 - EPSILON
+            && healthy_share(only) < panic_threshold;
+        return Distribution {
+            percent: vec![if only.total > 0 { 100 } else { 0 }],
+            panic: vec![in_panic],
+        };
+    }
+    distribute_levels(levels, overprovisioning, panic_threshold)
+}
+
+fn distribute_levels(
+    levels: &[LevelHealth],
+    overprovisioning: f64,
+    panic_threshold: f64,
+) -> Distribution {
     let mut panic = vec![false; levels.len()];
     let endpoints: usize = levels.iter().map(|l| l.total).sum();
     if endpoints == 0 {

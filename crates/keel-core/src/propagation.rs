@@ -197,15 +197,16 @@ pub fn inject<W: HeaderWriter + ?Sized>(
         }
     }
     let tp = ctx.trace().outbound();
-    w.set_owned(names::TRACEPARENT, tp.encode());
+    let encoded = tp.encode();
+    if opts.b3 == B3Format::Single {
+        w.set_owned(names::B3, codec::b3::single_from_traceparent(&tp, &encoded));
+    }
+    w.set_owned(names::TRACEPARENT, encoded);
     if let Some(ts) = &ctx.trace().tracestate {
         w.set(names::TRACESTATE, ts.as_str());
     }
     match opts.b3 {
-        B3Format::Single => w.set_owned(
-            names::B3,
-            codec::b3::encode_single(&B3::from_traceparent(&tp)),
-        ),
+        B3Format::Single => {}
         B3Format::Multi => {
             for (name, value) in codec::b3::encode_multi(&B3::from_traceparent(&tp)) {
                 w.set_owned(name, value);

@@ -2,7 +2,8 @@
 //! 1.4, panic threshold 50 %.
 
 use super::{
-    DEFAULT_OVERPROVISIONING, Distribution, LevelHealth, PriorityConfig, distribute, pick_level,
+    DEFAULT_OVERPROVISIONING, Distribution, LevelHealth, PriorityConfig, distribute,
+    distribute_levels, pick_level,
 };
 
 fn level(healthy: usize, total: usize) -> LevelHealth {
@@ -283,4 +284,24 @@ fn draws_follow_the_percentages() {
         counts[level] += 1;
     }
     assert_eq!(counts.to_vec(), d.percent);
+}
+
+#[test]
+fn the_single_level_shortcut_agrees_with_the_general_split() {
+    for (over, threshold) in [(1.4, 0.5), (1.0, 0.0), (2.0, 1.0), (1.4, 0.7)] {
+        let cfg = PriorityConfig {
+            overprovisioning: over,
+            panic_threshold: threshold,
+        };
+        for total in 0..=20 {
+            for healthy in 0..=total {
+                let levels = [level(healthy, total)];
+                assert_eq!(
+                    distribute(&cfg, &levels),
+                    distribute_levels(&levels, over, threshold),
+                    "{healthy}/{total} healthy, overprovisioning {over}, threshold {threshold}"
+                );
+            }
+        }
+    }
 }

@@ -165,6 +165,29 @@ pub fn encode_single(b: &B3) -> String {
     s
 }
 
+/// The `b3` single header for the next hop, cut out of that hop's already encoded
+/// `traceparent` (`00-{trace}-{span}-{flags}`) rather than hex-encoding the same ids again:
+/// equal to `encode_single(&B3::from_traceparent(tp))` (a test holds them together).
+pub fn single_from_traceparent(tp: &TraceParent, encoded: &str) -> String {
+    let trace = if tp.trace_id.0[..8] == [0; 8] {
+        encoded.get(19..35)
+    } else {
+        encoded.get(3..35)
+    };
+    match (trace, encoded.get(36..52)) {
+        (Some(trace), Some(span)) => {
+            let mut s = String::with_capacity(trace.len() + 19);
+            s.push_str(trace);
+            s.push('-');
+            s.push_str(span);
+            s.push_str(if tp.sampled() { "-1" } else { "-0" });
+            s
+        }
+        // Not a version-00 encoding: do it the long way.
+        _ => encode_single(&B3::from_traceparent(tp)),
+    }
+}
+
 /// Encodes the multi headers as `(lowercase name, value)` pairs: trace id, span id, then the
 /// parent span id if known, `x-b3-sampled` (`1`/`0`) if known, and `x-b3-flags: 1` for debug. A
 /// debug context sends only the flag, because the spec says debug implies the accept decision

@@ -270,3 +270,25 @@ proptest! {
         prop_assert_eq!((back.trace_id, back.span_id), (b.trace_id, b.span_id));
     }
 }
+
+#[test]
+fn single_from_traceparent_matches_the_full_encoding() {
+    use crate::codec::trace::{SpanId, TraceId, TraceParent};
+    for i in 0..500u32 {
+        let mut trace_id = TraceId::random();
+        if i % 3 == 0 {
+            // A 64-bit trace id: b3 writes only its low half.
+            trace_id.0[..8].fill(0);
+        }
+        let tp = TraceParent {
+            trace_id,
+            parent_id: SpanId::random(),
+            flags: (i % 2) as u8,
+        };
+        assert_eq!(
+            single_from_traceparent(&tp, &tp.encode()),
+            encode_single(&B3::from_traceparent(&tp)),
+            "{tp:?}"
+        );
+    }
+}
