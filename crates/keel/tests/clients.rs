@@ -108,6 +108,7 @@ async fn debug_clients_reports_each_upstreams_pool_and_endpoints() {
         .unwrap()
         .to_bytes();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    eprintln!("/debug/clients: {}", String::from_utf8_lossy(&body));
     let c = &v[0];
     assert_eq!(c["name"], "up", "{v}");
     assert_eq!(c["calls"], 20, "{v}");
