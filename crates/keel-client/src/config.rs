@@ -59,6 +59,8 @@ pub struct UpstreamSettings {
     pub outlier: OutlierSettings,
     /// Priority spill-over.
     pub priority: PrioritySettings,
+    /// Percent of uncoloured requests sent to each colour subset (`canary = 5`).
+    pub subsets: std::collections::BTreeMap<String, u32>,
 }
 
 /// Wire protocol, as written in config.
@@ -152,6 +154,7 @@ impl Default for UpstreamSettings {
             breaker: BreakerSettings::default(),
             outlier: OutlierSettings::default(),
             priority: PrioritySettings::default(),
+            subsets: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -286,6 +289,13 @@ impl Validate for UpstreamSettings {
                 "hedging sends a request twice; set `idempotent = true` to allow it",
             );
         }
+        let total: u32 = self.subsets.values().copied().fold(0, u32::saturating_add);
+        v.check(
+            total <= 100,
+            "subsets",
+            format!("{:?}", self.subsets),
+            "the percentages add up to more than 100",
+        );
         for (i, r) in self.breaker.routes.iter().enumerate() {
             v.check(
                 r.starts_with('/'),
@@ -321,6 +331,7 @@ impl UpstreamSettings {
                     overprovisioning: self.priority.overprovisioning,
                     panic_threshold: self.priority.panic_threshold,
                 },
+                subset_weights: self.subsets.iter().map(|(c, p)| (c.clone(), *p)).collect(),
             },
             Endpoints::new(endpoints),
         );

@@ -7,10 +7,10 @@
 //!   not come back releases its sockets gradually instead of all at once or never.
 //! - **Learned keep-alive.** The idle timeout starts at `idle_timeout` and shrinks to the
 //!   server's `Keep-Alive: timeout=N` minus a margin as soon as a response shows it
-//!   ([`Pool::learn_keepalive`]): the client must give up an idle socket before the server
+//!   (`Pool::learn_keepalive`): the client must give up an idle socket before the server
 //!   closes it, or it writes a request into a connection being torn down.
 //! - **HTTP/2 capacity.** The server's `SETTINGS_MAX_CONCURRENT_STREAMS` is read from its
-//!   first SETTINGS frame on the wire ([`Sniff`]); a connection at that limit gets no more
+//!   first SETTINGS frame on the wire (`Sniff`); a connection at that limit gets no more
 //!   streams, and another connection is opened (up to `max_connections`) instead of queueing
 //!   requests behind a full one.
 //!

@@ -27,6 +27,11 @@ pub struct UpstreamConfig {
     pub outlier: OutlierConfig,
     /// Priority spill-over and panic.
     pub priority: PriorityConfig,
+    /// Weighted subsets: `(colour, percent)` — that share of requests *without* a colour go
+    /// to the endpoints labelled with that colour (a canary at 5 %, say). Requests with a
+    /// colour (from baggage) always follow it. A colour with no endpoints falls back to the
+    /// main fleet, like a baggage colour does.
+    pub subset_weights: Vec<(String, u32)>,
 }
 
 /// Loads in the order of the endpoint set's endpoints (a pick indexes, no hashing), rebuilt
@@ -117,6 +122,7 @@ impl Upstream {
     /// each, one lock of the load table, loads found by index, one small allocation (plus
     /// the priority split's).
     pub fn pick_with(&self, color: Option<&str>, draw: u64) -> Option<Picked> {
+        let color = color.or_else(|| self.weighted_color(draw.rotate_left(29)));
         let set = self.endpoints.snapshot();
         self.sync(&set);
         let filter = set.color_filter(color);
@@ -160,6 +166,23 @@ impl Upstream {
             panic,
             version: set.version,
         })
+    }
+
+    /// The colour an uncoloured request is sent to by [`UpstreamConfig::subset_weights`], if
+    /// any: bands of the given percentages over a draw in `[0, 100)`.
+    fn weighted_color(&self, draw: u64) -> Option<&str> {
+        if self.cfg.subset_weights.is_empty() {
+            return None;
+        }
+        let r = (draw % 100) as u32;
+        let mut upper = 0u32;
+        for (color, percent) in &self.cfg.subset_weights {
+            upper = upper.saturating_add(*percent);
+            if r < upper {
+                return Some(color);
+            }
+        }
+        None
     }
 
     /// Report an attempt's outcome: feeds outlier ejection, and on failure penalises the
@@ -328,6 +351,50 @@ mod tests {
             u.load_of(&"127.0.0.1:3".parse().unwrap()).is_none(),
             "a removed address is dropped"
         );
+    }
+
+    #[test]
+    fn weighted_subsets_take_their_share_of_uncoloured_requests_only() {
+        let cfg = UpstreamConfig {
+            subset_weights: vec![("canary".into(), 20)],
+            ..UpstreamConfig::default()
+        };
+        let eps = [
+            "127.0.0.1:1",
+            "127.0.0.1:2",
+            "127.0.0.1:3;keel.color=canary",
+        ];
+        let u = Upstream::new(
+            cfg.clone(),
+            Endpoints::new(eps.iter().map(|s| ep(s)).collect()),
+        );
+        let n = 10_000;
+        let got = picks(&u, None, n);
+        let canary = got.get(&3).copied().unwrap_or(0) as f64 / n as f64;
+        assert!(
+            (0.17..=0.23).contains(&canary),
+            "canary share {canary}: {got:?}"
+        );
+        // A request coloured by baggage follows its colour, whatever the weights.
+        assert_eq!(
+            picks(&u, Some("canary"), 100)
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![3]
+        );
+        let blue = picks(&u, Some("blue"), 100);
+        assert!(
+            !blue.contains_key(&3),
+            "an unknown colour falls back to the main fleet"
+        );
+
+        // No canary endpoints: its share falls back to the main fleet.
+        let u = Upstream::new(
+            cfg,
+            Endpoints::new(vec![ep("127.0.0.1:1"), ep("127.0.0.1:2")]),
+        );
+        assert_eq!(picks(&u, None, 1000).values().sum::<usize>(), 1000);
     }
 
     #[test]

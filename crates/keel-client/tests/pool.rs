@@ -217,3 +217,23 @@ async fn http2_opens_another_connection_when_streams_reach_the_limit() {
     assert_eq!(concurrent(&c, 6, 5, "/wait/20").await, 0);
     assert_eq!(handle.stats().accepted.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test]
+async fn fast_open_connects_serve_calls_whether_or_not_the_kernel_grants_a_cookie() {
+    let (addr, _, handle) = serve(Duration::from_secs(75)).await;
+    let cfg = ClientConfig {
+        pool: PoolConfig {
+            fastopen: true,
+            // No idle connections kept: every call connects, so the second and later ones
+            // may carry data in the SYN once the first has fetched the server's cookie.
+            max_idle: 0,
+            ..PoolConfig::default()
+        },
+        ..ClientConfig::default()
+    };
+    let c = client(&[addr], cfg);
+    assert_eq!(run(&c, 5).await, 0);
+    let stats = c.pool_stats_of(addr).unwrap();
+    assert_eq!(stats.connects, 5, "{stats:?}");
+    assert_eq!(handle.stats().accepted.load(Ordering::Relaxed), 5);
+}
