@@ -92,10 +92,16 @@ impl Load {
         Duration::from_nanos(e.rtt_ns as u64)
     }
 
-    /// The comparison cost: estimate × (in flight + 1), multiplied while penalised.
+    /// The comparison cost: estimate × (in flight + 1), multiplied while penalised. The
+    /// estimate decays towards zero while nothing is observed (as if an instant answer had
+    /// been seen, the same formula `observe` applies), so an endpoint the balancer stopped
+    /// choosing — new, or once slow — is tried again instead of starving forever behind
+    /// endpoints whose estimates are kept fresh by traffic.
     pub fn cost(&self, cfg: &BalanceConfig, now: Instant) -> f64 {
         let e = self.lock();
-        let base = e.rtt_ns * (self.in_flight() as f64 + 1.0);
+        let idle = now.saturating_duration_since(e.updated).as_secs_f64();
+        let decayed = e.rtt_ns * (-idle / cfg.decay.as_secs_f64().max(f64::MIN_POSITIVE)).exp();
+        let base = decayed * (self.in_flight() as f64 + 1.0);
         match e.penalty_until {
             Some(until) if until > now => base * cfg.penalty_factor,
             _ => base,
@@ -168,6 +174,15 @@ impl InFlight<'_> {
     }
 }
 
+#[cfg(test)]
+impl InFlight<'_> {
+    /// [`InFlight::success`] as if the call had taken `rtt` (tests with paused time).
+    fn success_after(self, cfg: &BalanceConfig, rtt: Duration) {
+        let now = Instant::now();
+        self.load.observe(cfg, rtt, now);
+    }
+}
+
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -195,7 +210,10 @@ pub fn p2c<'a, T>(
                 load(&candidates[a]).cost(cfg, now),
                 load(&candidates[b]).cost(cfg, now),
             );
-            Some(if cb < ca {
+            // Costs within 1 % are a tie, settled by the random draw (`a`): otherwise two
+            // unmeasured endpoints would always go to the one created a moment earlier, whose
+            // estimate has decayed a hair further.
+            Some(if cb < ca * 0.99 {
                 &candidates[b]
             } else {
                 &candidates[a]
@@ -248,6 +266,35 @@ mod tests {
         call.success(&c); // 0 ms observed
         let est = l.rtt_estimate().as_secs_f64() * 1e3;
         assert!((est - 200.0 / std::f64::consts::E).abs() < 1.0, "{est}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_nobody_picks_is_tried_again_once_its_estimate_has_decayed() {
+        let c = cfg();
+        // An endpoint that has answered in 1 ms for a minute…
+        let busy = Load::new(&c);
+        for _ in 0..600 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            busy.start().success_after(&c, Duration::from_millis(1));
+        }
+        assert!(busy.rtt_estimate() < Duration::from_millis(2));
+        // …and one that joins now, estimated at the 30 ms default and never observed.
+        let fresh = Load::new(&c);
+        let loads = [&fresh, &busy];
+        let mut first_pick_of_fresh = None;
+        for second in 0..120u64 {
+            // The busy endpoint answers in 1 ms all the time, so its estimate stays fresh.
+            busy.start().success_after(&c, Duration::from_millis(1));
+            let picked = p2c(&c, &loads, |l| l, (0, 0)).unwrap();
+            if std::ptr::eq(*picked, &fresh) {
+                first_pick_of_fresh = Some(second);
+                break;
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        // 30 ms decays to 1 ms in ln(30) ≈ 3.4 decay periods of 10 s.
+        let s = first_pick_of_fresh.expect("the unmeasured endpoint was never picked");
+        assert!((30..=40).contains(&s), "picked after {s} s");
     }
 
     #[tokio::test(start_paused = true)]
@@ -312,16 +359,18 @@ mod tests {
         loads[0]
             .start()
             .failure(&c, Some(Duration::from_secs(3600)));
+        // Both estimates have decayed alike by then, so compare costs rather than picks:
+        // penalised, endpoint 0 costs a multiple of endpoint 1; afterwards about the same.
+        let costs = || {
+            let now = Instant::now();
+            (loads[0].cost(&c, now), loads[1].cost(&c, now))
+        };
         tokio::time::advance(Duration::from_secs(59)).await;
-        assert!(std::ptr::eq(
-            p2c(&c, &loads, |l| l, (0, 0)).unwrap(),
-            &loads[1]
-        ));
+        let (penalised, other) = costs();
+        assert!(penalised > 10.0 * other, "{penalised} vs {other}");
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(std::ptr::eq(
-            p2c(&c, &loads, |l| l, (0, 0)).unwrap(),
-            &loads[0]
-        ));
+        let (healed, other) = costs();
+        assert!(healed < 1.2 * other, "{healed} vs {other}");
     }
 
     #[tokio::test(start_paused = true)]

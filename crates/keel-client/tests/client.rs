@@ -20,7 +20,7 @@ use keel_server::{HttpSettings, Readiness, Server, ServerConfig};
 use keel_test_support::fault::{Fault, FaultProxy};
 
 #[tokio::test]
-async fn a_503_endpoint_is_avoided_and_its_requests_retried_elsewhere() {
+async fn a_503_endpoint_is_ejected_after_its_consecutive_failures_gets_nothing_then_returns() {
     let mut addrs = Vec::new();
     let mut states = Vec::new();
     for _ in 0..3 {
@@ -28,39 +28,60 @@ async fn a_503_endpoint_is_avoided_and_its_requests_retried_elsewhere() {
         addrs.push(a);
         states.push(s);
     }
-    // Start with only the soon-to-fail endpoint, so it is the one measured fastest and the
-    // balancer's first choice once the others join.
-    let eps = Endpoints::new(vec![Endpoint::new(addrs[1])]);
-    let upstream = Arc::new(Upstream::new(UpstreamConfig::default(), eps.clone()));
-    let c = Client::new("test", ClientConfig::default(), upstream);
-    assert_eq!(run(&c, 5).await, 0);
-    eps.publish(addrs.iter().map(|a| Endpoint::new(*a)).collect())
-        .unwrap();
-    let before: Vec<usize> = states
-        .iter()
-        .map(|s| s.hits.load(Ordering::SeqCst))
-        .collect();
+    let upstream_cfg = UpstreamConfig {
+        outlier: keel_client::outlier::OutlierConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(1),
+            max_ejection_percent: 34,
+            ..Default::default()
+        },
+        ..UpstreamConfig::default()
+    };
+    let eps = Endpoints::new(addrs.iter().map(|a| Endpoint::new(*a)).collect());
+    let upstream = Arc::new(Upstream::new(upstream_cfg, eps));
+    let c = Client::new("test", ClientConfig::default(), upstream.clone());
+    assert_eq!(run(&c, 30).await, 0);
+    let hits = |i: usize| states[i].hits.load(Ordering::SeqCst);
+
+    // Endpoint 1 starts answering 503. Every such answer is retried elsewhere (a 503 before
+    // the body is safe to resend), and each one penalises it in the balancer for 1 s, so it
+    // sees about one request a second until its third failure in a row ejects it.
     states[1].failing.store(true, Ordering::SeqCst);
-    assert_eq!(
-        run(&c, 200).await,
-        0,
-        "503s are retried on healthy endpoints"
-    );
-    let bad_hits = states[1].hits.load(Ordering::SeqCst) - before[1];
-    // A failure penalises it in the balancer (it loses every P2C comparison for 1 s), and 5 in
-    // a row eject it for 30 s: it sees at most a handful, not a third of 200.
+    let bad = addrs[1];
+    let started = tokio::time::Instant::now();
+    let (mut calls, mut failed) = (0, 0);
+    while !upstream.outlier().is_ejected(&bad) {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "not ejected after {calls} calls ({} hits)",
+            hits(1)
+        );
+        failed += run(&c, 10).await;
+        calls += 10;
+    }
+    eprintln!("ejected after {calls} calls, {:?}", started.elapsed());
+    assert_eq!(failed, 0, "503s were retried on healthy endpoints");
+    let hits_at_ejection = hits(1);
     assert!(
-        (1..=5).contains(&bad_hits),
-        "hits on the failing endpoint: {bad_hits}"
+        hits_at_ejection >= 3,
+        "ejected after 3 consecutive failures"
     );
-    let healthy: usize = [0, 2]
-        .iter()
-        .map(|i| states[*i].hits.load(Ordering::SeqCst) - before[*i])
-        .sum();
-    assert_eq!(
-        healthy, 200,
-        "every call was answered by a healthy endpoint"
+
+    // While ejected it gets nothing.
+    assert_eq!(run(&c, 150).await, 0);
+    assert!(
+        upstream.outlier().is_ejected(&bad),
+        "still inside its 1 s ejection"
     );
+    assert_eq!(hits(1), hits_at_ejection, "no traffic while ejected");
+
+    // Healed, and back after the ejection time.
+    states[1].failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(!upstream.outlier().is_ejected(&bad));
+    let before = hits(1);
+    assert_eq!(run(&c, 300).await, 0);
+    assert!(hits(1) > before, "traffic returned to the healed endpoint");
 }
 
 #[tokio::test]
@@ -72,6 +93,20 @@ async fn refused_endpoints_are_retried_around_and_a_dead_upstream_is_bounded_by_
         proxies.push(FaultProxy::start(a).await.unwrap());
     }
     let addrs: Vec<SocketAddr> = proxies.iter().map(FaultProxy::addr).collect();
+    // GET / is idempotent: a connection reset after the request went out may be resent too.
+    let cfg = ClientConfig {
+        idempotent: true,
+        ..ClientConfig::default()
+    };
+    let c = client(&addrs, cfg);
+    proxies[0].set(Fault::ResetOnConnect);
+    proxies[0].reset_all();
+    assert_eq!(
+        run(&c, 50).await,
+        0,
+        "calls to the endpoint that resets every connection are retried elsewhere"
+    );
+    assert!(c.stats().retries > 0, "{:?}", c.stats());
     let c = client(&addrs, ClientConfig::default());
     proxies[0].set(Fault::Refuse);
     assert_eq!(
