@@ -23,6 +23,7 @@ use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::Full;
 use keel_core::Context;
+use keel_core::observe;
 use keel_core::propagation::{self, Carrier, Outbound};
 
 use crate::body::{Body, GrpcOutcome};
@@ -306,7 +307,7 @@ impl Client {
                 // Boxed: two attempts in flight would double the size of every call's future.
                 Box::pin(self.hedged(ctx, parts, body, attempt, d)).await
             }
-            _ => self.attempt(ctx, parts, body, attempt > 0, false).await,
+            _ => self.attempt(ctx, parts, body, attempt, false).await,
         }
     }
 
@@ -318,7 +319,7 @@ impl Client {
         attempt: u32,
         hedge_after: Duration,
     ) -> Result<Outcome, ClientError> {
-        let first = self.attempt(ctx, parts, body, attempt > 0, false);
+        let first = self.attempt(ctx, parts, body, attempt, false);
         tokio::pin!(first);
         tokio::select! {
             out = &mut first => return out,
@@ -328,7 +329,7 @@ impl Client {
             return first.await;
         }
         self.hedges.fetch_add(1, Ordering::Relaxed);
-        let second = self.attempt(ctx, parts, body, true, true);
+        let second = self.attempt(ctx, parts, body, attempt + 1, true);
         tokio::pin!(second);
         // The first answer wins; a failure waits for the other attempt, whose answer (or
         // failure) then stands. The loser is dropped: its stream reset, or its HTTP/1.1
@@ -352,13 +353,28 @@ impl Client {
         ctx: &Context,
         parts: &Parts,
         body: &Bytes,
-        is_retry: bool,
+        attempt: u32,
         hedge: bool,
     ) -> Result<Outcome, ClientError> {
         let picked = self.pick(ctx, hedge)?;
         let addr = picked.endpoint.addr;
         let pool = self.pool(addr, picked.version);
-        let out = self.build(ctx, parts, body, &pool, is_retry)?;
+        // Reported however this attempt ends, including dropped as a losing hedge.
+        let mut obs = observe::observer().map(|_| AttemptObs {
+            ctx,
+            upstream: &self.name,
+            addr,
+            parts,
+            attempt,
+            span_id: keel_core::codec::SpanId::random(),
+            start: std::time::Instant::now(),
+            wall: std::time::SystemTime::now(),
+            status: None,
+            grpc_status: None,
+            outcome: observe::Outcome::Cancelled,
+        });
+        let span_id = obs.as_ref().map(|o| o.span_id);
+        let out = self.build(ctx, parts, body, &pool, attempt > 0, span_id)?;
         let budget = self
             .cfg
             .per_try_timeout
@@ -379,6 +395,9 @@ impl Client {
                     pool.learn_keepalive(server);
                 }
                 let classified = classify_status(resp.status(), resp.headers());
+                if let Some(o) = obs.as_mut() {
+                    o.answered(resp.status(), resp.headers());
+                }
                 let resp = resp.map(|b| Body::new(b, lease));
                 return Ok(match classified {
                     None => {
@@ -409,6 +428,13 @@ impl Client {
             }
             Err(_) => Failure::Timeout,
         };
+        if let Some(o) = obs.as_mut() {
+            o.outcome = if failure == Failure::Timeout && ctx.remaining().is_zero() {
+                observe::Outcome::DeadlineExceeded
+            } else {
+                observe::Outcome::Failed
+            };
+        }
         call.failure(balance, None);
         self.upstream.report(addr, false, None);
         Ok(Outcome::Error(failure, addr))
@@ -443,10 +469,12 @@ impl Client {
         body: &Bytes,
         pool: &Pool,
         is_retry: bool,
+        span_id: Option<keel_core::codec::SpanId>,
     ) -> Result<Request<Full<Bytes>>, ClientError> {
         let mut headers = parts.headers.clone();
         let opts = Outbound {
             retry: is_retry,
+            span_id,
             ..self.cfg.outbound
         };
         let carrier = if is_grpc(&headers) {
@@ -506,6 +534,54 @@ impl Client {
 
     fn lock_pools(&self) -> MutexGuard<'_, Pools> {
         self.pools.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One attempt as telemetry sees it (only built when an observer is installed).
+struct AttemptObs<'a> {
+    ctx: &'a Context,
+    upstream: &'a str,
+    addr: SocketAddr,
+    parts: &'a Parts,
+    attempt: u32,
+    span_id: keel_core::codec::SpanId,
+    start: std::time::Instant,
+    wall: std::time::SystemTime,
+    status: Option<u16>,
+    grpc_status: Option<i32>,
+    outcome: observe::Outcome,
+}
+
+impl AttemptObs<'_> {
+    fn answered(&mut self, status: StatusCode, headers: &HeaderMap) {
+        self.status = Some(status.as_u16());
+        self.grpc_status = headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        self.outcome = observe::Outcome::Answered;
+    }
+}
+
+impl Drop for AttemptObs<'_> {
+    fn drop(&mut self) {
+        if let Some(observer) = observe::observer() {
+            observer.client(&observe::ClientRecord {
+                ctx: self.ctx,
+                span_id: self.span_id,
+                upstream: self.upstream,
+                addr: self.addr,
+                method: &self.parts.method,
+                path: self.parts.uri.path(),
+                grpc: is_grpc(&self.parts.headers),
+                status: self.status,
+                grpc_status: self.grpc_status,
+                attempt: self.attempt,
+                outcome: self.outcome,
+                start: self.wall,
+                duration: self.start.elapsed(),
+            });
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 mod axum;
 pub mod codec;
 pub mod context;
+pub mod observe;
 pub mod propagation;
 pub mod shutdown;
 pub mod tasks;

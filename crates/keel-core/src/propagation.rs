@@ -145,6 +145,9 @@ pub struct Outbound {
     pub b3: B3Format,
     /// This attempt is a retry: mark it so the callee does not retry it again.
     pub retry: bool,
+    /// The caller's own client span for this call, sent as the callee's parent. `None`: the
+    /// request's span is the parent (no client span is recorded).
+    pub span_id: Option<crate::codec::SpanId>,
 }
 
 impl Default for Outbound {
@@ -153,6 +156,7 @@ impl Default for Outbound {
             margin: Duration::from_millis(5),
             b3: B3Format::Single,
             retry: false,
+            span_id: None,
         }
     }
 }
@@ -196,7 +200,10 @@ pub fn inject<W: HeaderWriter + ?Sized>(
             w.set(names::DEADLINE, &ms.to_string());
         }
     }
-    let tp = ctx.trace().outbound();
+    let mut tp = ctx.trace().outbound();
+    if let Some(span) = opts.span_id {
+        tp.parent_id = span;
+    }
     let encoded = tp.encode();
     if opts.b3 == B3Format::Single {
         w.set_owned(names::B3, codec::b3::single_from_traceparent(&tp, &encoded));

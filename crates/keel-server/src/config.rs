@@ -367,6 +367,7 @@ impl PropagationConfig {
             margin: self.margin.get(),
             b3: self.b3,
             retry,
+            span_id: None,
         }
     }
 }

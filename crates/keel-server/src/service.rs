@@ -20,6 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 use keel_core::context::Context as RequestContext;
+use keel_core::observe::{self, Outcome, RouteCell, ServerRecord};
 use keel_core::tasks::{Owner, TaskGuard, TaskKind};
 use keel_core::{BoxError, Phase};
 use tokio::time::Sleep;
@@ -46,6 +47,23 @@ struct RequestGuard {
     tracker: Arc<ConnTracker>,
     ctx: Option<RequestContext>,
     _task: Option<TaskGuard>,
+    /// What telemetry will be told when the request ends; `None` without an observer, and
+    /// for probes (which are not traffic).
+    obs: Option<Box<Observation>>,
+}
+
+/// The facts of one request gathered for [`keel_core::observe::Observer::server`].
+#[derive(Debug)]
+struct Observation {
+    method: http::Method,
+    path: Arc<str>,
+    route: RouteCell,
+    grpc: bool,
+    start: std::time::Instant,
+    wall: std::time::SystemTime,
+    status: Option<u16>,
+    grpc_status: Option<i32>,
+    outcome: Option<Outcome>,
 }
 
 impl RequestGuard {
@@ -55,8 +73,69 @@ impl RequestGuard {
             tracker,
             ctx: None,
             _task: None,
+            obs: None,
         }
     }
+
+    fn observe<B>(&mut self, req: &Request<B>, grpc: bool) -> Option<RouteCell> {
+        let observer = observe::observer()?;
+        observer.server_started();
+        let route = RouteCell::default();
+        self.obs = Some(Box::new(Observation {
+            method: req.method().clone(),
+            path: Arc::from(req.uri().path()),
+            route: route.clone(),
+            grpc,
+            start: std::time::Instant::now(),
+            wall: std::time::SystemTime::now(),
+            status: None,
+            grpc_status: None,
+            outcome: None,
+        }));
+        Some(route)
+    }
+
+    /// Record the response head (and a first outcome, for answers Keel made itself).
+    fn responded(&mut self, status: StatusCode, headers: &HeaderMap, outcome: Option<Outcome>) {
+        if let Some(o) = self.obs.as_mut() {
+            o.status = Some(status.as_u16());
+            if let Some(code) = grpc_status(headers) {
+                o.grpc_status = Some(code);
+            }
+            if o.outcome.is_none() {
+                o.outcome = outcome;
+            }
+        }
+    }
+
+    fn trailers(&mut self, trailers: &HeaderMap) {
+        if let Some(o) = self.obs.as_mut()
+            && let Some(code) = grpc_status(trailers)
+        {
+            o.grpc_status = Some(code);
+        }
+    }
+
+    /// The body ended cleanly: an answer, unless Keel already said otherwise.
+    fn responded_failed(&mut self) {
+        if let Some(o) = self.obs.as_mut()
+            && o.outcome.is_none()
+        {
+            o.outcome = Some(Outcome::Failed);
+        }
+    }
+
+    fn completed(&mut self) {
+        if let Some(o) = self.obs.as_mut()
+            && o.outcome.is_none()
+        {
+            o.outcome = Some(Outcome::Answered);
+        }
+    }
+}
+
+fn grpc_status(h: &HeaderMap) -> Option<i32> {
+    h.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 impl Drop for RequestGuard {
@@ -65,6 +144,23 @@ impl Drop for RequestGuard {
             ctx.task_scope().cancel();
         }
         self.tracker.request_finished();
+        if let (Some(o), Some(observer)) = (self.obs.take(), observe::observer()) {
+            let template = o.route.get();
+            observer.server(&ServerRecord {
+                ctx: self.ctx.as_ref(),
+                route: template.as_deref().unwrap_or(&o.path),
+                route_is_template: template.is_some(),
+                method: &o.method,
+                grpc: o.grpc,
+                status: o.status,
+                grpc_status: o.grpc_status,
+                // Dropped before the body ended and with nothing recorded: the caller left.
+                outcome: o.outcome.unwrap_or(Outcome::Cancelled),
+                start: o.wall,
+                duration: o.start.elapsed(),
+                peer: None,
+            });
+        }
     }
 }
 
@@ -91,9 +187,25 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let res = ready!(this.inner.poll_frame(cx));
-        if !matches!(res, Some(Ok(_))) {
-            // End of stream or error: the request is over even if hyper keeps the body a while.
-            this.guard.take();
+        match &res {
+            Some(Ok(frame)) => {
+                if let (Some(t), Some(g)) = (frame.trailers_ref(), this.guard.as_mut()) {
+                    g.trailers(t);
+                }
+            }
+            None => {
+                if let Some(g) = this.guard.as_mut() {
+                    g.completed();
+                }
+                // End of stream: the request is over even if hyper keeps the body a while.
+                this.guard.take();
+            }
+            Some(Err(_)) => {
+                if let Some(g) = this.guard.as_mut() {
+                    g.responded_failed();
+                }
+                this.guard.take();
+            }
         }
         Poll::Ready(res)
     }
@@ -159,15 +271,18 @@ where
             }
         }
 
+        let grpc = ctxmod::is_grpc(req.headers());
+        let mut guard = guard;
+        let route_cell = guard.observe(&req, grpc);
         let limit = shared.limits.max_body_bytes;
         if declared_length(req.headers()).is_some_and(|n| n > limit) {
             shared.stats.body_too_large.fetch_add(1, Ordering::Relaxed);
             // The unread body is still on the wire: hyper closes the connection after this
             // response, so it must not advertise a keep-alive.
             let resp = fixed(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+            guard.responded(resp.status(), resp.headers(), Some(Outcome::Refused));
             return KeelFuture::fixed(resp, guard, false);
         }
-        let grpc = ctxmod::is_grpc(req.headers());
         let policy = shared.deadlines.for_path(req.uri().path());
         let route: Arc<str> = Arc::from(req.uri().path());
         let ctx = match RequestContext::from_headers(
@@ -189,10 +304,10 @@ where
                         resp.headers_mut().insert("x-request-id", id.clone());
                     }
                 }
+                guard.responded(resp.status(), resp.headers(), Some(Outcome::Refused));
                 return KeelFuture::fixed(resp, guard, keep_alive);
             }
         };
-        let mut guard = guard;
         guard._task = Some(shared.registry.register(
             if grpc { "grpc request" } else { "http request" },
             TaskKind::Request,
@@ -205,6 +320,9 @@ where
         let deadline = ctx.deadline();
         let mut req = req.map(|b| Limited::new(b, usize::try_from(limit).unwrap_or(usize::MAX)));
         req.extensions_mut().insert(ctx.clone());
+        if let Some(cell) = route_cell {
+            req.extensions_mut().insert(cell);
+        }
         let fut = ctx.scope(self.inner.clone().oneshot(req));
         guard.ctx = Some(ctx);
         KeelFuture {
@@ -217,6 +335,29 @@ where
             grpc,
         }
     }
+}
+
+/// Poll the handler, timing the poll when an observer is installed: a poll that holds the
+/// worker past [`observe::LONG_POLL_THRESHOLD`] is blocking code in async, reported with the
+/// route so it can be found.
+fn poll_timed<F: Future>(
+    fut: Pin<&mut F>,
+    cx: &mut Context<'_>,
+    guard: Option<&RequestGuard>,
+) -> Poll<F::Output> {
+    let Some(obs) = guard.and_then(|g| g.obs.as_deref()) else {
+        return fut.poll(cx);
+    };
+    let started = std::time::Instant::now();
+    let res = fut.poll(cx);
+    let held = started.elapsed();
+    if held > observe::LONG_POLL_THRESHOLD
+        && let Some(observer) = observe::observer()
+    {
+        let template = obs.route.get();
+        observer.long_poll(template.as_deref().unwrap_or(&obs.path), held);
+    }
+    res
 }
 
 fn declared_length(h: &HeaderMap) -> Option<u64> {
@@ -288,13 +429,16 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let resp = match this.state.as_mut().project() {
-            StateProj::Inner { fut, sleep } => match fut.poll(cx) {
+            StateProj::Inner { fut, sleep } => match poll_timed(fut, cx, this.guard.as_ref()) {
                 Poll::Ready(Ok(resp)) => resp.map(Either::Left),
                 Poll::Ready(Err(err)) => {
                     let err: BoxError = err.into();
                     tracing::error!(error = %err, "service returned an error; answering 500");
-                    fixed(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
-                        .map(Either::Right)
+                    let resp = fixed(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
+                    if let Some(g) = this.guard.as_mut() {
+                        g.responded(resp.status(), resp.headers(), Some(Outcome::Failed));
+                    }
+                    resp.map(Either::Right)
                 }
                 Poll::Pending => {
                     ready!(sleep.poll(cx));
@@ -314,7 +458,15 @@ where
                             );
                         }
                     }
-                    ctxmod::deadline_exceeded(*this.grpc).map(Either::Right)
+                    let resp = ctxmod::deadline_exceeded(*this.grpc);
+                    if let Some(g) = this.guard.as_mut() {
+                        g.responded(
+                            resp.status(),
+                            resp.headers(),
+                            Some(Outcome::DeadlineExceeded),
+                        );
+                    }
+                    resp.map(Either::Right)
                 }
             },
             StateProj::Fixed { resp } => match resp.take() {
@@ -326,8 +478,11 @@ where
                 .map(Either::Right),
             },
         };
-        let guard = this.guard.take();
+        let mut guard = this.guard.take();
         let (mut parts, body) = resp.into_parts();
+        if let Some(g) = guard.as_mut() {
+            g.responded(parts.status, &parts.headers, None);
+        }
         strip_hop_by_hop(&mut parts.headers, parts.status);
         if let Some(ctx) = guard.as_ref().and_then(|g| g.ctx.as_ref()) {
             if let Some(v) = ctxmod::request_id_value(ctx.request_id_arc()) {

@@ -79,7 +79,71 @@ impl App {
             }),
         };
         app.register_debug_routes();
+        app.register_metrics();
         app
+    }
+
+    /// The process's metrics (register your own families with `add_collector`).
+    pub fn metrics(&self) -> &'static keel_telemetry::Metrics {
+        &crate::wiring::global(&self.config().metrics).metrics
+    }
+
+    fn register_metrics(&self) {
+        let telemetry = crate::wiring::global(&self.config().metrics);
+        if !self.config().metrics.enabled {
+            return;
+        }
+        let metrics = telemetry.metrics.clone();
+        self.admin_route(
+            "/metrics",
+            "Prometheus metrics (text format 0.0.4)",
+            move |_| (crate::wiring::CONTENT_TYPE, metrics.render()),
+        );
+    }
+
+    /// Scrape-time collectors of this app's server, clients and runtime. Registered by the
+    /// first app that serves in a process: the registry is process-wide, and a second set
+    /// would repeat the same series.
+    fn register_collectors(&self, handle: &ServerHandle) {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        let metrics = self.metrics();
+        let weak = Arc::downgrade(&self.inner);
+        let server = handle.clone();
+        ONCE.call_once(|| {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                keel_telemetry::collectors::runtime(metrics, rt);
+            }
+            metrics.add_collector(move |e| {
+                let s = server.stats();
+                let fams: [(&str, &str, &str, u64); 6] = [
+                    ("keel_server_connections", "Open connections on the main port.", "gauge", s.connections.load(Ordering::Relaxed) as u64),
+                    ("keel_server_connections_accepted_total", "Connections accepted since start.", "counter", s.accepted.load(Ordering::Relaxed)),
+                    ("keel_server_header_timeouts_total", "Connections closed for sending a request head too slowly.", "counter", s.header_timeouts.load(Ordering::Relaxed)),
+                    ("keel_server_body_too_large_total", "Requests refused with 413 before reaching the handler.", "counter", s.body_too_large.load(Ordering::Relaxed)),
+                    ("keel_server_refused_on_arrival_total", "Requests refused on arrival: malformed propagation header (400) or deadline already passed (504).", "counter", s.refused_on_arrival.load(Ordering::Relaxed)),
+                    ("keel_server_deadline_exceeded_total", "Handlers cut off by their request's deadline.", "counter", s.deadline_exceeded.load(Ordering::Relaxed)),
+                ];
+                for (name, help, kind, v) in fams {
+                    e.family(name, help, kind);
+                    e.sample(name, &[], v as f64);
+                }
+            });
+            metrics.add_collector(move |e| {
+                let clients: Vec<Arc<keel_client::client::Client>> = weak
+                    .upgrade()
+                    .map(|inner| {
+                        inner
+                            .clients
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .values()
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                crate::wiring::client_families(e, &clients);
+            });
+        });
     }
 
     /// The service name.
@@ -291,6 +355,7 @@ impl App {
         let handle: ServerHandle = server.handle();
         tracing::info!(service = %inner.name, addr = %server.local_addr(), listeners, config_hash = %&inner.loaded.hash()[..12], "serving");
 
+        self.register_collectors(&handle);
         let stats = handle.clone();
         self.admin_route(
             "/debug/server",

@@ -44,6 +44,8 @@ pub struct Config {
     pub clients: BTreeMap<String, UpstreamSettings>,
     /// `[log]` — log level and format.
     pub log: LogConfig,
+    /// `[metrics]` — Prometheus `/metrics` on the admin port.
+    pub metrics: keel_telemetry::MetricsConfig,
 }
 
 /// `[tasks]`: the task registry behind `/debug/tasks`.
@@ -106,6 +108,7 @@ impl Validate for Config {
         v.nested("shutdown", &self.shutdown);
         v.nested("deadline", &self.deadline);
         v.nested("propagation", &self.propagation);
+        v.nested("metrics", &self.metrics);
         for (name, c) in &self.clients {
             v.nested(&format!("clients.{name}"), c);
         }

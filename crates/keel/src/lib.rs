@@ -20,6 +20,7 @@
 mod app;
 pub mod config;
 mod logging;
+mod wiring;
 
 pub use app::{App, Error, run, run_with};
 pub use config::{Config, LogConfig, LogFormat, Sources, TasksConfig};
@@ -30,6 +31,7 @@ pub use keel_core::{codec, propagation, tasks};
 pub use keel_runtime as runtime;
 pub use keel_server as server;
 pub use keel_server::{Readiness, RequestBody};
+pub use keel_telemetry as telemetry;
 
 /// `Result` with Keel's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

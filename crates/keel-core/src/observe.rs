@@ -1,0 +1,156 @@
+//! Observation hooks: what the server and the client tell telemetry about each request and
+//! each outbound attempt. `keel-telemetry` implements [`Observer`] (metrics, trace export);
+//! the server and client only call [`observer()`], so they depend on no telemetry crate and
+//! pay one atomic load when nothing is installed.
+//!
+//! Records are handed over when a request or attempt *ends* — on every path: answered,
+//! failed, cut off by its deadline, abandoned by its caller, panicked — because the guards
+//! that emit them run in `Drop`. A span that is never ended cannot happen.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use crate::Context;
+use crate::codec::SpanId;
+
+/// How a request or attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer went out (whatever its status).
+    Answered,
+    /// The deadline passed first: the handler (or the call) was cut off.
+    DeadlineExceeded,
+    /// The caller went away (connection closed, future dropped) before the end.
+    Cancelled,
+    /// Failed without an answer: the service errored or panicked, or the call got no response.
+    Failed,
+    /// Refused before reaching the handler: a malformed header (400), an expired deadline
+    /// (504), an oversize body (413).
+    Refused,
+}
+
+impl Outcome {
+    /// Lower-case name, for labels and span attributes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::DeadlineExceeded => "deadline_exceeded",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Failed => "failed",
+            Outcome::Refused => "refused",
+        }
+    }
+}
+
+/// One server request, at its end.
+#[derive(Debug)]
+pub struct ServerRecord<'a> {
+    /// The request's context (trace, request id), when one was built (not for refusals and
+    /// probes).
+    pub ctx: Option<&'a Context>,
+    /// Route label: the matched template when the router told us (see [`RouteCell`]), else
+    /// the path (telemetry bounds its cardinality).
+    pub route: &'a str,
+    /// Whether the route came from the router (a template) or is the raw path.
+    pub route_is_template: bool,
+    /// HTTP method.
+    pub method: &'a http::Method,
+    /// gRPC request (`content-type: application/grpc…`).
+    pub grpc: bool,
+    /// Response status, if one was produced.
+    pub status: Option<u16>,
+    /// gRPC status from headers or trailers, if any.
+    pub grpc_status: Option<i32>,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Wall-clock start (span timestamps).
+    pub start: SystemTime,
+    /// Duration from arrival to the end of the response body (or to the cut-off).
+    pub duration: Duration,
+    /// The peer's address.
+    pub peer: Option<SocketAddr>,
+}
+
+/// One outbound attempt, at its end.
+#[derive(Debug)]
+pub struct ClientRecord<'a> {
+    /// The calling request's context.
+    pub ctx: &'a Context,
+    /// This attempt's span id, sent to the upstream as the parent in `traceparent`.
+    pub span_id: SpanId,
+    /// Upstream name (`[clients.<name>]`).
+    pub upstream: &'a str,
+    /// The endpoint tried.
+    pub addr: SocketAddr,
+    /// HTTP method.
+    pub method: &'a http::Method,
+    /// Request path (the upstream's route; telemetry bounds cardinality).
+    pub path: &'a str,
+    /// gRPC call.
+    pub grpc: bool,
+    /// Response status, if one came back.
+    pub status: Option<u16>,
+    /// gRPC status from response headers, if any.
+    pub grpc_status: Option<i32>,
+    /// 0 for the first attempt, then retries and hedges.
+    pub attempt: u32,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Wall-clock start.
+    pub start: SystemTime,
+    /// Until the response headers (or the failure).
+    pub duration: Duration,
+}
+
+/// Receives records. Implementations must be cheap and must not block: they run on the
+/// request path (in `Drop`).
+pub trait Observer: Send + Sync + 'static {
+    /// A server request started (in-flight gauges).
+    fn server_started(&self) {}
+    /// A server request ended.
+    fn server(&self, record: &ServerRecord<'_>);
+    /// An outbound attempt ended.
+    fn client(&self, record: &ClientRecord<'_>);
+    /// A poll of a request's future held its worker thread for `held` (reported only above
+    /// the installer's threshold): blocking code in async.
+    fn long_poll(&self, route: &str, held: Duration) {
+        let _ = (route, held);
+    }
+}
+
+static OBSERVER: OnceLock<Arc<dyn Observer>> = OnceLock::new();
+
+/// Install the process's observer (once; later calls return it back as an error).
+pub fn install(observer: Arc<dyn Observer>) -> Result<(), Arc<dyn Observer>> {
+    OBSERVER.set(observer)
+}
+
+/// The installed observer, if any.
+#[inline]
+pub fn observer() -> Option<&'static dyn Observer> {
+    OBSERVER.get().map(|o| &**o)
+}
+
+/// Polls longer than this are reported as long polls. 10 ms: far beyond any legitimate
+/// non-blocking poll (microseconds), short enough to catch a blocking call before it shows
+/// up as everybody's latency.
+pub const LONG_POLL_THRESHOLD: Duration = Duration::from_millis(10);
+
+/// Put in each request's extensions by the server: a router that knows the matched route
+/// template writes it here (the `keel` facade's axum layer does), so metrics and spans are
+/// labelled `/orders/{id}`, not `/orders/8812`.
+#[derive(Debug, Clone, Default)]
+pub struct RouteCell(Arc<Mutex<Option<Arc<str>>>>);
+
+impl RouteCell {
+    /// Record the matched route template.
+    pub fn set(&self, template: &str) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::from(template));
+    }
+
+    /// The template, if a router set one.
+    pub fn get(&self) -> Option<Arc<str>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

@@ -1,0 +1,78 @@
+//! Keel's telemetry: Prometheus metrics (`metrics`), OTLP trace export (`trace`), and the
+//! [`keel_core::observe::Observer`] that feeds both from the server's and the client's records.
+//!
+//! Nothing here is on the request path beyond the observer's record handling: metric updates
+//! are atomic increments on pre-resolved series, spans go into a bounded queue that a
+//! background task drains, and everything else (client pools, runtime, tasks) is read when
+//! `/metrics` is scraped.
+
+pub mod collectors;
+pub mod metrics;
+pub mod trace;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use keel_core::observe::{ClientRecord, Observer, ServerRecord};
+
+pub use metrics::{Metrics, MetricsConfig};
+
+/// Where finished spans go (the OTLP exporter implements it).
+pub trait SpanSink: Send + Sync + std::fmt::Debug + 'static {
+    /// A server request ended.
+    fn record_server(&self, record: &ServerRecord<'_>);
+    /// An outbound attempt ended.
+    fn record_client(&self, record: &ClientRecord<'_>);
+}
+
+/// The process's observer: every record goes to the metrics and to the span sink, if any
+/// (which keeps only sampled traces).
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Span export.
+    pub spans: Option<std::sync::Arc<dyn SpanSink>>,
+}
+
+impl Observer for Telemetry {
+    fn server_started(&self) {
+        self.metrics.server_started();
+    }
+
+    fn server(&self, record: &ServerRecord<'_>) {
+        self.metrics.record_server(record);
+        if let Some(s) = &self.spans {
+            s.record_server(record);
+        }
+    }
+
+    fn client(&self, record: &ClientRecord<'_>) {
+        self.metrics.record_client(record);
+        if let Some(s) = &self.spans {
+            s.record_client(record);
+        }
+    }
+
+    fn long_poll(&self, route: &str, held: Duration) {
+        self.metrics.record_long_poll(route, held);
+        // One line per 10 s at most: a blocking handler under load would otherwise log at
+        // its request rate; the counter has the full story.
+        static LAST: AtomicU64 = AtomicU64::new(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = LAST.load(Ordering::Relaxed);
+        if now >= last + 10
+            && LAST
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                route,
+                held_ms = u64::try_from(held.as_millis()).unwrap_or(u64::MAX),
+                "a request's poll held a worker thread past 10 ms: blocking code in async?"
+            );
+        }
+    }
+}
