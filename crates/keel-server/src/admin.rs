@@ -32,7 +32,13 @@ pub type AdminHandler = Arc<dyn Fn(&Request<Incoming>) -> (&'static str, String)
 #[derive(Clone, Default)]
 pub struct AdminRoutes {
     routes: BTreeMap<String, (String, AdminHandler)>,
+    /// `PUT` handlers (operator actions such as changing the log filter), by path.
+    puts: BTreeMap<String, PutHandler>,
 }
+
+/// A `PUT` handler: status, content type, body.
+pub type PutHandler =
+    Arc<dyn Fn(&Request<Incoming>) -> (StatusCode, &'static str, String) + Send + Sync>;
 
 impl std::fmt::Debug for AdminRoutes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -48,6 +54,15 @@ impl AdminRoutes {
     {
         self.routes
             .insert(path.to_string(), (help.to_string(), Arc::new(f)));
+        self
+    }
+
+    /// Add `PUT path` (the path should also have a `GET` showing the current state).
+    pub fn route_put<F>(&mut self, path: &str, f: F) -> &mut Self
+    where
+        F: Fn(&Request<Incoming>) -> (StatusCode, &'static str, String) + Send + Sync + 'static,
+    {
+        self.puts.insert(path.to_string(), Arc::new(f));
         self
     }
 }
@@ -93,11 +108,17 @@ fn handle(
     readiness: &Readiness,
     routes: &AdminRoutes,
 ) -> Response<Full<Bytes>> {
+    if req.method() == Method::PUT
+        && let Some(h) = routes.puts.get(req.uri().path())
+    {
+        let (status, ct, body) = h(req);
+        return respond(status, ct, body);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "admin endpoints are GET only\n".into(),
+            "admin endpoints are GET only (PUT where noted)\n".into(),
         );
     }
     if let Some(r) =

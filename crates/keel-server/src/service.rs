@@ -323,6 +323,16 @@ where
         if let Some(cell) = route_cell {
             req.extensions_mut().insert(cell);
         }
+        // Every log line written while the request is handled (the handler's and Keel's)
+        // carries the trace, span and request ids. A filter that turns `keel::request` off
+        // makes this a disabled span: no formatting, nothing recorded.
+        let span = tracing::info_span!(
+            target: "keel::request",
+            "request",
+            trace_id = %ctx.trace().trace_id,
+            span_id = %ctx.trace().span_id,
+            request_id = %ctx.request_id(),
+        );
         let fut = ctx.scope(self.inner.clone().oneshot(req));
         guard.ctx = Some(ctx);
         KeelFuture {
@@ -333,6 +343,7 @@ where
             guard: Some(guard),
             keep_alive,
             grpc,
+            span,
         }
     }
 }
@@ -401,6 +412,7 @@ pin_project_lite::pin_project! {
         guard: Option<RequestGuard>,
         keep_alive: bool,
         grpc: bool,
+        span: tracing::Span,
     }
 }
 
@@ -414,6 +426,7 @@ where
             guard: Some(guard),
             keep_alive,
             grpc: false,
+            span: tracing::Span::none(),
         }
     }
 }
@@ -428,6 +441,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let _entered = this.span.enter();
         let resp = match this.state.as_mut().project() {
             StateProj::Inner { fut, sleep } => match poll_timed(fut, cx, this.guard.as_ref()) {
                 Poll::Ready(Ok(resp)) => resp.map(Either::Left),

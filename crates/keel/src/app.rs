@@ -216,7 +216,55 @@ impl App {
         }
     }
 
+    /// Add a `PUT` admin endpoint (an operator action); give it a `GET` too.
+    pub fn admin_route_put<F>(&self, path: &str, f: F)
+    where
+        F: Fn(&Request<hyper::body::Incoming>) -> (http::StatusCode, &'static str, String)
+            + Send
+            + Sync
+            + 'static,
+    {
+        if let Ok(mut r) = self.inner.admin_routes.lock() {
+            r.route_put(path, f);
+        }
+    }
+
     fn register_debug_routes(&self) {
+        self.admin_route(
+            "/debug/log",
+            "the log filter in force; PUT ?filter=info,keel_server=debug changes it",
+            |_| {
+                let text = crate::logging::current_filter()
+                    .unwrap_or_else(|| "(logging not set up by Keel)".to_string());
+                ("text/plain; charset=utf-8", format!("{text}\n"))
+            },
+        );
+        self.admin_route_put("/debug/log", |req| {
+            let wanted = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("filter=")))
+                .map(percent_decode);
+            match wanted {
+                None => (
+                    http::StatusCode::BAD_REQUEST,
+                    "text/plain; charset=utf-8",
+                    "missing ?filter=<directives>, e.g. ?filter=info,keel_server=debug\n".into(),
+                ),
+                Some(f) => match crate::logging::set_filter(&f) {
+                    Ok(()) => (
+                        http::StatusCode::OK,
+                        "text/plain; charset=utf-8",
+                        format!("{f}\n"),
+                    ),
+                    Err(e) => (
+                        http::StatusCode::BAD_REQUEST,
+                        "text/plain; charset=utf-8",
+                        format!("invalid log filter {f:?}: {e}\n"),
+                    ),
+                },
+            }
+        });
         let weak = Arc::downgrade(&self.inner);
         self.admin_route(
             "/debug/runtime",
@@ -641,4 +689,29 @@ fn client_report(c: &keel_client::client::Client) -> serde_json::Value {
             .collect::<serde_json::Map<_, _>>(),
         "endpoints": endpoints,
     })
+}
+
+/// `%XX` escapes and `+` decoded (query strings from curl and browsers).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

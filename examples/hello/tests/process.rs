@@ -315,3 +315,62 @@ async fn context_endpoint_shows_what_the_caller_sent() {
         .unwrap();
     assert!(ms > 1000 && ms <= 2000, "{text}");
 }
+
+/// A request to `url` with `method`; returns the status and body.
+async fn call(method: http::Method, url: String) -> (u16, String) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = ts::http1_client().request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn the_log_filter_changes_at_run_time_and_log_lines_carry_the_trace() {
+    let p = spawn(&[("KEEL_LOG__FORMAT", "json"), ("KEEL_LOG__LEVEL", "info")]);
+    let log_url = format!("http://{}/debug/log", p.admin);
+    assert_eq!(
+        call(http::Method::GET, log_url.clone()).await,
+        (200, "info\n".into())
+    );
+
+    // A bad filter is refused and changes nothing.
+    let (status, body) = call(http::Method::PUT, format!("{log_url}?filter=%3D%5Bnope")).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(call(http::Method::GET, log_url.clone()).await.1, "info\n");
+
+    // Turn on debug for the server crate: the deadline cut-off below logs at debug.
+    let filter = "info,keel_server=debug";
+    let (status, body) = call(http::Method::PUT, format!("{log_url}?filter={filter}")).await;
+    assert_eq!((status, body.as_str()), (200, "info,keel_server=debug\n"));
+    assert_eq!(
+        call(http::Method::GET, log_url).await.1,
+        "info,keel_server=debug\n"
+    );
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let req = http::Request::get(format!("http://{}/slow?ms=2000", p.addr))
+        .header("keel-timeout", "100m")
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = ts::http1_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 504);
+    let found = ts::wait_until(Duration::from_secs(5), || {
+        p.logs()
+            .lines()
+            .any(|l| l.contains("deadline exceeded; handler cancelled") && l.contains(trace))
+    });
+    assert!(
+        found,
+        "no debug line with the trace id after the filter change; log:\n{}",
+        p.logs()
+    );
+}
