@@ -343,9 +343,11 @@ pub struct PropagationConfig {
     /// B3 written next to W3C `traceparent`: `single` (the `b3` header), `multi`
     /// (`X-B3-*`), or `off`. Single by default so Zipkin-era services keep the trace.
     pub b3: keel_core::propagation::B3Format,
-    /// Sampling flag for traces this service starts itself (callers' decisions are always
-    /// honoured). Off until the telemetry layer decides with a real sampler.
-    pub sample_new_traces: bool,
+    /// Share of the traces this service starts itself that are sampled (recorded and
+    /// exported, and flagged so to the next hops). A caller's decision is always honoured
+    /// (parent-based sampling). 1.0: every trace, OpenTelemetry's default; lower it where the
+    /// export volume matters. `OTEL_TRACES_SAMPLER`/`_ARG` override it.
+    pub sample_ratio: f64,
 }
 
 impl Default for PropagationConfig {
@@ -353,12 +355,21 @@ impl Default for PropagationConfig {
         PropagationConfig {
             margin: Duration::from_millis(5),
             b3: keel_core::propagation::B3Format::Single,
-            sample_new_traces: false,
+            sample_ratio: 1.0,
         }
     }
 }
 
-impl Validate for PropagationConfig {}
+impl Validate for PropagationConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check(
+            (0.0..=1.0).contains(&self.sample_ratio),
+            "sample_ratio",
+            self.sample_ratio,
+            "must be between 0 and 1",
+        );
+    }
+}
 
 impl PropagationConfig {
     /// The outbound options for one attempt.

@@ -18,11 +18,11 @@ use crate::config::DeadlineConfig;
 pub(crate) struct DeadlinePolicy {
     default: Duration,
     routes: Vec<(String, Duration)>,
-    sample_roots: bool,
+    sample_ratio: f64,
 }
 
 impl DeadlinePolicy {
-    pub(crate) fn new(cfg: &DeadlineConfig, sample_roots: bool) -> Self {
+    pub(crate) fn new(cfg: &DeadlineConfig, sample_ratio: f64) -> Self {
         let mut routes: Vec<(String, Duration)> = cfg
             .routes
             .iter()
@@ -32,7 +32,7 @@ impl DeadlinePolicy {
         DeadlinePolicy {
             default: unbounded_if_zero(cfg.default.get()),
             routes,
-            sample_roots,
+            sample_ratio,
         }
     }
 
@@ -43,9 +43,13 @@ impl DeadlinePolicy {
             .iter()
             .find(|(prefix, _)| path.starts_with(prefix.as_str()))
             .map_or(self.default, |(_, d)| *d);
+        // The draw decides only for traces this request starts; a caller's flag wins. Made per
+        // request (not per trace id): the decision travels in the flag, so hops agree anyway.
+        let sample_roots = self.sample_ratio >= 1.0
+            || (self.sample_ratio > 0.0 && unit_draw() < self.sample_ratio);
         InboundPolicy {
             route_timeout,
-            sample_roots: self.sample_roots,
+            sample_roots,
         }
     }
 }
@@ -160,7 +164,7 @@ mod tests {
                 default: keel_config::Duration::from_secs(30),
                 routes,
             },
-            false,
+            0.0,
         );
         assert_eq!(
             p.for_path("/api/orders/7").route_timeout,
@@ -182,9 +186,23 @@ mod tests {
                 default: keel_config::Duration::from_secs(30),
                 routes,
             },
-            false,
+            0.0,
         );
         assert!(p.for_path("/watch/orders").route_timeout > Duration::from_secs(365 * 24 * 3600));
+    }
+
+    #[test]
+    fn the_sample_ratio_decides_the_share_of_sampled_roots() {
+        let p = |ratio| DeadlinePolicy::new(&DeadlineConfig::default(), ratio);
+        let sampled = |ratio| {
+            (0..10_000)
+                .filter(|_| p(ratio).for_path("/").sample_roots)
+                .count()
+        };
+        assert_eq!(sampled(0.0), 0);
+        assert_eq!(sampled(1.0), 10_000);
+        let quarter = sampled(0.25);
+        assert!((2_200..=2_800).contains(&quarter), "{quarter}");
     }
 
     #[test]
@@ -194,4 +212,9 @@ mod tests {
             "a 100%25 %E2%9C%93"
         );
     }
+}
+
+/// A uniform draw in `[0, 1)` from Keel's per-thread generator.
+fn unit_draw() -> f64 {
+    (keel_core::codec::rand::next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }

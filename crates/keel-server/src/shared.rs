@@ -115,10 +115,7 @@ impl Shared {
             shutdown,
             stats: Arc::new(Stats::default()),
             keep_alive,
-            deadlines: DeadlinePolicy::new(
-                &settings.deadline,
-                settings.propagation.sample_new_traces,
-            ),
+            deadlines: DeadlinePolicy::new(&settings.deadline, settings.propagation.sample_ratio),
             registry: Registry::global(),
         })
     }
