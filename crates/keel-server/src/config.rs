@@ -345,8 +345,9 @@ pub struct PropagationConfig {
     pub b3: keel_core::propagation::B3Format,
     /// Share of the traces this service starts itself that are sampled (recorded and
     /// exported, and flagged so to the next hops). A caller's decision is always honoured
-    /// (parent-based sampling). 1.0: every trace, OpenTelemetry's default; lower it where the
-    /// export volume matters. `OTEL_TRACES_SAMPLER`/`_ARG` override it.
+    /// (parent-based sampling). Not a config key of its own: the `keel` facade sets it from
+    /// `tracing.sample_ratio` (and `OTEL_TRACES_SAMPLER`), where sampling is configured.
+    #[serde(skip, default = "sample_everything")]
     pub sample_ratio: f64,
 }
 
@@ -358,6 +359,10 @@ impl Default for PropagationConfig {
             sample_ratio: 1.0,
         }
     }
+}
+
+fn sample_everything() -> f64 {
+    1.0
 }
 
 impl Validate for PropagationConfig {

@@ -145,6 +145,11 @@ pub(crate) fn request_id_value(id: &Arc<str>) -> Option<HeaderValue> {
     HeaderValue::from_str(id).ok()
 }
 
+/// A uniform draw in `[0, 1)` from Keel's per-thread generator.
+fn unit_draw() -> f64 {
+    (keel_core::codec::rand::next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -212,9 +217,4 @@ mod tests {
             "a 100%25 %E2%9C%93"
         );
     }
-}
-
-/// A uniform draw in `[0, 1)` from Keel's per-thread generator.
-fn unit_draw() -> f64 {
-    (keel_core::codec::rand::next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }

@@ -185,12 +185,19 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let res = ready!(this.inner.poll_frame(cx));
+        let mut this = self.project();
+        let res = ready!(this.inner.as_mut().poll_frame(cx));
         match &res {
             Some(Ok(frame)) => {
-                if let (Some(t), Some(g)) = (frame.trailers_ref(), this.guard.as_mut()) {
-                    g.trailers(t);
+                if let Some(g) = this.guard.as_mut() {
+                    if let Some(t) = frame.trailers_ref() {
+                        g.trailers(t);
+                    }
+                    // hyper stops polling once the body says it has ended, so the last frame
+                    // is the moment the answer is complete.
+                    if this.inner.is_end_stream() {
+                        g.completed();
+                    }
                 }
             }
             None => {
@@ -517,6 +524,14 @@ where
                     );
                 }
             }
+        }
+        let empty = match &body {
+            Either::Left(b) => b.is_end_stream(),
+            Either::Right(b) => b.is_end_stream(),
+        };
+        if empty && let Some(g) = guard.as_mut() {
+            // An empty body is never polled: the head is the whole answer.
+            g.completed();
         }
         Poll::Ready(Ok(Response::from_parts(
             parts,

@@ -31,8 +31,9 @@ pub trait SpanSink: Send + Sync + std::fmt::Debug + 'static {
 pub struct Telemetry {
     /// Prometheus metrics.
     pub metrics: Metrics,
-    /// Span export.
-    pub spans: Option<std::sync::Arc<dyn SpanSink>>,
+    /// Span export, set once the exporter has started (it needs a runtime, which the
+    /// observer does not).
+    pub spans: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn SpanSink>>>,
 }
 
 impl Observer for Telemetry {
@@ -42,14 +43,14 @@ impl Observer for Telemetry {
 
     fn server(&self, record: &ServerRecord<'_>) {
         self.metrics.record_server(record);
-        if let Some(s) = &self.spans {
+        if let Some(s) = self.spans.get() {
             s.record_server(record);
         }
     }
 
     fn client(&self, record: &ClientRecord<'_>) {
         self.metrics.record_client(record);
-        if let Some(s) = &self.spans {
+        if let Some(s) = self.spans.get() {
             s.record_client(record);
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod fault;
 pub mod grpc;
+pub mod otlp;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -387,11 +387,16 @@ impl App {
             // One listener per shard: each shard's runtime accepts on its own socket.
             shards.len()
         };
+        let tracer = crate::wiring::start_tracer(&cfg.tracing, &inner.name);
+        let mut propagation = cfg.propagation.clone();
+        // Sampling is configured with tracing (`tracing.sample_ratio`, or the standard
+        // `OTEL_TRACES_SAMPLER`/`_ARG`); the server applies it to the traces it starts.
+        propagation.sample_ratio = crate::wiring::sample_ratio(&cfg.tracing, &inner.name);
         let settings = HttpSettings {
             server: cfg.server.clone(),
             probes: cfg.probes.clone(),
             deadline: cfg.deadline.clone(),
-            propagation: cfg.propagation.clone(),
+            propagation,
         };
         let server = Server::bind(
             &settings,
@@ -458,6 +463,8 @@ impl App {
 
         let outcome =
             keel_server::drain(stop, again, &inner.shutdown, &cfg.shutdown, &[handle]).await;
+        // The spans of the last requests go out before the process does.
+        tracer.shutdown(std::time::Duration::from_secs(2)).await;
         if outcome == DrainOutcome::Forced {
             return Err(Error::Forced);
         }

@@ -46,6 +46,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[metrics]` — Prometheus `/metrics` on the admin port.
     pub metrics: keel_telemetry::MetricsConfig,
+    /// `[tracing]` — OTLP span export (the `OTEL_*` variables override it).
+    pub tracing: keel_telemetry::trace::TraceConfig,
 }
 
 /// `[tasks]`: the task registry behind `/debug/tasks`.
@@ -109,6 +111,7 @@ impl Validate for Config {
         v.nested("deadline", &self.deadline);
         v.nested("propagation", &self.propagation);
         v.nested("metrics", &self.metrics);
+        v.nested("tracing", &self.tracing);
         for (name, c) in &self.clients {
             v.nested(&format!("clients.{name}"), c);
         }

@@ -24,6 +24,7 @@ mod wiring;
 
 pub use app::{App, Error, run, run_with};
 pub use config::{Config, LogConfig, LogFormat, Sources, TasksConfig};
+pub use keel_client as client;
 pub use keel_config as conf;
 pub use keel_core::context::{self, Context};
 pub use keel_core::{BoxError, Phase, Shutdown};

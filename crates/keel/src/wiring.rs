@@ -5,6 +5,7 @@
 
 use std::sync::{Arc, OnceLock};
 
+use keel_telemetry::trace::{TraceConfig, Tracer};
 use keel_telemetry::{Metrics, MetricsConfig, Telemetry};
 
 /// The process's telemetry. One per process: the observer hook is global, and several
@@ -18,7 +19,7 @@ pub(crate) fn global(cfg: &MetricsConfig) -> &'static Telemetry {
         keel_telemetry::collectors::tasks(&metrics);
         let t = Telemetry {
             metrics,
-            spans: None,
+            spans: Arc::default(),
         };
         // Only fails if something else installed an observer first; then that one stays.
         if keel_core::observe::install(Arc::new(t.clone())).is_err() {
@@ -26,6 +27,99 @@ pub(crate) fn global(cfg: &MetricsConfig) -> &'static Telemetry {
         }
         t
     })
+}
+
+/// Start the span exporter for `service` from `[tracing]` and the `OTEL_*` environment, and
+/// connect it to the observer. Needs the runtime (the exporter is a task). Only the first
+/// app to serve in a process starts one; later calls get that one back.
+pub(crate) fn start_tracer(cfg: &TraceConfig, service: &str) -> Tracer {
+    static TRACER: OnceLock<Tracer> = OnceLock::new();
+    TRACER
+        .get_or_init(|| {
+            let mut cfg = effective_trace_config(cfg, service, &|k| std::env::var(k).ok()).0;
+            if cfg.endpoint.is_none() {
+                cfg.enabled = false;
+            }
+            let tracer = Tracer::start(&cfg);
+            if tracer.is_enabled() {
+                tracing::info!(endpoint = ?cfg.endpoint, protocol = cfg.protocol.as_str(), service = %cfg.service_name, "exporting spans over OTLP");
+            }
+            if let Some(t) = TELEMETRY.get() {
+                let _ = t.spans.set(Arc::new(tracer.clone()));
+                let stats = tracer.clone();
+                t.metrics.add_collector(move |e| trace_families(e, &stats));
+            }
+            tracer
+        })
+        .clone()
+}
+
+/// `[tracing]` with the service name defaulted to the app's and the `OTEL_*` variables
+/// applied; the warnings name each variable that was ignored and why.
+pub(crate) fn effective_trace_config(
+    cfg: &TraceConfig,
+    service: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> (TraceConfig, Vec<String>) {
+    let mut cfg = cfg.clone();
+    if cfg.service_name == TraceConfig::default().service_name {
+        cfg.service_name = service.to_string();
+    }
+    let warnings = cfg.apply_env(env);
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    (cfg, warnings)
+}
+
+/// The sampling ratio for new traces: `tracing.sample_ratio` unless `OTEL_TRACES_SAMPLER`
+/// says otherwise.
+pub(crate) fn sample_ratio(cfg: &TraceConfig, service: &str) -> f64 {
+    let mut c = cfg.clone();
+    c.service_name = service.to_string();
+    // Warnings about the other variables were logged when the tracer started.
+    let _ = c.apply_env(&|k| std::env::var(k).ok());
+    c.sample_ratio
+}
+
+fn trace_families(e: &mut keel_telemetry::metrics::Exposition, t: &Tracer) {
+    let s = t.stats();
+    let fams: [(&str, &str, &str, f64); 5] = [
+        (
+            "keel_trace_spans_queued",
+            "Spans waiting for export now.",
+            "gauge",
+            s.queued as f64,
+        ),
+        (
+            "keel_trace_spans_exported_total",
+            "Spans the collector accepted.",
+            "counter",
+            s.exported as f64,
+        ),
+        (
+            "keel_trace_spans_dropped_total",
+            "Spans dropped because the export queue was full (collector slow or down).",
+            "counter",
+            s.dropped as f64,
+        ),
+        (
+            "keel_trace_export_errors_total",
+            "Export requests that failed; their spans are lost.",
+            "counter",
+            s.export_errors as f64,
+        ),
+        (
+            "keel_trace_spans_failed_total",
+            "Spans lost after leaving the queue (failed exports, shutdown).",
+            "counter",
+            s.failed_spans as f64,
+        ),
+    ];
+    for (name, help, kind, v) in fams {
+        e.family(name, help, kind);
+        e.sample(name, &[], v);
+    }
 }
 
 /// Prometheus' text exposition content type.

@@ -102,7 +102,9 @@ impl Tracer {
             return disabled;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!("trace export disabled: Tracer::start was called outside a tokio runtime");
+            tracing::warn!(
+                "trace export disabled: Tracer::start was called outside a tokio runtime"
+            );
             return disabled;
         };
         if url.starts_with("https:") {
@@ -207,8 +209,18 @@ impl Tracer {
     }
 }
 
-/// Lets a tracer be installed on its own with [`keel_core::observe::install`]; an observer
-/// that also feeds metrics calls the record methods instead.
+/// The tracer is the span sink of the process's [`crate::Telemetry`] observer.
+impl crate::SpanSink for Tracer {
+    fn record_server(&self, record: &ServerRecord<'_>) {
+        Tracer::record_server(self, record);
+    }
+
+    fn record_client(&self, record: &ClientRecord<'_>) {
+        Tracer::record_client(self, record);
+    }
+}
+
+/// Lets a tracer be installed on its own with [`keel_core::observe::install`] (no metrics).
 impl Observer for Tracer {
     fn server(&self, record: &ServerRecord<'_>) {
         self.record_server(record);
