@@ -166,6 +166,14 @@ impl Tracer {
         }
     }
 
+    /// The OTLP span [`Tracer::record_server`] would queue for `record` (`None` when it would
+    /// queue nothing). For benchmarks and tests of span content; costs what recording does.
+    pub fn server_span(
+        record: &ServerRecord<'_>,
+    ) -> Option<opentelemetry_proto::tonic::trace::v1::Span> {
+        span::server_span(record)
+    }
+
     /// Record the client span of a finished outbound attempt (child of the calling request's
     /// server span). Same rules as [`Tracer::record_server`].
     pub fn record_client(&self, record: &ClientRecord<'_>) {
