@@ -103,6 +103,51 @@ pub struct ClientRecord<'a> {
     pub duration: Duration,
 }
 
+/// Which side of a broker a [`MessageRecord`] comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageSide {
+    /// A message was published (a PRODUCER span).
+    Publish,
+    /// A consumed message was processed (a CONSUMER span).
+    Process,
+}
+
+impl MessageSide {
+    /// The OpenTelemetry `messaging.operation.name`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageSide::Publish => "publish",
+            MessageSide::Process => "process",
+        }
+    }
+}
+
+/// One message published or processed, at its end. Emitted by the messaging adapters.
+#[derive(Debug)]
+pub struct MessageRecord<'a> {
+    /// Publish: the publishing request's context. Process: the context built from the
+    /// message's headers, whose span is this processing's and whose parent is the producer's.
+    pub ctx: &'a Context,
+    /// Publish: this publish's span id, sent in the message's `traceparent` as the consumer's
+    /// parent. Process: `None` (the context's own span is the processing span).
+    pub span_id: Option<SpanId>,
+    /// Publish or process.
+    pub side: MessageSide,
+    /// `messaging.system`: `rabbitmq`, `kafka`, `nats`.
+    pub system: &'a str,
+    /// Queue, topic or subject (from configuration, so bounded).
+    pub destination: &'a str,
+    /// The broker's or the producer's message id, if any.
+    pub message_id: Option<&'a str>,
+    /// `Answered`: published (confirmed) or processed and acknowledged; `Failed`: refused,
+    /// nacked or dead-lettered; `DeadlineExceeded`, `Cancelled` as for requests.
+    pub outcome: Outcome,
+    /// Wall-clock start.
+    pub start: SystemTime,
+    /// Duration of the publish (until confirmed) or of the processing.
+    pub duration: Duration,
+}
+
 /// Receives records. Implementations must be cheap and must not block: they run on the
 /// request path (in `Drop`).
 pub trait Observer: Send + Sync + 'static {
@@ -112,6 +157,10 @@ pub trait Observer: Send + Sync + 'static {
     fn server(&self, record: &ServerRecord<'_>);
     /// An outbound attempt ended.
     fn client(&self, record: &ClientRecord<'_>);
+    /// A message was published or processed (the messaging adapters call this).
+    fn message(&self, record: &MessageRecord<'_>) {
+        let _ = record;
+    }
     /// A poll of a request's future held its worker thread for `held` (reported only above
     /// the installer's threshold): blocking code in async.
     fn long_poll(&self, route: &str, held: Duration) {

@@ -13,7 +13,7 @@ pub mod trace;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use keel_core::observe::{ClientRecord, Observer, ServerRecord};
+use keel_core::observe::{ClientRecord, MessageRecord, Observer, ServerRecord};
 
 pub use metrics::{Metrics, MetricsConfig};
 
@@ -23,6 +23,8 @@ pub trait SpanSink: Send + Sync + std::fmt::Debug + 'static {
     fn record_server(&self, record: &ServerRecord<'_>);
     /// An outbound attempt ended.
     fn record_client(&self, record: &ClientRecord<'_>);
+    /// A message was published or processed.
+    fn record_message(&self, record: &MessageRecord<'_>);
 }
 
 /// The process's observer: every record goes to the metrics and to the span sink, if any
@@ -52,6 +54,13 @@ impl Observer for Telemetry {
         self.metrics.record_client(record);
         if let Some(s) = self.spans.get() {
             s.record_client(record);
+        }
+    }
+
+    fn message(&self, record: &MessageRecord<'_>) {
+        self.metrics.record_message(record);
+        if let Some(s) = self.spans.get() {
+            s.record_message(record);
         }
     }
 

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use keel_core::observe::{ClientRecord, Outcome, ServerRecord};
+use keel_core::observe::{ClientRecord, MessageRecord, Outcome, ServerRecord};
 
 /// Histogram bucket upper bounds, in seconds. Sub-millisecond services need resolution below
 /// 1 ms (the first four buckets), while the tail up to 10 s still shows timeouts.
@@ -162,6 +162,8 @@ struct Inner {
     /// Raw-path route labels admitted so far (templates are not counted against the cap).
     raw_routes: AtomicU64,
     client: RwLock<HashMap<String, Arc<Series>>>,
+    /// `system destination side` → series (destinations come from config).
+    messages: RwLock<HashMap<String, Arc<Series>>>,
     in_flight: AtomicI64,
     long_polls: RwLock<HashMap<String, Arc<(AtomicU64, AtomicU64)>>>,
     collectors: Mutex<Vec<Collector>>,
@@ -190,6 +192,7 @@ impl Metrics {
                 server: RwLock::new(HashMap::new()),
                 raw_routes: AtomicU64::new(0),
                 client: RwLock::new(HashMap::new()),
+                messages: RwLock::new(HashMap::new()),
                 in_flight: AtomicI64::new(0),
                 long_polls: RwLock::new(HashMap::new()),
                 collectors: Mutex::new(Vec::new()),
@@ -215,6 +218,13 @@ impl Metrics {
         let class = class_index(r.grpc, r.status, r.grpc_status);
         let series = lookup(&self.inner.client, r.upstream, || r.upstream.to_string());
         series.record(class, r.outcome, r.duration);
+    }
+
+    /// A message published or processed.
+    pub fn record_message(&self, r: &MessageRecord<'_>) {
+        let key = format!("{} {} {}", r.system, r.destination, r.side.as_str());
+        let series = lookup(&self.inner.messages, &key, || key.clone());
+        series.record(NONE_CLASS, r.outcome, r.duration);
     }
 
     /// A long poll (blocking code in async) on `route`.
@@ -415,6 +425,53 @@ impl Metrics {
             e.histogram(
                 "keel_client_request_duration_seconds",
                 &[("upstream", up)],
+                &s.duration,
+            );
+        }
+
+        let messages: Vec<(String, Arc<Series>)> = read(&self.inner.messages)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        e.family(
+            "keel_messages_total",
+            "Messages published or processed, by system, destination, side and outcome (answered = confirmed or acknowledged).",
+            "counter",
+        );
+        e.family(
+            "keel_message_duration_seconds",
+            "Publish (until confirmed) or processing duration.",
+            "histogram",
+        );
+        for (key, s) in &messages {
+            let mut parts = key.splitn(3, ' ');
+            let (system, destination, side) = (
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+            );
+            for (i, o) in OUTCOMES.iter().enumerate() {
+                let n = s.outcomes[i].load(Ordering::Relaxed);
+                if n > 0 {
+                    e.sample(
+                        "keel_messages_total",
+                        &[
+                            ("system", system),
+                            ("destination", destination),
+                            ("side", side),
+                            ("outcome", o.as_str()),
+                        ],
+                        n as f64,
+                    );
+                }
+            }
+            e.histogram(
+                "keel_message_duration_seconds",
+                &[
+                    ("system", system),
+                    ("destination", destination),
+                    ("side", side),
+                ],
                 &s.duration,
             );
         }
@@ -693,6 +750,34 @@ mod tests {
         assert_eq!(CLASSES[class_index(true, Some(200), Some(99))], "UNKNOWN");
         assert_eq!(CLASSES[class_index(false, Some(404), None)], "4xx");
         assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn messages_are_counted_by_system_destination_side_and_outcome() {
+        use keel_core::observe::{MessageRecord, MessageSide};
+        let m = Metrics::new(MetricsConfig::default());
+        let ctx = keel_core::Context::background(Duration::from_secs(1));
+        for outcome in [Outcome::Answered, Outcome::Answered, Outcome::Failed] {
+            m.record_message(&MessageRecord {
+                ctx: &ctx,
+                span_id: None,
+                side: MessageSide::Process,
+                system: "nats",
+                destination: "orders.created",
+                message_id: None,
+                outcome,
+                start: std::time::SystemTime::now(),
+                duration: Duration::from_micros(300),
+            });
+        }
+        let text = m.render();
+        assert!(text.contains(
+            "keel_messages_total{system=\"nats\",destination=\"orders.created\",side=\"process\",outcome=\"answered\"} 2\n"
+        ), "{text}");
+        assert!(text.contains("outcome=\"failed\"} 1\n"), "{text}");
+        assert!(text.contains(
+            "keel_message_duration_seconds_count{system=\"nats\",destination=\"orders.created\",side=\"process\"} 3\n"
+        ), "{text}");
     }
 
     #[test]

@@ -450,3 +450,92 @@ fn starting_outside_a_runtime_yields_a_disabled_tracer() {
     let tracer = Tracer::start(&cfg);
     assert!(!tracer.is_enabled());
 }
+
+#[test]
+fn a_message_trace_crosses_the_broker_from_producer_to_consumer() {
+    use keel_core::observe::{MessageRecord, MessageSide, Outcome};
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let policy = keel_core::context::InboundPolicy {
+        route_timeout: Duration::from_secs(5),
+        sample_roots: false,
+    };
+    let mut h = http::HeaderMap::new();
+    h.insert("traceparent", tp.parse().unwrap());
+    let request =
+        keel_core::Context::from_headers(&h, &policy, None, keel_core::tasks::Registry::global())
+            .unwrap();
+    let publish_span = keel_core::codec::SpanId::random();
+    let published = Tracer::message_span(&MessageRecord {
+        ctx: &request,
+        span_id: Some(publish_span),
+        side: MessageSide::Publish,
+        system: "rabbitmq",
+        destination: "orders",
+        message_id: Some("m-1"),
+        outcome: Outcome::Answered,
+        start: std::time::SystemTime::now(),
+        duration: Duration::from_millis(2),
+    })
+    .unwrap();
+    assert_eq!(published.kind, SpanKind::Producer as i32);
+    assert_eq!(published.name, "publish orders");
+    assert_eq!(published.span_id, publish_span.0.to_vec());
+    assert_eq!(published.parent_span_id, request.trace().span_id.0.to_vec());
+
+    // The consumer's context comes from the message headers the producer wrote.
+    let mut headers = std::collections::HashMap::<String, String>::new();
+    let opts = keel_core::propagation::Outbound {
+        span_id: Some(publish_span),
+        ..Default::default()
+    };
+    keel_core::propagation::inject(
+        &request,
+        keel_core::propagation::Carrier::Message,
+        &opts,
+        &mut headers,
+    )
+    .unwrap();
+    let consumer = keel_core::Context::from_headers(
+        &headers,
+        &policy,
+        None,
+        keel_core::tasks::Registry::global(),
+    )
+    .unwrap();
+    let processed = Tracer::message_span(&MessageRecord {
+        ctx: &consumer,
+        span_id: None,
+        side: MessageSide::Process,
+        system: "rabbitmq",
+        destination: "orders",
+        message_id: Some("m-1"),
+        outcome: Outcome::Failed,
+        start: std::time::SystemTime::now(),
+        duration: Duration::from_millis(3),
+    })
+    .unwrap();
+    assert_eq!(processed.kind, SpanKind::Consumer as i32);
+    assert_eq!(
+        processed.trace_id, published.trace_id,
+        "one trace across the broker"
+    );
+    assert_eq!(
+        processed.parent_span_id,
+        publish_span.0.to_vec(),
+        "consumer under producer"
+    );
+    assert_eq!(
+        processed.status.as_ref().map(|s| s.code),
+        Some(opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32)
+    );
+    let attr = |k: &str| {
+        processed
+            .attributes
+            .iter()
+            .find(|kv| kv.key == k)
+            .and_then(|kv| kv.value.as_ref())
+            .cloned()
+    };
+    assert!(attr("messaging.system").is_some() && attr("messaging.destination.name").is_some());
+}

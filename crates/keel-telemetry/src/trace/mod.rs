@@ -28,7 +28,7 @@ mod span;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_core::observe::{ClientRecord, Observer, ServerRecord};
+use keel_core::observe::{ClientRecord, MessageRecord, Observer, ServerRecord};
 use tokio::task::JoinHandle;
 
 pub use config::{OtlpProtocol, TraceConfig};
@@ -166,6 +166,29 @@ impl Tracer {
         }
     }
 
+    /// Record the PRODUCER or CONSUMER span of a published or processed message. Same rules
+    /// as [`Tracer::record_server`].
+    pub fn record_message(&self, record: &MessageRecord<'_>) {
+        let Some(h) = &self.inner else { return };
+        if !record.ctx.trace().sampled {
+            return;
+        }
+        if h.shared.looks_full() {
+            h.shared.count_dropped();
+            return;
+        }
+        if let Some(span) = span::message_span(record) {
+            h.shared.push(span);
+        }
+    }
+
+    /// The OTLP span [`Tracer::record_message`] would queue (benchmarks and tests).
+    pub fn message_span(
+        record: &MessageRecord<'_>,
+    ) -> Option<opentelemetry_proto::tonic::trace::v1::Span> {
+        span::message_span(record)
+    }
+
     /// The OTLP span [`Tracer::record_server`] would queue for `record` (`None` when it would
     /// queue nothing). For benchmarks and tests of span content; costs what recording does.
     pub fn server_span(
@@ -225,6 +248,10 @@ impl crate::SpanSink for Tracer {
 
     fn record_client(&self, record: &ClientRecord<'_>) {
         Tracer::record_client(self, record);
+    }
+
+    fn record_message(&self, record: &MessageRecord<'_>) {
+        Tracer::record_message(self, record);
     }
 }
 

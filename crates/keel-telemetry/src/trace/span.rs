@@ -8,7 +8,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_core::Context;
-use keel_core::observe::{ClientRecord, Outcome, ServerRecord};
+use keel_core::observe::{ClientRecord, MessageRecord, MessageSide, Outcome, ServerRecord};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::{Span, Status, span::SpanKind, status::StatusCode};
 
@@ -151,6 +151,58 @@ const SERVER_GRPC_ERRORS: [i32; 6] = [2, 4, 12, 13, 14, 15];
 struct SpanError {
     message: String,
     error_type: std::borrow::Cow<'static, str>,
+}
+
+/// The span of one published (PRODUCER) or processed (CONSUMER) message, or `None` for an
+/// unsampled trace. A publish hangs under the publishing request's span and names its own id
+/// in the message's `traceparent`; a processing span is the context built from the message
+/// headers, whose parent is that publish span — so a trace crosses the broker.
+pub(crate) fn message_span(r: &MessageRecord<'_>) -> Option<Span> {
+    let ctx = r.ctx;
+    let trace = ctx.trace();
+    if !trace.sampled {
+        return None;
+    }
+    let (span_id, parent, kind, op_type) = match (r.side, r.span_id) {
+        (MessageSide::Publish, Some(own)) => (own, Some(trace.span_id), SpanKind::Producer, "send"),
+        (MessageSide::Publish, None) => (
+            trace.span_id,
+            trace.parent_span_id,
+            SpanKind::Producer,
+            "send",
+        ),
+        (MessageSide::Process, _) => (
+            trace.span_id,
+            trace.parent_span_id,
+            SpanKind::Consumer,
+            "process",
+        ),
+    };
+    let mut attrs = Vec::with_capacity(8);
+    attrs.push(string("messaging.system", r.system));
+    attrs.push(string("messaging.destination.name", r.destination));
+    attrs.push(string("messaging.operation.name", r.side.as_str()));
+    attrs.push(string("messaging.operation.type", op_type));
+    if let Some(id) = r.message_id {
+        attrs.push(string("messaging.message.id", id));
+    }
+    push_common_attrs(&mut attrs, ctx, r.outcome);
+    let error = outcome_error(r.outcome);
+    let status = finish_error(&mut attrs, error);
+    Some(Span {
+        trace_id: trace.trace_id.0.to_vec(),
+        span_id: span_id.0.to_vec(),
+        trace_state: trace_state(ctx),
+        parent_span_id: parent.map(|p| p.0.to_vec()).unwrap_or_default(),
+        flags: FLAG_SAMPLED | FLAG_HAS_IS_REMOTE,
+        name: format!("{} {}", r.side.as_str(), r.destination),
+        kind: kind as i32,
+        start_time_unix_nano: unix_nanos(r.start),
+        end_time_unix_nano: unix_nanos(r.start).saturating_add(nanos(r.duration)),
+        attributes: attrs,
+        status,
+        ..Span::default()
+    })
 }
 
 fn outcome_error(o: Outcome) -> Option<SpanError> {
