@@ -75,6 +75,7 @@ pub(crate) fn is_grpc(h: &HeaderMap) -> bool {
 pub(crate) enum GrpcCode {
     InvalidArgument = 3,
     DeadlineExceeded = 4,
+    Unavailable = 14,
 }
 
 /// The response for a request refused before its handler ran.
@@ -99,6 +100,28 @@ pub(crate) fn deadline_exceeded(grpc: bool) -> Response<Full<Bytes>> {
     } else {
         text(StatusCode::GATEWAY_TIMEOUT, "deadline exceeded\n".into())
     }
+}
+
+/// A request shed by overload protection: 503 with `Retry-After`, or gRPC `UNAVAILABLE` (the
+/// request was not processed, so a client may retry it elsewhere). Too little time left
+/// answers like an expired deadline.
+pub(crate) fn overloaded(
+    why: crate::overload::Shed,
+    grpc: bool,
+    retry_after: &HeaderValue,
+) -> Response<Full<Bytes>> {
+    if why == crate::overload::Shed::Deadline {
+        return deadline_exceeded(grpc);
+    }
+    let msg = format!("overloaded ({}); retry later", why.as_str());
+    let mut r = if grpc {
+        grpc_status(GrpcCode::Unavailable, &msg)
+    } else {
+        text(StatusCode::SERVICE_UNAVAILABLE, format!("{msg}\n"))
+    };
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, retry_after.clone());
+    r
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -9,6 +9,7 @@
 //! - [`Readiness`]: the started/draining latch plus named dependency checks with cached results.
 //! - [`admin`]: the operator's port (`/livez`, `/readyz`, `/healthz`, plus registered routes).
 //! - [`drain`]: the graceful shutdown sequence over a [`keel_core::Shutdown`].
+//! - [`overload`]: the adaptive concurrency limit and load shedding in front of handlers.
 //!
 //! Hot-path claim: per request, Keel adds the probe path check, one atomic increment and
 //! decrement on the connection and server counters, and the hop-by-hop scrub — no allocation.
@@ -18,6 +19,7 @@ pub mod config;
 mod conn;
 mod context;
 pub mod listener;
+pub mod overload;
 pub mod readiness;
 mod server;
 mod service;

@@ -36,6 +36,8 @@ pub struct HttpSettings {
     pub deadline: DeadlineConfig,
     /// `[propagation]`.
     pub propagation: PropagationConfig,
+    /// `[overload]`.
+    pub overload: crate::overload::OverloadConfig,
 }
 
 /// A bound server, not yet serving.
@@ -53,12 +55,18 @@ pub struct Server {
 pub struct ServerHandle {
     stats: Arc<Stats>,
     tracker: TaskTracker,
+    limiter: Option<crate::overload::Limiter>,
 }
 
 impl ServerHandle {
     /// The server's counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// The overload limiter's state, when `[overload]` is enabled.
+    pub fn overload(&self) -> Option<crate::overload::OverloadStats> {
+        self.limiter.as_ref().map(|l| l.stats())
     }
 
     /// Resolves when every accept loop and connection has finished (after listeners close).
@@ -116,6 +124,7 @@ impl Server {
         ServerHandle {
             stats: self.shared.stats.clone(),
             tracker: self.tracker.clone(),
+            limiter: self.shared.limiter.clone(),
         }
     }
 
@@ -152,6 +161,19 @@ impl Server {
     {
         let handle = self.handle();
         let shutdown = self.shared.shutdown.clone();
+        if let Some(l) = &self.shared.limiter
+            && l.config().cpu_guard
+        {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let sampler = crate::overload::sample_cpu(l.clone(), cores, Duration::from_millis(250));
+            let lifecycle = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = sampler => {}
+                    _ = lifecycle.reached(Phase::Stopped) => {}
+                }
+            });
+        }
         for shard in self.into_shards() {
             let l = shard.into_tokio()?;
             let t = l.tracker.clone();

@@ -21,6 +21,8 @@ use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 use keel_core::context::Context as RequestContext;
 use keel_core::observe::{self, Outcome, RouteCell, ServerRecord};
+
+use crate::overload::{Admission, Permit, Shed};
 use keel_core::tasks::{Owner, TaskGuard, TaskKind};
 use keel_core::{BoxError, Phase};
 use tokio::time::Sleep;
@@ -50,6 +52,8 @@ struct RequestGuard {
     /// What telemetry will be told when the request ends; `None` without an observer, and
     /// for probes (which are not traffic).
     obs: Option<Box<Observation>>,
+    /// The request's slot under the concurrency limit, held until the response ends.
+    permit: Option<Permit>,
 }
 
 /// The facts of one request gathered for [`keel_core::observe::Observer::server`].
@@ -74,6 +78,7 @@ impl RequestGuard {
             ctx: None,
             _task: None,
             obs: None,
+            permit: None,
         }
     }
 
@@ -325,6 +330,20 @@ where
             },
         ));
         let deadline = ctx.deadline();
+        let mut waiting = None;
+        if let Some(limiter) = &shared.limiter {
+            let critical = limiter.is_critical(req.uri().path());
+            match limiter.admit(ctx.remaining(), critical) {
+                Admission::Now(p) => guard.permit = Some(p),
+                Admission::Wait(w) => waiting = Some(w),
+                Admission::Shed(why) => {
+                    let resp = ctxmod::overloaded(why, grpc, &shared.retry_after);
+                    guard.responded(resp.status(), resp.headers(), Some(Outcome::Refused));
+                    guard.ctx = Some(ctx);
+                    return KeelFuture::fixed(resp, guard, keep_alive);
+                }
+            }
+        }
         let mut req = req.map(|b| Limited::new(b, usize::try_from(limit).unwrap_or(usize::MAX)));
         req.extensions_mut().insert(ctx.clone());
         if let Some(cell) = route_cell {
@@ -346,6 +365,7 @@ where
             state: State::Inner {
                 fut,
                 sleep: tokio::time::sleep_until(deadline),
+                waiting,
             },
             guard: Some(guard),
             keep_alive,
@@ -378,6 +398,9 @@ fn poll_timed<F: Future>(
     res
 }
 
+/// The bounded wait for a slot under the concurrency limit.
+type Waiting = Pin<Box<dyn Future<Output = Result<Permit, Shed>> + Send>>;
+
 fn declared_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
@@ -403,6 +426,8 @@ pin_project_lite::pin_project! {
             #[pin] fut: tokio::task::futures::TaskLocalFuture<RequestContext, Oneshot<S, Request<RequestBody>>>,
             // The request's deadline: when it fires first, the handler future is dropped.
             #[pin] sleep: Sleep,
+            // Over the concurrency limit: the wait for a slot, before the handler starts.
+            waiting: Option<Waiting>,
         },
         Fixed { resp: Option<Response<Full<Bytes>>> },
     }
@@ -450,46 +475,99 @@ where
         let mut this = self.project();
         let _entered = this.span.enter();
         let resp = match this.state.as_mut().project() {
-            StateProj::Inner { fut, sleep } => match poll_timed(fut, cx, this.guard.as_ref()) {
-                Poll::Ready(Ok(resp)) => resp.map(Either::Left),
-                Poll::Ready(Err(err)) => {
-                    let err: BoxError = err.into();
-                    tracing::error!(error = %err, "service returned an error; answering 500");
-                    let resp = fixed(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
-                    if let Some(g) = this.guard.as_mut() {
-                        g.responded(resp.status(), resp.headers(), Some(Outcome::Failed));
+            StateProj::Inner {
+                fut,
+                mut sleep,
+                waiting,
+            } => {
+                let step = {
+                    // First the wait for a slot (if the request is queued), then the handler.
+                    let admission = match waiting.as_mut() {
+                        None => Poll::Ready(Ok(())),
+                        Some(w) => match w.as_mut().poll(cx) {
+                            Poll::Ready(Ok(permit)) => {
+                                *waiting = None;
+                                if let Some(g) = this.guard.as_mut() {
+                                    g.permit = Some(permit);
+                                }
+                                Poll::Ready(Ok(()))
+                            }
+                            Poll::Ready(Err(why)) => {
+                                *waiting = None;
+                                Poll::Ready(Err(why))
+                            }
+                            Poll::Pending => Poll::Pending,
+                        },
+                    };
+                    match admission {
+                        Poll::Ready(Ok(())) => {
+                            Poll::Ready(Ok(poll_timed(fut, cx, this.guard.as_ref())))
+                        }
+                        Poll::Ready(Err(why)) => Poll::Ready(Err(why)),
+                        Poll::Pending => Poll::Pending,
                     }
-                    resp.map(Either::Right)
-                }
-                Poll::Pending => {
-                    ready!(sleep.poll(cx));
-                    // Deadline passed mid-handler: drop the handler future now, which cancels
-                    // its outbound calls and queries, and answer at once.
-                    this.state.set(State::Fixed { resp: None });
-                    if let Some(g) = this.guard.as_ref() {
-                        g.tracker
-                            .shared
-                            .stats
-                            .deadline_exceeded
-                            .fetch_add(1, Ordering::Relaxed);
-                        if let Some(ctx) = &g.ctx {
-                            tracing::debug!(
-                                request_id = ctx.request_id(),
-                                "deadline exceeded; handler cancelled"
+                };
+                match step {
+                    // Over the limit and not admitted in time (or the queue was full).
+                    Poll::Ready(Err(why)) => {
+                        this.state.set(State::Fixed { resp: None });
+                        let retry_after = this
+                            .guard
+                            .as_ref()
+                            .map(|g| g.tracker.shared.retry_after.clone())
+                            .unwrap_or_else(|| header::HeaderValue::from_static("1"));
+                        let resp = ctxmod::overloaded(why, *this.grpc, &retry_after);
+                        if let Some(g) = this.guard.as_mut() {
+                            g.responded(resp.status(), resp.headers(), Some(Outcome::Refused));
+                        }
+                        resp.map(Either::Right)
+                    }
+                    Poll::Ready(Ok(Poll::Ready(Ok(resp)))) => {
+                        if let Some(p) = this.guard.as_mut().and_then(|g| g.permit.as_mut()) {
+                            p.answered();
+                        }
+                        resp.map(Either::Left)
+                    }
+                    Poll::Ready(Ok(Poll::Ready(Err(err)))) => {
+                        let err: BoxError = err.into();
+                        tracing::error!(error = %err, "service returned an error; answering 500");
+                        let resp =
+                            fixed(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
+                        if let Some(g) = this.guard.as_mut() {
+                            g.responded(resp.status(), resp.headers(), Some(Outcome::Failed));
+                        }
+                        resp.map(Either::Right)
+                    }
+                    Poll::Pending | Poll::Ready(Ok(Poll::Pending)) => {
+                        ready!(sleep.as_mut().poll(cx));
+                        // Deadline passed mid-handler: drop the handler future now, which cancels
+                        // its outbound calls and queries, and answer at once.
+                        this.state.set(State::Fixed { resp: None });
+                        if let Some(g) = this.guard.as_ref() {
+                            g.tracker
+                                .shared
+                                .stats
+                                .deadline_exceeded
+                                .fetch_add(1, Ordering::Relaxed);
+                            if let Some(ctx) = &g.ctx {
+                                tracing::debug!(
+                                    request_id = ctx.request_id(),
+                                    "deadline exceeded; handler cancelled"
+                                );
+                            }
+                        }
+                        let resp = ctxmod::deadline_exceeded(*this.grpc);
+                        if let Some(g) = this.guard.as_mut() {
+                            g.responded(
+                                resp.status(),
+                                resp.headers(),
+                                Some(Outcome::DeadlineExceeded),
                             );
                         }
+                        resp.map(Either::Right)
                     }
-                    let resp = ctxmod::deadline_exceeded(*this.grpc);
-                    if let Some(g) = this.guard.as_mut() {
-                        g.responded(
-                            resp.status(),
-                            resp.headers(),
-                            Some(Outcome::DeadlineExceeded),
-                        );
-                    }
-                    resp.map(Either::Right)
                 }
-            },
+            }
             StateProj::Fixed { resp } => match resp.take() {
                 Some(r) => r.map(Either::Right),
                 None => fixed(

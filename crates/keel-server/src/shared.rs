@@ -82,6 +82,10 @@ pub(crate) struct Shared {
     pub(crate) keep_alive: HeaderValue,
     pub(crate) deadlines: DeadlinePolicy,
     pub(crate) registry: &'static Registry,
+    /// The adaptive concurrency limit; `None` when `[overload]` is disabled.
+    pub(crate) limiter: Option<crate::overload::Limiter>,
+    /// `Retry-After` for shed responses, precomputed.
+    pub(crate) retry_after: HeaderValue,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +121,11 @@ impl Shared {
             keep_alive,
             deadlines: DeadlinePolicy::new(&settings.deadline, settings.propagation.sample_ratio),
             registry: Registry::global(),
+            limiter: settings
+                .overload
+                .enabled
+                .then(|| crate::overload::Limiter::new(&settings.overload)),
+            retry_after: HeaderValue::from(settings.overload.retry_after_secs),
         })
     }
 

@@ -109,6 +109,7 @@ impl App {
         let metrics = self.metrics();
         let weak = Arc::downgrade(&self.inner);
         let server = handle.clone();
+        let overload = handle.clone();
         ONCE.call_once(|| {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 keel_telemetry::collectors::runtime(metrics, rt);
@@ -126,6 +127,11 @@ impl App {
                 for (name, help, kind, v) in fams {
                     e.family(name, help, kind);
                     e.sample(name, &[], v as f64);
+                }
+            });
+            metrics.add_collector(move |e| {
+                if let Some(o) = overload.overload() {
+                    crate::wiring::overload_families(e, &o);
                 }
             });
             metrics.add_collector(move |e| {
@@ -397,6 +403,7 @@ impl App {
             probes: cfg.probes.clone(),
             deadline: cfg.deadline.clone(),
             propagation,
+            overload: cfg.overload.clone(),
         };
         let server = Server::bind(
             &settings,
@@ -424,6 +431,20 @@ impl App {
                     "refused_on_arrival": s.refused_on_arrival.load(Ordering::Relaxed),
                     "deadline_exceeded": s.deadline_exceeded.load(Ordering::Relaxed),
                     "live_tasks": Registry::global().live(),
+                    "overload": stats.overload().map(|o| serde_json::json!({
+                        "limit": o.limit,
+                        "in_flight": o.in_flight,
+                        "queued": o.queued,
+                        "expected_ms": o.expected.as_secs_f64() * 1e3,
+                        "baseline_ms": o.baseline.as_secs_f64() * 1e3,
+                        "admitted": o.admitted,
+                        "shed_queue_full": o.shed[0],
+                        "shed_queue_timeout": o.shed[1],
+                        "shed_deadline": o.shed[2],
+                        "shed_cpu": o.shed[3],
+                        "max_queue_wait_ms": o.max_queue_wait.as_secs_f64() * 1e3,
+                        "cpu": o.cpu,
+                    })),
                 });
                 ("application/json", pretty(&v))
             },

@@ -48,6 +48,8 @@ pub struct Config {
     pub metrics: keel_telemetry::MetricsConfig,
     /// `[tracing]` — OTLP span export (the `OTEL_*` variables override it).
     pub tracing: keel_telemetry::trace::TraceConfig,
+    /// `[overload]` — adaptive concurrency limit and load shedding.
+    pub overload: keel_server::overload::OverloadConfig,
 }
 
 /// `[tasks]`: the task registry behind `/debug/tasks`.
@@ -112,6 +114,7 @@ impl Validate for Config {
         v.nested("propagation", &self.propagation);
         v.nested("metrics", &self.metrics);
         v.nested("tracing", &self.tracing);
+        v.nested("overload", &self.overload);
         for (name, c) in &self.clients {
             v.nested(&format!("clients.{name}"), c);
         }

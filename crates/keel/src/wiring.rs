@@ -262,3 +262,73 @@ pub(crate) fn client_families(
         );
     }
 }
+
+/// The overload limiter's signals. `keel_overload_saturation` (in flight ÷ limit) is the
+/// gauge an autoscaler should scale on: it rises before latency does and is already
+/// normalised for instance size.
+pub(crate) fn overload_families(
+    e: &mut keel_telemetry::metrics::Exposition,
+    o: &keel_server::overload::OverloadStats,
+) {
+    let gauges: [(&str, &str, f64); 6] = [
+        (
+            "keel_overload_limit",
+            "The adaptive concurrency limit now.",
+            o.limit,
+        ),
+        (
+            "keel_overload_in_flight",
+            "Requests holding a slot under the limit.",
+            o.in_flight as f64,
+        ),
+        (
+            "keel_overload_queued",
+            "Requests waiting for a slot.",
+            o.queued as f64,
+        ),
+        (
+            "keel_overload_saturation",
+            "In flight divided by the limit: scale out on this (HPA custom metric), not on CPU.",
+            if o.limit > 0.0 {
+                o.in_flight as f64 / o.limit
+            } else {
+                0.0
+            },
+        ),
+        (
+            "keel_overload_expected_service_seconds",
+            "Expected service time now: requests with less time left are refused at admission.",
+            o.expected.as_secs_f64(),
+        ),
+        (
+            "keel_overload_baseline_service_seconds",
+            "Service time when not overloaded.",
+            o.baseline.as_secs_f64(),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        e.family(name, help, "gauge");
+        e.sample(name, &[], v);
+    }
+    e.family(
+        "keel_overload_admitted_total",
+        "Requests admitted under the limit.",
+        "counter",
+    );
+    e.sample("keel_overload_admitted_total", &[], o.admitted as f64);
+    e.family(
+        "keel_overload_shed_total",
+        "Requests shed, by reason: queue_full, queue_timeout, deadline (too little time left), cpu.",
+        "counter",
+    );
+    for (i, reason) in ["queue_full", "queue_timeout", "deadline", "cpu"]
+        .iter()
+        .enumerate()
+    {
+        e.sample(
+            "keel_overload_shed_total",
+            &[("reason", reason)],
+            o.shed[i] as f64,
+        );
+    }
+}

@@ -1,0 +1,212 @@
+//! Overload protection on real sockets. Asserts only what cannot flake on a shared machine:
+//! with a handler of fixed capacity and three times that offered, some requests are shed with
+//! 503 + `Retry-After`, every admitted request succeeds, in-flight never exceeds the limit in
+//! force, no request waits past the queue bound, and the queue stays bounded. Requests with
+//! less time left than the expected service time are refused without running the handler.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use keel_core::Shutdown;
+use keel_server::overload::OverloadConfig;
+use keel_server::{HttpSettings, Readiness, Server, ServerConfig, ServerHandle};
+use keel_test_support as ts;
+use tokio::sync::Semaphore;
+
+/// A handler that can work on `CAPACITY` requests at a time, 20 ms each: a CPU pool, a
+/// connection pool, a rate-limited dependency — something that makes extra concurrency wait.
+const CAPACITY: usize = 4;
+
+struct Service {
+    capacity: Semaphore,
+    ran: AtomicUsize,
+}
+
+async fn start(cfg: OverloadConfig) -> (SocketAddr, Arc<Service>, ServerHandle) {
+    let svc = Arc::new(Service {
+        capacity: Semaphore::new(CAPACITY),
+        ran: AtomicUsize::new(0),
+    });
+    let router = Router::new()
+        .route(
+            "/work",
+            get(|State(s): State<Arc<Service>>| async move {
+                s.ran.fetch_add(1, Ordering::SeqCst);
+                let _slot = s.capacity.acquire().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                "done"
+            }),
+        )
+        .with_state(svc.clone());
+    let settings = HttpSettings {
+        server: ServerConfig {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            ..ServerConfig::default()
+        },
+        overload: cfg,
+        ..HttpSettings::default()
+    };
+    let shutdown = Shutdown::new();
+    let readiness = Readiness::new(Default::default(), shutdown.clone());
+    let server = Server::bind(&settings, 1, readiness, shutdown).unwrap();
+    let addr = server.local_addr();
+    let handle = server.handle();
+    tokio::spawn(server.serve(router));
+    (addr, svc, handle)
+}
+
+fn config() -> OverloadConfig {
+    OverloadConfig {
+        initial_limit: 16,
+        min_limit: 2,
+        max_limit: 64,
+        max_queue: 8,
+        queue_timeout: keel_config::Duration::from_millis(20),
+        ..OverloadConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_times_capacity_is_shed_fast_and_admitted_requests_succeed() {
+    let cfg = config();
+    let (addr, _svc, handle) = start(cfg.clone()).await;
+    let client = ts::http1_client();
+    let callers = CAPACITY * 3;
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut shed, mut other) = (0u32, 0u32, Vec::new());
+            while tokio::time::Instant::now() < until {
+                let req = http::Request::get(format!("http://{addr}/work"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let resp = client.request(req).await.unwrap();
+                let status = resp.status().as_u16();
+                let retry_after = resp.headers().get("retry-after").cloned();
+                resp.into_body().collect().await.unwrap();
+                match status {
+                    200 => ok += 1,
+                    503 => {
+                        assert_eq!(
+                            retry_after.unwrap(),
+                            "1",
+                            "a shed answer says when to retry"
+                        );
+                        shed += 1;
+                    }
+                    s => other.push(s),
+                }
+            }
+            (ok, shed, other)
+        }));
+    }
+    // Watch the limiter while the load runs: the queue never grows past its bound.
+    let mut max_queued = 0;
+    let mut min_limit_seen = f64::MAX;
+    while tokio::time::Instant::now() < until {
+        let s = handle.overload().unwrap();
+        max_queued = max_queued.max(s.queued);
+        min_limit_seen = min_limit_seen.min(s.limit);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (mut ok, mut shed) = (0, 0);
+    for t in tasks {
+        let (o, s, other) = t.await.unwrap();
+        assert!(other.is_empty(), "admitted requests all succeed: {other:?}");
+        ok += o;
+        shed += s;
+    }
+    let s = handle.overload().unwrap();
+    eprintln!("overload: {ok} ok, {shed} shed, limit fell to {min_limit_seen:.1}, stats {s:?}");
+    assert!(ok > 0, "the service kept serving");
+    assert!(shed > 0, "three times capacity was partly shed");
+    assert_eq!(
+        s.over_limit, 0,
+        "in-flight never exceeded the limit in force"
+    );
+    assert!(max_queued <= cfg.max_queue, "queue bounded: {max_queued}");
+    assert!(
+        min_limit_seen < f64::from(cfg.initial_limit),
+        "the limit fell as latency rose: {min_limit_seen}"
+    );
+    // Waits end at the bound (20 ms); scheduling on a loaded machine may add a little.
+    assert!(
+        s.max_queue_wait <= Duration::from_millis(20 + 100),
+        "{:?}",
+        s.max_queue_wait
+    );
+    assert_eq!(
+        u64::from(ok),
+        s.admitted,
+        "every admitted request answered 200"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_less_time_left_than_the_service_takes_is_refused_without_running() {
+    let (addr, svc, handle) = start(config()).await;
+    let client = ts::http1_client();
+    for _ in 0..5 {
+        let (status, _) = ts::get(&client, &format!("http://{addr}/work"))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+    }
+    let expected = handle.overload().unwrap().expected;
+    assert!(expected >= Duration::from_millis(20), "{expected:?}");
+    let ran = svc.ran.load(Ordering::SeqCst);
+    let req = http::Request::get(format!("http://{addr}/work"))
+        .header("keel-timeout", "10m")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 504);
+    assert_eq!(
+        svc.ran.load(Ordering::SeqCst),
+        ran,
+        "the handler never started"
+    );
+    assert_eq!(
+        handle.overload().unwrap().shed[2],
+        1,
+        "counted as a deadline shed"
+    );
+}
+
+#[tokio::test]
+async fn probes_are_never_shed() {
+    let cfg = OverloadConfig {
+        initial_limit: 1,
+        min_limit: 1,
+        max_limit: 1,
+        max_queue: 0,
+        ..OverloadConfig::default()
+    };
+    let (addr, _svc, _handle) = start(cfg).await;
+    let client = ts::http1_client();
+    // Hold the only slot.
+    let hold = {
+        let client = client.clone();
+        tokio::spawn(async move { ts::get(&client, &format!("http://{addr}/work")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (status, _) = ts::get(&client, &format!("http://{addr}/work"))
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "over the limit with no queue");
+    let (status, _) = ts::get(&client, &format!("http://{addr}/livez"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "liveness is never shed");
+    assert_eq!(hold.await.unwrap().unwrap().0, 200);
+}
