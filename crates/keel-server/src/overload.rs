@@ -25,8 +25,8 @@
 //! Gradient2, the limit is not moved while less than half of it is in use: light load says
 //! nothing about capacity.
 //!
-//! **Over the limit**, a request waits in a LIFO queue for at most `queue_timeout` (and never
-//! longer than a quarter of its remaining deadline): LIFO serves the freshest requests, whose
+//! **Over the limit**, a request waits in a LIFO queue for at most `queue_timeout`, twice the
+//! recent service time, and a quarter of its remaining deadline, whichever is least: LIFO serves the freshest requests, whose
 //! callers are still waiting, while the oldest ones time out — under sustained overload FIFO
 //! would serve only requests whose callers have given up. A full queue, or a wait that times
 //! out, is answered at once with 503 + `Retry-After` (gRPC `RESOURCE_EXHAUSTED`), never a slow
@@ -80,8 +80,9 @@ pub struct OverloadConfig {
     /// Requests waiting for a slot before new ones are shed at once. 64 bounds memory and
     /// the wait of the last one.
     pub max_queue: usize,
-    /// Longest wait for a slot (and at most a quarter of the request's remaining time). 50 ms:
-    /// a burst is smoothed, a sustained overload answers 503 fast.
+    /// Longest wait for a slot. The wait is also capped at twice the recent service time (a
+    /// longer wait means the queue is not draining) and a quarter of the request's remaining
+    /// time. 50 ms: bursts of slow requests are smoothed, sustained overload answers fast.
     pub queue_timeout: keel_config::Duration,
     /// `Retry-After` on shed responses, in seconds. 1: callers back off briefly; the client's
     /// balancer penalises this endpoint for that long.
@@ -452,7 +453,15 @@ impl Limiter {
             st.queue.push_back(Waiter { critical, tx });
             rx
         };
-        let wait = self.inner.cfg.queue_timeout.get().min(remaining / 4);
+        // Waiting longer than a couple of service times means the queue is not draining: the
+        // request would only add its wait to its latency. Until a service time is known, the
+        // configured bound applies.
+        let expected = self.lock().algo.expected();
+        let wait = expected
+            .map_or(self.inner.cfg.queue_timeout.get(), |e| {
+                (e * 2).clamp(Duration::from_millis(1), self.inner.cfg.queue_timeout.get())
+            })
+            .min(remaining / 4);
         let limiter = self.clone();
         Admission::Wait(Box::pin(async move {
             let queued = Instant::now();
