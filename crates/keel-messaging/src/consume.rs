@@ -1,0 +1,336 @@
+//! The per-delivery protocol that turns at-least-once delivery into exactly-once effects.
+//!
+//! ```text
+//! begin → claim (consumer, message id) in the inbox ─ already claimed → rollback → Duplicate (ack)
+//!                                                 └─ new → handler(msg, tx) ─ Ok  → commit → Applied (ack)
+//!                                                                           └─ Err → rollback → Retry / DeadLetter
+//! ```
+//!
+//! The claim and the handler's writes share one transaction, so they commit together or not
+//! at all. The broker is acknowledged only *after* the commit: a crash between commit and
+//! ack redelivers the message, which then finds its claim and is acknowledged without running
+//! the handler again. A crash before the commit loses nothing either: the transaction rolls
+//! back and the message is redelivered.
+//!
+//! A store error (begin, claim or commit failing) is neither a handler failure nor a
+//! duplicate: the delivery is returned to the broker for redelivery and does not use up an
+//! attempt.
+
+use std::future::Future;
+use std::time::{Duration, Instant, SystemTime};
+
+use keel_core::BoxError;
+use keel_core::observe::{self, MessageRecord, MessageSide, Outcome};
+
+use crate::message::Message;
+use crate::retry::{Decision, RetryPolicy};
+
+/// A store failure (connection lost, serialization failure, disk full…).
+#[derive(Debug, thiserror::Error)]
+#[error("inbox store: {0}")]
+pub struct StoreError(#[source] pub BoxError);
+
+/// One transaction on the service's store, in which the inbox claim and the handler's writes
+/// commit together.
+pub trait Tx: Send {
+    /// Claim `(consumer, message_id)`: insert it if absent. True when this transaction
+    /// inserted it (the message is new), false when it was already there (a redelivery).
+    fn claim(
+        &mut self,
+        consumer: &str,
+        message_id: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Make the claim and the handler's writes durable.
+    fn commit(self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Undo everything this transaction did.
+    fn rollback(self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The store holding the inbox (and the service's own tables).
+pub trait Inbox: Send + Sync {
+    /// Its transaction type.
+    type Tx: Tx;
+
+    /// Start a transaction.
+    fn begin(&self) -> impl Future<Output = Result<Self::Tx, StoreError>> + Send;
+}
+
+/// A consumer's handler: its effects go through `tx`, so they commit with the inbox claim.
+pub trait Handler<T: Tx>: Send + Sync {
+    /// Apply `msg`. An error rolls the transaction back; the delivery is retried or
+    /// dead-lettered by the [`RetryPolicy`].
+    fn handle(
+        &self,
+        msg: &Message,
+        tx: &mut T,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send;
+}
+
+/// What became of one delivery; the transport acts on it.
+#[derive(Debug)]
+pub enum Processed {
+    /// Applied and committed: acknowledge.
+    Applied,
+    /// Already applied earlier (a redelivery): acknowledge without doing anything.
+    Duplicate,
+    /// The handler failed: redeliver after this delay (nack / negative ack with delay).
+    Retry(Duration, BoxError),
+    /// The handler failed on its last attempt: send to the dead-letter destination with the
+    /// error, then acknowledge the original.
+    DeadLetter(BoxError),
+}
+
+/// Process one delivery for `consumer` (the inbox is keyed by consumer, so two consumers of
+/// the same message each apply it once). `Err`: the store failed; return the delivery to the
+/// broker for redelivery without counting an attempt.
+pub async fn process<I, H>(
+    inbox: &I,
+    consumer: &str,
+    handler: &H,
+    msg: &Message,
+    policy: &RetryPolicy,
+) -> Result<Processed, StoreError>
+where
+    I: Inbox,
+    H: Handler<I::Tx>,
+{
+    let started = Instant::now();
+    let wall = SystemTime::now();
+    let mut tx = inbox.begin().await?;
+    let claimed = match tx.claim(consumer, &msg.id).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return Err(e);
+        }
+    };
+    if !claimed {
+        tx.rollback().await?;
+        return Ok(Processed::Duplicate);
+    }
+    let result = match handler.handle(msg, &mut tx).await {
+        Ok(()) => {
+            tx.commit().await?;
+            Processed::Applied
+        }
+        Err(e) => {
+            tx.rollback().await?;
+            match policy.decide(msg.attempt) {
+                Decision::Retry(delay) => Processed::Retry(delay, e),
+                Decision::DeadLetter => Processed::DeadLetter(e),
+            }
+        }
+    };
+    report(msg, &result, wall, started.elapsed());
+    Ok(result)
+}
+
+/// Tell telemetry (a CONSUMER span under the producer's, and the message metrics).
+fn report(msg: &Message, result: &Processed, start: SystemTime, duration: Duration) {
+    let Some(observer) = observe::observer() else {
+        return;
+    };
+    // The context the producer sent (trace, baggage, deadline) travels in the headers.
+    let policy = keel_core::context::InboundPolicy {
+        route_timeout: Duration::from_secs(3600),
+        sample_roots: false,
+    };
+    let Ok(ctx) = keel_core::Context::from_headers(
+        &msg.headers,
+        &policy,
+        None,
+        keel_core::tasks::Registry::global(),
+    ) else {
+        return;
+    };
+    let outcome = match result {
+        Processed::Applied | Processed::Duplicate => Outcome::Answered,
+        Processed::Retry(..) | Processed::DeadLetter(_) => Outcome::Failed,
+    };
+    observer.message(&MessageRecord {
+        ctx: &ctx,
+        span_id: None,
+        side: MessageSide::Process,
+        system: "keel",
+        destination: &msg.destination,
+        message_id: Some(&msg.id),
+        outcome,
+        start,
+        duration,
+    });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::{BTreeMap, HashSet};
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::message::IdSource;
+
+    /// What a [`MemStore`] has committed: inbox claims and effects.
+    type Committed = (HashSet<(String, String)>, Vec<String>);
+
+    /// An in-memory store: claims and effects become visible only on commit.
+    #[derive(Default, Clone)]
+    struct MemStore {
+        committed: Arc<Mutex<Committed>>,
+        fail_commit: Arc<Mutex<bool>>,
+    }
+
+    struct MemTx {
+        store: MemStore,
+        claims: Vec<(String, String)>,
+        effects: Vec<String>,
+    }
+
+    impl Tx for MemTx {
+        async fn claim(&mut self, consumer: &str, id: &str) -> Result<bool, StoreError> {
+            let key = (consumer.to_string(), id.to_string());
+            let known = self.store.committed.lock().unwrap().0.contains(&key);
+            if known || self.claims.contains(&key) {
+                return Ok(false);
+            }
+            self.claims.push(key);
+            Ok(true)
+        }
+
+        async fn commit(self) -> Result<(), StoreError> {
+            if *self.store.fail_commit.lock().unwrap() {
+                return Err(StoreError("disk full".into()));
+            }
+            let mut c = self.store.committed.lock().unwrap();
+            c.0.extend(self.claims);
+            c.1.extend(self.effects);
+            Ok(())
+        }
+
+        async fn rollback(self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    impl Inbox for MemStore {
+        type Tx = MemTx;
+
+        async fn begin(&self) -> Result<MemTx, StoreError> {
+            Ok(MemTx {
+                store: self.clone(),
+                claims: Vec::new(),
+                effects: Vec::new(),
+            })
+        }
+    }
+
+    /// Records the payload as its effect; fails while `failing` is set.
+    struct Apply {
+        failing: Mutex<bool>,
+    }
+
+    impl Handler<MemTx> for Apply {
+        async fn handle(&self, msg: &Message, tx: &mut MemTx) -> Result<(), BoxError> {
+            tx.effects
+                .push(String::from_utf8_lossy(&msg.payload).into_owned());
+            if *self.failing.lock().unwrap() {
+                return Err("downstream refused".into());
+            }
+            Ok(())
+        }
+    }
+
+    fn msg(id: &str, attempt: u32) -> Message {
+        Message {
+            id: id.to_string(),
+            id_source: IdSource::Keel,
+            destination: "orders".into(),
+            key: None,
+            payload: Bytes::from(format!("effect-{id}")),
+            headers: BTreeMap::new(),
+            attempt,
+        }
+    }
+
+    fn handler(failing: bool) -> Apply {
+        Apply {
+            failing: Mutex::new(failing),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redelivery_is_acknowledged_without_a_second_effect() {
+        let store = MemStore::default();
+        let p = RetryPolicy::default();
+        let h = handler(false);
+        assert!(matches!(
+            process(&store, "c", &h, &msg("m1", 1), &p).await.unwrap(),
+            Processed::Applied
+        ));
+        assert!(matches!(
+            process(&store, "c", &h, &msg("m1", 2), &p).await.unwrap(),
+            Processed::Duplicate
+        ));
+        // Another consumer of the same message applies it once for itself.
+        assert!(matches!(
+            process(&store, "other", &h, &msg("m1", 1), &p)
+                .await
+                .unwrap(),
+            Processed::Applied
+        ));
+        assert_eq!(
+            store.committed.lock().unwrap().1,
+            vec!["effect-m1", "effect-m1"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_handler_leaves_no_effect_and_retries_then_dead_letters() {
+        let store = MemStore::default();
+        let p = RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        };
+        let h = handler(true);
+        for attempt in 1..3 {
+            let r = process(&store, "c", &h, &msg("m2", attempt), &p)
+                .await
+                .unwrap();
+            assert!(matches!(r, Processed::Retry(..)), "{r:?}");
+        }
+        let r = process(&store, "c", &h, &msg("m2", 3), &p).await.unwrap();
+        match r {
+            Processed::DeadLetter(e) => assert_eq!(e.to_string(), "downstream refused"),
+            other => panic!("{other:?}"),
+        }
+        let c = store.committed.lock().unwrap();
+        assert!(c.1.is_empty(), "no effect of a failed handler survives");
+        assert!(
+            c.0.is_empty(),
+            "nor its claim, so a fixed handler can still apply it"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_applies_nothing_and_the_redelivery_applies_once() {
+        let store = MemStore::default();
+        let p = RetryPolicy::default();
+        let h = handler(false);
+        *store.fail_commit.lock().unwrap() = true;
+        assert!(process(&store, "c", &h, &msg("m3", 1), &p).await.is_err());
+        assert!(store.committed.lock().unwrap().1.is_empty());
+        *store.fail_commit.lock().unwrap() = false;
+        assert!(matches!(
+            process(&store, "c", &h, &msg("m3", 1), &p).await.unwrap(),
+            Processed::Applied
+        ));
+        assert!(matches!(
+            process(&store, "c", &h, &msg("m3", 2), &p).await.unwrap(),
+            Processed::Duplicate
+        ));
+        assert_eq!(store.committed.lock().unwrap().1, vec!["effect-m3"]);
+    }
+}
