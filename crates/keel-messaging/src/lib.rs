@@ -16,4 +16,6 @@
 pub mod consume;
 pub mod message;
 pub mod retry;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub mod store;
 pub mod tracker;
