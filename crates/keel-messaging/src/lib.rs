@@ -15,6 +15,8 @@
 
 pub mod consume;
 pub mod message;
+#[cfg(all(feature = "nats", any(feature = "sqlite", feature = "postgres")))]
+pub mod nats;
 pub mod retry;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod store;

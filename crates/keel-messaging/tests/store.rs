@@ -4,11 +4,14 @@
 //! order and marks rows sent; retention prunes.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::PgDb;
 use keel_core::BoxError;
 use keel_messaging::consume::{Handler, Processed, process};
 use keel_messaging::message::{IdSource, MESSAGE_ID_HEADER, Message};
@@ -81,44 +84,6 @@ fn msg(id: &str, amount: i64, attempt: u32) -> Message {
         payload: Bytes::from(amount.to_string()),
         headers: BTreeMap::new(),
         attempt,
-    }
-}
-
-/// A fresh PostgreSQL database for one test, dropped afterwards.
-struct PgDb {
-    admin: sqlx::PgPool,
-    name: String,
-    pool: sqlx::PgPool,
-}
-
-impl PgDb {
-    async fn new() -> PgDb {
-        let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres")
-            .await
-            .expect("PostgreSQL on 127.0.0.1:5432 (trust auth)");
-        let name = format!(
-            "keel_msg_{}_{:x}",
-            std::process::id(),
-            keel_core::codec::rand::next_u64()
-        );
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let pool = sqlx::PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}"))
-            .await
-            .unwrap();
-        PgDb { admin, name, pool }
-    }
-
-    async fn drop_db(self) {
-        self.pool.close().await;
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&self.admin)
-        .await;
     }
 }
 

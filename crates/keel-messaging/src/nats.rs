@@ -1,0 +1,330 @@
+//! NATS JetStream: a durable pull consumer that acknowledges only after the inbox transaction
+//! committed, and a publisher for the outbox relay that waits for JetStream's publish ack and
+//! sets `Nats-Msg-Id` so the stream itself drops relay duplicates within its dedup window.
+//!
+//! Per delivery ([`crate::consume::process`]): applied or duplicate → `ack`; handler failure →
+//! `nak` with the policy's backoff (JetStream redelivers after it); last attempt → the message
+//! is published to the dead-letter subject with its error, then `term`inated; store failure →
+//! `nak` after a short delay. The consumer's own `max_deliver` is unlimited: Keel's policy
+//! decides when to dead-letter, so nothing is dropped by the server silently.
+//!
+//! Message id: Keel's `keel-message-id` header, else `Nats-Msg-Id`, else
+//! `<stream>/<stream sequence>` (stable across redeliveries).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::AckPolicy, consumer::pull};
+use futures_util::StreamExt;
+use keel_core::BoxError;
+
+use crate::consume::{Handler, Inbox, Processed, process};
+use crate::message::{Message, message_id};
+use crate::retry::RetryPolicy;
+use crate::store::{Outgoing, Publisher};
+
+/// The header carrying a dead-lettered message's last error.
+pub const ERROR_HEADER: &str = "keel-error";
+
+/// A connection to NATS with JetStream.
+#[derive(Debug, Clone)]
+pub struct Nats {
+    js: jetstream::Context,
+}
+
+impl Nats {
+    /// Connect to `url` (`nats://127.0.0.1:4222`).
+    pub async fn connect(url: &str) -> Result<Nats, BoxError> {
+        let client = async_nats::connect(url).await?;
+        Ok(Nats {
+            js: jetstream::new(client),
+        })
+    }
+
+    /// Create `stream` over `subjects` if absent (file storage, limits retention).
+    pub async fn ensure_stream(&self, stream: &str, subjects: Vec<String>) -> Result<(), BoxError> {
+        self.js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: stream.to_string(),
+                subjects,
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Delete `stream` (tests, teardown).
+    pub async fn delete_stream(&self, stream: &str) -> Result<(), BoxError> {
+        self.js.delete_stream(stream).await?;
+        Ok(())
+    }
+
+    /// The underlying JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+}
+
+impl Publisher for Nats {
+    async fn publish(&self, msg: &Outgoing) -> Result<(), BoxError> {
+        let mut headers = async_nats::HeaderMap::new();
+        for (k, v) in &msg.headers {
+            headers.insert(k.as_str(), v.as_str());
+        }
+        // JetStream drops a second publish with the same id inside the stream's duplicate
+        // window: a relay that crashed between publish and marking the row sent does not
+        // even reach consumers twice (and if it does, the inbox catches it).
+        headers.insert("Nats-Msg-Id", msg.message_id.as_str());
+        let ack = self
+            .js
+            .publish_with_headers(msg.destination.clone(), headers, msg.payload.clone())
+            .await?;
+        ack.await?;
+        Ok(())
+    }
+}
+
+/// A consumer's settings.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// The stream to read.
+    pub stream: String,
+    /// Durable consumer name (also the inbox's consumer key).
+    pub durable: String,
+    /// Subject filter (empty: the whole stream).
+    pub filter_subject: String,
+    /// Where messages go after their last failed attempt.
+    pub dead_letter_subject: String,
+    /// Messages processed at once.
+    pub max_in_flight: usize,
+    /// How long JetStream waits for an ack before redelivering. 30 s: longer than any
+    /// handler should run; a crashed consumer's messages come back after it.
+    pub ack_wait: Duration,
+    /// Retries and dead-lettering.
+    pub retry: RetryPolicy,
+}
+
+impl ConsumerConfig {
+    /// Defaults for `durable` on `stream`.
+    pub fn new(stream: &str, durable: &str) -> ConsumerConfig {
+        ConsumerConfig {
+            stream: stream.to_string(),
+            durable: durable.to_string(),
+            filter_subject: String::new(),
+            dead_letter_subject: format!("{stream}.dlq"),
+            max_in_flight: 16,
+            ack_wait: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// Counters of a running consumer.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    /// Deliveries applied (handler ran, committed, acked).
+    pub applied: AtomicU64,
+    /// Redeliveries acknowledged without running the handler.
+    pub duplicates: AtomicU64,
+    /// Deliveries whose broker attempt count was above 1.
+    pub redelivered: AtomicU64,
+    /// Handler failures sent back for a retry.
+    pub retries: AtomicU64,
+    /// Messages sent to the dead-letter subject.
+    pub dead_lettered: AtomicU64,
+    /// Store failures (delivery returned to the broker).
+    pub store_errors: AtomicU64,
+}
+
+/// Consume until `stop` resolves, then finish the messages in flight (commit and ack them)
+/// and return: a clean stop leaves nothing to redeliver.
+pub async fn run<I, H>(
+    nats: &Nats,
+    cfg: &ConsumerConfig,
+    inbox: &I,
+    handler: &H,
+    stats: Arc<ConsumerStats>,
+    stop: impl Future<Output = ()>,
+) -> Result<(), BoxError>
+where
+    I: Inbox,
+    H: Handler<I::Tx>,
+{
+    let stream = nats.js.get_stream(&cfg.stream).await?;
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &cfg.durable,
+            pull::Config {
+                durable_name: Some(cfg.durable.clone()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: cfg.ack_wait,
+                max_deliver: -1,
+                filter_subject: cfg.filter_subject.clone(),
+                max_ack_pending: i64::try_from(cfg.max_in_flight.max(1) * 4).unwrap_or(64),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let messages = consumer.messages().await?;
+    messages
+        .take_until(stop)
+        .for_each_concurrent(cfg.max_in_flight.max(1), |delivery| {
+            let stats = stats.clone();
+            async move {
+                match delivery {
+                    Ok(m) => handle_one(nats, cfg, inbox, handler, &stats, m).await,
+                    Err(e) => tracing::warn!(error = %e, "jetstream delivery error"),
+                }
+            }
+        })
+        .await;
+    Ok(())
+}
+
+async fn handle_one<I, H>(
+    nats: &Nats,
+    cfg: &ConsumerConfig,
+    inbox: &I,
+    handler: &H,
+    stats: &ConsumerStats,
+    m: jetstream::Message,
+) where
+    I: Inbox,
+    H: Handler<I::Tx>,
+{
+    let (seq, delivered) = match m.info() {
+        Ok(i) => (i.stream_sequence, i.delivered),
+        Err(e) => {
+            tracing::warn!(error = %e, "jetstream message without ack metadata");
+            return;
+        }
+    };
+    let mut headers = BTreeMap::new();
+    if let Some(h) = &m.headers {
+        for (k, values) in h.iter() {
+            if let Some(v) = values.first() {
+                headers.insert(k.to_string().to_ascii_lowercase(), v.to_string());
+            }
+        }
+    }
+    let native = headers
+        .get("nats-msg-id")
+        .cloned()
+        .unwrap_or_else(|| format!("{}/{seq}", cfg.stream));
+    let attempt = u32::try_from(delivered.max(1)).unwrap_or(u32::MAX);
+    if attempt > 1 {
+        stats.redelivered.fetch_add(1, Ordering::Relaxed);
+    }
+    let Some((id, id_source)) = message_id(&headers, Some(&native)) else {
+        dead_letter(nats, cfg, stats, &m, &headers, "message has no usable id").await;
+        return;
+    };
+    let msg = Message {
+        id,
+        id_source,
+        destination: m.subject.to_string(),
+        key: None,
+        payload: m.payload.clone(),
+        headers,
+        attempt,
+    };
+    match process(inbox, &cfg.durable, handler, &msg, &cfg.retry).await {
+        Ok(Processed::Applied) => {
+            failpoint("after-commit-before-ack");
+            stats.applied.fetch_add(1, Ordering::Relaxed);
+            ack(&m, AckKind::Ack).await;
+        }
+        Ok(Processed::Duplicate) => {
+            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            ack(&m, AckKind::Ack).await;
+        }
+        Ok(Processed::Retry(delay, e)) => {
+            tracing::debug!(id = %msg.id, attempt, error = %e, ?delay, "handler failed; will retry");
+            stats.retries.fetch_add(1, Ordering::Relaxed);
+            ack(&m, AckKind::Nak(Some(delay))).await;
+        }
+        Ok(Processed::DeadLetter(e)) => {
+            dead_letter(nats, cfg, stats, &m, &msg.headers, &e.to_string()).await;
+        }
+        Err(e) => {
+            tracing::warn!(id = %msg.id, error = %e, "inbox store failed; delivery returned");
+            stats.store_errors.fetch_add(1, Ordering::Relaxed);
+            ack(&m, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        }
+    }
+}
+
+/// Publish to the dead-letter subject with the error, then stop redelivery. If the
+/// dead-letter publish fails the message is `nak`ed instead: it is never dropped silently.
+async fn dead_letter(
+    nats: &Nats,
+    cfg: &ConsumerConfig,
+    stats: &ConsumerStats,
+    m: &jetstream::Message,
+    headers: &BTreeMap<String, String>,
+    error: &str,
+) {
+    let mut h = async_nats::HeaderMap::new();
+    for (k, v) in headers {
+        h.insert(k.as_str(), v.as_str());
+    }
+    h.insert(ERROR_HEADER, error);
+    h.insert("keel-original-subject", m.subject.as_str());
+    let published = match nats
+        .js
+        .publish_with_headers(cfg.dead_letter_subject.clone(), h, m.payload.clone())
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match published {
+        Ok(()) => {
+            tracing::warn!(subject = %m.subject, error, "message dead-lettered");
+            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            ack(m, AckKind::Term).await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "dead-letter publish failed; message returned");
+            ack(m, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        }
+    }
+}
+
+async fn ack(m: &jetstream::Message, kind: AckKind) {
+    // A lost ack means a redelivery, which the inbox turns into a duplicate: log, go on.
+    if let Err(e) = m.ack_with(kind).await {
+        tracing::debug!(error = %e, "jetstream ack failed; the message will be redelivered");
+    }
+}
+
+/// Test-only crash points: `KEEL_FAILPOINTS=after-commit-before-ack:0.01` aborts the process
+/// at that point with that probability, so the crash test can kill a consumer exactly between
+/// its commit and its ack. Unset (always, in production) it costs one load of a static.
+pub fn failpoint(name: &str) {
+    use std::sync::OnceLock;
+    static POINTS: OnceLock<Vec<(String, f64)>> = OnceLock::new();
+    let points = POINTS.get_or_init(|| {
+        std::env::var("KEEL_FAILPOINTS")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|p| {
+                let (n, prob) = p.split_once(':')?;
+                Some((n.trim().to_string(), prob.trim().parse().ok()?))
+            })
+            .collect()
+    });
+    if points.is_empty() {
+        return;
+    }
+    if let Some((_, p)) = points.iter().find(|(n, _)| n == name) {
+        let draw = (keel_core::codec::rand::next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        if draw < *p {
+            eprintln!("failpoint {name}: aborting");
+            std::process::abort();
+        }
+    }
+}

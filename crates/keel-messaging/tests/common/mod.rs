@@ -1,0 +1,117 @@
+//! Shared pieces of the messaging tests: a fresh PostgreSQL database, a ledger handler whose
+//! effects can be counted (no unique key: a double effect would show), unique stream names.
+#![allow(clippy::unwrap_used, dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use keel_core::BoxError;
+use keel_messaging::consume::Handler;
+use keel_messaging::message::Message;
+use keel_messaging::store::{PgStore, PgTx};
+
+/// A fresh PostgreSQL database, dropped by [`PgDb::drop_db`].
+pub struct PgDb {
+    admin: sqlx::PgPool,
+    pub name: String,
+    pub pool: sqlx::PgPool,
+}
+
+impl PgDb {
+    pub async fn new() -> PgDb {
+        let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres")
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432 (trust auth)");
+        let name = format!(
+            "keel_msg_{}_{:x}",
+            std::process::id(),
+            keel_core::codec::rand::next_u64()
+        );
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let pool = sqlx::PgPool::connect(&Self::url_of(&name)).await.unwrap();
+        PgDb { admin, name, pool }
+    }
+
+    pub fn url_of(name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:5432/{name}")
+    }
+
+    pub fn url(&self) -> String {
+        Self::url_of(&self.name)
+    }
+
+    pub async fn drop_db(self) {
+        self.pool.close().await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&self.admin)
+        .await;
+    }
+}
+
+/// Books each message's amount as a row in `ledger` (no unique key, so a double effect would
+/// be a second row). A negative amount is refused.
+pub struct Ledger;
+
+impl Ledger {
+    pub async fn create(store: &PgStore) {
+        sqlx::query("CREATE TABLE ledger (message_id TEXT NOT NULL, amount BIGINT NOT NULL)")
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
+
+    /// (rows, distinct message ids, sum of amounts).
+    pub async fn totals(store: &PgStore) -> (i64, i64, i64) {
+        sqlx::query_as(
+            "SELECT COUNT(*), COUNT(DISTINCT message_id), CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+    }
+}
+
+impl Handler<PgTx> for Ledger {
+    async fn handle(&self, msg: &Message, tx: &mut PgTx) -> Result<(), BoxError> {
+        let amount: i64 = String::from_utf8_lossy(&msg.payload).parse()?;
+        if amount < 0 {
+            return Err(format!("negative amount {amount}").into());
+        }
+        sqlx::query("INSERT INTO ledger (message_id, amount) VALUES ($1, $2)")
+            .bind(&msg.id)
+            .bind(amount)
+            .execute(tx.conn())
+            .await?;
+        Ok(())
+    }
+}
+
+/// A stream name no other test (or program) on this machine uses.
+pub fn stream_name() -> String {
+    format!(
+        "KEELT{}X{:X}",
+        std::process::id(),
+        keel_core::codec::rand::next_u64() >> 20
+    )
+}
+
+/// Poll `f` until true or `timeout`.
+pub async fn wait_for<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < end {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

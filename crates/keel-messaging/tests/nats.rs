@@ -1,0 +1,156 @@
+//! The NATS JetStream transport against the machine's NATS server (a fresh stream per test)
+//! with the inbox and outbox in PostgreSQL (a fresh database per test): outbox → relay →
+//! JetStream → consumer → exactly one effect each; a poison message is dead-lettered with its
+//! error while the others go through; a clean stop leaves nothing to redeliver.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{Ledger, PgDb, stream_name};
+use futures_util::StreamExt;
+use keel_messaging::nats::{ConsumerConfig, ConsumerStats, ERROR_HEADER, Nats, run};
+use keel_messaging::retry::RetryPolicy;
+use keel_messaging::store::PgStore;
+
+const NATS: &str = "nats://127.0.0.1:4222";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_to_consumer_applies_each_once_dead_letters_the_poison_and_stops_clean() {
+    let db = PgDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    store.migrate().await.unwrap();
+    Ledger::create(&store).await;
+    let nats = Nats::connect(NATS).await.unwrap();
+    let stream = stream_name();
+    let subject = format!("{}.orders", stream.to_lowercase());
+    let dlq = format!("{}.dlq", stream.to_lowercase());
+    nats.ensure_stream(&stream, vec![format!("{}.>", stream.to_lowercase())])
+        .await
+        .unwrap();
+
+    // 300 orders through the outbox, one of them poison (a negative amount).
+    let n = 300i64;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+        let mut tx = keel_messaging::consume::Inbox::begin(&store).await.unwrap();
+        for i in chunk {
+            let amount = if *i == 137 { -1 } else { *i };
+            tx.publish(
+                &subject,
+                None,
+                amount.to_string().as_bytes(),
+                BTreeMap::new(),
+            )
+            .await
+            .unwrap();
+        }
+        keel_messaging::consume::Tx::commit(tx).await.unwrap();
+    }
+    let mut relayed = 0;
+    while relayed < n as usize {
+        relayed += store.relay_once(&nats, 100).await.unwrap();
+    }
+
+    let mut cfg = ConsumerConfig::new(&stream, "billing");
+    cfg.filter_subject = subject.clone();
+    cfg.dead_letter_subject = dlq.clone();
+    cfg.retry = RetryPolicy {
+        max_attempts: 3,
+        base: Duration::from_millis(20),
+        max: Duration::from_millis(100),
+    };
+    let stats = Arc::new(ConsumerStats::default());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let consumer = {
+        let (nats, cfg, store, stats) = (nats.clone(), cfg.clone(), store.clone(), stats.clone());
+        tokio::spawn(async move {
+            run(&nats, &cfg, &store, &Ledger, stats, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    };
+    let done = common::wait_for(Duration::from_secs(30), || {
+        let stats = stats.clone();
+        async move {
+            stats.applied.load(Ordering::SeqCst) == n as u64 - 1
+                && stats.dead_lettered.load(Ordering::SeqCst) == 1
+        }
+    })
+    .await;
+    assert!(done, "{stats:?}");
+    stop_tx.send(()).unwrap();
+    consumer.await.unwrap().unwrap();
+
+    let (rows, distinct, sum) = Ledger::totals(&store).await;
+    assert_eq!(
+        (rows, distinct),
+        (n - 1, n - 1),
+        "every good order applied exactly once"
+    );
+    assert_eq!(sum, (0..n).sum::<i64>() - 137);
+    assert_eq!(
+        stats.retries.load(Ordering::SeqCst),
+        2,
+        "two retries, then the dead letter"
+    );
+
+    // The dead letter carries the error.
+    let js = nats.jetstream();
+    let dead = js.get_stream(&stream).await.unwrap();
+    let dl: async_nats::jetstream::consumer::PullConsumer = dead
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            filter_subject: dlq.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut batch = dl
+        .fetch()
+        .max_messages(5)
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await
+        .unwrap();
+    let m = batch.next().await.unwrap().unwrap();
+    let err = m
+        .headers
+        .as_ref()
+        .unwrap()
+        .get(ERROR_HEADER)
+        .unwrap()
+        .to_string();
+    assert!(err.contains("negative amount -1"), "{err}");
+    assert_eq!(&m.payload[..], b"-1");
+
+    // A clean stop committed and acked everything: a restarted consumer gets nothing.
+    let stats2 = Arc::new(ConsumerStats::default());
+    let again = {
+        let (nats, cfg, store, stats2) = (nats.clone(), cfg.clone(), store.clone(), stats2.clone());
+        tokio::spawn(async move {
+            run(
+                &nats,
+                &cfg,
+                &store,
+                &Ledger,
+                stats2,
+                tokio::time::sleep(Duration::from_secs(2)),
+            )
+            .await
+        })
+    };
+    again.await.unwrap().unwrap();
+    assert_eq!(stats2.applied.load(Ordering::SeqCst), 0, "{stats2:?}");
+    assert_eq!(
+        stats2.duplicates.load(Ordering::SeqCst),
+        0,
+        "no redelivery after a clean stop"
+    );
+
+    nats.delete_stream(&stream).await.unwrap();
+    db.drop_db().await;
+}
