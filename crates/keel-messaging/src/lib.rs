@@ -17,7 +17,10 @@ pub mod consume;
 pub mod message;
 #[cfg(all(feature = "nats", any(feature = "sqlite", feature = "postgres")))]
 pub mod nats;
+#[cfg(all(feature = "rabbitmq", any(feature = "sqlite", feature = "postgres")))]
+pub mod rabbitmq;
 pub mod retry;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod store;
 pub mod tracker;
+pub mod transport;

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::AckPolicy, consumer::pull};
@@ -25,6 +25,8 @@ use crate::consume::{Handler, Inbox, Processed, process};
 use crate::message::{Message, message_id};
 use crate::retry::RetryPolicy;
 use crate::store::{Outgoing, Publisher};
+pub use crate::transport::ConsumerStats;
+use crate::transport::failpoint;
 
 /// The header carrying a dead-lettered message's last error.
 pub const ERROR_HEADER: &str = "keel-error";
@@ -120,23 +122,6 @@ impl ConsumerConfig {
             retry: RetryPolicy::default(),
         }
     }
-}
-
-/// Counters of a running consumer.
-#[derive(Debug, Default)]
-pub struct ConsumerStats {
-    /// Deliveries applied (handler ran, committed, acked).
-    pub applied: AtomicU64,
-    /// Redeliveries acknowledged without running the handler.
-    pub duplicates: AtomicU64,
-    /// Deliveries whose broker attempt count was above 1.
-    pub redelivered: AtomicU64,
-    /// Handler failures sent back for a retry.
-    pub retries: AtomicU64,
-    /// Messages sent to the dead-letter subject.
-    pub dead_lettered: AtomicU64,
-    /// Store failures (delivery returned to the broker).
-    pub store_errors: AtomicU64,
 }
 
 /// Consume until `stop` resolves, then finish the messages in flight (commit and ack them)
@@ -298,33 +283,5 @@ async fn ack(m: &jetstream::Message, kind: AckKind) {
     // A lost ack means a redelivery, which the inbox turns into a duplicate: log, go on.
     if let Err(e) = m.ack_with(kind).await {
         tracing::debug!(error = %e, "jetstream ack failed; the message will be redelivered");
-    }
-}
-
-/// Test-only crash points: `KEEL_FAILPOINTS=after-commit-before-ack:0.01` aborts the process
-/// at that point with that probability, so the crash test can kill a consumer exactly between
-/// its commit and its ack. Unset (always, in production) it costs one load of a static.
-pub fn failpoint(name: &str) {
-    use std::sync::OnceLock;
-    static POINTS: OnceLock<Vec<(String, f64)>> = OnceLock::new();
-    let points = POINTS.get_or_init(|| {
-        std::env::var("KEEL_FAILPOINTS")
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|p| {
-                let (n, prob) = p.split_once(':')?;
-                Some((n.trim().to_string(), prob.trim().parse().ok()?))
-            })
-            .collect()
-    });
-    if points.is_empty() {
-        return;
-    }
-    if let Some((_, p)) = points.iter().find(|(n, _)| n == name) {
-        let draw = (keel_core::codec::rand::next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        if draw < *p {
-            eprintln!("failpoint {name}: aborting");
-            std::process::abort();
-        }
     }
 }

@@ -1,4 +1,5 @@
-//! The crash test: 20,000 messages through the outbox and JetStream to a consumer *process*
+//! The crash test, for NATS JetStream and RabbitMQ: 20,000 messages through the outbox and the
+//! broker to a consumer *process*
 //! that is killed at random moments — by SIGKILL, and by a failpoint that aborts exactly
 //! between the database commit and the broker ack — at least ten times, until everything is
 //! processed. Pass: every message applied exactly once (row count, distinct ids and sum), and
@@ -14,10 +15,12 @@ use std::time::Duration;
 use common::{Ledger, PgDb, stream_name};
 use keel_messaging::consume::{Inbox, Tx};
 use keel_messaging::nats::Nats;
+use keel_messaging::rabbitmq::Rabbit;
 use keel_messaging::store::PgStore;
 use keel_test_support::ChildGuard;
 
 const NATS: &str = "nats://127.0.0.1:4222";
+const RABBIT: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const MESSAGES: i64 = 20_000;
 
 /// The consumer process is this test binary itself, running only
@@ -36,7 +39,8 @@ const CONSUMER_ARGS: [&str; 5] = [
 
 /// Not a test on its own (hence ignored): the crash test runs this binary with
 /// `--ignored consumer_process` and `KEEL_CRASH_CONSUMER` set to
-/// `NATS_URL STREAM SUBJECT POSTGRES_URL`, and then this books each message's amount in
+/// `nats URL STREAM SUBJECT POSTGRES_URL` or `rabbitmq URI QUEUE - POSTGRES_URL`, and then
+/// this books each message's amount in
 /// `ledger` (in the inbox transaction) until killed, printing its counters to stderr every
 /// 100 ms so the parent can see redeliveries and skipped duplicates.
 #[tokio::test]
@@ -47,18 +51,11 @@ async fn consumer_process() {
 
     use keel_messaging::nats::{ConsumerConfig, ConsumerStats, run};
 
-    let spec = std::env::var("KEEL_CRASH_CONSUMER").expect(
-        "started by `killed_consumers_apply_every_message_exactly_once`, which sets KEEL_CRASH_CONSUMER",
-    );
+    let spec = std::env::var("KEEL_CRASH_CONSUMER")
+        .expect("started by the crash scenario, which sets KEEL_CRASH_CONSUMER");
     let parts: Vec<&str> = spec.split_whitespace().collect();
-    let (url, stream, subject, pg) = (parts[0], parts[1], parts[2], parts[3]);
-    let nats = Nats::connect(url).await.unwrap();
+    let (kind, url, name, subject, pg) = (parts[0], parts[1], parts[2], parts[3], parts[4]);
     let store = PgStore::new(sqlx::PgPool::connect(pg).await.unwrap());
-    let mut cfg = ConsumerConfig::new(stream, "ledger");
-    cfg.filter_subject = subject.to_string();
-    // Short, so the messages of a killed consumer come back quickly.
-    cfg.ack_wait = Duration::from_secs(1);
-    cfg.max_in_flight = 32;
     let stats = Arc::new(ConsumerStats::default());
     let reporter = stats.clone();
     tokio::spawn(async move {
@@ -72,9 +69,97 @@ async fn consumer_process() {
             );
         }
     });
-    run(&nats, &cfg, &store, &Ledger, stats, std::future::pending())
+    if kind == "rabbitmq" {
+        let rabbit = Rabbit::connect(url).await.unwrap();
+        let cfg = keel_messaging::rabbitmq::ConsumerConfig::new(name);
+        keel_messaging::rabbitmq::run(
+            &rabbit,
+            &cfg,
+            &store,
+            &Ledger,
+            stats,
+            std::future::pending(),
+        )
         .await
         .unwrap();
+    } else {
+        let nats = Nats::connect(url).await.unwrap();
+        let mut cfg = ConsumerConfig::new(name, "ledger");
+        cfg.filter_subject = subject.to_string();
+        // Short, so the messages of a killed consumer come back quickly.
+        cfg.ack_wait = Duration::from_secs(1);
+        cfg.max_in_flight = 32;
+        run(&nats, &cfg, &store, &Ledger, stats, std::future::pending())
+            .await
+            .unwrap();
+    }
+}
+
+/// The broker side of the scenario.
+enum Broker {
+    Nats {
+        nats: Nats,
+        stream: String,
+        subject: String,
+    },
+    Rabbit {
+        rabbit: Rabbit,
+        queue: String,
+    },
+}
+
+impl Broker {
+    async fn nats() -> Broker {
+        let nats = Nats::connect(NATS).await.unwrap();
+        let stream = stream_name();
+        let subject = format!("{}.orders", stream.to_lowercase());
+        nats.ensure_stream(&stream, vec![format!("{}.>", stream.to_lowercase())])
+            .await
+            .unwrap();
+        Broker::Nats {
+            nats,
+            stream,
+            subject,
+        }
+    }
+
+    async fn rabbit() -> Broker {
+        let rabbit = Rabbit::connect(RABBIT).await.unwrap();
+        let queue = format!("keel-crash-{}", stream_name().to_lowercase());
+        rabbit.declare(&queue).await.unwrap();
+        Broker::Rabbit { rabbit, queue }
+    }
+
+    /// Where the outbox publishes.
+    fn destination(&self) -> String {
+        match self {
+            Broker::Nats { subject, .. } => subject.clone(),
+            Broker::Rabbit { queue, .. } => queue.clone(),
+        }
+    }
+
+    fn spec(&self, pg: &str) -> String {
+        match self {
+            Broker::Nats {
+                stream, subject, ..
+            } => format!("nats {NATS} {stream} {subject} {pg}"),
+            Broker::Rabbit { queue, .. } => format!("rabbitmq {RABBIT} {queue} - {pg}"),
+        }
+    }
+
+    async fn relay(&self, store: &PgStore) -> usize {
+        match self {
+            Broker::Nats { nats, .. } => store.relay_once(nats, 2000).await.unwrap(),
+            Broker::Rabbit { rabbit, .. } => store.relay_once(rabbit, 2000).await.unwrap(),
+        }
+    }
+
+    async fn teardown(self) {
+        match self {
+            Broker::Nats { nats, stream, .. } => nats.delete_stream(&stream).await.unwrap(),
+            Broker::Rabbit { rabbit, queue } => rabbit.delete(&queue).await.unwrap(),
+        }
+    }
 }
 
 /// The last `stats` line a consumer process printed: (applied, duplicates, redelivered).
@@ -93,18 +178,22 @@ fn last_stats(log: &std::path::Path) -> (u64, u64, u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_consumers_apply_every_message_exactly_once() {
+async fn killed_nats_consumers_apply_every_message_exactly_once() {
+    crash_scenario(Broker::nats().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_rabbitmq_consumers_apply_every_message_exactly_once() {
+    crash_scenario(Broker::rabbit().await).await;
+}
+
+async fn crash_scenario(broker: Broker) {
     let bin = consumer_bin();
     let db = PgDb::new().await;
     let store = PgStore::new(db.pool.clone());
     store.migrate().await.unwrap();
     Ledger::create(&store).await;
-    let nats = Nats::connect(NATS).await.unwrap();
-    let stream = stream_name();
-    let subject = format!("{}.orders", stream.to_lowercase());
-    nats.ensure_stream(&stream, vec![format!("{}.>", stream.to_lowercase())])
-        .await
-        .unwrap();
+    let subject = broker.destination();
 
     // Produce through the outbox, in transactions of 500, and relay it all.
     for start in (0..MESSAGES).step_by(500) {
@@ -118,11 +207,11 @@ async fn killed_consumers_apply_every_message_exactly_once() {
     }
     let mut relayed = 0;
     while relayed < MESSAGES as usize {
-        relayed += store.relay_once(&nats, 2000).await.unwrap();
+        relayed += broker.relay(&store).await;
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let spec = format!("{NATS} {stream} {subject} {}", db.url());
+    let spec = broker.spec(&db.url());
     let (mut kills, mut duplicates, mut redelivered) = (0, 0, 0);
     let mut run = 0;
     // Kill consumers until at least ten have died mid-stream (and some work remains).
@@ -192,6 +281,6 @@ async fn killed_consumers_apply_every_message_exactly_once() {
     );
 
     drop(_last);
-    nats.delete_stream(&stream).await.unwrap();
+    broker.teardown().await;
     db.drop_db().await;
 }

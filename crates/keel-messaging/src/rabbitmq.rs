@@ -1,0 +1,382 @@
+//! RabbitMQ: a consumer that acknowledges only after the inbox transaction committed, and a
+//! publisher for the outbox relay with publisher confirms and `mandatory` (an unroutable
+//! message is an error, not a silent drop).
+//!
+//! Per delivery ([`crate::consume::process`]): applied or duplicate → `basic.ack`; handler
+//! failure → the message is re-published to `<queue>.retry`, whose per-message TTL is the
+//! policy's backoff and whose dead-letter target is `<queue>` again (RabbitMQ has no delayed
+//! nack), with `keel-attempt` incremented, then the original is acked; last attempt → it is
+//! published to `<queue>.dlq` with `keel-error`, then acked; store failure → `basic.nack` with
+//! requeue. A delivery the broker redelivers after a crash keeps its attempt number (the
+//! inbox makes it a duplicate if it was applied).
+//!
+//! Message id: Keel's `keel-message-id` header, else the AMQP `message_id` property, else
+//! the message cannot be deduplicated and is dead-lettered with that reason.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use keel_core::BoxError;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use crate::consume::{Handler, Inbox, Processed, process};
+use crate::message::{Message, message_id};
+use crate::retry::RetryPolicy;
+use crate::store::{Outgoing, Publisher};
+pub use crate::transport::ConsumerStats;
+
+/// The header carrying a dead-lettered message's last error.
+pub const ERROR_HEADER: &str = "keel-error";
+/// The header counting deliveries across Keel's retries.
+pub const ATTEMPT_HEADER: &str = "keel-attempt";
+
+/// A RabbitMQ connection with a confirming channel for publishing.
+pub struct Rabbit {
+    conn: Connection,
+    publish: Channel,
+}
+
+impl std::fmt::Debug for Rabbit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rabbit").finish_non_exhaustive()
+    }
+}
+
+impl Rabbit {
+    /// Connect to `uri` (`amqp://guest:guest@127.0.0.1:5672/%2f`).
+    pub async fn connect(uri: &str) -> Result<Rabbit, BoxError> {
+        let conn = Connection::connect(uri, ConnectionProperties::default()).await?;
+        let publish = conn.create_channel().await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Rabbit { conn, publish })
+    }
+
+    /// Declare `queue` with its `.retry` and `.dlq` companions (durable; idempotent).
+    pub async fn declare(&self, queue: &str) -> Result<(), BoxError> {
+        let ch = &self.publish;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        ch.queue_declare(queue.into(), durable, FieldTable::default())
+            .await?;
+        ch.queue_declare(
+            format!("{queue}.dlq").into(),
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+        // Expired retries flow back to the main queue through the default exchange.
+        let mut retry_args = FieldTable::default();
+        retry_args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from("")),
+        );
+        retry_args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(LongString::from(queue)),
+        );
+        ch.queue_declare(format!("{queue}.retry").into(), durable, retry_args)
+            .await?;
+        Ok(())
+    }
+
+    /// Delete `queue` and its companions (tests, teardown).
+    pub async fn delete(&self, queue: &str) -> Result<(), BoxError> {
+        for q in [
+            queue.to_string(),
+            format!("{queue}.retry"),
+            format!("{queue}.dlq"),
+        ] {
+            self.publish
+                .queue_delete(q.into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Publish to `queue` through the default exchange and wait for the broker's confirm.
+    async fn send(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        message_id: Option<&str>,
+        headers: &BTreeMap<String, String>,
+        expiration: Option<Duration>,
+    ) -> Result<(), BoxError> {
+        let mut table = FieldTable::default();
+        for (k, v) in headers {
+            table.insert(
+                k.as_str().into(),
+                AMQPValue::LongString(LongString::from(v.as_str())),
+            );
+        }
+        let mut props = BasicProperties::default()
+            .with_headers(table)
+            .with_delivery_mode(2);
+        if let Some(id) = message_id {
+            props = props.with_message_id(id.into());
+        }
+        if let Some(ttl) = expiration {
+            props = props.with_expiration(ttl.as_millis().max(1).to_string().into());
+        }
+        let confirm = self
+            .publish
+            .basic_publish(
+                ShortString::from(""),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                payload,
+                props,
+            )
+            .await?
+            .await?;
+        match confirm {
+            lapin::Confirmation::Ack(None) => Ok(()),
+            lapin::Confirmation::Ack(Some(_)) => {
+                Err(format!("message to {queue} was unroutable (returned)").into())
+            }
+            other => {
+                Err(format!("broker did not confirm the message to {queue}: {other:?}").into())
+            }
+        }
+    }
+}
+
+impl Publisher for Rabbit {
+    async fn publish(&self, msg: &Outgoing) -> Result<(), BoxError> {
+        self.send(
+            &msg.destination,
+            &msg.payload,
+            Some(&msg.message_id),
+            &msg.headers,
+            None,
+        )
+        .await
+    }
+}
+
+/// A consumer's settings.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// The queue (declared with [`Rabbit::declare`]); also the inbox's consumer key.
+    pub queue: String,
+    /// Unacked deliveries at once (`basic.qos` prefetch).
+    pub prefetch: u16,
+    /// Retries and dead-lettering.
+    pub retry: RetryPolicy,
+}
+
+impl ConsumerConfig {
+    /// Defaults for `queue`.
+    pub fn new(queue: &str) -> ConsumerConfig {
+        ConsumerConfig {
+            queue: queue.to_string(),
+            prefetch: 32,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// Consume `cfg.queue` until `stop` resolves, then finish the deliveries in flight and return.
+pub async fn run<I, H>(
+    rabbit: &Rabbit,
+    cfg: &ConsumerConfig,
+    inbox: &I,
+    handler: &H,
+    stats: Arc<ConsumerStats>,
+    stop: impl Future<Output = ()>,
+) -> Result<(), BoxError>
+where
+    I: Inbox,
+    H: Handler<I::Tx>,
+{
+    let ch = rabbit.conn.create_channel().await?;
+    ch.basic_qos(cfg.prefetch.max(1), BasicQosOptions::default())
+        .await?;
+    let consumer = ch
+        .basic_consume(
+            cfg.queue.as_str().into(),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    consumer
+        .take_until(stop)
+        .for_each_concurrent(usize::from(cfg.prefetch.max(1)), |delivery| {
+            let stats = stats.clone();
+            async move {
+                match delivery {
+                    Ok(d) => handle_one(rabbit, cfg, inbox, handler, &stats, d).await,
+                    Err(e) => tracing::warn!(error = %e, "rabbitmq delivery error"),
+                }
+            }
+        })
+        .await;
+    Ok(())
+}
+
+fn headers_of(props: &BasicProperties) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Some(t) = props.headers() {
+        for (k, v) in t.inner() {
+            let value = match v {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                AMQPValue::ShortString(s) => s.as_str().to_string(),
+                AMQPValue::LongLongInt(n) => n.to_string(),
+                AMQPValue::LongInt(n) => n.to_string(),
+                _ => continue,
+            };
+            out.insert(k.as_str().to_ascii_lowercase(), value);
+        }
+    }
+    out
+}
+
+async fn handle_one<I, H>(
+    rabbit: &Rabbit,
+    cfg: &ConsumerConfig,
+    inbox: &I,
+    handler: &H,
+    stats: &ConsumerStats,
+    d: lapin::message::Delivery,
+) where
+    I: Inbox,
+    H: Handler<I::Tx>,
+{
+    let headers = headers_of(&d.properties);
+    let attempt: u32 = headers
+        .get(ATTEMPT_HEADER)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    if d.redelivered {
+        stats.redelivered.fetch_add(1, Ordering::Relaxed);
+    }
+    let native = d
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str().to_string());
+    let Some((id, id_source)) = message_id(&headers, native.as_deref()) else {
+        dead_letter(rabbit, cfg, stats, &d, &headers, "message has no usable id").await;
+        return;
+    };
+    let msg = Message {
+        id,
+        id_source,
+        destination: cfg.queue.clone(),
+        key: None,
+        payload: bytes::Bytes::copy_from_slice(&d.data),
+        headers,
+        attempt,
+    };
+    match process(inbox, &cfg.queue, handler, &msg, &cfg.retry).await {
+        Ok(Processed::Applied) => {
+            crate::transport::failpoint("after-commit-before-ack");
+            stats.applied.fetch_add(1, Ordering::Relaxed);
+            ack(&d).await;
+        }
+        Ok(Processed::Duplicate) => {
+            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            ack(&d).await;
+        }
+        Ok(Processed::Retry(delay, e)) => {
+            tracing::debug!(id = %msg.id, attempt, error = %e, ?delay, "handler failed; will retry");
+            let mut headers = msg.headers.clone();
+            headers.insert(ATTEMPT_HEADER.to_string(), (attempt + 1).to_string());
+            let retry_queue = format!("{}.retry", cfg.queue);
+            match rabbit
+                .send(
+                    &retry_queue,
+                    &d.data,
+                    native.as_deref(),
+                    &headers,
+                    Some(delay),
+                )
+                .await
+            {
+                Ok(()) => {
+                    stats.retries.fetch_add(1, Ordering::Relaxed);
+                    ack(&d).await;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "retry publish failed; message requeued");
+                    nack(&d).await;
+                }
+            }
+        }
+        Ok(Processed::DeadLetter(e)) => {
+            dead_letter(rabbit, cfg, stats, &d, &msg.headers, &e.to_string()).await;
+        }
+        Err(e) => {
+            tracing::warn!(id = %msg.id, error = %e, "inbox store failed; delivery requeued");
+            stats.store_errors.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            nack(&d).await;
+        }
+    }
+}
+
+async fn dead_letter(
+    rabbit: &Rabbit,
+    cfg: &ConsumerConfig,
+    stats: &ConsumerStats,
+    d: &lapin::message::Delivery,
+    headers: &BTreeMap<String, String>,
+    error: &str,
+) {
+    let mut headers = headers.clone();
+    headers.insert(ERROR_HEADER.to_string(), error.to_string());
+    let id = d
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str().to_string());
+    let dlq = format!("{}.dlq", cfg.queue);
+    match rabbit
+        .send(&dlq, &d.data, id.as_deref(), &headers, None)
+        .await
+    {
+        Ok(()) => {
+            tracing::warn!(queue = %cfg.queue, error, "message dead-lettered");
+            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            ack(d).await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "dead-letter publish failed; message requeued");
+            nack(d).await;
+        }
+    }
+}
+
+async fn ack(d: &lapin::message::Delivery) {
+    // A lost ack means a redelivery, which the inbox turns into a duplicate.
+    if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+        tracing::debug!(error = %e, "rabbitmq ack failed; the message will be redelivered");
+    }
+}
+
+async fn nack(d: &lapin::message::Delivery) {
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    if let Err(e) = d.acker.nack(requeue).await {
+        tracing::debug!(error = %e, "rabbitmq nack failed; the message will be redelivered");
+    }
+}
