@@ -154,3 +154,87 @@ async fn outbox_to_consumer_applies_each_once_dead_letters_the_poison_and_stops_
     nats.delete_stream(&stream).await.unwrap();
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_resets_during_consumption_lose_nothing_and_double_nothing() {
+    use keel_test_support::fault::FaultProxy;
+
+    let db = PgDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    store.migrate().await.unwrap();
+    Ledger::create(&store).await;
+    let direct = Nats::connect(NATS).await.unwrap();
+    let stream = stream_name();
+    let subject = format!("{}.orders", stream.to_lowercase());
+    direct
+        .ensure_stream(&stream, vec![format!("{}.>", stream.to_lowercase())])
+        .await
+        .unwrap();
+    let n = 2000i64;
+    let mut tx = keel_messaging::consume::Inbox::begin(&store).await.unwrap();
+    for i in 0..n {
+        tx.publish(&subject, None, i.to_string().as_bytes(), BTreeMap::new())
+            .await
+            .unwrap();
+    }
+    keel_messaging::consume::Tx::commit(tx).await.unwrap();
+    let mut relayed = 0;
+    while relayed < n as usize {
+        relayed += store.relay_once(&direct, 1000).await.unwrap();
+    }
+
+    // The consumer talks to NATS through the fault proxy, whose connections are reset while
+    // it works.
+    let proxy = FaultProxy::start("127.0.0.1:4222".parse().unwrap())
+        .await
+        .unwrap();
+    let nats = Nats::connect(&format!("nats://{}", proxy.addr()))
+        .await
+        .unwrap();
+    let mut cfg = ConsumerConfig::new(&stream, "resets");
+    cfg.filter_subject = subject.clone();
+    cfg.ack_wait = Duration::from_secs(1);
+    let stats = Arc::new(ConsumerStats::default());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let consumer = {
+        let (cfg, store, stats) = (cfg.clone(), store.clone(), stats.clone());
+        tokio::spawn(async move {
+            run(&nats, &cfg, &store, &Ledger, stats, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    };
+    let mut resets = 0;
+    while resets < 3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if Ledger::totals(&store).await.1 < n {
+            proxy.reset_all();
+            resets += 1;
+        } else {
+            break;
+        }
+    }
+    let done = common::wait_for(Duration::from_secs(60), || {
+        let store = store.clone();
+        async move { Ledger::totals(&store).await.1 == n }
+    })
+    .await;
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), consumer).await;
+    let (rows, distinct, sum) = Ledger::totals(&store).await;
+    eprintln!("resets: {resets}, stats {stats:?}");
+    assert!(
+        done,
+        "{distinct} of {n} processed after {resets} connection resets"
+    );
+    assert!(resets >= 1, "the connection was reset mid-stream");
+    assert_eq!(
+        (rows, distinct),
+        (n, n),
+        "nothing lost, nothing applied twice"
+    );
+    assert_eq!(sum, (0..n).sum::<i64>());
+    direct.delete_stream(&stream).await.unwrap();
+    db.drop_db().await;
+}
