@@ -153,7 +153,7 @@ fn report(msg: &Message, result: &Processed, start: SystemTime, duration: Durati
         ctx: &ctx,
         span_id: None,
         side: MessageSide::Process,
-        system: "keel",
+        system: msg.system,
         destination: &msg.destination,
         message_id: Some(&msg.id),
         outcome,
@@ -247,6 +247,7 @@ mod tests {
         Message {
             id: id.to_string(),
             id_source: IdSource::Keel,
+            system: "embedded",
             destination: "orders".into(),
             key: None,
             payload: Bytes::from(format!("effect-{id}")),

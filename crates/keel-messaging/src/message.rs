@@ -34,6 +34,8 @@ pub struct Message {
     pub id: String,
     /// Where [`Message::id`] came from.
     pub id_source: IdSource,
+    /// The broker (`messaging.system`: `nats`, `rabbitmq`, `kafka`, `embedded`).
+    pub system: &'static str,
     /// Queue, topic or subject it came from.
     pub destination: String,
     /// Partitioning / ordering key, if the broker has one.

@@ -210,6 +210,7 @@ async fn handle_one<I, H>(
     let msg = Message {
         id,
         id_source,
+        system: "nats",
         destination: m.subject.to_string(),
         key: None,
         payload: m.payload.clone(),

@@ -279,6 +279,7 @@ async fn handle_one<I, H>(
     let msg = Message {
         id,
         id_source,
+        system: "rabbitmq",
         destination: cfg.queue.clone(),
         key: None,
         payload: bytes::Bytes::copy_from_slice(&d.data),

@@ -79,6 +79,7 @@ fn msg(id: &str, amount: i64, attempt: u32) -> Message {
     Message {
         id: id.to_string(),
         id_source: IdSource::Keel,
+        system: "embedded",
         destination: "orders".into(),
         key: None,
         payload: Bytes::from(amount.to_string()),
