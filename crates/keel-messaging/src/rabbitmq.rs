@@ -131,20 +131,26 @@ impl Rabbit {
         if let Some(ttl) = expiration {
             props = props.with_expiration(ttl.as_millis().max(1).to_string().into());
         }
-        let confirm = self
-            .publish
-            .basic_publish(
-                ShortString::from(""),
-                queue.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                payload,
-                props,
-            )
-            .await?
-            .await?;
+        let publish = async {
+            self.publish
+                .basic_publish(
+                    ShortString::from(""),
+                    queue.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    payload,
+                    props,
+                )
+                .await?
+                .await
+        };
+        let confirm = tokio::time::timeout(BROKER_CALL_TIMEOUT, publish)
+            .await
+            .map_err(|_| {
+                format!("no confirm for the message to {queue} within {BROKER_CALL_TIMEOUT:?}")
+            })??;
         match confirm {
             lapin::Confirmation::Ack(None) => Ok(()),
             lapin::Confirmation::Ack(Some(_)) => {
@@ -229,6 +235,60 @@ where
         })
         .await;
     Ok(())
+}
+
+/// [`run`] over a connection that is re-established (and the queues re-declared) whenever it
+/// breaks — a broker restart, a reset connection — with backoff from 100 ms to 5 s, until
+/// `stop` resolves. lapin does not reconnect by itself, and a consumer that silently stops on
+/// a broken connection is a consumer that loses throughput without anyone noticing.
+/// Deliveries in flight when the connection broke are redelivered by the broker; those
+/// already committed are then skipped by the inbox.
+pub async fn run_reconnecting<I, H>(
+    uri: &str,
+    cfg: &ConsumerConfig,
+    inbox: &I,
+    handler: &H,
+    stats: Arc<ConsumerStats>,
+    stop: impl Future<Output = ()>,
+) where
+    I: Inbox,
+    H: Handler<I::Tx>,
+{
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let flag = stopped.clone();
+    let stop = async move {
+        stop.await;
+        flag.store(true, Ordering::SeqCst);
+        let _ = tx.send(true);
+    };
+    let work = async {
+        let mut backoff = Duration::from_millis(100);
+        while !stopped.load(Ordering::SeqCst) {
+            let attempt = async {
+                let rabbit = Rabbit::connect(uri).await?;
+                rabbit.declare(&cfg.queue).await?;
+                let mut rx = rx.clone();
+                run(&rabbit, cfg, inbox, handler, stats.clone(), async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await
+            };
+            match attempt.await {
+                Ok(()) if stopped.load(Ordering::SeqCst) => return,
+                Ok(()) => {
+                    tracing::warn!(queue = %cfg.queue, "rabbitmq consumer stream ended; reconnecting");
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %cfg.queue, error = %e, ?backoff, "rabbitmq connection failed; reconnecting");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    };
+    tokio::join!(stop, work);
 }
 
 fn headers_of(props: &BasicProperties) -> BTreeMap<String, String> {
@@ -365,10 +425,18 @@ async fn dead_letter(
     }
 }
 
+/// How long an ack, nack or publish may wait on the broker. A connection that died without
+/// lapin noticing yet must not hold a delivery (and a clean stop) forever; a lost ack only
+/// means a redelivery, which the inbox turns into a duplicate.
+const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn ack(d: &lapin::message::Delivery) {
-    // A lost ack means a redelivery, which the inbox turns into a duplicate.
-    if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
-        tracing::debug!(error = %e, "rabbitmq ack failed; the message will be redelivered");
+    match tokio::time::timeout(BROKER_CALL_TIMEOUT, d.acker.ack(BasicAckOptions::default())).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "rabbitmq ack failed; the message will be redelivered")
+        }
+        Err(_) => tracing::debug!("rabbitmq ack timed out; the message will be redelivered"),
     }
 }
 
@@ -377,7 +445,11 @@ async fn nack(d: &lapin::message::Delivery) {
         requeue: true,
         ..BasicNackOptions::default()
     };
-    if let Err(e) = d.acker.nack(requeue).await {
-        tracing::debug!(error = %e, "rabbitmq nack failed; the message will be redelivered");
+    match tokio::time::timeout(BROKER_CALL_TIMEOUT, d.acker.nack(requeue)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "rabbitmq nack failed; the message will be redelivered")
+        }
+        Err(_) => tracing::debug!("rabbitmq nack timed out; the message will be redelivered"),
     }
 }

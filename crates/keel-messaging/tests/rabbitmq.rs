@@ -1,0 +1,133 @@
+//! The RabbitMQ transport against the machine's RabbitMQ (fresh queues per test) with the
+//! inbox and outbox in PostgreSQL: connection resets mid-stream (through the in-repo fault
+//! proxy) lose nothing and apply nothing twice; a poison message goes through the retry queue
+//! and ends in the dead-letter queue with its error, while the rest are applied.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{Ledger, PgDb, stream_name};
+use keel_messaging::consume::{Inbox, Tx};
+use keel_messaging::rabbitmq::{
+    ConsumerConfig, ConsumerStats, ERROR_HEADER, Rabbit, run_reconnecting,
+};
+use keel_messaging::retry::RetryPolicy;
+use keel_messaging::store::PgStore;
+use keel_test_support::fault::FaultProxy;
+
+const RABBIT: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_poison_and_retries_end_with_every_good_message_applied_once() {
+    let db = PgDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    store.migrate().await.unwrap();
+    Ledger::create(&store).await;
+    let direct = Rabbit::connect(RABBIT).await.unwrap();
+    let queue = format!("keel-test-{}", stream_name().to_lowercase());
+    direct.declare(&queue).await.unwrap();
+
+    let n = 1500i64;
+    let poison = 700;
+    let mut tx = store.begin().await.unwrap();
+    for i in 0..n {
+        let amount = if i == poison { -1 } else { i };
+        tx.publish(&queue, None, amount.to_string().as_bytes(), BTreeMap::new())
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let mut relayed = 0;
+    while relayed < n as usize {
+        relayed += store.relay_once(&direct, 1000).await.unwrap();
+    }
+
+    let proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap())
+        .await
+        .unwrap();
+    let uri = format!("amqp://guest:guest@{}/%2f", proxy.addr());
+    let mut cfg = ConsumerConfig::new(&queue);
+    cfg.retry = RetryPolicy {
+        max_attempts: 3,
+        base: Duration::from_millis(20),
+        max: Duration::from_millis(100),
+    };
+    let stats = Arc::new(ConsumerStats::default());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let consumer = {
+        let (cfg, store, stats) = (cfg.clone(), store.clone(), stats.clone());
+        tokio::spawn(async move {
+            run_reconnecting(&uri, &cfg, &store, &Ledger, stats, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        })
+    };
+    let mut resets = 0;
+    while resets < 3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if Ledger::totals(&store).await.1 < n - 1 {
+            proxy.reset_all();
+            resets += 1;
+        } else {
+            break;
+        }
+    }
+    let done = common::wait_for(Duration::from_secs(60), || {
+        let (store, stats) = (store.clone(), stats.clone());
+        async move {
+            Ledger::totals(&store).await.1 == n - 1
+                && stats.dead_lettered.load(Ordering::SeqCst) == 1
+        }
+    })
+    .await;
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(10), consumer)
+        .await
+        .expect("a clean stop returns")
+        .unwrap();
+    let (rows, distinct, sum) = Ledger::totals(&store).await;
+    eprintln!("resets: {resets}, stats {stats:?}");
+    assert!(done, "{distinct} of {} applied; {stats:?}", n - 1);
+    assert!(resets >= 1);
+    assert_eq!(
+        (rows, distinct),
+        (n - 1, n - 1),
+        "nothing lost, nothing applied twice"
+    );
+    assert_eq!(sum, (0..n).sum::<i64>() - poison);
+    assert!(stats.retries.load(Ordering::SeqCst) >= 2, "{stats:?}");
+
+    // The dead-letter queue holds the poison with its error.
+    let ch = {
+        let c = lapin::Connection::connect(RABBIT, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        c.create_channel().await.unwrap()
+    };
+    let got = ch
+        .basic_get(
+            format!("{queue}.dlq").into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("one dead letter");
+    assert_eq!(&got.delivery.data[..], b"-1");
+    let headers = got.delivery.properties.headers().clone().unwrap();
+    let err = match headers.inner().get(ERROR_HEADER) {
+        Some(lapin::types::AMQPValue::LongString(s)) => {
+            String::from_utf8_lossy(s.as_bytes()).into_owned()
+        }
+        other => format!("{other:?}"),
+    };
+    assert!(err.contains("negative amount -1"), "{err}");
+
+    direct.delete(&queue).await.unwrap();
+    db.drop_db().await;
+}
