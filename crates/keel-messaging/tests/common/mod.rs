@@ -21,6 +21,23 @@ impl PgDb {
         let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres")
             .await
             .expect("PostgreSQL on 127.0.0.1:5432 (trust auth)");
+        // Databases left behind by test processes that died (a failed assertion skips
+        // `drop_db`): the name carries the pid, so dead owners are recognisable.
+        let stale: Vec<String> =
+            sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'keel_msg_%'")
+                .fetch_all(&admin)
+                .await
+                .unwrap_or_default();
+        for db in stale {
+            let pid = db.split('_').nth(2).unwrap_or("");
+            if !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+                )))
+                .execute(&admin)
+                .await;
+            }
+        }
         let name = format!(
             "keel_msg_{}_{:x}",
             std::process::id(),
