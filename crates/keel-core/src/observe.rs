@@ -142,6 +142,10 @@ pub struct MessageRecord<'a> {
     /// `Answered`: published (confirmed) or processed and acknowledged; `Failed`: refused,
     /// nacked or dead-lettered; `DeadlineExceeded`, `Cancelled` as for requests.
     pub outcome: Outcome,
+    /// Delivery attempt (1 = first delivery; processing only).
+    pub attempt: u32,
+    /// A redelivery of a message already applied: acknowledged without running the handler.
+    pub duplicate: bool,
     /// Wall-clock start.
     pub start: SystemTime,
     /// Duration of the publish (until confirmed) or of the processing.

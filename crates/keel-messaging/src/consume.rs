@@ -108,7 +108,9 @@ where
     };
     if !claimed {
         tx.rollback().await?;
-        return Ok(Processed::Duplicate);
+        let result = Processed::Duplicate;
+        report(msg, &result, wall, started.elapsed());
+        return Ok(result);
     }
     let result = match handler.handle(msg, &mut tx).await {
         Ok(()) => {
@@ -157,6 +159,8 @@ fn report(msg: &Message, result: &Processed, start: SystemTime, duration: Durati
         destination: &msg.destination,
         message_id: Some(&msg.id),
         outcome,
+        attempt: msg.attempt,
+        duplicate: matches!(result, Processed::Duplicate),
         start,
         duration,
     });

@@ -164,6 +164,8 @@ struct Inner {
     client: RwLock<HashMap<String, Arc<Series>>>,
     /// `system destination side` → series (destinations come from config).
     messages: RwLock<HashMap<String, Arc<Series>>>,
+    /// `system destination` → (redelivered, duplicates skipped).
+    redeliveries: RwLock<HashMap<String, Arc<(AtomicU64, AtomicU64)>>>,
     in_flight: AtomicI64,
     long_polls: RwLock<HashMap<String, Arc<(AtomicU64, AtomicU64)>>>,
     collectors: Mutex<Vec<Collector>>,
@@ -193,6 +195,7 @@ impl Metrics {
                 raw_routes: AtomicU64::new(0),
                 client: RwLock::new(HashMap::new()),
                 messages: RwLock::new(HashMap::new()),
+                redeliveries: RwLock::new(HashMap::new()),
                 in_flight: AtomicI64::new(0),
                 long_polls: RwLock::new(HashMap::new()),
                 collectors: Mutex::new(Vec::new()),
@@ -225,6 +228,22 @@ impl Metrics {
         let key = format!("{} {} {}", r.system, r.destination, r.side.as_str());
         let series = lookup(&self.inner.messages, &key, || key.clone());
         series.record(NONE_CLASS, r.outcome, r.duration);
+        if r.attempt > 1 || r.duplicate {
+            let key = format!("{} {}", r.system, r.destination);
+            let found = read(&self.inner.redeliveries).get(&key).cloned();
+            let entry = found.unwrap_or_else(|| {
+                write(&self.inner.redeliveries)
+                    .entry(key)
+                    .or_default()
+                    .clone()
+            });
+            if r.attempt > 1 {
+                entry.0.fetch_add(1, Ordering::Relaxed);
+            }
+            if r.duplicate {
+                entry.1.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// A long poll (blocking code in async) on `route`.
@@ -473,6 +492,36 @@ impl Metrics {
                     ("side", side),
                 ],
                 &s.duration,
+            );
+        }
+
+        let redeliveries: Vec<(String, Arc<(AtomicU64, AtomicU64)>)> =
+            read(&self.inner.redeliveries)
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+        e.family(
+            "keel_messages_redelivered_total",
+            "Deliveries that were not the first (after a crash, a lost ack, a retry).",
+            "counter",
+        );
+        e.family(
+            "keel_messages_duplicates_skipped_total",
+            "Redeliveries of messages already applied: acknowledged without running the handler.",
+            "counter",
+        );
+        for (key, c) in &redeliveries {
+            let (system, destination) = key.split_once(' ').unwrap_or((key.as_str(), ""));
+            let labels = [("system", system), ("destination", destination)];
+            e.sample(
+                "keel_messages_redelivered_total",
+                &labels,
+                c.0.load(Ordering::Relaxed) as f64,
+            );
+            e.sample(
+                "keel_messages_duplicates_skipped_total",
+                &labels,
+                c.1.load(Ordering::Relaxed) as f64,
             );
         }
 
@@ -766,17 +815,39 @@ mod tests {
                 destination: "orders.created",
                 message_id: None,
                 outcome,
+                attempt: 1,
+                duplicate: false,
                 start: std::time::SystemTime::now(),
                 duration: Duration::from_micros(300),
             });
         }
+        // A redelivery of an applied message, skipped.
+        m.record_message(&MessageRecord {
+            ctx: &ctx,
+            span_id: None,
+            side: MessageSide::Process,
+            system: "nats",
+            destination: "orders.created",
+            message_id: None,
+            outcome: Outcome::Answered,
+            attempt: 2,
+            duplicate: true,
+            start: std::time::SystemTime::now(),
+            duration: Duration::from_micros(100),
+        });
         let text = m.render();
         assert!(text.contains(
-            "keel_messages_total{system=\"nats\",destination=\"orders.created\",side=\"process\",outcome=\"answered\"} 2\n"
+            "keel_messages_total{system=\"nats\",destination=\"orders.created\",side=\"process\",outcome=\"answered\"} 3\n"
+        ), "{text}");
+        assert!(text.contains(
+            "keel_messages_duplicates_skipped_total{system=\"nats\",destination=\"orders.created\"} 1\n"
+        ), "{text}");
+        assert!(text.contains(
+            "keel_messages_redelivered_total{system=\"nats\",destination=\"orders.created\"} 1\n"
         ), "{text}");
         assert!(text.contains("outcome=\"failed\"} 1\n"), "{text}");
         assert!(text.contains(
-            "keel_message_duration_seconds_count{system=\"nats\",destination=\"orders.created\",side=\"process\"} 3\n"
+            "keel_message_duration_seconds_count{system=\"nats\",destination=\"orders.created\",side=\"process\"} 4\n"
         ), "{text}");
     }
 

@@ -474,6 +474,8 @@ fn a_message_trace_crosses_the_broker_from_producer_to_consumer() {
         destination: "orders",
         message_id: Some("m-1"),
         outcome: Outcome::Answered,
+        attempt: 1,
+        duplicate: false,
         start: std::time::SystemTime::now(),
         duration: Duration::from_millis(2),
     })
@@ -511,6 +513,8 @@ fn a_message_trace_crosses_the_broker_from_producer_to_consumer() {
         destination: "orders",
         message_id: Some("m-1"),
         outcome: Outcome::Failed,
+        attempt: 1,
+        duplicate: false,
         start: std::time::SystemTime::now(),
         duration: Duration::from_millis(3),
     })
