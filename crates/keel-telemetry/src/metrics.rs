@@ -34,6 +34,7 @@ const CLASSES: [&str; 23] = [
     "3xx",
     "4xx",
     "5xx",
+    // GRPC_CODE_NAMES, in code order (a test keeps the two in step).
     "OK",
     "CANCELLED",
     "UNKNOWN",
@@ -54,6 +55,27 @@ const CLASSES: [&str; 23] = [
     "none",
 ];
 const NONE_CLASS: usize = CLASSES.len() - 1;
+
+/// gRPC status codes' canonical names, indexed by code (0–16).
+pub(crate) const GRPC_CODE_NAMES: &[&str] = &[
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
 
 const OUTCOMES: [Outcome; 5] = [
     Outcome::Answered,
@@ -787,6 +809,11 @@ mod tests {
             text.contains("route=\"other\",method=\"GET\",class=\"2xx\"} 7\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_grpc_classes_are_the_code_names_in_order() {
+        assert_eq!(&CLASSES[5..5 + GRPC_CODE_NAMES.len()], GRPC_CODE_NAMES);
     }
 
     #[test]
