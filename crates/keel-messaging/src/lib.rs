@@ -14,6 +14,8 @@
 //! JetStream, Kafka, embedded) plug in behind features.
 
 pub mod consume;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub mod embedded;
 pub mod message;
 #[cfg(all(feature = "nats", any(feature = "sqlite", feature = "postgres")))]
 pub mod nats;
