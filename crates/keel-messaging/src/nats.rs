@@ -125,7 +125,8 @@ impl ConsumerConfig {
 }
 
 /// Consume until `stop` resolves, then finish the messages in flight (commit and ack them)
-/// and return: a clean stop leaves nothing to redeliver.
+/// and return: nothing a clean stop applied is delivered again. Messages the client had
+/// fetched but not started are returned by JetStream after `ack_wait`, unapplied.
 pub async fn run<I, H>(
     nats: &Nats,
     cfg: &ConsumerConfig,

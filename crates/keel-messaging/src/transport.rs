@@ -1,6 +1,34 @@
 //! What every broker transport shares: consumer counters and the crash-test failpoint.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
+
+use keel_core::{Phase, Shutdown};
+
+/// The stop signal handed to a consumer run by [`spawn_in_lifecycle`].
+pub type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Run a consumer as part of a service's lifecycle: it stops fetching as soon as the drain
+/// begins (readiness withdrawn), and the drain sequence waits — within its drain delay — for
+/// the messages it already has to be committed and acknowledged, so a clean shutdown leaves
+/// nothing to redeliver. `make` receives the stop signal and returns the consumer's future,
+/// e.g. `|stop| async move { let _ = nats::run(&n, &cfg, &store, &h, stats, stop).await; }`.
+pub fn spawn_in_lifecycle<F, Fut>(shutdown: &Shutdown, name: &str, make: F)
+where
+    F: FnOnce(Stop) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let lifecycle = shutdown.clone();
+    let stop: Stop = Box::pin(async move { lifecycle.reached(Phase::Draining).await });
+    let consumer = tokio::spawn(make(stop));
+    let label = name.to_string();
+    shutdown.on_drain(format!("consumer {name}"), move || async move {
+        if let Err(e) = consumer.await {
+            tracing::error!(consumer = %label, error = %e, "consumer task failed during drain");
+        }
+    });
+}
 
 /// Counters of a running consumer.
 #[derive(Debug, Default)]

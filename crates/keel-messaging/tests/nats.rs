@@ -238,3 +238,100 @@ async fn connection_resets_during_consumption_lose_nothing_and_double_nothing() 
     direct.delete_stream(&stream).await.unwrap();
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_in_the_lifecycle_stops_at_the_drain_and_nothing_it_applied_comes_back() {
+    use keel_core::{Phase, Shutdown};
+    use keel_messaging::transport::spawn_in_lifecycle;
+
+    let db = PgDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    store.migrate().await.unwrap();
+    Ledger::create(&store).await;
+    let nats = Nats::connect(NATS).await.unwrap();
+    let stream = stream_name();
+    let subject = format!("{}.orders", stream.to_lowercase());
+    nats.ensure_stream(&stream, vec![format!("{}.>", stream.to_lowercase())])
+        .await
+        .unwrap();
+    let n = 3000i64;
+    let mut tx = keel_messaging::consume::Inbox::begin(&store).await.unwrap();
+    for i in 0..n {
+        tx.publish(&subject, None, i.to_string().as_bytes(), BTreeMap::new())
+            .await
+            .unwrap();
+    }
+    keel_messaging::consume::Tx::commit(tx).await.unwrap();
+    let mut relayed = 0;
+    while relayed < n as usize {
+        relayed += store.relay_once(&nats, 1000).await.unwrap();
+    }
+
+    let mut cfg = ConsumerConfig::new(&stream, "drained");
+    cfg.filter_subject = subject.clone();
+    // Messages the stopped consumer had fetched but not started come back after ack_wait.
+    cfg.ack_wait = Duration::from_secs(1);
+    let shutdown = Shutdown::new();
+    let stats = Arc::new(ConsumerStats::default());
+    {
+        let (nats, cfg, store, stats) = (nats.clone(), cfg.clone(), store.clone(), stats.clone());
+        spawn_in_lifecycle(&shutdown, "ledger", move |stop| async move {
+            run(&nats, &cfg, &store, &Ledger, stats, stop)
+                .await
+                .unwrap();
+        });
+    }
+    // Drain mid-stream, as the server's drain sequence does: advance, then await the hooks.
+    assert!(
+        common::wait_for(Duration::from_secs(20), || {
+            let stats = stats.clone();
+            async move { stats.applied.load(Ordering::SeqCst) > 200 }
+        })
+        .await
+    );
+    shutdown.advance(Phase::Draining);
+    for hook in shutdown.take_hooks() {
+        tokio::time::timeout(Duration::from_secs(10), hook.into_future())
+            .await
+            .expect("the consumer finished its in-flight messages within the drain");
+    }
+    let applied = stats.applied.load(Ordering::SeqCst);
+    assert!(applied < n as u64, "stopped mid-stream: {applied}");
+    assert_eq!(
+        Ledger::totals(&store).await.1,
+        applied as i64,
+        "every processed message committed"
+    );
+
+    // A new instance picks up where the drained one stopped: nothing it applied comes back
+    // (messages it had fetched without starting them are delivered again, unapplied).
+    let again = Arc::new(ConsumerStats::default());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let next = {
+        let (nats, cfg, store, again) = (nats.clone(), cfg.clone(), store.clone(), again.clone());
+        tokio::spawn(async move {
+            run(&nats, &cfg, &store, &Ledger, again, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    };
+    assert!(
+        common::wait_for(Duration::from_secs(30), || {
+            let store = store.clone();
+            async move { Ledger::totals(&store).await.1 == n }
+        })
+        .await
+    );
+    let _ = stop_tx.send(());
+    next.await.unwrap().unwrap();
+    assert_eq!(again.duplicates.load(Ordering::SeqCst), 0, "{again:?}");
+    assert_eq!(
+        again.applied.load(Ordering::SeqCst),
+        n as u64 - applied,
+        "{again:?}"
+    );
+    assert_eq!(Ledger::totals(&store).await.0, n, "each applied once");
+    nats.delete_stream(&stream).await.unwrap();
+    db.drop_db().await;
+}
