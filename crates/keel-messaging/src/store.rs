@@ -79,6 +79,7 @@ macro_rules! sql_store {
         mark_sent: $mark:expr,
         prune_inbox: $prune_in:expr,
         prune_outbox: $prune_out:expr,
+        backlog: $backlog:expr,
     ) => {
         $(#[$doc])*
         #[derive(Debug, Clone)]
@@ -167,6 +168,51 @@ macro_rules! sql_store {
                     sent += 1;
                 }
                 Ok(sent)
+            }
+
+            /// Unsent outbox rows (the relay's backlog: a growing number means the broker is
+            /// down or slower than the producers).
+            pub async fn backlog(&self) -> Result<i64, StoreError> {
+                sqlx::query_scalar($backlog)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(store_err)
+            }
+
+            /// Relay until `stop` resolves: a pass after every `interval` while the outbox is
+            /// empty, back-to-back while rows keep coming, and a backoff (up to 5 s) while the
+            /// store or broker fails. Rows left at the stop are sent by the next relay.
+            pub async fn run_relay<P: Publisher>(
+                &self,
+                publisher: &P,
+                interval: Duration,
+                stop: impl std::future::Future<Output = ()>,
+            ) {
+                tokio::pin!(stop);
+                let mut failing = Duration::ZERO;
+                loop {
+                    let pause = match self.relay_once(publisher, 500).await {
+                        Ok(n) if n > 0 && self.backlog().await.unwrap_or(0) > 0 => {
+                            failing = Duration::ZERO;
+                            // More is waiting (a full batch, or a broker failure mid-batch
+                            // that relay_once already logged): go again soon.
+                            Duration::from_millis(1)
+                        }
+                        Ok(_) => {
+                            failing = Duration::ZERO;
+                            interval
+                        }
+                        Err(e) => {
+                            failing = (failing * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+                            tracing::warn!(error = %e, backoff = ?failing, "outbox relay failed");
+                            failing
+                        }
+                    };
+                    tokio::select! {
+                        () = &mut stop => return,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                }
             }
 
             /// Delete inbox claims and sent outbox rows older than `age`. Returns the rows
@@ -278,6 +324,7 @@ sql_store! {
     mark_sent: "UPDATE keel_outbox SET sent_at = $1 WHERE id = $2",
     prune_inbox: "DELETE FROM keel_inbox WHERE received_at < $1",
     prune_outbox: "DELETE FROM keel_outbox WHERE sent_at IS NOT NULL AND sent_at < $1",
+    backlog: "SELECT COUNT(*) FROM keel_outbox WHERE sent_at IS NULL",
 }
 
 #[cfg(feature = "sqlite")]
@@ -300,4 +347,5 @@ sql_store! {
     mark_sent: "UPDATE keel_outbox SET sent_at = ?1 WHERE id = ?2",
     prune_inbox: "DELETE FROM keel_inbox WHERE received_at < ?1",
     prune_outbox: "DELETE FROM keel_outbox WHERE sent_at IS NOT NULL AND sent_at < ?1",
+    backlog: "SELECT COUNT(*) FROM keel_outbox WHERE sent_at IS NULL",
 }

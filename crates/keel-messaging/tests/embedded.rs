@@ -122,3 +122,64 @@ async fn the_outbox_is_the_queue_poison_is_dead_lettered_and_crashes_cost_only_d
     assert_eq!((rows, distinct), (n, n), "applied once");
     assert_eq!(stats.duplicates.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn the_relay_loop_delivers_new_rows_and_stops_when_told() {
+    let (store, _dir) = store().await;
+    let broker = Embedded::new();
+    let stats = Arc::new(ConsumerStats::default());
+    broker.subscribe(
+        "orders",
+        "ledger",
+        store.clone(),
+        Ledger,
+        RetryPolicy::default(),
+        stats.clone(),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let relay = {
+        let (store, broker) = (store.clone(), broker.clone());
+        tokio::spawn(async move {
+            store
+                .run_relay(&broker, Duration::from_millis(20), async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+        })
+    };
+    // Rows committed while the relay runs are delivered without anyone calling it.
+    for round in 0..3i64 {
+        let mut tx = store.begin().await.unwrap();
+        for i in 0..400 {
+            tx.publish(
+                "orders",
+                None,
+                (round * 1000 + i).to_string().as_bytes(),
+                BTreeMap::new(),
+            )
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    let mut done = false;
+    for _ in 0..200 {
+        if totals(&store).await.1 == 1200 && store.backlog().await.unwrap() == 0 {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        done,
+        "{:?}, backlog {}",
+        totals(&store).await,
+        store.backlog().await.unwrap()
+    );
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), relay)
+        .await
+        .expect("the relay stops when told")
+        .unwrap();
+    assert_eq!(stats.applied.load(Ordering::SeqCst), 1200);
+}
