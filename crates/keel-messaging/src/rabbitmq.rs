@@ -115,22 +115,7 @@ impl Rabbit {
         headers: &BTreeMap<String, String>,
         expiration: Option<Duration>,
     ) -> Result<(), BoxError> {
-        let mut table = FieldTable::default();
-        for (k, v) in headers {
-            table.insert(
-                k.as_str().into(),
-                AMQPValue::LongString(LongString::from(v.as_str())),
-            );
-        }
-        let mut props = BasicProperties::default()
-            .with_headers(table)
-            .with_delivery_mode(2);
-        if let Some(id) = message_id {
-            props = props.with_message_id(id.into());
-        }
-        if let Some(ttl) = expiration {
-            props = props.with_expiration(ttl.as_millis().max(1).to_string().into());
-        }
+        let props = properties(message_id, headers, expiration);
         let publish = async {
             self.publish
                 .basic_publish(
@@ -174,6 +159,76 @@ impl Publisher for Rabbit {
         )
         .await
     }
+
+    /// Pipelined: publish the whole batch, then collect the confirms in order. One round trip
+    /// per batch instead of per message.
+    async fn publish_batch(&self, msgs: &[Outgoing]) -> (usize, Option<BoxError>) {
+        let mut pending = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let props = properties(Some(&m.message_id), &m.headers, None);
+            match self
+                .publish
+                .basic_publish(
+                    ShortString::from(""),
+                    m.destination.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &m.payload,
+                    props,
+                )
+                .await
+            {
+                Ok(confirm) => pending.push(confirm),
+                Err(e) => {
+                    return (
+                        confirmed_prefix(pending).await.0,
+                        Some(Box::new(e) as BoxError),
+                    );
+                }
+            }
+        }
+        confirmed_prefix(pending).await
+    }
+}
+
+/// Await confirms in order: how many leading ones were positive, and the first failure.
+async fn confirmed_prefix(pending: Vec<lapin::PublisherConfirm>) -> (usize, Option<BoxError>) {
+    let n = pending.len();
+    for (i, confirm) in pending.into_iter().enumerate() {
+        match tokio::time::timeout(BROKER_CALL_TIMEOUT, confirm).await {
+            Ok(Ok(lapin::Confirmation::Ack(None))) => {}
+            Ok(Ok(other)) => return (i, Some(format!("broker did not accept: {other:?}").into())),
+            Ok(Err(e)) => return (i, Some(Box::new(e))),
+            Err(_) => return (i, Some("no confirm within the timeout".into())),
+        }
+    }
+    (n, None)
+}
+
+fn properties(
+    message_id: Option<&str>,
+    headers: &BTreeMap<String, String>,
+    expiration: Option<Duration>,
+) -> BasicProperties {
+    let mut table = FieldTable::default();
+    for (k, v) in headers {
+        table.insert(
+            k.as_str().into(),
+            AMQPValue::LongString(LongString::from(v.as_str())),
+        );
+    }
+    let mut props = BasicProperties::default()
+        .with_headers(table)
+        .with_delivery_mode(2);
+    if let Some(id) = message_id {
+        props = props.with_message_id(id.into());
+    }
+    if let Some(ttl) = expiration {
+        props = props.with_expiration(ttl.as_millis().max(1).to_string().into());
+    }
+    props
 }
 
 /// A consumer's settings.

@@ -46,6 +46,23 @@ pub trait Publisher: Send + Sync {
         &self,
         msg: &Outgoing,
     ) -> impl std::future::Future<Output = Result<(), keel_core::BoxError>> + Send;
+
+    /// Publish `msgs` in order; return how many *leading* messages the broker confirmed, and
+    /// the error that stopped the rest. The default sends one at a time; a broker with
+    /// pipelined confirms overrides it to send the batch and then collect the confirms.
+    fn publish_batch(
+        &self,
+        msgs: &[Outgoing],
+    ) -> impl std::future::Future<Output = (usize, Option<keel_core::BoxError>)> + Send {
+        async move {
+            for (i, m) in msgs.iter().enumerate() {
+                if let Err(e) = self.publish(m).await {
+                    return (i, Some(e));
+                }
+            }
+            (msgs.len(), None)
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -151,23 +168,26 @@ macro_rules! sql_store {
                 batch: i64,
             ) -> Result<usize, StoreError> {
                 let rows = self.unsent(batch).await?;
-                let mut sent = 0;
-                for row in &rows {
-                    if let Err(e) = publisher.publish(row).await {
-                        tracing::warn!(destination = %row.destination, error = %e, "outbox relay: publish failed; will retry");
-                        break;
-                    }
-                    // A crash right here re-publishes the row later: consumers deduplicate on
-                    // its message id.
+                let (confirmed, error) = publisher.publish_batch(&rows).await;
+                if let Some(e) = error {
+                    tracing::warn!(error = %e, confirmed, "outbox relay: publish failed; will retry");
+                }
+                // Mark exactly the confirmed rows (by id: a row with a smaller id committed
+                // after this read must not be swept along). A crash before this commit
+                // re-publishes them later; consumers deduplicate on their message ids.
+                let confirmed = confirmed.min(rows.len());
+                let mut tx = self.pool.begin().await.map_err(store_err)?;
+                let now = now_ms();
+                for row in &rows[..confirmed] {
                     sqlx::query($mark)
-                        .bind(now_ms())
+                        .bind(now)
                         .bind(row.seq)
-                        .execute(&self.pool)
+                        .execute(&mut *tx)
                         .await
                         .map_err(store_err)?;
-                    sent += 1;
                 }
-                Ok(sent)
+                tx.commit().await.map_err(store_err)?;
+                Ok(confirmed)
             }
 
             /// Unsent outbox rows (the relay's backlog: a growing number means the broker is

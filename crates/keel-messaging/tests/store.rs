@@ -244,3 +244,52 @@ async fn concurrent_deliveries_of_one_message_apply_it_once_in_postgres() {
     assert_eq!(rows, 1, "one effect, however many raced");
     db.drop_db().await;
 }
+
+/// Confirms the first `n` messages it is ever given, then fails.
+struct FailAfter {
+    left: Mutex<usize>,
+    got: Mutex<Vec<Outgoing>>,
+}
+
+impl Publisher for FailAfter {
+    async fn publish(&self, msg: &Outgoing) -> Result<(), BoxError> {
+        let mut left = self.left.lock().unwrap();
+        if *left == 0 {
+            return Err("connection reset".into());
+        }
+        *left -= 1;
+        self.got.lock().unwrap().push(msg.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_failure_mid_batch_marks_exactly_the_confirmed_rows_and_the_next_pass_resumes() {
+    use keel_messaging::consume::{Inbox, Tx};
+    let (store, _dir) = sqlite().await;
+    store.migrate().await.unwrap();
+    let mut tx = store.begin().await.unwrap();
+    for i in 0..5 {
+        tx.publish("orders", None, format!("m{i}").as_bytes(), BTreeMap::new())
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let broker = FailAfter {
+        left: Mutex::new(2),
+        got: Mutex::new(Vec::new()),
+    };
+    assert_eq!(store.relay_once(&broker, 100).await.unwrap(), 2);
+    assert_eq!(store.backlog().await.unwrap(), 3);
+    *broker.left.lock().unwrap() = 10;
+    assert_eq!(store.relay_once(&broker, 100).await.unwrap(), 3);
+    let got: Vec<Vec<u8>> = broker
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| m.payload.to_vec())
+        .collect();
+    let want: Vec<Vec<u8>> = (0..5).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(got, want, "in order, each once");
+}
