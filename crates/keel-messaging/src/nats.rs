@@ -70,8 +70,9 @@ impl Nats {
     }
 }
 
-impl Publisher for Nats {
-    async fn publish(&self, msg: &Outgoing) -> Result<(), BoxError> {
+impl Nats {
+    /// Send one outbox row; the returned future resolves with JetStream's ack.
+    async fn send(&self, msg: &Outgoing) -> Result<jetstream::context::PublishAckFuture, BoxError> {
         let mut headers = async_nats::HeaderMap::new();
         for (k, v) in &msg.headers {
             headers.insert(k.as_str(), v.as_str());
@@ -80,12 +81,40 @@ impl Publisher for Nats {
         // window: a relay that crashed between publish and marking the row sent does not
         // even reach consumers twice (and if it does, the inbox catches it).
         headers.insert("Nats-Msg-Id", msg.message_id.as_str());
-        let ack = self
+        Ok(self
             .js
             .publish_with_headers(msg.destination.clone(), headers, msg.payload.clone())
-            .await?;
-        ack.await?;
+            .await?)
+    }
+}
+
+impl Publisher for Nats {
+    async fn publish(&self, msg: &Outgoing) -> Result<(), BoxError> {
+        self.send(msg).await?.await?;
         Ok(())
+    }
+
+    /// Pipelined: send the batch, then collect the acks in order.
+    async fn publish_batch(&self, msgs: &[Outgoing]) -> (usize, Option<BoxError>) {
+        let mut pending = Vec::with_capacity(msgs.len());
+        let mut send_error = None;
+        for m in msgs {
+            match self.send(m).await {
+                Ok(ack) => pending.push(ack),
+                Err(e) => {
+                    send_error = Some(e);
+                    break;
+                }
+            }
+        }
+        let sent = pending.len();
+        for (i, ack) in pending.into_iter().enumerate() {
+            if let Err(e) = ack.await {
+                return (i, Some(Box::new(e)));
+            }
+        }
+        // Every message sent was acked; a send error (if any) stopped the rest.
+        (sent, send_error)
     }
 }
 
