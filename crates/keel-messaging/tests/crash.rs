@@ -8,12 +8,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{Ledger, PgDb, stream_name};
-use keel_messaging::consume::{Inbox, Tx};
 use keel_messaging::nats::Nats;
 use keel_messaging::rabbitmq::Rabbit;
 use keel_messaging::store::PgStore;
@@ -147,13 +145,6 @@ impl Broker {
         }
     }
 
-    async fn relay(&self, store: &PgStore) -> usize {
-        match self {
-            Broker::Nats { nats, .. } => store.relay_once(nats, 2000).await.unwrap(),
-            Broker::Rabbit { rabbit, .. } => store.relay_once(rabbit, 2000).await.unwrap(),
-        }
-    }
-
     async fn teardown(self) {
         match self {
             Broker::Nats { nats, stream, .. } => nats.delete_stream(&stream).await.unwrap(),
@@ -195,19 +186,12 @@ async fn crash_scenario(broker: Broker) {
     Ledger::create(&store).await;
     let subject = broker.destination();
 
-    // Produce through the outbox, in transactions of 500, and relay it all.
-    for start in (0..MESSAGES).step_by(500) {
-        let mut tx = store.begin().await.unwrap();
-        for i in start..(start + 500).min(MESSAGES) {
-            tx.publish(&subject, None, i.to_string().as_bytes(), BTreeMap::new())
-                .await
-                .unwrap();
+    // Produce through the outbox and relay it all.
+    match &broker {
+        Broker::Nats { nats, .. } => common::produce(&store, nats, &subject, 0..MESSAGES).await,
+        Broker::Rabbit { rabbit, .. } => {
+            common::produce(&store, rabbit, &subject, 0..MESSAGES).await
         }
-        tx.commit().await.unwrap();
-    }
-    let mut relayed = 0;
-    while relayed < MESSAGES as usize {
-        relayed += broker.relay(&store).await;
     }
 
     let dir = tempfile::tempdir().unwrap();

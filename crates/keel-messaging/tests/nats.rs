@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -35,25 +34,8 @@ async fn outbox_to_consumer_applies_each_once_dead_letters_the_poison_and_stops_
 
     // 300 orders through the outbox, one of them poison (a negative amount).
     let n = 300i64;
-    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
-        let mut tx = keel_messaging::consume::Inbox::begin(&store).await.unwrap();
-        for i in chunk {
-            let amount = if *i == 137 { -1 } else { *i };
-            tx.publish(
-                &subject,
-                None,
-                amount.to_string().as_bytes(),
-                BTreeMap::new(),
-            )
-            .await
-            .unwrap();
-        }
-        keel_messaging::consume::Tx::commit(tx).await.unwrap();
-    }
-    let mut relayed = 0;
-    while relayed < n as usize {
-        relayed += store.relay_once(&nats, 100).await.unwrap();
-    }
+    let amounts = (0..n).map(|i| if i == 137 { -1 } else { i });
+    common::produce(&store, &nats, &subject, amounts).await;
 
     let mut cfg = ConsumerConfig::new(&stream, "billing");
     cfg.filter_subject = subject.clone();
@@ -171,17 +153,7 @@ async fn connection_resets_during_consumption_lose_nothing_and_double_nothing() 
         .await
         .unwrap();
     let n = 2000i64;
-    let mut tx = keel_messaging::consume::Inbox::begin(&store).await.unwrap();
-    for i in 0..n {
-        tx.publish(&subject, None, i.to_string().as_bytes(), BTreeMap::new())
-            .await
-            .unwrap();
-    }
-    keel_messaging::consume::Tx::commit(tx).await.unwrap();
-    let mut relayed = 0;
-    while relayed < n as usize {
-        relayed += store.relay_once(&direct, 1000).await.unwrap();
-    }
+    common::produce(&store, &direct, &subject, 0..n).await;
 
     // The consumer talks to NATS through the fault proxy, whose connections are reset while
     // it works.
@@ -255,17 +227,7 @@ async fn a_consumer_in_the_lifecycle_stops_at_the_drain_and_nothing_it_applied_c
         .await
         .unwrap();
     let n = 3000i64;
-    let mut tx = keel_messaging::consume::Inbox::begin(&store).await.unwrap();
-    for i in 0..n {
-        tx.publish(&subject, None, i.to_string().as_bytes(), BTreeMap::new())
-            .await
-            .unwrap();
-    }
-    keel_messaging::consume::Tx::commit(tx).await.unwrap();
-    let mut relayed = 0;
-    while relayed < n as usize {
-        relayed += store.relay_once(&nats, 1000).await.unwrap();
-    }
+    common::produce(&store, &nats, &subject, 0..n).await;
 
     let mut cfg = ConsumerConfig::new(&stream, "drained");
     cfg.filter_subject = subject.clone();

@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{Ledger, PgDb, stream_name};
-use keel_messaging::consume::{Inbox, Tx};
 use keel_messaging::rabbitmq::{
     ConsumerConfig, ConsumerStats, ERROR_HEADER, Rabbit, run_reconnecting,
 };
@@ -34,18 +32,8 @@ async fn resets_poison_and_retries_end_with_every_good_message_applied_once() {
 
     let n = 1500i64;
     let poison = 700;
-    let mut tx = store.begin().await.unwrap();
-    for i in 0..n {
-        let amount = if i == poison { -1 } else { i };
-        tx.publish(&queue, None, amount.to_string().as_bytes(), BTreeMap::new())
-            .await
-            .unwrap();
-    }
-    tx.commit().await.unwrap();
-    let mut relayed = 0;
-    while relayed < n as usize {
-        relayed += store.relay_once(&direct, 1000).await.unwrap();
-    }
+    let amounts = (0..n).map(|i| if i == poison { -1 } else { i });
+    common::produce(&store, &direct, &queue, amounts).await;
 
     let proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap())
         .await

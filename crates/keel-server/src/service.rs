@@ -82,13 +82,13 @@ impl RequestGuard {
         }
     }
 
-    fn observe<B>(&mut self, req: &Request<B>, grpc: bool) -> Option<RouteCell> {
+    fn observe<B>(&mut self, req: &Request<B>, path: &Arc<str>, grpc: bool) -> Option<RouteCell> {
         let observer = observe::observer()?;
         observer.server_started();
         let route = RouteCell::default();
         self.obs = Some(Box::new(Observation {
             method: req.method().clone(),
-            path: Arc::from(req.uri().path()),
+            path: path.clone(),
             route: route.clone(),
             grpc,
             start: std::time::Instant::now(),
@@ -285,7 +285,9 @@ where
 
         let grpc = ctxmod::is_grpc(req.headers());
         let mut guard = guard;
-        let route_cell = guard.observe(&req, grpc);
+        // One copy of the path serves the observation, the context and the task registry.
+        let route: Arc<str> = Arc::from(req.uri().path());
+        let route_cell = guard.observe(&req, &route, grpc);
         let limit = shared.limits.max_body_bytes;
         if declared_length(req.headers()).is_some_and(|n| n > limit) {
             shared.stats.body_too_large.fetch_add(1, Ordering::Relaxed);
@@ -296,7 +298,6 @@ where
             return KeelFuture::fixed(resp, guard, false);
         }
         let policy = shared.deadlines.for_path(req.uri().path());
-        let route: Arc<str> = Arc::from(req.uri().path());
         let ctx = match RequestContext::from_headers(
             req.headers(),
             &policy,

@@ -108,6 +108,36 @@ impl Handler<PgTx> for Ledger {
     }
 }
 
+/// Write `amounts` (one message each, the amount as the payload) to `destination` through the
+/// outbox, in transactions of 500, then relay them all through `publisher`.
+pub async fn produce<P: keel_messaging::store::Publisher>(
+    store: &PgStore,
+    publisher: &P,
+    destination: &str,
+    amounts: impl IntoIterator<Item = i64>,
+) {
+    use keel_messaging::consume::{Inbox, Tx};
+    let amounts: Vec<i64> = amounts.into_iter().collect();
+    for chunk in amounts.chunks(500) {
+        let mut tx = store.begin().await.unwrap();
+        for amount in chunk {
+            tx.publish(
+                destination,
+                None,
+                amount.to_string().as_bytes(),
+                std::collections::BTreeMap::new(),
+            )
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    let mut relayed = 0;
+    while relayed < amounts.len() {
+        relayed += store.relay_once(publisher, 1000).await.unwrap();
+    }
+}
+
 /// A stream name no other test (or program) on this machine uses.
 pub fn stream_name() -> String {
     format!(

@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_core::observe::{ClientRecord, MessageRecord, Observer, ServerRecord};
+use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio::task::JoinHandle;
 
 pub use config::{OtlpProtocol, TraceConfig};
@@ -151,17 +152,22 @@ impl Tracer {
     /// (refusals, probes) or its trace is not sampled. Never blocks: a full queue drops the
     /// span and counts it.
     pub fn record_server(&self, record: &ServerRecord<'_>) {
+        let sampled = record.ctx.is_some_and(|c| c.trace().sampled);
+        self.enqueue(sampled, || span::server_span(record));
+    }
+
+    /// The one path into the queue: nothing for a disabled tracer or an unsampled trace, and
+    /// no span built only to be dropped — under a collector outage that is most calls.
+    fn enqueue(&self, sampled: bool, build: impl FnOnce() -> Option<Span>) {
         let Some(h) = &self.inner else { return };
-        let Some(ctx) = record.ctx else { return };
-        if !ctx.trace().sampled {
+        if !sampled {
             return;
         }
-        // Do not build a span only to drop it: under a collector outage that is most calls.
         if h.shared.looks_full() {
             h.shared.count_dropped();
             return;
         }
-        if let Some(span) = span::server_span(record) {
+        if let Some(span) = build() {
             h.shared.push(span);
         }
     }
@@ -169,48 +175,24 @@ impl Tracer {
     /// Record the PRODUCER or CONSUMER span of a published or processed message. Same rules
     /// as [`Tracer::record_server`].
     pub fn record_message(&self, record: &MessageRecord<'_>) {
-        let Some(h) = &self.inner else { return };
-        if !record.ctx.trace().sampled {
-            return;
-        }
-        if h.shared.looks_full() {
-            h.shared.count_dropped();
-            return;
-        }
-        if let Some(span) = span::message_span(record) {
-            h.shared.push(span);
-        }
+        self.enqueue(record.ctx.trace().sampled, || span::message_span(record));
     }
 
     /// The OTLP span [`Tracer::record_message`] would queue (benchmarks and tests).
-    pub fn message_span(
-        record: &MessageRecord<'_>,
-    ) -> Option<opentelemetry_proto::tonic::trace::v1::Span> {
+    pub fn message_span(record: &MessageRecord<'_>) -> Option<Span> {
         span::message_span(record)
     }
 
     /// The OTLP span [`Tracer::record_server`] would queue for `record` (`None` when it would
     /// queue nothing). For benchmarks and tests of span content; costs what recording does.
-    pub fn server_span(
-        record: &ServerRecord<'_>,
-    ) -> Option<opentelemetry_proto::tonic::trace::v1::Span> {
+    pub fn server_span(record: &ServerRecord<'_>) -> Option<Span> {
         span::server_span(record)
     }
 
     /// Record the client span of a finished outbound attempt (child of the calling request's
     /// server span). Same rules as [`Tracer::record_server`].
     pub fn record_client(&self, record: &ClientRecord<'_>) {
-        let Some(h) = &self.inner else { return };
-        if !record.ctx.trace().sampled {
-            return;
-        }
-        if h.shared.looks_full() {
-            h.shared.count_dropped();
-            return;
-        }
-        if let Some(span) = span::client_span(record) {
-            h.shared.push(span);
-        }
+        self.enqueue(record.ctx.trace().sampled, || span::client_span(record));
     }
 
     /// Current counters (all zero for a disabled tracer).

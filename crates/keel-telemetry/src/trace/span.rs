@@ -339,8 +339,7 @@ fn int(key: &str, value: i64) -> KeyValue {
 
 /// The canonical upper-case name of a gRPC status code.
 fn grpc_code_name(code: i32) -> std::borrow::Cow<'static, str> {
-    // The status names, in code order, are the metrics' class labels after the HTTP classes.
-    const NAMES: &[&str] = crate::metrics::GRPC_CODE_NAMES;
+    const NAMES: [&str; 17] = crate::metrics::GRPC_CODE_NAMES;
     usize::try_from(code)
         .ok()
         .and_then(|i| NAMES.get(i))
