@@ -13,9 +13,12 @@
 //! offset-based brokers ([`tracker`]). Stores (PostgreSQL, SQLite) and brokers (RabbitMQ, NATS
 //! JetStream, Kafka, embedded) plug in behind features.
 
+pub mod config;
 pub mod consume;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod embedded;
+#[cfg(all(feature = "kafka", any(feature = "sqlite", feature = "postgres")))]
+pub mod kafka;
 pub mod message;
 #[cfg(all(feature = "nats", any(feature = "sqlite", feature = "postgres")))]
 pub mod nats;

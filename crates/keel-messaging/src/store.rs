@@ -18,8 +18,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+use std::sync::atomic::Ordering;
+
 use crate::consume::{Inbox, StoreError, Tx};
 use crate::message::MESSAGE_ID_HEADER;
+use crate::transport::StoreStats;
 
 /// An outbox row on its way to the broker.
 #[derive(Debug, Clone, PartialEq)]
@@ -167,8 +170,18 @@ macro_rules! sql_store {
                 publisher: &P,
                 batch: i64,
             ) -> Result<usize, StoreError> {
+                Ok(self.relay_pass(publisher, batch).await?.0)
+            }
+
+            /// One relay pass: (rows confirmed, whether a broker error stopped it short).
+            async fn relay_pass<P: Publisher>(
+                &self,
+                publisher: &P,
+                batch: i64,
+            ) -> Result<(usize, bool), StoreError> {
                 let rows = self.unsent(batch).await?;
                 let (confirmed, error) = publisher.publish_batch(&rows).await;
+                let refused = error.is_some();
                 if let Some(e) = error {
                     tracing::warn!(error = %e, confirmed, "outbox relay: publish failed; will retry");
                 }
@@ -187,7 +200,7 @@ macro_rules! sql_store {
                         .map_err(store_err)?;
                 }
                 tx.commit().await.map_err(store_err)?;
-                Ok(confirmed)
+                Ok((confirmed, refused))
             }
 
             /// Unsent outbox rows (the relay's backlog: a growing number means the broker is
@@ -208,21 +221,48 @@ macro_rules! sql_store {
                 interval: Duration,
                 stop: impl std::future::Future<Output = ()>,
             ) {
+                self.run_relay_observed(publisher, 500, interval, &StoreStats::default(), stop)
+                    .await;
+            }
+
+            /// [`Self::run_relay`] with `batch` rows per pass, counting into `stats`
+            /// (backlog, published, failures) for the metrics.
+            pub async fn run_relay_observed<P: Publisher>(
+                &self,
+                publisher: &P,
+                batch: i64,
+                interval: Duration,
+                stats: &StoreStats,
+                stop: impl std::future::Future<Output = ()>,
+            ) {
                 tokio::pin!(stop);
                 let mut failing = Duration::ZERO;
                 loop {
-                    let pause = match self.relay_once(publisher, 500).await {
-                        Ok(n) if n > 0 && self.backlog().await.unwrap_or(0) > 0 => {
-                            failing = Duration::ZERO;
-                            // More is waiting (a full batch, or a broker failure mid-batch
-                            // that relay_once already logged): go again soon.
-                            Duration::from_millis(1)
-                        }
-                        Ok(_) => {
-                            failing = Duration::ZERO;
-                            interval
+                    let relayed = self.relay_pass(publisher, batch).await;
+                    let backlog = self.backlog().await;
+                    if let Ok(b) = &backlog {
+                        stats.backlog.store(*b, Ordering::Relaxed);
+                    }
+                    let pause = match relayed {
+                        Ok((n, refused)) => {
+                            stats.published.fetch_add(n as u64, Ordering::Relaxed);
+                            let more = backlog.as_ref().is_ok_and(|b| *b > 0);
+                            if refused {
+                                // The broker refused mid-batch (logged above). Back off.
+                                stats.relay_failures.fetch_add(1, Ordering::Relaxed);
+                                failing = (failing * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+                                failing
+                            } else if more {
+                                failing = Duration::ZERO;
+                                // A full batch and more waiting: go again at once.
+                                Duration::from_millis(1)
+                            } else {
+                                failing = Duration::ZERO;
+                                interval
+                            }
                         }
                         Err(e) => {
+                            stats.relay_failures.fetch_add(1, Ordering::Relaxed);
                             failing = (failing * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
                             tracing::warn!(error = %e, backoff = ?failing, "outbox relay failed");
                             failing
@@ -231,6 +271,33 @@ macro_rules! sql_store {
                     tokio::select! {
                         () = &mut stop => return,
                         () = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+
+            /// The retention job: [`Self::prune`] with `age` every `interval` until `stop`
+            /// resolves, counting the rows removed into `stats`.
+            pub async fn run_retention(
+                &self,
+                age: Duration,
+                interval: Duration,
+                stats: &StoreStats,
+                stop: impl std::future::Future<Output = ()>,
+            ) {
+                tokio::pin!(stop);
+                loop {
+                    match self.prune(age).await {
+                        Ok(n) => {
+                            stats.pruned.fetch_add(n, Ordering::Relaxed);
+                            if n > 0 {
+                                tracing::info!(rows = n, ?age, "messaging retention: pruned old inbox and outbox rows");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "messaging retention failed; retried next interval"),
+                    }
+                    tokio::select! {
+                        () = &mut stop => return,
+                        () = tokio::time::sleep(interval) => {}
                     }
                 }
             }

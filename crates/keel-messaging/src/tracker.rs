@@ -67,6 +67,15 @@ impl CommitTracker {
         Some(position)
     }
 
+    /// The current position (next offset to read) if any progress was made, whether or not
+    /// it was returned by [`CommitTracker::committable`] before: what a synchronous commit on
+    /// partition revoke writes.
+    pub fn position(&self) -> Option<i64> {
+        let high = self.highest_started?;
+        let position = self.in_flight.first().copied().unwrap_or(high + 1);
+        (position > self.first_started?).then_some(position)
+    }
+
     /// Offsets started and not done.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
@@ -92,11 +101,13 @@ mod tests {
             None,
             "10 is still in flight: no progress to commit"
         );
+        assert_eq!(t.position(), None);
         t.done(10);
         assert_eq!(t.committable(), Some(11));
         t.done(11);
         assert_eq!(t.committable(), Some(14), "11–13 done, 14 in flight");
         t.done(14);
+        assert_eq!(t.position(), Some(15));
         assert_eq!(
             t.committable(),
             Some(15),

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 
 use keel_core::{Phase, Shutdown};
 
@@ -31,7 +31,7 @@ where
 }
 
 /// Counters of a running consumer.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConsumerStats {
     /// Deliveries applied (handler ran, committed, acked).
     pub applied: AtomicU64,
@@ -45,6 +45,38 @@ pub struct ConsumerStats {
     pub dead_lettered: AtomicU64,
     /// Store failures (delivery returned to the broker).
     pub store_errors: AtomicU64,
+    /// Messages behind the end of the consumed partitions or queue, where the broker tells
+    /// (Kafka: the client's statistics; -1 until known).
+    pub lag: AtomicI64,
+}
+
+impl Default for ConsumerStats {
+    /// Zero counters, lag unknown.
+    fn default() -> ConsumerStats {
+        ConsumerStats {
+            applied: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            redelivered: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            store_errors: AtomicU64::new(0),
+            lag: AtomicI64::new(-1),
+        }
+    }
+}
+
+/// Counters of an outbox relay and retention job (the `*_observed` loops of the stores).
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Unsent outbox rows at the relay's last look (a growing number: the broker is down or
+    /// slower than the producers).
+    pub backlog: AtomicI64,
+    /// Outbox rows the broker confirmed.
+    pub published: AtomicU64,
+    /// Relay passes that failed or stopped short (store or broker errors).
+    pub relay_failures: AtomicU64,
+    /// Inbox claims and sent outbox rows deleted by the retention job.
+    pub pruned: AtomicU64,
 }
 
 /// Test-only crash points: `KEEL_FAILPOINTS=after-commit-before-ack:0.01` aborts the process

@@ -1,4 +1,4 @@
-//! The crash test, for NATS JetStream and RabbitMQ: 20,000 messages through the outbox and the
+//! The crash test, for NATS JetStream, RabbitMQ and Kafka (tansu): 20,000 messages through the outbox and the
 //! broker to a consumer *process*
 //! that is killed at random moments — by SIGKILL, and by a failpoint that aborts exactly
 //! between the database commit and the broker ack — at least ten times, until everything is
@@ -67,7 +67,15 @@ async fn consumer_process() {
             );
         }
     });
-    if kind == "rabbitmq" {
+    if kind == "kafka" {
+        let kafka = keel_messaging::kafka::Kafka::connect(url).unwrap();
+        let mut cfg = keel_messaging::kafka::ConsumerConfig::new(name, "ledger");
+        // Short, so a killed member's partitions move on quickly.
+        cfg.session_timeout = Duration::from_secs(6);
+        keel_messaging::kafka::run(&kafka, &cfg, &store, &Ledger, stats, std::future::pending())
+            .await
+            .unwrap();
+    } else if kind == "rabbitmq" {
         let rabbit = Rabbit::connect(url).await.unwrap();
         let cfg = keel_messaging::rabbitmq::ConsumerConfig::new(name);
         keel_messaging::rabbitmq::run(
@@ -104,6 +112,11 @@ enum Broker {
         rabbit: Rabbit,
         queue: String,
     },
+    Kafka {
+        kafka: keel_messaging::kafka::Kafka,
+        topic: String,
+        _broker: keel_test_support::tansu::Tansu,
+    },
 }
 
 impl Broker {
@@ -128,11 +141,24 @@ impl Broker {
         Broker::Rabbit { rabbit, queue }
     }
 
+    async fn kafka() -> Broker {
+        let broker = keel_test_support::tansu::Tansu::start();
+        let kafka = keel_messaging::kafka::Kafka::connect(&broker.bootstrap()).unwrap();
+        let topic = format!("keel-crash-{}", stream_name().to_lowercase());
+        kafka.ensure_topic(&topic, 4).await.unwrap();
+        Broker::Kafka {
+            kafka,
+            topic,
+            _broker: broker,
+        }
+    }
+
     /// Where the outbox publishes.
     fn destination(&self) -> String {
         match self {
             Broker::Nats { subject, .. } => subject.clone(),
             Broker::Rabbit { queue, .. } => queue.clone(),
+            Broker::Kafka { topic, .. } => topic.clone(),
         }
     }
 
@@ -142,6 +168,9 @@ impl Broker {
                 stream, subject, ..
             } => format!("nats {NATS} {stream} {subject} {pg}"),
             Broker::Rabbit { queue, .. } => format!("rabbitmq {RABBIT} {queue} - {pg}"),
+            Broker::Kafka { kafka, topic, .. } => {
+                format!("kafka {} {topic} - {pg}", kafka.brokers())
+            }
         }
     }
 
@@ -149,6 +178,8 @@ impl Broker {
         match self {
             Broker::Nats { nats, stream, .. } => nats.delete_stream(&stream).await.unwrap(),
             Broker::Rabbit { rabbit, queue } => rabbit.delete(&queue).await.unwrap(),
+            // The broker (in-memory storage) goes with its process.
+            Broker::Kafka { .. } => {}
         }
     }
 }
@@ -178,6 +209,11 @@ async fn killed_rabbitmq_consumers_apply_every_message_exactly_once() {
     crash_scenario(Broker::rabbit().await).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_kafka_consumers_apply_every_message_exactly_once() {
+    crash_scenario(Broker::kafka().await).await;
+}
+
 async fn crash_scenario(broker: Broker) {
     let bin = consumer_bin();
     let db = PgDb::new().await;
@@ -192,6 +228,7 @@ async fn crash_scenario(broker: Broker) {
         Broker::Rabbit { rabbit, .. } => {
             common::produce(&store, rabbit, &subject, 0..MESSAGES).await
         }
+        Broker::Kafka { kafka, .. } => common::produce(&store, kafka, &subject, 0..MESSAGES).await,
     }
 
     let dir = tempfile::tempdir().unwrap();
@@ -214,7 +251,17 @@ async fn crash_scenario(broker: Broker) {
             ],
             &log,
         );
-        let wait_ms = 300 + keel_core::codec::rand::next_u64() % 700;
+        // Kill it at a random moment once it is working (a Kafka member first has to join
+        // its group, which waits out the killed member's session).
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while last_stats(&log).0 == 0 && child.wait_exit(Duration::ZERO).is_none() {
+            assert!(
+                std::time::Instant::now() < end,
+                "consumer {run} never applied anything"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let wait_ms = 100 + keel_core::codec::rand::next_u64() % 600;
         tokio::time::sleep(Duration::from_millis(wait_ms)).await;
         let exited_alone = child.wait_exit(Duration::ZERO).is_some();
         if !exited_alone {

@@ -293,3 +293,83 @@ async fn a_failure_mid_batch_marks_exactly_the_confirmed_rows_and_the_next_pass_
     let want: Vec<Vec<u8>> = (0..5).map(|i| format!("m{i}").into_bytes()).collect();
     assert_eq!(got, want, "in order, each once");
 }
+
+#[tokio::test]
+async fn the_relay_loop_counts_backlog_and_refusals_and_retention_prunes_what_is_old() {
+    use keel_messaging::consume::{Inbox, Tx};
+    use keel_messaging::transport::StoreStats;
+    use std::sync::atomic::Ordering;
+    let (store, _dir) = sqlite().await;
+    store.migrate().await.unwrap();
+    let mut tx = store.begin().await.unwrap();
+    assert!(tx.claim("billing", "seen-1").await.unwrap());
+    for i in 0..6 {
+        tx.publish("orders", None, format!("m{i}").as_bytes(), BTreeMap::new())
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    // The broker confirms two, refuses, then takes everything.
+    let broker = FailAfter {
+        left: Mutex::new(2),
+        got: Mutex::new(Vec::new()),
+    };
+    let stats = StoreStats::default();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let relay = store.run_relay_observed(&broker, 100, Duration::from_millis(10), &stats, async {
+        let _ = stop_rx.await;
+    });
+    let drive = async {
+        assert!(
+            common::wait_for(Duration::from_secs(5), || async {
+                stats.relay_failures.load(Ordering::SeqCst) >= 1
+            })
+            .await
+        );
+        assert_eq!(
+            stats.backlog.load(Ordering::SeqCst),
+            4,
+            "seen after the refusal"
+        );
+        *broker.left.lock().unwrap() = 100;
+        assert!(
+            common::wait_for(Duration::from_secs(5), || async {
+                stats.published.load(Ordering::SeqCst) == 6
+                    && stats.backlog.load(Ordering::SeqCst) == 0
+            })
+            .await,
+            "{stats:?}"
+        );
+        let _ = stop_tx.send(());
+    };
+    tokio::join!(relay, drive);
+    assert_eq!(broker.got.lock().unwrap().len(), 6, "each sent once");
+
+    // Retention: nothing is old enough at a week; at zero age the sent rows and the claim go.
+    let week = Duration::from_secs(7 * 24 * 3600);
+    // A stop that is already there: one pass, then return.
+    store
+        .run_retention(
+            week,
+            Duration::from_secs(3600),
+            &stats,
+            std::future::ready(()),
+        )
+        .await;
+    assert_eq!(stats.pruned.load(Ordering::SeqCst), 0);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let retention = store.run_retention(Duration::ZERO, Duration::from_millis(5), &stats, async {
+        let _ = stop_rx.await;
+    });
+    let drive = async {
+        assert!(
+            common::wait_for(Duration::from_secs(5), || async {
+                stats.pruned.load(Ordering::SeqCst) == 7
+            })
+            .await,
+            "{stats:?}"
+        );
+        let _ = stop_tx.send(());
+    };
+    tokio::join!(retention, drive);
+}

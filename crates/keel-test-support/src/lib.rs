@@ -7,6 +7,7 @@
 pub mod fault;
 pub mod grpc;
 pub mod otlp;
+pub mod tansu;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

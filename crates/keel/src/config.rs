@@ -50,6 +50,8 @@ pub struct Config {
     pub tracing: keel_telemetry::trace::TraceConfig,
     /// `[overload]` — adaptive concurrency limit and load shedding.
     pub overload: keel_server::overload::OverloadConfig,
+    /// `[messaging]` — broker, outbox relay, consumers and retention.
+    pub messaging: keel_messaging::config::MessagingConfig,
 }
 
 /// `[tasks]`: the task registry behind `/debug/tasks`.
@@ -115,6 +117,7 @@ impl Validate for Config {
         v.nested("metrics", &self.metrics);
         v.nested("tracing", &self.tracing);
         v.nested("overload", &self.overload);
+        v.nested("messaging", &self.messaging);
         for (name, c) in &self.clients {
             v.nested(&format!("clients.{name}"), c);
         }

@@ -20,6 +20,7 @@
 mod app;
 pub mod config;
 mod logging;
+mod messaging_wiring;
 mod wiring;
 
 pub use app::{App, Error, run, run_with};
@@ -29,6 +30,7 @@ pub use keel_config as conf;
 pub use keel_core::context::{self, Context};
 pub use keel_core::{BoxError, Phase, Shutdown};
 pub use keel_core::{codec, propagation, tasks};
+pub use keel_messaging as messaging;
 pub use keel_runtime as runtime;
 pub use keel_server as server;
 pub use keel_server::{Readiness, RequestBody};

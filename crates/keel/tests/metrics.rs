@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
@@ -47,6 +49,15 @@ async fn start() -> (SocketAddr, SocketAddr) {
     let loaded = Sources::default().load_with_env(env).unwrap();
     let sizing = keel::runtime::detect(&loaded.value.runtime);
     let app = App::new("metrics", loaded, sizing);
+    // A consumer's and an outbox's counters, as the messaging transports keep them.
+    let consumer = Arc::new(keel::messaging::transport::ConsumerStats::default());
+    consumer.applied.store(7, Ordering::Relaxed);
+    consumer.duplicates.store(2, Ordering::Relaxed);
+    consumer.lag.store(5, Ordering::Relaxed);
+    app.observe_consumer("ledger", consumer);
+    let outbox = Arc::new(keel::messaging::transport::StoreStats::default());
+    outbox.backlog.store(3, Ordering::Relaxed);
+    app.observe_store("orders", outbox);
     tokio::spawn(app.serve_until(router, std::future::pending(), std::future::pending()));
     let up = tokio::task::spawn_blocking(move || {
         ts::wait_until(Duration::from_secs(10), || {
@@ -111,6 +122,30 @@ async fn metrics_are_served_valid_and_scraped_by_a_real_prometheus() {
     assert!(sample(&text, "keel_runtime_workers").is_some(), "{text}");
     assert!(sample(&text, "keel_server_connections_accepted_total").is_some());
     assert!(text.contains("# TYPE keel_tasks_live gauge"));
+    // Messaging: consumer counters and lag, outbox backlog.
+    assert_eq!(
+        sample(
+            &text,
+            "keel_messaging_consumer_applied_total{consumer=\"ledger\"}"
+        ),
+        Some(7.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "keel_messaging_consumer_duplicates_total{consumer=\"ledger\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, "keel_messaging_consumer_lag{consumer=\"ledger\"}"),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(&text, "keel_messaging_outbox_backlog{store=\"orders\"}"),
+        Some(3.0)
+    );
 
     // promtool's linter accepts the exposition.
     let dir = tempfile::tempdir().unwrap();
