@@ -21,6 +21,16 @@ use rdkafka::message::{Headers, Message as _};
 
 const PARTITIONS: i32 = 4;
 
+/// The producer for tests on tansu 0.6.0: one record per batch. That broker answers a fetch
+/// at an offset inside a multi-record batch with the *next* batch, silently skipping the rest
+/// of the one it is in (and reports the last batch's base offset + 1 as the high watermark),
+/// so a consumer resuming from a committed offset mid-batch would lose messages through no
+/// fault of its own. Real Kafka returns the whole batch and the client skips the records
+/// below the offset.
+pub fn kafka_for_tansu(broker: &Tansu) -> Kafka {
+    Kafka::connect_with(&broker.bootstrap(), &[("batch.num.messages", "1")]).unwrap()
+}
+
 fn topic_name() -> String {
     format!("keel-t-{}", stream_name().to_lowercase())
 }
@@ -82,7 +92,7 @@ fn config(topic: &str, group: &str) -> ConsumerConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_to_consumer_applies_each_once_dead_letters_the_poison_and_stops_clean() {
     let broker = Tansu::start();
-    let kafka = Kafka::connect(&broker.bootstrap()).unwrap();
+    let kafka = kafka_for_tansu(&broker);
     let topic = topic_name();
     kafka.ensure_topic(&topic, PARTITIONS).await.unwrap();
     kafka
@@ -190,7 +200,7 @@ async fn outbox_to_consumer_applies_each_once_dead_letters_the_poison_and_stops_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_joining_and_leaving_mid_stream_loses_and_doubles_nothing() {
     let broker = Tansu::start();
-    let kafka = Kafka::connect(&broker.bootstrap()).unwrap();
+    let kafka = kafka_for_tansu(&broker);
     let topic = topic_name();
     kafka.ensure_topic(&topic, PARTITIONS).await.unwrap();
     let db = PgDb::new().await;
@@ -226,7 +236,13 @@ async fn a_consumer_joining_and_leaving_mid_stream_loses_and_doubles_nothing() {
     // B leaves mid-stream: its revoke commits, A takes everything back.
     let b_stats = b.stop().await;
     assert!(before_leave < n, "the stream was still running when B left");
-    assert!(applied_all(&store, n, Duration::from_secs(90)).await);
+    let finished = applied_all(&store, n, Duration::from_secs(90)).await;
+    assert!(
+        finished,
+        "{:?} of {n} after B left; A {:?}, B {b_stats:?}",
+        Ledger::totals(&store).await,
+        a.stats
+    );
     let a_stats = a.stop().await;
     let (rows, distinct, sum) = Ledger::totals(&store).await;
     eprintln!("A {a_stats:?}\nB {b_stats:?}");
@@ -256,7 +272,7 @@ async fn connection_resets_during_relay_and_consumption_lose_nothing_and_double_
     let listen = keel_test_support::free_addr();
     let proxy = FaultProxy::start(listen).await.unwrap();
     let broker = Tansu::start_on(listen, proxy.addr());
-    let kafka = Kafka::connect(&broker.bootstrap()).unwrap();
+    let kafka = kafka_for_tansu(&broker);
     let topic = topic_name();
     kafka.ensure_topic(&topic, PARTITIONS).await.unwrap();
     let db = PgDb::new().await;
