@@ -5,7 +5,7 @@
 # Needs PostgreSQL (postgres@127.0.0.1:5432, trust auth, pgbench) and NATS JetStream
 # (127.0.0.1:4222). See crates/keel-messaging/examples/consumer_bench.rs for the set-up.
 #
-# Usage: bench/consumer.sh [messages=50000] [concurrency=16] [pgbench seconds=10]
+# Usage: bench/consumer.sh [messages=50000] [concurrency=16] [pgbench seconds=10] [batch=16]
 # The report is also written to bench/results/consumer-<date>.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ out="bench/results/consumer-$(date -u +%Y-%m-%dT%H%M%SZ).md"
 {
   echo "<!-- bench/consumer.sh $*, $(date -u +%FT%TZ), $(nproc) cores -->"
   echo
-  "$CARGO_TARGET_DIR/release/examples/consumer_bench" "${1:-50000}" "${2:-16}" "${3:-10}"
+  "$CARGO_TARGET_DIR/release/examples/consumer_bench" "${1:-50000}" "${2:-16}" "${3:-10}" "${4:-16}"
 } | tee "$out"
 echo
 echo "written to $out"

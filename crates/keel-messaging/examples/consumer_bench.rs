@@ -27,7 +27,8 @@
 //! consumer's ack window — so, like a real redelivery, it arrives after the original
 //! committed instead of waiting on its uncommitted claim.
 //!
-//! Usage: `consumer_bench [N=50000] [CONCURRENCY=16] [PGBENCH_SECONDS=10]`.
+//! Usage: `consumer_bench [N=50000] [CONCURRENCY=16] [PGBENCH_SECONDS=10] [BATCH=16]`
+//! (BATCH: deliveries per store transaction in Keel's consumer; 1 = one transaction each).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::path::Path;
@@ -340,9 +341,11 @@ async fn keel(
     stream: &str,
     deliveries: u64,
     concurrency: usize,
+    batch: usize,
 ) -> (f64, Arc<ConsumerStats>) {
     let mut cfg = ConsumerConfig::new(stream, CONSUMER);
     cfg.max_in_flight = concurrency;
+    cfg.batch = batch;
     let stats = Arc::new(ConsumerStats::default());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let start = Instant::now();
@@ -390,6 +393,7 @@ async fn main() {
     let pgbench_secs: u64 = args
         .next()
         .map_or(10, |a| a.parse().expect("PGBENCH_SECONDS"));
+    let batch: usize = args.next().map_or(16, |a| a.parse().expect("BATCH"));
     let load_start = loadavg();
 
     let db = Db::create(u32::try_from(concurrency).unwrap()).await;
@@ -434,7 +438,7 @@ async fn main() {
 
     // 3. Keel.
     fill_stream(&nats, &keel_stream, &order).await;
-    let (keel_secs, stats) = keel(&nats, &store, &keel_stream, deliveries, concurrency).await;
+    let (keel_secs, stats) = keel(&nats, &store, &keel_stream, deliveries, concurrency, batch).await;
     let _ = nats.delete_stream(&keel_stream).await;
     let (rows, distinct, sum): (i64, i64, i64) = sqlx::query_as(
         "SELECT COUNT(*), COUNT(DISTINCT message_id), CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger",
@@ -458,7 +462,7 @@ async fn main() {
     println!("## S4 — message consumer, idempotent insert in PostgreSQL, 10 % redeliveries");
     println!();
     println!(
-        "N = {n} messages, {deliveries} deliveries ({} redeliveries), concurrency {concurrency}; \
+        "N = {n} messages, {deliveries} deliveries ({} redeliveries), concurrency {concurrency}, batch {batch}; \
          PostgreSQL {pg_version}, NATS {nats_version}, {} CPUs",
         deliveries - n,
         std::thread::available_parallelism().map_or(0, |p| p.get())

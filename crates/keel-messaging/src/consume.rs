@@ -41,6 +41,23 @@ pub trait Tx: Send {
         message_id: &str,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Claim several ids in one go (a batch's claims): for each, true when this transaction
+    /// inserted it. An id repeated in `ids` is new at most once. The default claims one at a
+    /// time; a networked store overrides it with one statement.
+    fn claim_many(
+        &mut self,
+        consumer: &str,
+        ids: &[&str],
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                out.push(self.claim(consumer, id).await?);
+            }
+            Ok(out)
+        }
+    }
+
     /// Make the claim and the handler's writes durable.
     fn commit(self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -127,6 +144,71 @@ where
     };
     report(msg, &result, wall, started.elapsed());
     Ok(result)
+}
+
+/// Process several deliveries in one transaction: one claim statement for all of them, the
+/// handlers of the new ones in order, one commit — so the store's round trips and its commit
+/// (an fsync) are paid per batch, not per message. Results are in `msgs` order.
+///
+/// If any handler fails, the whole transaction is rolled back and the batch is processed
+/// again one message at a time with [`process`], so a poison message costs its neighbours a
+/// retry, never an effect or an attempt. `Err`: the store failed; return every delivery.
+pub async fn process_batch<I, H>(
+    inbox: &I,
+    consumer: &str,
+    handler: &H,
+    msgs: &[Message],
+    policy: &RetryPolicy,
+) -> Result<Vec<Processed>, StoreError>
+where
+    I: Inbox,
+    H: Handler<I::Tx>,
+{
+    if msgs.len() == 1 {
+        return Ok(vec![process(inbox, consumer, handler, &msgs[0], policy).await?]);
+    }
+    let started = Instant::now();
+    let wall = SystemTime::now();
+    let mut tx = inbox.begin().await?;
+    let ids: Vec<&str> = msgs.iter().map(|m| m.id.as_str()).collect();
+    let claimed = match tx.claim_many(consumer, &ids).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return Err(e);
+        }
+    };
+    let mut failed = false;
+    for (msg, new) in msgs.iter().zip(&claimed) {
+        if *new && handler.handle(msg, &mut tx).await.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    if failed {
+        tx.rollback().await?;
+        let mut out = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            out.push(process(inbox, consumer, handler, msg, policy).await?);
+        }
+        return Ok(out);
+    }
+    tx.commit().await?;
+    let elapsed = started.elapsed();
+    let out: Vec<Processed> = claimed
+        .iter()
+        .map(|new| {
+            if *new {
+                Processed::Applied
+            } else {
+                Processed::Duplicate
+            }
+        })
+        .collect();
+    for (msg, result) in msgs.iter().zip(&out) {
+        report(msg, result, wall, elapsed);
+    }
+    Ok(out)
 }
 
 /// Tell telemetry (a CONSUMER span under the producer's, and the message metrics).
@@ -317,6 +399,39 @@ mod tests {
             c.0.is_empty(),
             "nor its claim, so a fixed handler can still apply it"
         );
+    }
+
+    #[tokio::test]
+    async fn a_batch_applies_the_new_skips_the_known_and_falls_back_on_a_failure() {
+        let store = MemStore::default();
+        let p = RetryPolicy::default();
+        let h = handler(false);
+        process(&store, "c", &h, &msg("b1", 1), &p).await.unwrap();
+        // b1 is known, b2 appears twice in one batch: applied once, then a duplicate.
+        let batch = [msg("b1", 2), msg("b2", 1), msg("b3", 1), msg("b2", 2)];
+        let r = process_batch(&store, "c", &h, &batch, &p).await.unwrap();
+        let kinds: Vec<&str> = r
+            .iter()
+            .map(|x| match x {
+                Processed::Applied => "applied",
+                Processed::Duplicate => "duplicate",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["duplicate", "applied", "applied", "duplicate"]);
+        assert_eq!(
+            store.committed.lock().unwrap().1,
+            vec!["effect-b1", "effect-b2", "effect-b3"]
+        );
+
+        // A failing handler rolls the batch back and each message is settled on its own.
+        let failing = handler(true);
+        let r = process_batch(&store, "c", &failing, &[msg("b4", 1), msg("b3", 3)], &p)
+            .await
+            .unwrap();
+        assert!(matches!(r[0], Processed::Retry(..)), "{r:?}");
+        assert!(matches!(r[1], Processed::Duplicate), "{r:?}");
+        assert_eq!(store.committed.lock().unwrap().1.len(), 3, "nothing more");
     }
 
     #[tokio::test]

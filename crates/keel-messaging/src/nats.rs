@@ -2,7 +2,9 @@
 //! committed, and a publisher for the outbox relay that waits for JetStream's publish ack and
 //! sets `Nats-Msg-Id` so the stream itself drops relay duplicates within its dedup window.
 //!
-//! Per delivery ([`crate::consume::process`]): applied or duplicate → `ack`; handler failure →
+//! Deliveries already waiting are settled together, up to [`ConsumerConfig::batch`], in one
+//! store transaction ([`crate::consume::process_batch`]); then per delivery: applied or
+//! duplicate → `ack`; handler failure →
 //! `nak` with the policy's backoff (JetStream redelivers after it); last attempt → the message
 //! is published to the dead-letter subject with its error, then `term`inated; store failure →
 //! `nak` after a short delay. The consumer's own `max_deliver` is unlimited: Keel's policy
@@ -21,7 +23,7 @@ use async_nats::jetstream::{self, AckKind, consumer::AckPolicy, consumer::pull};
 use futures_util::StreamExt;
 use keel_core::BoxError;
 
-use crate::consume::{Handler, Inbox, Processed, process};
+use crate::consume::{Handler, Inbox, Processed, process_batch};
 use crate::message::{Message, message_id};
 use crate::retry::RetryPolicy;
 use crate::store::{Outgoing, Publisher};
@@ -129,8 +131,12 @@ pub struct ConsumerConfig {
     pub filter_subject: String,
     /// Where messages go after their last failed attempt.
     pub dead_letter_subject: String,
-    /// Messages processed at once.
+    /// Messages processed at once (in `max_in_flight / batch` concurrent transactions). 64.
     pub max_in_flight: usize,
+    /// Most deliveries settled in one store transaction (one claim statement, one commit):
+    /// the deliveries already waiting are taken together, up to this many, so a busy
+    /// consumer pays the store's commit per batch and an idle one adds no wait. 16.
+    pub batch: usize,
     /// How long JetStream waits for an ack before redelivering. 30 s: longer than any
     /// handler should run; a crashed consumer's messages come back after it.
     pub ack_wait: Duration,
@@ -146,7 +152,8 @@ impl ConsumerConfig {
             durable: durable.to_string(),
             filter_subject: String::new(),
             dead_letter_subject: format!("{stream}.dlq"),
-            max_in_flight: 16,
+            max_in_flight: 64,
+            batch: 16,
             ack_wait: Duration::from_secs(30),
             retry: RetryPolicy::default(),
         }
@@ -184,37 +191,78 @@ where
         )
         .await?;
     let messages = consumer.messages().await?;
+    let batch = cfg.batch.clamp(1, cfg.max_in_flight.max(1));
+    // `max_in_flight` messages at once: that many / `batch` transactions of up to `batch`.
+    let transactions = (cfg.max_in_flight.max(1) / batch).max(1);
     messages
         .take_until(stop)
-        .for_each_concurrent(cfg.max_in_flight.max(1), |delivery| {
+        .ready_chunks(batch)
+        .for_each_concurrent(transactions, |deliveries| {
             let stats = stats.clone();
             async move {
-                match delivery {
-                    Ok(m) => handle_one(nats, cfg, inbox, handler, &stats, m).await,
-                    Err(e) => tracing::warn!(error = %e, "jetstream delivery error"),
+                let mut batch = Vec::with_capacity(deliveries.len());
+                for delivery in deliveries {
+                    match delivery {
+                        Ok(m) => {
+                            if let Some(msg) = prepare(nats, cfg, &stats, &m).await {
+                                batch.push((m, msg));
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "jetstream delivery error"),
+                    }
                 }
+                handle_batch(nats, cfg, inbox, handler, &stats, batch).await;
             }
         })
         .await;
     Ok(())
 }
 
-async fn handle_one<I, H>(
+/// Settle a batch: one store transaction for all of it, then each delivery's ack.
+async fn handle_batch<I, H>(
     nats: &Nats,
     cfg: &ConsumerConfig,
     inbox: &I,
     handler: &H,
     stats: &ConsumerStats,
-    m: jetstream::Message,
+    batch: Vec<(jetstream::Message, Message)>,
 ) where
     I: Inbox,
     H: Handler<I::Tx>,
 {
+    if batch.is_empty() {
+        return;
+    }
+    let msgs: Vec<Message> = batch.iter().map(|(_, msg)| msg.clone()).collect();
+    match process_batch(inbox, &cfg.durable, handler, &msgs, &cfg.retry).await {
+        Ok(results) => {
+            for ((m, msg), result) in batch.iter().zip(results) {
+                settle(nats, cfg, stats, m, msg, result).await;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(deliveries = batch.len(), error = %e, "inbox store failed; deliveries returned");
+            for (m, _) in &batch {
+                stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                ack(m, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+        }
+    }
+}
+
+/// The delivery as a [`Message`]; `None` when it cannot be processed (no ack metadata, or
+/// no usable id — then it has been dead-lettered).
+async fn prepare(
+    nats: &Nats,
+    cfg: &ConsumerConfig,
+    stats: &ConsumerStats,
+    m: &jetstream::Message,
+) -> Option<Message> {
     let (seq, delivered) = match m.info() {
         Ok(i) => (i.stream_sequence, i.delivered),
         Err(e) => {
             tracing::warn!(error = %e, "jetstream message without ack metadata");
-            return;
+            return None;
         }
     };
     let mut headers = BTreeMap::new();
@@ -234,10 +282,10 @@ async fn handle_one<I, H>(
         stats.redelivered.fetch_add(1, Ordering::Relaxed);
     }
     let Some((id, id_source)) = message_id(&headers, Some(&native)) else {
-        dead_letter(nats, cfg, stats, &m, &headers, "message has no usable id").await;
-        return;
+        dead_letter(nats, cfg, stats, m, &headers, "message has no usable id").await;
+        return None;
     };
-    let msg = Message {
+    Some(Message {
         id,
         id_source,
         system: "nats",
@@ -246,29 +294,35 @@ async fn handle_one<I, H>(
         payload: m.payload.clone(),
         headers,
         attempt,
-    };
-    match process(inbox, &cfg.durable, handler, &msg, &cfg.retry).await {
-        Ok(Processed::Applied) => {
+    })
+}
+
+/// Act on one delivery's outcome: ack, nak with the backoff, or dead-letter.
+async fn settle(
+    nats: &Nats,
+    cfg: &ConsumerConfig,
+    stats: &ConsumerStats,
+    m: &jetstream::Message,
+    msg: &Message,
+    result: Processed,
+) {
+    match result {
+        Processed::Applied => {
             failpoint("after-commit-before-ack");
             stats.applied.fetch_add(1, Ordering::Relaxed);
-            ack(&m, AckKind::Ack).await;
+            ack(m, AckKind::Ack).await;
         }
-        Ok(Processed::Duplicate) => {
+        Processed::Duplicate => {
             stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            ack(&m, AckKind::Ack).await;
+            ack(m, AckKind::Ack).await;
         }
-        Ok(Processed::Retry(delay, e)) => {
-            tracing::debug!(id = %msg.id, attempt, error = %e, ?delay, "handler failed; will retry");
+        Processed::Retry(delay, e) => {
+            tracing::debug!(id = %msg.id, attempt = msg.attempt, error = %e, ?delay, "handler failed; will retry");
             stats.retries.fetch_add(1, Ordering::Relaxed);
-            ack(&m, AckKind::Nak(Some(delay))).await;
+            ack(m, AckKind::Nak(Some(delay))).await;
         }
-        Ok(Processed::DeadLetter(e)) => {
-            dead_letter(nats, cfg, stats, &m, &msg.headers, &e.to_string()).await;
-        }
-        Err(e) => {
-            tracing::warn!(id = %msg.id, error = %e, "inbox store failed; delivery returned");
-            stats.store_errors.fetch_add(1, Ordering::Relaxed);
-            ack(&m, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        Processed::DeadLetter(e) => {
+            dead_letter(nats, cfg, stats, m, &msg.headers, &e.to_string()).await;
         }
     }
 }

@@ -379,6 +379,14 @@ macro_rules! sql_store {
                 Ok(r.rows_affected() == 1)
             }
 
+            async fn claim_many(
+                &mut self,
+                consumer: &str,
+                ids: &[&str],
+            ) -> Result<Vec<bool>, StoreError> {
+                self.claim_all(consumer, ids).await
+            }
+
             async fn commit(self) -> Result<(), StoreError> {
                 self.tx.commit().await.map_err(store_err)
             }
@@ -435,4 +443,42 @@ sql_store! {
     prune_inbox: "DELETE FROM keel_inbox WHERE received_at < ?1",
     prune_outbox: "DELETE FROM keel_outbox WHERE sent_at IS NOT NULL AND sent_at < ?1",
     backlog: "SELECT COUNT(*) FROM keel_outbox WHERE sent_at IS NULL",
+}
+
+#[cfg(feature = "postgres")]
+impl PgTx {
+    /// All claims in one statement: the ids this transaction inserted come back.
+    async fn claim_all(&mut self, consumer: &str, ids: &[&str]) -> Result<Vec<bool>, StoreError> {
+        let inserted: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO keel_inbox (consumer, message_id, received_at) \
+             SELECT $1, id, $3 FROM UNNEST($2::text[]) AS id \
+             ON CONFLICT DO NOTHING RETURNING message_id",
+        )
+        .bind(consumer)
+        .bind(ids)
+        .bind(now_ms())
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(store_err)?;
+        Ok(first_claims(ids, inserted))
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl SqliteTx {
+    /// SQLite is in-process: one statement per claim costs no round trip.
+    async fn claim_all(&mut self, consumer: &str, ids: &[&str]) -> Result<Vec<bool>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(self.claim(consumer, id).await?);
+        }
+        Ok(out)
+    }
+}
+
+/// Map the inserted ids back onto `ids`: an id is new at its first occurrence only.
+#[cfg(feature = "postgres")]
+fn first_claims(ids: &[&str], inserted: Vec<String>) -> Vec<bool> {
+    let mut fresh: std::collections::HashSet<String> = inserted.into_iter().collect();
+    ids.iter().map(|id| fresh.remove(*id)).collect()
 }

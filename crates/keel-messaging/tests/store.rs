@@ -373,3 +373,45 @@ async fn the_relay_loop_counts_backlog_and_refusals_and_retention_prunes_what_is
     };
     tokio::join!(retention, drive);
 }
+
+#[tokio::test]
+async fn a_postgres_batch_claims_in_one_statement_and_applies_each_new_message_once() {
+    use common::Ledger;
+    use keel_messaging::consume::process_batch;
+    let db = PgDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    store.migrate().await.unwrap();
+    Ledger::create(&store).await;
+    let policy = RetryPolicy::default();
+    let amount_msg = msg;
+    process(&store, "ledger", &Ledger, &amount_msg("p1", 1, 1), &policy)
+        .await
+        .unwrap();
+    // p1 is known; p2 arrives twice in the batch; p3 is new.
+    let batch = [
+        amount_msg("p1", 1, 2),
+        amount_msg("p2", 10, 1),
+        amount_msg("p2", 10, 2),
+        amount_msg("p3", 100, 1),
+    ];
+    let r = process_batch(&store, "ledger", &Ledger, &batch, &policy)
+        .await
+        .unwrap();
+    let applied: Vec<bool> = r
+        .iter()
+        .map(|x| matches!(x, Processed::Applied))
+        .collect();
+    assert_eq!(applied, [false, true, false, true], "{r:?}");
+    assert!(matches!(r[0], Processed::Duplicate) && matches!(r[2], Processed::Duplicate));
+    assert_eq!(Ledger::totals(&store).await, (3, 3, 111));
+
+    // A poison message in a batch: the others are applied, it alone is retried.
+    let batch = [amount_msg("p4", 1000, 1), amount_msg("p5", -1, 1)];
+    let r = process_batch(&store, "ledger", &Ledger, &batch, &policy)
+        .await
+        .unwrap();
+    assert!(matches!(r[0], Processed::Applied), "{r:?}");
+    assert!(matches!(r[1], Processed::Retry(..)), "{r:?}");
+    assert_eq!(Ledger::totals(&store).await, (4, 4, 1111));
+    db.drop_db().await;
+}
