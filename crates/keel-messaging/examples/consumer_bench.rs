@@ -438,7 +438,8 @@ async fn main() {
 
     // 3. Keel.
     fill_stream(&nats, &keel_stream, &order).await;
-    let (keel_secs, stats) = keel(&nats, &store, &keel_stream, deliveries, concurrency, batch).await;
+    let (keel_secs, stats) =
+        keel(&nats, &store, &keel_stream, deliveries, concurrency, batch).await;
     let _ = nats.delete_stream(&keel_stream).await;
     let (rows, distinct, sum): (i64, i64, i64) = sqlx::query_as(
         "SELECT COUNT(*), COUNT(DISTINCT message_id), CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger",

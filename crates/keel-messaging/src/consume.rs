@@ -165,7 +165,9 @@ where
     H: Handler<I::Tx>,
 {
     if msgs.len() == 1 {
-        return Ok(vec![process(inbox, consumer, handler, &msgs[0], policy).await?]);
+        return Ok(vec![
+            process(inbox, consumer, handler, &msgs[0], policy).await?,
+        ]);
     }
     let started = Instant::now();
     let wall = SystemTime::now();

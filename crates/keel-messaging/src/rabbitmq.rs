@@ -193,6 +193,84 @@ impl Publisher for Rabbit {
     }
 }
 
+/// The outbox relay's RabbitMQ publisher: connects on first use and again after the
+/// connection died (lapin does not reconnect by itself), so a broker restart or a reset
+/// costs the relay a failed pass, not its life.
+pub struct RabbitPublisher {
+    uri: String,
+    current: tokio::sync::Mutex<Option<Arc<Rabbit>>>,
+    connects: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for RabbitPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitPublisher").finish_non_exhaustive()
+    }
+}
+
+impl RabbitPublisher {
+    /// A publisher for `uri`; nothing is connected until the first publish.
+    pub fn new(uri: &str) -> RabbitPublisher {
+        RabbitPublisher {
+            uri: uri.to_string(),
+            current: tokio::sync::Mutex::new(None),
+            connects: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Connections made so far (more than one: it reconnected).
+    pub fn connections(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
+    }
+
+    async fn connection(&self) -> Result<Arc<Rabbit>, BoxError> {
+        let mut current = self.current.lock().await;
+        if let Some(r) = current.as_ref().filter(|r| r.conn.status().connected()) {
+            return Ok(r.clone());
+        }
+        let fresh = Arc::new(
+            tokio::time::timeout(BROKER_CALL_TIMEOUT, Rabbit::connect(&self.uri))
+                .await
+                .map_err(|_| format!("no RabbitMQ connection within {BROKER_CALL_TIMEOUT:?}"))??,
+        );
+        self.connects.fetch_add(1, Ordering::Relaxed);
+        *current = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    /// After a failure: if the connection is gone, forget it so the next pass reconnects.
+    async fn forget_if_dead(&self, used: &Arc<Rabbit>) {
+        let mut current = self.current.lock().await;
+        let same = current.as_ref().is_some_and(|c| Arc::ptr_eq(c, used));
+        if same && !used.conn.status().connected() {
+            *current = None;
+        }
+    }
+}
+
+impl Publisher for RabbitPublisher {
+    async fn publish(&self, msg: &Outgoing) -> Result<(), BoxError> {
+        let r = self.connection().await?;
+        let result = r.publish(msg).await;
+        if result.is_err() {
+            self.forget_if_dead(&r).await;
+        }
+        result
+    }
+
+    async fn publish_batch(&self, msgs: &[Outgoing]) -> (usize, Option<BoxError>) {
+        let r = match self.connection().await {
+            Ok(r) => r,
+            Err(e) => return (0, Some(e)),
+        };
+        let (confirmed, error) = r.publish_batch(msgs).await;
+        if error.is_some() {
+            self.forget_if_dead(&r).await;
+        }
+        (confirmed, error)
+    }
+}
+
 /// Await confirms in order: how many leading ones were positive, and the first failure.
 async fn confirmed_prefix(pending: Vec<lapin::PublisherConfirm>) -> (usize, Option<BoxError>) {
     let n = pending.len();

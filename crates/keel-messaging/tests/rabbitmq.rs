@@ -119,3 +119,100 @@ async fn resets_poison_and_retries_end_with_every_good_message_applied_once() {
     direct.delete(&queue).await.unwrap();
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_resets_during_relay_publishing_lose_nothing_and_double_nothing() {
+    use keel_messaging::consume::{Inbox, Tx};
+    use keel_messaging::rabbitmq::RabbitPublisher;
+
+    let db = PgDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    store.migrate().await.unwrap();
+    Ledger::create(&store).await;
+    let direct = Rabbit::connect(RABBIT).await.unwrap();
+    let queue = format!("keel-test-{}", stream_name().to_lowercase());
+    direct.declare(&queue).await.unwrap();
+    let n = 3000i64;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let mut tx = store.begin().await.unwrap();
+        for amount in chunk {
+            tx.publish(
+                &queue,
+                None,
+                amount.to_string().as_bytes(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+
+    // The relay publishes through the fault proxy, whose connections are reset under it.
+    let proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap())
+        .await
+        .unwrap();
+    let publisher = RabbitPublisher::new(&format!("amqp://guest:guest@{}/%2f", proxy.addr()));
+    let stats = keel_messaging::transport::StoreStats::default();
+    let relay = store.run_relay_observed(&publisher, 50, Duration::from_millis(5), &stats, async {
+        // Reset the connections as the relay passes these marks.
+        let mut marks = vec![2 * n as u64 / 3, n as u64 / 3, 100];
+        loop {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            if store.backlog().await.unwrap_or(1) == 0 {
+                return;
+            }
+            if marks
+                .last()
+                .is_some_and(|m| stats.published.load(Ordering::SeqCst) >= *m)
+            {
+                marks.pop();
+                proxy.reset_all();
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(60), relay)
+        .await
+        .expect("the relay drained the outbox despite the resets");
+    eprintln!("relay {stats:?}, {} connections", publisher.connections());
+    assert!(
+        publisher.connections() >= 2,
+        "the resets cut the relay's connection and it reconnected: {stats:?}"
+    );
+
+    // Whatever the resets made the relay publish twice, the consumer applies once.
+    let cfg = ConsumerConfig::new(&queue);
+    let cstats = Arc::new(ConsumerStats::default());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let consumer = {
+        let (cfg, store, cstats) = (cfg.clone(), store.clone(), cstats.clone());
+        tokio::spawn(async move {
+            run_reconnecting(RABBIT, &cfg, &store, &Ledger, cstats, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        })
+    };
+    let done = common::wait_for(Duration::from_secs(60), || {
+        let store = store.clone();
+        async move { Ledger::totals(&store).await.1 == n }
+    })
+    .await;
+    // Let any late duplicate arrive before counting rows.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(10), consumer)
+        .await
+        .unwrap()
+        .unwrap();
+    let (rows, distinct, sum) = Ledger::totals(&store).await;
+    assert!(done, "{distinct} of {n} applied; {cstats:?}");
+    assert_eq!(
+        (rows, distinct),
+        (n, n),
+        "nothing lost, nothing applied twice"
+    );
+    assert_eq!(sum, (0..n).sum::<i64>());
+    direct.delete(&queue).await.unwrap();
+    db.drop_db().await;
+}

@@ -168,7 +168,10 @@ async fn a_nats_restart_during_relay_and_during_consumption_loses_and_doubles_no
         applied_at_crash < n,
         "the crash came mid-consumption ({applied_at_crash})"
     );
-    assert!(done, "{distinct} of {n} applied after the restarts; {stats:?}");
+    assert!(
+        done,
+        "{distinct} of {n} applied after the restarts; {stats:?}"
+    );
     assert_eq!(
         (rows, distinct),
         (n, n),

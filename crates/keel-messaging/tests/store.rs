@@ -397,10 +397,7 @@ async fn a_postgres_batch_claims_in_one_statement_and_applies_each_new_message_o
     let r = process_batch(&store, "ledger", &Ledger, &batch, &policy)
         .await
         .unwrap();
-    let applied: Vec<bool> = r
-        .iter()
-        .map(|x| matches!(x, Processed::Applied))
-        .collect();
+    let applied: Vec<bool> = r.iter().map(|x| matches!(x, Processed::Applied)).collect();
     assert_eq!(applied, [false, true, false, true], "{r:?}");
     assert!(matches!(r[0], Processed::Duplicate) && matches!(r[2], Processed::Duplicate));
     assert_eq!(Ledger::totals(&store).await, (3, 3, 111));
