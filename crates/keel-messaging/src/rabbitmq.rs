@@ -64,13 +64,28 @@ impl Rabbit {
 
     /// Declare `queue` with its `.retry` and `.dlq` companions (durable; idempotent).
     pub async fn declare(&self, queue: &str) -> Result<(), BoxError> {
+        self.declare_with(queue, false).await
+    }
+
+    /// [`Rabbit::declare`], with `single_active_consumer`: RabbitMQ then delivers the queue to
+    /// one consumer at a time (the others stand by), which with [`ConsumerConfig::ordered`]
+    /// keeps the queue's order. Queue arguments cannot change once declared: declaring an
+    /// existing queue the other way fails with the broker's `PRECONDITION_FAILED`.
+    pub async fn declare_with(
+        &self,
+        queue: &str,
+        single_active_consumer: bool,
+    ) -> Result<(), BoxError> {
         let ch = &self.publish;
         let durable = QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        ch.queue_declare(queue.into(), durable, FieldTable::default())
-            .await?;
+        let mut main_args = FieldTable::default();
+        if single_active_consumer {
+            main_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
+        ch.queue_declare(queue.into(), durable, main_args).await?;
         ch.queue_declare(
             format!("{queue}.dlq").into(),
             durable,
@@ -318,6 +333,13 @@ pub struct ConsumerConfig {
     pub prefetch: u16,
     /// Retries and dead-lettering.
     pub retry: RetryPolicy,
+    /// Per-queue ordering: the queue is declared with the single-active-consumer option
+    /// (one consumer of the queue receives at a time, others take over when it goes) and
+    /// deliveries are processed one at a time, in queue order. A message that fails waits its
+    /// backoff in the retry queue and comes back behind later ones; where that matters, set
+    /// `retry.max_attempts` to 1 so it goes to the dead-letter queue instead. Off: deliveries
+    /// run `prefetch` at a time.
+    pub ordered: bool,
 }
 
 impl ConsumerConfig {
@@ -327,6 +349,7 @@ impl ConsumerConfig {
             queue: queue.to_string(),
             prefetch: 32,
             retry: RetryPolicy::default(),
+            ordered: false,
         }
     }
 }
@@ -347,6 +370,11 @@ where
     let ch = rabbit.conn.create_channel().await?;
     ch.basic_qos(cfg.prefetch.max(1), BasicQosOptions::default())
         .await?;
+    let concurrency = if cfg.ordered {
+        1
+    } else {
+        usize::from(cfg.prefetch.max(1))
+    };
     let consumer = ch
         .basic_consume(
             cfg.queue.as_str().into(),
@@ -357,7 +385,7 @@ where
         .await?;
     consumer
         .take_until(stop)
-        .for_each_concurrent(usize::from(cfg.prefetch.max(1)), |delivery| {
+        .for_each_concurrent(concurrency, |delivery| {
             let stats = stats.clone();
             async move {
                 match delivery {
@@ -400,7 +428,7 @@ pub async fn run_reconnecting<I, H>(
         while !stopped.load(Ordering::SeqCst) {
             let attempt = async {
                 let rabbit = Rabbit::connect(uri).await?;
-                rabbit.declare(&cfg.queue).await?;
+                rabbit.declare_with(&cfg.queue, cfg.ordered).await?;
                 let mut rx = rx.clone();
                 run(&rabbit, cfg, inbox, handler, stats.clone(), async move {
                     let _ = rx.wait_for(|s| *s).await;

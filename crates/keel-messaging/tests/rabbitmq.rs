@@ -216,3 +216,96 @@ async fn connection_resets_during_relay_publishing_lose_nothing_and_double_nothi
     direct.delete(&queue).await.unwrap();
     db.drop_db().await;
 }
+
+/// Logs each message's amount with a sequence number, in the inbox transaction.
+struct SeqLog;
+
+impl keel_messaging::consume::Handler<keel_messaging::store::PgTx> for SeqLog {
+    async fn handle(
+        &self,
+        msg: &keel_messaging::message::Message,
+        tx: &mut keel_messaging::store::PgTx,
+    ) -> Result<(), keel_core::BoxError> {
+        let amount: i64 = String::from_utf8_lossy(&msg.payload).parse()?;
+        sqlx::query("INSERT INTO seq_log (amount) VALUES ($1)")
+            .bind(amount)
+            .execute(tx.conn())
+            .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_queue_is_applied_in_order_by_one_active_consumer_of_two() {
+    let db = PgDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    store.migrate().await.unwrap();
+    sqlx::query("CREATE TABLE seq_log (pos BIGSERIAL PRIMARY KEY, amount BIGINT NOT NULL)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let rabbit = Rabbit::connect(RABBIT).await.unwrap();
+    let queue = format!("keel-test-{}", stream_name().to_lowercase());
+    rabbit.declare_with(&queue, true).await.unwrap();
+    let n = 400i64;
+    common::produce(&store, &rabbit, &queue, 0..n).await;
+
+    let mut cfg = ConsumerConfig::new(&queue);
+    cfg.ordered = true;
+    let mut consumers = Vec::new();
+    let mut stops = Vec::new();
+    let mut all_stats = Vec::new();
+    for _ in 0..2 {
+        let stats = Arc::new(ConsumerStats::default());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (cfg, store, s) = (cfg.clone(), store.clone(), stats.clone());
+        consumers.push(tokio::spawn(async move {
+            run_reconnecting(RABBIT, &cfg, &store, &SeqLog, s, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        }));
+        stops.push(stop_tx);
+        all_stats.push(stats);
+    }
+    let done = common::wait_for(Duration::from_secs(60), || {
+        let pool = store.pool().clone();
+        async move {
+            let c: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seq_log")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            c >= n
+        }
+    })
+    .await;
+    for s in stops {
+        let _ = s.send(());
+    }
+    for c in consumers {
+        tokio::time::timeout(Duration::from_secs(10), c)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert!(done);
+    let amounts: Vec<i64> = sqlx::query_scalar("SELECT amount FROM seq_log ORDER BY pos")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        amounts,
+        (0..n).collect::<Vec<_>>(),
+        "applied in queue order"
+    );
+    let applied: Vec<u64> = all_stats
+        .iter()
+        .map(|s| s.applied.load(Ordering::SeqCst))
+        .collect();
+    assert!(
+        applied.contains(&0) && applied.contains(&(n as u64)),
+        "one consumer was active, the other stood by: {applied:?}"
+    );
+    rabbit.delete(&queue).await.unwrap();
+    db.drop_db().await;
+}
