@@ -155,7 +155,16 @@ impl Context {
             _ => Arc::from(codec::request_id::generate_into(&mut [0u8; 32])),
         };
         let trace = found.trace(policy.sample_roots)?;
-        let baggage = found.baggage;
+        let mut baggage = found.baggage;
+        if let Some(color) = found.color {
+            if baggage.get(COLOR_BAGGAGE_KEY).is_none() {
+                // Through the baggage parser, so a malformed colour is refused like any
+                // other malformed header.
+                let mut entry = format!("{COLOR_BAGGAGE_KEY}=").into_bytes();
+                entry.extend_from_slice(color);
+                baggage.extend_from(&entry)?;
+            }
+        }
         let retry = found
             .retry
             .is_some_and(|v| v == b"1" || v.eq_ignore_ascii_case(b"true"));
@@ -310,6 +319,7 @@ struct Found<'a> {
     b3: Option<&'a [u8]>,
     b3_multi: [Option<&'a [u8]>; 5],
     retry: Option<&'a [u8]>,
+    color: Option<&'a [u8]>,
     baggage: Baggage,
 }
 
@@ -369,6 +379,8 @@ impl<'a> Found<'a> {
             &mut self.b3
         } else if is(names::RETRY) {
             &mut self.retry
+        } else if is(names::COLOR) {
+            &mut self.color
         } else if is(names::BAGGAGE) {
             return Some(Slot::Baggage);
         } else if let Some(i) = B3_MULTI.iter().position(|n| is(n)) {

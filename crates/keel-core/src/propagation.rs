@@ -41,6 +41,9 @@ pub mod names {
     pub const REQUEST_ID: &str = "x-request-id";
     /// `1` when this request is a retry: the callee must not retry it again (chain stop).
     pub const RETRY: &str = "keel-retry";
+    /// Traffic colour as a header of its own (`keel-color: canary`), the edge-friendly
+    /// shorthand for the `keel-color` baggage entry; the baggage entry wins when both come.
+    pub const COLOR: &str = "keel-color";
 }
 
 /// Read access to a header map — HTTP headers or a message's string headers — as one walk

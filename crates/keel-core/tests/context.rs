@@ -282,3 +282,29 @@ async fn scoped_tasks_see_the_context_and_end_at_the_deadline() {
     );
     assert!(Context::current().is_none(), "no context outside a request");
 }
+
+#[test]
+fn a_keel_color_header_colours_the_request_unless_baggage_already_does() {
+    let route = Duration::from_secs(5);
+    let c = ctx(&[("keel-color", "canary")], route).unwrap();
+    assert_eq!(c.color(), Some("canary"));
+    // Outbound, it travels as the baggage entry, so every later hop sees it.
+    let mut h = HeaderMap::new();
+    propagation::inject(&c, Carrier::Http, &Outbound::default(), &mut h).unwrap();
+    let bag = codec::Baggage::parse(h["baggage"].as_bytes()).unwrap();
+    assert_eq!(bag.get("keel-color"), Some("canary"));
+
+    let both = ctx(
+        &[("baggage", "keel-color=blue"), ("keel-color", "canary")],
+        route,
+    )
+    .unwrap();
+    assert_eq!(both.color(), Some("blue"), "the baggage entry wins");
+    assert!(
+        matches!(
+            ctx(&[("keel-color", "a b;c")], route),
+            Err(InboundError::Malformed(_))
+        ),
+        "a malformed colour is refused like any malformed header"
+    );
+}
