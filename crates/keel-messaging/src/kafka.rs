@@ -345,8 +345,13 @@ impl ClientContext for Ctx {
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Ctx>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else {
-            return;
+        let tpl = match rebalance {
+            Rebalance::Revoke(tpl) => tpl,
+            Rebalance::Assign(_) => {
+                self.stats.assignments.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Rebalance::Error(_) => return,
         };
         let revoked: Vec<Partition> = tpl
             .elements()

@@ -45,6 +45,9 @@ pub struct ConsumerStats {
     pub dead_lettered: AtomicU64,
     /// Store failures (delivery returned to the broker).
     pub store_errors: AtomicU64,
+    /// Partition assignments received (Kafka: one per rebalance that gave this member
+    /// partitions).
+    pub assignments: AtomicU64,
     /// Messages behind the end of the consumed partitions or queue, where the broker tells
     /// (Kafka: the client's statistics; -1 until known).
     pub lag: AtomicI64,
@@ -60,6 +63,7 @@ impl Default for ConsumerStats {
             retries: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
+            assignments: AtomicU64::new(0),
             lag: AtomicI64::new(-1),
         }
     }

@@ -207,8 +207,11 @@ async fn a_consumer_joining_and_leaving_mid_stream_loses_and_doubles_nothing() {
     let store = PgStore::new(db.pool.clone());
     store.migrate().await.unwrap();
     Ledger::create(&store).await;
+    // Half the stream first; the rest once B has joined, keyed so it spreads over every
+    // partition (B's included).
     let n = 8000i64;
-    common::produce(&store, &kafka, &topic, 0..n).await;
+    let half = n / 2;
+    common::produce(&store, &kafka, &topic, 0..half).await;
 
     let mut cfg = config(&topic, "rebalanced");
     // Fewer lanes, so the stream lasts long enough for the group to change under it.
@@ -225,11 +228,46 @@ async fn a_consumer_joining_and_leaving_mid_stream_loses_and_doubles_nothing() {
     let b = start(&kafka, &cfg, &store);
     assert!(
         common::wait_for(Duration::from_secs(30), || {
-            let s = b.stats.clone();
-            async move { s.applied.load(Ordering::SeqCst) > 200 }
+            let (a, b) = (a.stats.clone(), b.stats.clone());
+            async move {
+                b.assignments.load(Ordering::SeqCst) >= 1
+                    && a.assignments.load(Ordering::SeqCst) >= 2
+            }
         })
         .await,
-        "the second member never got partitions: {:?}",
+        "the group never rebalanced: A {:?}, B {:?}",
+        a.stats,
+        b.stats
+    );
+    {
+        use keel_messaging::consume::{Inbox, Tx};
+        for chunk in (half..n).collect::<Vec<_>>().chunks(500) {
+            let mut tx = store.begin().await.unwrap();
+            for amount in chunk {
+                let key = amount.to_string();
+                tx.publish(
+                    &topic,
+                    Some(key.as_bytes()),
+                    key.as_bytes(),
+                    Default::default(),
+                )
+                .await
+                .unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+        let mut relayed = 0;
+        while relayed < (n - half) as usize {
+            relayed += store.relay_once(&kafka, 1000).await.unwrap();
+        }
+    }
+    assert!(
+        common::wait_for(Duration::from_secs(30), || {
+            let s = b.stats.clone();
+            async move { s.applied.load(Ordering::SeqCst) > 100 }
+        })
+        .await,
+        "the second member got no work: {:?}",
         b.stats
     );
     let before_leave = Ledger::totals(&store).await.1;

@@ -1,0 +1,85 @@
+//! The events order publishes (through its outbox) and inventory consumes (through its inbox).
+
+use serde::{Deserialize, Serialize};
+
+/// Where `OrderPlaced` events go (a NATS subject; the embedded broker's destination).
+pub const ORDER_PLACED: &str = "shop.orders.placed";
+
+/// The stream holding the shop's events on NATS.
+pub const STREAM: &str = "SHOP";
+
+/// An order was stored and its stock reserved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderPlaced {
+    /// The order.
+    pub order_id: String,
+    /// Who bought.
+    pub user_id: String,
+    /// What.
+    pub sku: String,
+    /// How many.
+    pub quantity: i64,
+}
+
+use std::sync::Arc;
+
+use keel::BoxError;
+use keel::messaging::config::{BrokerKind, MessagingConfig};
+use keel::messaging::embedded::Embedded;
+use keel::messaging::nats::Nats;
+use keel::messaging::store::{Outgoing, Publisher};
+
+/// The broker between order and inventory, from `[messaging]`: the embedded one (both
+/// services in one process, `keel demo`) or NATS JetStream (separate processes).
+#[derive(Debug, Clone)]
+pub enum Bus {
+    /// In-process; the outbox table is the queue.
+    Embedded(Embedded),
+    /// NATS JetStream, stream [`STREAM`].
+    Nats(Nats),
+}
+
+impl Bus {
+    /// Connect per `cfg`. `embedded` is the process's in-process broker, shared by the
+    /// services of one process (`keel demo`).
+    pub async fn connect(cfg: &MessagingConfig, embedded: &Embedded) -> Result<Bus, BoxError> {
+        match cfg.broker {
+            BrokerKind::Embedded => Ok(Bus::Embedded(embedded.clone())),
+            BrokerKind::Nats => {
+                let nats = Nats::connect(cfg.effective_url()).await?;
+                nats.ensure_stream(STREAM, vec!["shop.>".to_string()])
+                    .await?;
+                Ok(Bus::Nats(nats))
+            }
+            other => Err(format!(
+                "the shop runs on messaging.broker = \"embedded\" or \"nats\", not {other:?}"
+            )
+            .into()),
+        }
+    }
+}
+
+impl Publisher for Bus {
+    async fn publish(&self, msg: &Outgoing) -> Result<(), BoxError> {
+        match self {
+            Bus::Embedded(e) => e.publish(msg).await,
+            Bus::Nats(n) => n.publish(msg).await,
+        }
+    }
+
+    async fn publish_batch(&self, msgs: &[Outgoing]) -> (usize, Option<BoxError>) {
+        match self {
+            Bus::Embedded(e) => e.publish_batch(msgs).await,
+            Bus::Nats(n) => n.publish_batch(msgs).await,
+        }
+    }
+}
+
+/// Counters a shop service keeps for the demo's summary and `/metrics`.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    /// The consumer's (inventory).
+    pub consumer: Arc<keel::messaging::transport::ConsumerStats>,
+    /// The outbox relay's (order).
+    pub outbox: Arc<keel::messaging::transport::StoreStats>,
+}

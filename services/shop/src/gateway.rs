@@ -1,0 +1,291 @@
+//! The gateway: the shop's one public door.
+//!
+//! - Routes `/api/users/*` → user (`/users/*`), `/api/orders/*` → order (`/orders/*`),
+//!   `/api/inventory/*` → inventory (`/stock/*`), through Keel's client (`[clients.user]`,
+//!   `[clients.order]`, `[clients.inventory]`: balancing, retries with a budget, breaking,
+//!   outlier ejection, deadlines).
+//! - API keys (`x-api-key` or `Authorization: Bearer`): no or unknown key → 401; a key
+//!   without the scope `<service>:read` (GET, HEAD) or `<service>:write` (other methods) →
+//!   403. Identity headers a client sends (`x-shop-*`) are stripped; the gateway sets
+//!   `x-shop-key` and `x-shop-scopes` from the key it checked.
+//! - A token bucket per key: past its rate → 429 with `Retry-After`.
+//! - Traffic colour: a `keel-color: canary` header (or the baggage entry) sends the request
+//!   to instances labelled `keel.color=canary`; `subsets = { canary = N }` on a client sends
+//!   N % of uncoloured requests there.
+//! - Request ids, trace context and the remaining deadline are Keel's, on every hop.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::Response;
+use bytes::Bytes;
+use keel::BoxError;
+use keel::client::client::Client;
+
+use crate::http::error;
+
+/// One API key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    /// Its name (what the upstreams see in `x-shop-key`; never the secret).
+    pub name: String,
+    /// `service:read`, `service:write` or `service:*`.
+    pub scopes: Vec<String>,
+}
+
+/// The gateway's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Secret → key.
+    pub keys: HashMap<String, Key>,
+    /// Requests per second per key, sustained.
+    pub rate: f64,
+    /// Requests a key may send at once above the rate.
+    pub burst: f64,
+    /// Largest request body forwarded.
+    pub max_body: usize,
+}
+
+impl Settings {
+    /// Parse `name:secret=scope,scope;name:secret=scope…` (the `SHOP_API_KEYS` format).
+    pub fn parse_keys(spec: &str) -> Result<HashMap<String, Key>, String> {
+        let mut keys = HashMap::new();
+        for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+            let (ident, scopes) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("API key entry {entry:?}: expected name:secret=scopes"))?;
+            let (name, secret) = ident
+                .split_once(':')
+                .ok_or_else(|| format!("API key entry {entry:?}: expected name:secret before ="))?;
+            if name.is_empty() || secret.len() < 8 {
+                return Err(format!(
+                    "API key {name:?}: the name must be set and the secret at least 8 characters"
+                ));
+            }
+            let scopes: Vec<String> = scopes.split(',').map(|s| s.trim().to_string()).collect();
+            if let Some(bad) = scopes
+                .iter()
+                .find(|s| !matches!(s.split_once(':'), Some((svc, "read" | "write" | "*")) if !svc.is_empty()))
+            {
+                return Err(format!(
+                    "API key {name:?}: scope {bad:?} must be service:read, service:write or service:*"
+                ));
+            }
+            keys.insert(
+                secret.to_string(),
+                Key {
+                    name: name.to_string(),
+                    scopes,
+                },
+            );
+        }
+        Ok(keys)
+    }
+
+    /// From the environment: `SHOP_API_KEYS` (default: the demo's keys), `SHOP_RATE`
+    /// (requests per second per key, default 100) and `SHOP_BURST` (default 200).
+    pub fn from_env() -> Result<Settings, String> {
+        let keys = std::env::var("SHOP_API_KEYS").unwrap_or_else(|_| DEMO_KEYS.to_string());
+        let number = |var: &str, default: f64| -> Result<f64, String> {
+            match std::env::var(var) {
+                Ok(v) => v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|x| *x > 0.0)
+                    .ok_or_else(|| format!("{var}={v:?}: must be a positive number")),
+                Err(_) => Ok(default),
+            }
+        };
+        Ok(Settings {
+            keys: Self::parse_keys(&keys)?,
+            rate: number("SHOP_RATE", 100.0)?,
+            burst: number("SHOP_BURST", 200.0)?,
+            max_body: 1 << 20,
+        })
+    }
+}
+
+/// The demo's keys: `demo-secret-key` may do everything, `reader-secret-key` only read.
+pub const DEMO_KEYS: &str = "demo:demo-secret-key=users:*,orders:*,inventory:*;reader:reader-secret-key=users:read,orders:read,inventory:read";
+
+/// Headers a client may not set: the gateway vouches for identity, nobody else.
+const IDENTITY: [&str; 3] = ["x-shop-key", "x-shop-scopes", "x-shop-user"];
+
+/// Never forwarded: hop-by-hop headers, and the credentials (upstreams get the key's name).
+const DROP: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "authorization",
+    "x-api-key",
+];
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+struct Inner {
+    settings: Settings,
+    users: Arc<Client>,
+    orders: Arc<Client>,
+    inventory: Arc<Client>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+/// The gateway's routes.
+pub fn router(app: &keel::App, settings: Settings) -> Result<Router, BoxError> {
+    let inner = Arc::new(Inner {
+        settings,
+        users: app.client("user")?,
+        orders: app.client("order")?,
+        inventory: app.client("inventory")?,
+        buckets: Mutex::new(HashMap::new()),
+    });
+    Ok(Router::new().fallback(forward).with_state(inner))
+}
+
+impl Inner {
+    /// Take a token for `key`; `Err(seconds)` until the next one when there is none.
+    fn admit(&self, key: &str) -> Result<(), u64> {
+        let now = Instant::now();
+        let (rate, burst) = (self.settings.rate, self.settings.burst);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let b = buckets.entry(key.to_string()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - b.tokens) / rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+fn allowed(key: &Key, service: &str, method: &Method) -> bool {
+    let need = if matches!(*method, Method::GET | Method::HEAD) {
+        "read"
+    } else {
+        "write"
+    };
+    key.scopes.iter().any(|s| {
+        s.split_once(':')
+            .is_some_and(|(svc, what)| svc == service && (what == need || what == "*"))
+    })
+}
+
+fn presented_secret(h: &HeaderMap) -> Option<&str> {
+    if let Some(k) = h.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(k.trim());
+    }
+    h.get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+async fn forward(
+    State(gw): State<Arc<Inner>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let path = uri.path();
+    let Some(rest) = path.strip_prefix("/api/") else {
+        return error(StatusCode::NOT_FOUND, "the shop's API is under /api/");
+    };
+    let (service, tail) = rest.split_once('/').map_or((rest, ""), |(s, t)| (s, t));
+    let (client, upstream_prefix) = match service {
+        "users" => (&gw.users, "/users"),
+        "orders" => (&gw.orders, "/orders"),
+        "inventory" => (&gw.inventory, "/stock"),
+        _ => return error(StatusCode::NOT_FOUND, format!("no service {service:?}")),
+    };
+    let Some(key) = presented_secret(&headers).and_then(|s| gw.settings.keys.get(s)) else {
+        let mut resp = error(StatusCode::UNAUTHORIZED, "missing or unknown API key");
+        resp.headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        return resp;
+    };
+    if !allowed(key, service, &method) {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("key {} may not {method} {service}", key.name),
+        );
+    }
+    if let Err(wait) = gw.admit(&key.name) {
+        let mut resp = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("key {} is over its rate", key.name),
+        );
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(wait));
+        return resp;
+    }
+    let limited = http_body_util::Limited::new(body, gw.settings.max_body);
+    let body: Bytes = match http_body_util::BodyExt::collect(limited).await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+    };
+    let mut target = format!(
+        "{upstream_prefix}{}{tail}",
+        if tail.is_empty() { "" } else { "/" }
+    );
+    if let Some(q) = uri.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    let mut req = match http::Request::builder()
+        .method(method)
+        .uri(&target)
+        .body(body)
+    {
+        Ok(r) => r,
+        Err(_) => return error(StatusCode::BAD_REQUEST, "malformed request target"),
+    };
+    for (name, value) in &headers {
+        let n = name.as_str();
+        if DROP.contains(&n) || IDENTITY.contains(&n) {
+            continue;
+        }
+        req.headers_mut().append(name.clone(), value.clone());
+    }
+    if let Ok(v) = HeaderValue::from_str(&key.name) {
+        req.headers_mut().insert("x-shop-key", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&key.scopes.join(",")) {
+        req.headers_mut().insert("x-shop-scopes", v);
+    }
+    match client.request(req).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            for h in DROP.iter().take(8) {
+                parts.headers.remove(*h);
+            }
+            Response::from_parts(parts, Body::new(body))
+        }
+        Err(e) => {
+            tracing::warn!(upstream = service, error = %e, "gateway: upstream call failed");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{service} unavailable"),
+            )
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The inventory service: stock per SKU over gRPC (`Reserve`, `Release`, `Stock`), a JSON
+//! view at `GET /stock/{sku}`, and the consumer of `OrderPlaced` events, which confirms the
+//! order's reservation through the messaging inbox (exactly once per event).
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use keel::BoxError;
+use keel::messaging::consume::Handler;
+use keel::messaging::message::Message;
+use keel::messaging::store::{SqliteStore, SqliteTx};
+use sqlx::SqlitePool;
+use tonic::{Request, Status};
+
+use crate::events::{Bus, Counters, ORDER_PLACED, OrderPlaced};
+use crate::http::error;
+use crate::proto::inventory_server::{Inventory, InventoryServer};
+use crate::proto::{
+    ReleaseReply, ReleaseRequest, ReserveReply, ReserveRequest, StockReply, StockRequest,
+};
+
+const MIGRATIONS: &[&str] = &["CREATE TABLE stock (
+        sku TEXT PRIMARY KEY,
+        available INTEGER NOT NULL CHECK (available >= 0)
+    );
+    CREATE TABLE reservations (
+        order_id TEXT PRIMARY KEY,
+        sku TEXT NOT NULL,
+        quantity INTEGER NOT NULL,
+        state TEXT NOT NULL
+    );
+    CREATE TABLE confirmations (
+        message_id TEXT NOT NULL,
+        order_id TEXT NOT NULL,
+        confirmed_at INTEGER NOT NULL
+    )"];
+
+/// The SKUs a fresh inventory starts with (the demo's catalogue).
+pub const SEED: &[(&str, i64)] = &[
+    ("keel-mug", 1_000),
+    ("keel-tee", 500),
+    ("keel-sticker", 100_000),
+    ("keel-hoodie", 3),
+];
+
+/// The inventory service on `db`: migrations, seed stock, the store's readiness check, the
+/// gRPC and HTTP routes, and the `OrderPlaced` consumer on `bus`.
+pub async fn router(
+    app: &keel::App,
+    db: SqlitePool,
+    bus: &Bus,
+    counters: &Counters,
+) -> Result<Router, BoxError> {
+    crate::db::migrate(&db, "inventory", MIGRATIONS).await?;
+    for (sku, available) in SEED {
+        sqlx::query("INSERT OR IGNORE INTO stock (sku, available) VALUES (?1, ?2)")
+            .bind(sku)
+            .bind(available)
+            .execute(&db)
+            .await?;
+    }
+    crate::db::check_readiness(app, &db);
+    let store = SqliteStore::new(db.clone());
+    store.migrate().await?;
+    consume(app, store, bus, counters).await?;
+    let grpc = tonic::service::Routes::new(InventoryServer::new(Service { db: db.clone() }))
+        .into_axum_router();
+    Ok(Router::new()
+        .route("/stock/{sku}", get(stock_json))
+        .with_state(db)
+        .merge(grpc))
+}
+
+/// Confirm reservations as `OrderPlaced` events arrive, through the inbox.
+async fn consume(
+    app: &keel::App,
+    store: SqliteStore,
+    bus: &Bus,
+    counters: &Counters,
+) -> Result<(), BoxError> {
+    let retry = app.config().messaging.consumer.retry();
+    app.observe_consumer("inventory", counters.consumer.clone());
+    match bus {
+        Bus::Embedded(e) => {
+            e.subscribe(
+                ORDER_PLACED,
+                "inventory",
+                store,
+                Confirm,
+                retry,
+                counters.consumer.clone(),
+            );
+        }
+        Bus::Nats(nats) => {
+            let mut cfg =
+                keel::messaging::nats::ConsumerConfig::new(crate::events::STREAM, "inventory");
+            cfg.filter_subject = ORDER_PLACED.to_string();
+            cfg.retry = retry;
+            let settings = &app.config().messaging.consumer;
+            cfg.max_in_flight = settings.max_in_flight as usize;
+            cfg.batch = settings.batch as usize;
+            let (nats, stats) = (nats.clone(), counters.consumer.clone());
+            keel::messaging::transport::spawn_in_lifecycle(
+                app.shutdown(),
+                "inventory",
+                move |stop| async move {
+                    if let Err(e) =
+                        keel::messaging::nats::run(&nats, &cfg, &store, &Confirm, stats, stop).await
+                    {
+                        tracing::error!(error = %e, "inventory consumer stopped");
+                    }
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The `OrderPlaced` handler: confirm the order's reservation and record the confirmation,
+/// in the inbox transaction (so a redelivered event changes nothing).
+#[derive(Debug, Clone, Copy)]
+pub struct Confirm;
+
+impl Handler<SqliteTx> for Confirm {
+    async fn handle(&self, msg: &Message, tx: &mut SqliteTx) -> Result<(), BoxError> {
+        let event: OrderPlaced = serde_json::from_slice(&msg.payload)
+            .map_err(|e| format!("not an OrderPlaced event: {e}"))?;
+        sqlx::query(
+            "UPDATE reservations SET state = 'confirmed' WHERE order_id = ?1 AND state = 'held'",
+        )
+        .bind(&event.order_id)
+        .execute(tx.conn())
+        .await?;
+        sqlx::query("INSERT INTO confirmations (message_id, order_id, confirmed_at) VALUES (?1, ?2, unixepoch())")
+            .bind(&msg.id)
+            .bind(&event.order_id)
+            .execute(tx.conn())
+            .await?;
+        Ok(())
+    }
+}
+
+/// The gRPC service.
+#[derive(Debug, Clone)]
+struct Service {
+    db: SqlitePool,
+}
+
+fn store_status(e: sqlx::Error) -> Status {
+    tracing::warn!(error = %e, "inventory store failed");
+    Status::unavailable("inventory store unavailable")
+}
+
+#[tonic::async_trait]
+impl Inventory for Service {
+    async fn reserve(
+        &self,
+        req: Request<ReserveRequest>,
+    ) -> Result<tonic::Response<ReserveReply>, Status> {
+        let r = req.into_inner();
+        if r.quantity <= 0 || r.order_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "quantity must be positive and order_id set",
+            ));
+        }
+        let mut tx = self.db.begin().await.map_err(store_status)?;
+        // The write comes first, so the transaction takes the write lock at once (a read
+        // first would have to upgrade, which SQLite refuses under contention). A repeated
+        // Reserve for the same order inserts nothing and changes nothing.
+        let new = sqlx::query("INSERT INTO reservations (order_id, sku, quantity, state) VALUES (?1, ?2, ?3, 'held') ON CONFLICT (order_id) DO NOTHING")
+            .bind(&r.order_id)
+            .bind(&r.sku)
+            .bind(r.quantity)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_status)?
+            .rows_affected()
+            == 1;
+        if new {
+            let took = sqlx::query(
+                "UPDATE stock SET available = available - ?1 WHERE sku = ?2 AND available >= ?1",
+            )
+            .bind(r.quantity)
+            .bind(&r.sku)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_status)?
+            .rows_affected();
+            if took == 0 {
+                let known: Option<i64> =
+                    sqlx::query_scalar("SELECT available FROM stock WHERE sku = ?1")
+                        .bind(&r.sku)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(store_status)?;
+                return Err(match known {
+                    None => Status::not_found(format!("unknown sku {}", r.sku)),
+                    Some(a) => {
+                        Status::failed_precondition(format!("only {a} of {} available", r.sku))
+                    }
+                });
+            }
+        }
+        let available: i64 = sqlx::query_scalar("SELECT available FROM stock WHERE sku = ?1")
+            .bind(&r.sku)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(store_status)?;
+        tx.commit().await.map_err(store_status)?;
+        Ok(tonic::Response::new(ReserveReply { available }))
+    }
+
+    async fn release(
+        &self,
+        req: Request<ReleaseRequest>,
+    ) -> Result<tonic::Response<ReleaseReply>, Status> {
+        let r = req.into_inner();
+        let mut tx = self.db.begin().await.map_err(store_status)?;
+        let held: Option<(String, i64)> = sqlx::query_as(
+            "UPDATE reservations SET state = 'released' WHERE order_id = ?1 AND state = 'held' RETURNING sku, quantity",
+        )
+        .bind(&r.order_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(store_status)?;
+        if let Some((sku, quantity)) = &held {
+            sqlx::query("UPDATE stock SET available = available + ?1 WHERE sku = ?2")
+                .bind(quantity)
+                .bind(sku)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_status)?;
+        }
+        tx.commit().await.map_err(store_status)?;
+        Ok(tonic::Response::new(ReleaseReply {
+            released: held.is_some(),
+        }))
+    }
+
+    async fn stock(
+        &self,
+        req: Request<StockRequest>,
+    ) -> Result<tonic::Response<StockReply>, Status> {
+        let sku = req.into_inner().sku;
+        match read_stock(&self.db, &sku).await.map_err(store_status)? {
+            Some(s) => Ok(tonic::Response::new(s)),
+            None => Err(Status::not_found(format!("unknown sku {sku}"))),
+        }
+    }
+}
+
+async fn read_stock(db: &SqlitePool, sku: &str) -> Result<Option<StockReply>, sqlx::Error> {
+    let available: Option<i64> = sqlx::query_scalar("SELECT available FROM stock WHERE sku = ?1")
+        .bind(sku)
+        .fetch_optional(db)
+        .await?;
+    let Some(available) = available else {
+        return Ok(None);
+    };
+    let held = |state: &'static str| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT CAST(COALESCE(SUM(quantity), 0) AS INTEGER) FROM reservations WHERE sku = ?1 AND state = ?2",
+        )
+        .bind(sku)
+        .bind(state)
+        .fetch_one(db)
+    };
+    Ok(Some(StockReply {
+        sku: sku.to_string(),
+        available,
+        reserved: held("held").await?,
+        confirmed: held("confirmed").await?,
+    }))
+}
+
+async fn stock_json(State(db): State<SqlitePool>, Path(sku): Path<String>) -> Response {
+    match read_stock(&db, &sku).await {
+        Ok(Some(s)) => Json(serde_json::json!({
+            "sku": s.sku,
+            "available": s.available,
+            "reserved": s.reserved,
+            "confirmed": s.confirmed,
+        }))
+        .into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("unknown sku {sku}")),
+        Err(e) => {
+            tracing::warn!(error = %e, "inventory store failed");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "inventory store unavailable",
+            )
+        }
+    }
+}
+
+/// How many confirmations `order_id` has (exactly one once its event was consumed).
+pub async fn confirmations(db: &SqlitePool, order_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT COUNT(*) FROM confirmations WHERE order_id = ?1")
+        .bind(order_id)
+        .fetch_one(db)
+        .await
+}

@@ -1,0 +1,270 @@
+//! The order service (HTTP/JSON in, gRPC out).
+//!
+//! `POST /orders {"user_id", "sku", "quantity"}`:
+//! 1. the user must exist (`GET /users/{id}` at the user service, through Keel's client);
+//! 2. the stock is reserved at inventory over gRPC, with the request's remaining deadline;
+//! 3. the order row and its `OrderPlaced` event (outbox) are written in one transaction —
+//!    both or neither — and the relay publishes the event afterwards.
+//!
+//! Answers: 201 with the order; 400 malformed body; 422 unknown user, unknown SKU or a
+//! non-positive quantity; 409 not enough stock; 503 with a JSON error when a dependency is
+//! down (then no order row and no event exist). `GET /orders/{id}` → 200 / 404.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use keel::BoxError;
+use keel::client::client::{Client, Service as ClientService};
+use keel::messaging::consume::{Inbox, Tx};
+use keel::messaging::store::SqliteStore;
+use serde::{Deserialize, Serialize};
+use sqlx::SqlitePool;
+use tonic::Code;
+
+use crate::events::{Bus, Counters, ORDER_PLACED, OrderPlaced};
+use crate::http::error;
+use crate::proto::inventory_client::InventoryClient;
+use crate::proto::{ReleaseRequest, ReserveRequest};
+
+const MIGRATIONS: &[&str] = &["CREATE TABLE orders (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        sku TEXT NOT NULL,
+        quantity INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    )"];
+
+/// An order as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Order {
+    /// `ord_…`.
+    pub id: String,
+    /// The buyer.
+    pub user_id: String,
+    /// What.
+    pub sku: String,
+    /// How many.
+    pub quantity: i64,
+    /// `placed`.
+    pub state: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct NewOrder {
+    user_id: String,
+    sku: String,
+    quantity: i64,
+}
+
+#[derive(Clone)]
+struct Ctx {
+    store: SqliteStore,
+    users: Arc<Client>,
+    inventory: InventoryClient<ClientService>,
+}
+
+/// The order service on `db`: migrations (its table, the outbox), the store's readiness
+/// check, the routes, and the outbox relay to `bus` (stopped by the drain). Calls the
+/// `[clients.user]` and `[clients.inventory]` upstreams.
+pub async fn router(
+    app: &keel::App,
+    db: SqlitePool,
+    bus: Bus,
+    counters: &Counters,
+) -> Result<Router, BoxError> {
+    crate::db::migrate(&db, "order", MIGRATIONS).await?;
+    crate::db::check_readiness(app, &db);
+    let store = SqliteStore::new(db);
+    store.migrate().await?;
+    let users = app.client("user")?;
+    let inventory = InventoryClient::new(ClientService::new(app.client("inventory")?));
+    relay(app, store.clone(), bus, counters);
+    Ok(Router::new()
+        .route("/orders", post(create))
+        .route("/orders/{id}", get(read))
+        .with_state(Ctx {
+            store,
+            users,
+            inventory,
+        }))
+}
+
+/// The outbox relay, part of the service's lifecycle: it stops when the drain begins.
+fn relay(app: &keel::App, store: SqliteStore, bus: Bus, counters: &Counters) {
+    let cfg = app.config().messaging.relay.clone();
+    let stats = counters.outbox.clone();
+    app.observe_store("order", stats.clone());
+    keel::messaging::transport::spawn_in_lifecycle(
+        app.shutdown(),
+        "order-relay",
+        move |stop| async move {
+            store
+                .run_relay_observed(&bus, i64::from(cfg.batch), cfg.interval.get(), &stats, stop)
+                .await;
+        },
+    );
+}
+
+async fn create(State(ctx): State<Ctx>, body: axum::body::Bytes) -> Response {
+    let Ok(new) = serde_json::from_slice::<NewOrder>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected a JSON object {\"user_id\": string, \"sku\": string, \"quantity\": integer}",
+        );
+    };
+    if new.quantity <= 0 || new.quantity > 1_000 {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "quantity must be 1 to 1000",
+        );
+    }
+    // 1. The buyer exists.
+    match crate::http::get(&ctx.users, &format!("/users/{}", new.user_id)).await {
+        Ok((StatusCode::OK, _)) => {}
+        Ok((StatusCode::NOT_FOUND, _)) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("unknown user {}", new.user_id),
+            );
+        }
+        Ok((status, _)) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("user service answered {status}"),
+            );
+        }
+        Err(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("user service unavailable: {e}"),
+            );
+        }
+    }
+    // 2. Reserve the stock (Keel's client sends the remaining deadline as grpc-timeout).
+    let order_id = crate::db::new_id("ord");
+    let mut inventory = ctx.inventory.clone();
+    let reserved = inventory
+        .reserve(ReserveRequest {
+            order_id: order_id.clone(),
+            sku: new.sku.clone(),
+            quantity: new.quantity,
+        })
+        .await;
+    if let Err(status) = reserved {
+        return match status.code() {
+            Code::FailedPrecondition => error(StatusCode::CONFLICT, status.message()),
+            Code::NotFound => error(StatusCode::UNPROCESSABLE_ENTITY, status.message()),
+            Code::InvalidArgument => error(StatusCode::UNPROCESSABLE_ENTITY, status.message()),
+            Code::DeadlineExceeded => error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "inventory did not answer in time",
+            ),
+            _ => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("inventory unavailable: {}", status.message()),
+            ),
+        };
+    }
+    // 3. The order and its event, in one transaction.
+    let order = Order {
+        id: order_id,
+        user_id: new.user_id,
+        sku: new.sku,
+        quantity: new.quantity,
+        state: "placed".into(),
+    };
+    if let Err(e) = store_order(&ctx.store, &order).await {
+        tracing::warn!(order = %order.id, error = %e, "order store failed; releasing the reservation");
+        // Best effort: the reservation would otherwise hold stock for an order that does
+        // not exist (a reconciliation job would find it by its missing order row).
+        let _ = inventory
+            .release(ReleaseRequest {
+                order_id: order.id.clone(),
+            })
+            .await;
+        return error(StatusCode::SERVICE_UNAVAILABLE, "order store unavailable");
+    }
+    (StatusCode::CREATED, Json(order)).into_response()
+}
+
+async fn store_order(store: &SqliteStore, order: &Order) -> Result<(), BoxError> {
+    let mut tx = store.begin().await?;
+    sqlx::query("INSERT INTO orders (id, user_id, sku, quantity, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, unixepoch())")
+        .bind(&order.id)
+        .bind(&order.user_id)
+        .bind(&order.sku)
+        .bind(order.quantity)
+        .bind(&order.state)
+        .execute(tx.conn())
+        .await?;
+    let event = OrderPlaced {
+        order_id: order.id.clone(),
+        user_id: order.user_id.clone(),
+        sku: order.sku.clone(),
+        quantity: order.quantity,
+    };
+    // The request's trace context, baggage and deadline travel with the event, so the
+    // consumer's span joins this trace.
+    let mut headers = std::collections::BTreeMap::new();
+    if let Some(ctx) = keel::Context::current() {
+        let _ = keel::propagation::inject(
+            &ctx,
+            keel::propagation::Carrier::Message,
+            &keel::propagation::Outbound::default(),
+            &mut headers,
+        );
+        // An event outlives the request: its consumer is not bound by the caller's deadline.
+        headers.remove("keel-deadline");
+    }
+    tx.publish(
+        ORDER_PLACED,
+        Some(order.id.as_bytes()),
+        &serde_json::to_vec(&event)?,
+        headers,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `orders` as stored: id, user_id, sku, quantity, state.
+type OrderRow = (String, String, String, i64, String);
+
+async fn read(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
+    let found: Result<Option<OrderRow>, _> =
+        sqlx::query_as("SELECT id, user_id, sku, quantity, state FROM orders WHERE id = ?1")
+            .bind(&id)
+            .fetch_optional(ctx.store.pool())
+            .await;
+    match found {
+        Ok(Some((id, user_id, sku, quantity, state))) => Json(Order {
+            id,
+            user_id,
+            sku,
+            quantity,
+            state,
+        })
+        .into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no order {id}")),
+        Err(e) => {
+            tracing::warn!(error = %e, "order store failed");
+            error(StatusCode::SERVICE_UNAVAILABLE, "order store unavailable")
+        }
+    }
+}
+
+/// Orders and unsent outbox rows in `db` (what a failed order must leave at zero).
+pub async fn counts(db: &SqlitePool) -> Result<(i64, i64), sqlx::Error> {
+    let orders = sqlx::query_scalar("SELECT COUNT(*) FROM orders")
+        .fetch_one(db)
+        .await?;
+    let outbox = sqlx::query_scalar("SELECT COUNT(*) FROM keel_outbox")
+        .fetch_one(db)
+        .await?;
+    Ok((orders, outbox))
+}
