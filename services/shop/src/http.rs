@@ -32,7 +32,8 @@ pub fn tag_instance(router: axum::Router, name: String) -> axum::Router {
     router.layer(axum::middleware::map_response(move |mut resp: Response| {
         let value = value.clone();
         async move {
-            resp.headers_mut().insert("x-shop-instance", value);
+            // A proxied answer keeps the upstream's tag: it says who really answered.
+            resp.headers_mut().entry("x-shop-instance").or_insert(value);
             resp
         }
     }))

@@ -18,6 +18,7 @@ pub mod events;
 pub mod gateway;
 pub mod http;
 pub mod inventory;
+pub mod local;
 pub mod order;
 pub mod user;
 

@@ -3,6 +3,7 @@
 //! - `POST /users {"name", "email"}` → 201 with the user; 400 for a malformed body, 422 for
 //!   an empty name or an email without `@`, 409 when the email is taken.
 //! - `GET /users/{id}` → 200 with the user, 404.
+//! - `GET /users/whoami` → the identity the gateway vouched for.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -46,6 +47,7 @@ pub async fn router(app: &keel::App, db: SqlitePool) -> Result<Router, BoxError>
     Ok(Router::new()
         .route("/users", post(create))
         .route("/users/{id}", get(read))
+        .route("/users/whoami", get(whoami))
         .with_state(db))
 }
 
@@ -90,6 +92,20 @@ async fn create(State(db): State<SqlitePool>, body: axum::body::Bytes) -> Respon
             error(StatusCode::SERVICE_UNAVAILABLE, "user store unavailable")
         }
     }
+}
+
+/// Who the gateway says the caller is (`x-shop-key`, `x-shop-scopes`): what a service
+/// behind the gateway may trust, since the gateway strips these headers from clients.
+async fn whoami(headers: axum::http::HeaderMap) -> Response {
+    let h = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    Json(serde_json::json!({ "key": h("x-shop-key"), "scopes": h("x-shop-scopes") }))
+        .into_response()
 }
 
 async fn read(State(db): State<SqlitePool>, Path(id): Path<String>) -> Response {
