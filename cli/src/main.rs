@@ -1,12 +1,16 @@
 //! The `keel` command.
 //!
-//! - `keel demo` — run the reference system on one machine with embedded defaults (until the
-//!   shop lands: the example service on `127.0.0.1:8080`, admin on `127.0.0.1:9990`).
+//! - `keel demo` — run the shop (the reference system) on this machine with embedded
+//!   defaults: four services on free ports, a short mixed workload, a summary, then the shop
+//!   stays up until Ctrl-C. `keel demo --smoke` is the few-second version CI runs.
 //! - `keel config check FILE` — validate a config file (plus `KEEL_*` env and `--set` flags),
 //!   print every problem or the effective config with its hash.
 
+mod demo;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use keel::Sources;
@@ -24,14 +28,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the demo system on this machine.
+    /// Run the shop (gateway, user, order, inventory) on this machine: drive a short mixed
+    /// workload, print the summary, then keep it running until Ctrl-C.
     Demo {
-        /// Config file (TOML or YAML).
-        #[arg(short, long, env = "KEEL_CONFIG")]
-        config: Option<PathBuf>,
-        /// Override one key, e.g. --set server.addr=127.0.0.1:8080 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
+        /// A few seconds of traffic, the summary, and exit: non-zero on any failure.
+        #[arg(long)]
+        smoke: bool,
+        /// How long the workload runs, in seconds (default 10; 3 with --smoke).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Requests in flight during the workload.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
     },
     /// Configuration tools.
     Config {
@@ -55,7 +63,24 @@ enum ConfigCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Demo { config, sets } => demo(Sources { file: config, sets }),
+        Cmd::Demo {
+            smoke,
+            seconds,
+            concurrency,
+        } => {
+            let plan = demo::Plan {
+                duration: Duration::from_secs(seconds.unwrap_or(if smoke { 3 } else { 10 })),
+                concurrency,
+                smoke,
+            };
+            match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt.block_on(demo::run(plan)),
+                Err(e) => {
+                    eprintln!("keel demo: cannot start the runtime: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Config {
             cmd: ConfigCmd::Check { file, sets },
         } => config_check(Sources {
@@ -63,26 +88,6 @@ fn main() -> ExitCode {
             sets,
         }),
     }
-}
-
-fn demo(mut sources: Sources) -> ExitCode {
-    // The demo binds loopback by default: it is a local playground, not a deployment.
-    if std::env::var_os("KEEL_SERVER__ADDR").is_none()
-        && !sources.sets.iter().any(|s| s.starts_with("server.addr="))
-    {
-        sources.sets.insert(0, "server.addr=127.0.0.1:8080".into());
-    }
-    keel::run_with("demo", &sources, |app| async move {
-        app.readiness()
-            .check("self", || async { Ok::<(), String>(()) });
-        let addr = app.config().server.addr;
-        let admin = app.config().admin.addr;
-        eprintln!(
-            "keel demo: example service on http://{addr}/ (try /slow?ms=200, /cpu?us=500), \
-             admin on http://{admin}/ — Ctrl-C drains and exits"
-        );
-        app.serve(keel_example_hello::routes()).await
-    })
 }
 
 fn config_check(sources: Sources) -> ExitCode {

@@ -1,6 +1,6 @@
 //! The Keel example service.
 //!
-//! Run with `cargo run -p keel-example-hello` (or `keel demo`), then
+//! Run with `cargo run -p keel-example-hello`, then
 //! `curl localhost:8080/` and `curl localhost:9990/readyz?verbose`.
 //! Addresses come from `KEEL_SERVER__ADDR` and `KEEL_ADMIN__ADDR`; every other key from
 //! `docs/operations.md` works the same way, or through `--config FILE` / `--set key=value`.
