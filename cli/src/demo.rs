@@ -32,6 +32,8 @@ pub(crate) struct Plan {
     pub(crate) concurrency: usize,
     /// Exit after the summary (non-zero on any failure) instead of waiting for Ctrl-C.
     pub(crate) smoke: bool,
+    /// Carry the order events over this NATS server instead of the embedded broker.
+    pub(crate) nats: Option<String>,
 }
 
 /// Spans received by the demo's own OTLP endpoint (the services export to it).
@@ -124,6 +126,7 @@ async fn run_inner(plan: Plan) -> Result<bool, keel::BoxError> {
     }
     let dir = std::env::temp_dir().join(format!("keel-demo-{}", std::process::id()));
     let mut opts = Options::new(&dir);
+    opts.nats = plan.nats.clone();
     // Every request traced, so the summary can lay one out hop by hop.
     opts.extra_config = format!(
         "[tracing]\nendpoint = \"http://{otlp}\"\nexport_interval = \"200ms\"\nsample_ratio = 1.0\n\n[log]\nlevel = \"warn\"\n"

@@ -40,6 +40,10 @@ enum Cmd {
         /// Requests in flight during the workload.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        /// Real servers instead of embedded defaults: `nats` carries the order events over
+        /// NATS JetStream (`nats://127.0.0.1:4222`, or `nats=URL`).
+        #[arg(long = "with", value_name = "SERVER[=URL],…", value_delimiter = ',')]
+        with: Vec<String>,
     },
     /// Configuration tools.
     Config {
@@ -67,11 +71,27 @@ fn main() -> ExitCode {
             smoke,
             seconds,
             concurrency,
+            with,
         } => {
+            let mut nats = None;
+            for w in &with {
+                match w.split_once('=') {
+                    Some(("nats", url)) => nats = Some(url.to_string()),
+                    None if w == "nats" => nats = Some("nats://127.0.0.1:4222".to_string()),
+                    _ => {
+                        eprintln!(
+                            "keel demo: --with {w:?}: the shop can use `nats` (or `nats=URL`) so far; \
+                             PostgreSQL, RabbitMQ and Kafka stores/brokers are not wired into it yet"
+                        );
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             let plan = demo::Plan {
                 duration: Duration::from_secs(seconds.unwrap_or(if smoke { 3 } else { 10 })),
                 concurrency,
                 smoke,
+                nats,
             };
             match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt.block_on(demo::run(plan)),

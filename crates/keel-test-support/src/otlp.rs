@@ -205,6 +205,38 @@ impl OtlpReceiver {
             .collect()
     }
 
+    /// The `service.name` of every resource that sent a span of `trace_id` (lower-case
+    /// hex), once each.
+    pub fn resources_of_trace(&self, trace_id: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        for rs in self.requests().into_iter().flat_map(|r| r.resource_spans) {
+            let has = rs.scope_spans.iter().flat_map(|ss| &ss.spans).any(|sp| {
+                sp.trace_id
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+                    == trace_id
+            });
+            let name = rs.resource.as_ref().and_then(|r| {
+                r.attributes
+                    .iter()
+                    .find(|a| a.key == "service.name")
+                    .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
+                            s,
+                        ) => Some(s.clone()),
+                        _ => None,
+                    })
+            });
+            if let (true, Some(n)) = (has, name) {
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+        names
+    }
+
     /// Export requests refused while [`OtlpReceiver::set_failing`] was on.
     pub fn refused(&self) -> u64 {
         self.state.refused.load(Ordering::SeqCst)

@@ -2,11 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Where `OrderPlaced` events go (a NATS subject; the embedded broker's destination).
+/// Where `OrderPlaced` events go with the embedded broker, and on NATS with the default
+/// prefix (`<prefix>.orders.placed`).
 pub const ORDER_PLACED: &str = "shop.orders.placed";
-
-/// The stream holding the shop's events on NATS.
-pub const STREAM: &str = "SHOP";
 
 /// An order was stored and its stock reserved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,8 +33,9 @@ use keel::messaging::store::{Outgoing, Publisher};
 pub enum Bus {
     /// In-process; the outbox table is the queue.
     Embedded(Embedded),
-    /// NATS JetStream, stream [`STREAM`].
-    Nats(Nats),
+    /// NATS JetStream: subjects `<prefix>.>` in the stream named by the upper-cased prefix
+    /// (`SHOP_NATS_PREFIX`, default `shop`; two shops on one NATS server need two prefixes).
+    Nats(Box<Nats>, String),
 }
 
 impl Bus {
@@ -46,10 +45,18 @@ impl Bus {
         match cfg.broker {
             BrokerKind::Embedded => Ok(Bus::Embedded(embedded.clone())),
             BrokerKind::Nats => {
+                let prefix = std::env::var("SHOP_NATS_PREFIX").unwrap_or_else(|_| "shop".into());
+                let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+                if prefix.is_empty() || !prefix.chars().all(valid) {
+                    return Err(format!(
+                        "SHOP_NATS_PREFIX={prefix:?}: letters, digits, - and _ only"
+                    )
+                    .into());
+                }
                 let nats = Nats::connect(cfg.effective_url()).await?;
-                nats.ensure_stream(STREAM, vec!["shop.>".to_string()])
+                nats.ensure_stream(&prefix.to_ascii_uppercase(), vec![format!("{prefix}.>")])
                     .await?;
-                Ok(Bus::Nats(nats))
+                Ok(Bus::Nats(Box::new(nats), prefix))
             }
             other => Err(format!(
                 "the shop runs on messaging.broker = \"embedded\" or \"nats\", not {other:?}"
@@ -59,18 +66,36 @@ impl Bus {
     }
 }
 
+impl Bus {
+    /// The destination of `OrderPlaced` events.
+    pub fn order_placed(&self) -> String {
+        match self {
+            Bus::Embedded(_) => ORDER_PLACED.to_string(),
+            Bus::Nats(_, prefix) => format!("{prefix}.orders.placed"),
+        }
+    }
+
+    /// The NATS stream, when on NATS.
+    pub fn stream(&self) -> Option<String> {
+        match self {
+            Bus::Embedded(_) => None,
+            Bus::Nats(_, prefix) => Some(prefix.to_ascii_uppercase()),
+        }
+    }
+}
+
 impl Publisher for Bus {
     async fn publish(&self, msg: &Outgoing) -> Result<(), BoxError> {
         match self {
             Bus::Embedded(e) => e.publish(msg).await,
-            Bus::Nats(n) => n.publish(msg).await,
+            Bus::Nats(n, _) => n.publish(msg).await,
         }
     }
 
     async fn publish_batch(&self, msgs: &[Outgoing]) -> (usize, Option<BoxError>) {
         match self {
             Bus::Embedded(e) => e.publish_batch(msgs).await,
-            Bus::Nats(n) => n.publish_batch(msgs).await,
+            Bus::Nats(n, _) => n.publish_batch(msgs).await,
         }
     }
 }

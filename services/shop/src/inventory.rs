@@ -15,7 +15,7 @@ use keel::messaging::store::{SqliteStore, SqliteTx};
 use sqlx::SqlitePool;
 use tonic::{Request, Status};
 
-use crate::events::{Bus, Counters, ORDER_PLACED, OrderPlaced};
+use crate::events::{Bus, Counters, OrderPlaced};
 use crate::http::error;
 use crate::proto::inventory_server::{Inventory, InventoryServer};
 use crate::proto::{
@@ -86,7 +86,7 @@ async fn consume(
     match bus {
         Bus::Embedded(e) => {
             e.subscribe(
-                ORDER_PLACED,
+                &bus.order_placed(),
                 "inventory",
                 store,
                 Confirm,
@@ -94,10 +94,12 @@ async fn consume(
                 counters.consumer.clone(),
             );
         }
-        Bus::Nats(nats) => {
-            let mut cfg =
-                keel::messaging::nats::ConsumerConfig::new(crate::events::STREAM, "inventory");
-            cfg.filter_subject = ORDER_PLACED.to_string();
+        Bus::Nats(nats, _) => {
+            let mut cfg = keel::messaging::nats::ConsumerConfig::new(
+                &bus.stream().unwrap_or_default(),
+                "inventory",
+            );
+            cfg.filter_subject = bus.order_placed();
             cfg.retry = retry;
             let settings = &app.config().messaging.consumer;
             cfg.max_in_flight = settings.max_in_flight as usize;

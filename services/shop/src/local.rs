@@ -32,6 +32,9 @@ pub struct Options {
     /// Start no inventory service and point its callers at an address nobody listens on
     /// (tests of what the shop does while inventory is down).
     pub inventory_down: bool,
+    /// Carry order events over this NATS server (`nats://…`) instead of the embedded
+    /// broker: the real-server path, still in one process.
+    pub nats: Option<String>,
 }
 
 impl Options {
@@ -50,6 +53,7 @@ impl Options {
             extra_config: String::new(),
             drain_delay: Duration::from_millis(200),
             inventory_down: false,
+            nats: None,
         }
     }
 }
@@ -169,7 +173,17 @@ impl LocalShop {
         };
 
         let inventory_db = crate::db::open(&db("inventory")).await?;
-        let bus = Bus::Embedded(embedded.clone());
+        let bus = match &opts.nats {
+            None => Bus::Embedded(embedded.clone()),
+            Some(url) => {
+                let cfg = keel::messaging::config::MessagingConfig {
+                    broker: keel::messaging::config::BrokerKind::Nats,
+                    url: url.clone(),
+                    ..Default::default()
+                };
+                Bus::connect(&cfg, &embedded).await?
+            }
+        };
         if !opts.inventory_down {
             let a = app("inventory", inventory)?;
             let r = crate::inventory::router(&a, inventory_db.clone(), &bus, &counters).await?;

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::SqlitePool;
 use tonic::Code;
 
-use crate::events::{Bus, Counters, ORDER_PLACED, OrderPlaced};
+use crate::events::{Bus, Counters, OrderPlaced};
 use crate::http::error;
 use crate::proto::inventory_client::InventoryClient;
 use crate::proto::{ReleaseRequest, ReserveRequest};
@@ -64,6 +64,8 @@ struct NewOrder {
 #[derive(Clone)]
 struct Ctx {
     store: SqliteStore,
+    /// Where `OrderPlaced` events go.
+    destination: String,
     users: Arc<Client>,
     inventory: InventoryClient<ClientService>,
 }
@@ -83,12 +85,14 @@ pub async fn router(
     store.migrate().await?;
     let users = app.client("user")?;
     let inventory = InventoryClient::new(ClientService::new(app.client("inventory")?));
+    let destination = bus.order_placed();
     relay(app, store.clone(), bus, counters);
     Ok(Router::new()
         .route("/orders", post(create))
         .route("/orders/{id}", get(read))
         .with_state(Ctx {
             store,
+            destination,
             users,
             inventory,
         }))
@@ -178,7 +182,7 @@ async fn create(State(ctx): State<Ctx>, body: axum::body::Bytes) -> Response {
         quantity: new.quantity,
         state: "placed".into(),
     };
-    if let Err(e) = store_order(&ctx.store, &order).await {
+    if let Err(e) = store_order(&ctx.store, &ctx.destination, &order).await {
         tracing::warn!(order = %order.id, error = %e, "order store failed; releasing the reservation");
         // Best effort: the reservation would otherwise hold stock for an order that does
         // not exist (a reconciliation job would find it by its missing order row).
@@ -192,7 +196,11 @@ async fn create(State(ctx): State<Ctx>, body: axum::body::Bytes) -> Response {
     (StatusCode::CREATED, Json(order)).into_response()
 }
 
-async fn store_order(store: &SqliteStore, order: &Order) -> Result<(), BoxError> {
+async fn store_order(
+    store: &SqliteStore,
+    destination: &str,
+    order: &Order,
+) -> Result<(), BoxError> {
     let mut tx = store.begin().await?;
     sqlx::query("INSERT INTO orders (id, user_id, sku, quantity, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, unixepoch())")
         .bind(&order.id)
@@ -222,7 +230,7 @@ async fn store_order(store: &SqliteStore, order: &Order) -> Result<(), BoxError>
         headers.remove("keel-deadline");
     }
     tx.publish(
-        ORDER_PLACED,
+        destination,
         Some(order.id.as_bytes()),
         &serde_json::to_vec(&event)?,
         headers,
