@@ -34,6 +34,8 @@ pub(crate) struct Plan {
     pub(crate) smoke: bool,
     /// Carry the order events over this NATS server instead of the embedded broker.
     pub(crate) nats: Option<String>,
+    /// Keep the services' data in PostgreSQL (an admin URL; fresh databases are made on it).
+    pub(crate) postgres: Option<String>,
 }
 
 /// Spans received by the demo's own OTLP endpoint (the services export to it).
@@ -127,6 +129,7 @@ async fn run_inner(plan: Plan) -> Result<bool, keel::BoxError> {
     let dir = std::env::temp_dir().join(format!("keel-demo-{}", std::process::id()));
     let mut opts = Options::new(&dir);
     opts.nats = plan.nats.clone();
+    opts.postgres = plan.postgres.clone();
     // Every request traced, so the summary can lay one out hop by hop.
     opts.extra_config = format!(
         "[tracing]\nendpoint = \"http://{otlp}\"\nexport_interval = \"200ms\"\nsample_ratio = 1.0\n\n[log]\nlevel = \"warn\"\n"

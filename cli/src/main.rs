@@ -41,7 +41,9 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
         /// Real servers instead of embedded defaults: `nats` carries the order events over
-        /// NATS JetStream (`nats://127.0.0.1:4222`, or `nats=URL`).
+        /// NATS JetStream (`nats://127.0.0.1:4222`, or `nats=URL`); `postgres` keeps each
+        /// service's data in a fresh PostgreSQL database (created on
+        /// `postgres://postgres@127.0.0.1:5432/postgres`, or `postgres=URL`, dropped at exit).
         #[arg(long = "with", value_name = "SERVER[=URL],…", value_delimiter = ',')]
         with: Vec<String>,
     },
@@ -73,15 +75,19 @@ fn main() -> ExitCode {
             concurrency,
             with,
         } => {
-            let mut nats = None;
+            let (mut nats, mut postgres) = (None, None);
             for w in &with {
                 match w.split_once('=') {
                     Some(("nats", url)) => nats = Some(url.to_string()),
                     None if w == "nats" => nats = Some("nats://127.0.0.1:4222".to_string()),
+                    Some(("postgres", url)) => postgres = Some(url.to_string()),
+                    None if w == "postgres" => {
+                        postgres = Some("postgres://postgres@127.0.0.1:5432/postgres".to_string())
+                    }
                     _ => {
                         eprintln!(
-                            "keel demo: --with {w:?}: the shop can use `nats` (or `nats=URL`) so far; \
-                             PostgreSQL, RabbitMQ and Kafka stores/brokers are not wired into it yet"
+                            "keel demo: --with {w:?}: expected nats[=URL] or postgres[=URL] \
+                             (RabbitMQ and Kafka are not wired into the shop yet)"
                         );
                         return ExitCode::from(2);
                     }
@@ -92,6 +98,7 @@ fn main() -> ExitCode {
                 concurrency,
                 smoke,
                 nats,
+                postgres,
             };
             match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt.block_on(demo::run(plan)),

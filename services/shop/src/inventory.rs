@@ -11,8 +11,10 @@ use axum::routing::get;
 use keel::BoxError;
 use keel::messaging::consume::Handler;
 use keel::messaging::message::Message;
-use keel::messaging::store::{SqliteStore, SqliteTx};
-use sqlx::SqlitePool;
+use keel::messaging::store::{PgStore, PgTx, SqliteStore, SqliteTx};
+
+use crate::db::Db;
+use crate::with_db;
 use tonic::{Request, Status};
 
 use crate::events::{Bus, Counters, OrderPlaced};
@@ -24,18 +26,18 @@ use crate::proto::{
 
 const MIGRATIONS: &[&str] = &["CREATE TABLE stock (
         sku TEXT PRIMARY KEY,
-        available INTEGER NOT NULL CHECK (available >= 0)
+        available BIGINT NOT NULL CHECK (available >= 0)
     );
     CREATE TABLE reservations (
         order_id TEXT PRIMARY KEY,
         sku TEXT NOT NULL,
-        quantity INTEGER NOT NULL,
+        quantity BIGINT NOT NULL,
         state TEXT NOT NULL
     );
     CREATE TABLE confirmations (
         message_id TEXT NOT NULL,
         order_id TEXT NOT NULL,
-        confirmed_at INTEGER NOT NULL
+        confirmed_at BIGINT NOT NULL
     )"];
 
 /// The SKUs a fresh inventory starts with (the demo's catalogue).
@@ -50,22 +52,34 @@ pub const SEED: &[(&str, i64)] = &[
 /// gRPC and HTTP routes, and the `OrderPlaced` consumer on `bus`.
 pub async fn router(
     app: &keel::App,
-    db: SqlitePool,
+    db: Db,
     bus: &Bus,
     counters: &Counters,
 ) -> Result<Router, BoxError> {
     crate::db::migrate(&db, "inventory", MIGRATIONS).await?;
     for (sku, available) in SEED {
-        sqlx::query("INSERT OR IGNORE INTO stock (sku, available) VALUES (?1, ?2)")
-            .bind(sku)
-            .bind(available)
-            .execute(&db)
-            .await?;
+        with_db!(&db, |pool, sql| sqlx::query(sql(
+            "INSERT INTO stock (sku, available) VALUES ($1, $2) ON CONFLICT (sku) DO NOTHING"
+        ))
+        .bind(sku)
+        .bind(available)
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
     }
     crate::db::check_readiness(app, &db);
-    let store = SqliteStore::new(db.clone());
-    store.migrate().await?;
-    consume(app, store, bus, counters).await?;
+    match &db {
+        Db::Sqlite(pool) => {
+            let store = SqliteStore::new(pool.clone());
+            store.migrate().await?;
+            consume(app, store, bus, counters);
+        }
+        Db::Postgres(pool) => {
+            let store = PgStore::new(pool.clone());
+            store.migrate().await?;
+            consume(app, store, bus, counters);
+        }
+    }
     let grpc = tonic::service::Routes::new(InventoryServer::new(Service { db: db.clone() }))
         .into_axum_router();
     Ok(Router::new()
@@ -74,13 +88,12 @@ pub async fn router(
         .merge(grpc))
 }
 
-/// Confirm reservations as `OrderPlaced` events arrive, through the inbox.
-async fn consume(
-    app: &keel::App,
-    store: SqliteStore,
-    bus: &Bus,
-    counters: &Counters,
-) -> Result<(), BoxError> {
+/// Confirm reservations as `OrderPlaced` events arrive, through the inbox of `store`.
+fn consume<S>(app: &keel::App, store: S, bus: &Bus, counters: &Counters)
+where
+    S: keel::messaging::consume::Inbox + Clone + 'static,
+    Confirm: Handler<S::Tx>,
+{
     let retry = app.config().messaging.consumer.retry();
     app.observe_consumer("inventory", counters.consumer.clone());
     match bus {
@@ -118,7 +131,6 @@ async fn consume(
             );
         }
     }
-    Ok(())
 }
 
 /// The `OrderPlaced` handler: confirm the order's reservation and record the confirmation,
@@ -126,34 +138,55 @@ async fn consume(
 #[derive(Debug, Clone, Copy)]
 pub struct Confirm;
 
-impl Handler<SqliteTx> for Confirm {
-    async fn handle(&self, msg: &Message, tx: &mut SqliteTx) -> Result<(), BoxError> {
-        let event: OrderPlaced = serde_json::from_slice(&msg.payload)
-            .map_err(|e| format!("not an OrderPlaced event: {e}"))?;
-        sqlx::query(
-            "UPDATE reservations SET state = 'confirmed' WHERE order_id = ?1 AND state = 'held'",
-        )
-        .bind(&event.order_id)
-        .execute(tx.conn())
-        .await?;
-        sqlx::query("INSERT INTO confirmations (message_id, order_id, confirmed_at) VALUES (?1, ?2, unixepoch())")
-            .bind(&msg.id)
-            .bind(&event.order_id)
-            .execute(tx.conn())
-            .await?;
-        Ok(())
-    }
+macro_rules! confirm_in {
+    ($tx:ty, $postgres:expr) => {
+        impl Handler<$tx> for Confirm {
+            async fn handle(&self, msg: &Message, tx: &mut $tx) -> Result<(), BoxError> {
+                let sql = |s: &'static str| crate::db::dialect($postgres, s);
+                let event: OrderPlaced = serde_json::from_slice(&msg.payload)
+                    .map_err(|e| format!("not an OrderPlaced event: {e}"))?;
+                sqlx::query(sql(
+                    "UPDATE reservations SET state = 'confirmed' WHERE order_id = $1 AND state = 'held'",
+                ))
+                .bind(&event.order_id)
+                .execute(tx.conn())
+                .await?;
+                sqlx::query(sql(
+                    "INSERT INTO confirmations (message_id, order_id, confirmed_at) VALUES ($1, $2, $3)",
+                ))
+                .bind(&msg.id)
+                .bind(&event.order_id)
+                .bind(crate::db::now())
+                .execute(tx.conn())
+                .await?;
+                Ok(())
+            }
+        }
+    };
 }
+
+confirm_in!(SqliteTx, false);
+confirm_in!(PgTx, true);
 
 /// The gRPC service.
 #[derive(Debug, Clone)]
 struct Service {
-    db: SqlitePool,
+    db: Db,
 }
 
 fn store_status(e: sqlx::Error) -> Status {
     tracing::warn!(error = %e, "inventory store failed");
     Status::unavailable("inventory store unavailable")
+}
+
+/// What a reservation attempt found.
+enum Reserved {
+    /// Held (now or by an earlier call for the same order); what is left.
+    Available(i64),
+    /// No such SKU.
+    UnknownSku,
+    /// Not enough: what there is.
+    Short(i64),
 }
 
 #[tonic::async_trait]
@@ -168,51 +201,59 @@ impl Inventory for Service {
                 "quantity must be positive and order_id set",
             ));
         }
-        let mut tx = self.db.begin().await.map_err(store_status)?;
-        // The write comes first, so the transaction takes the write lock at once (a read
-        // first would have to upgrade, which SQLite refuses under contention). A repeated
-        // Reserve for the same order inserts nothing and changes nothing.
-        let new = sqlx::query("INSERT INTO reservations (order_id, sku, quantity, state) VALUES (?1, ?2, ?3, 'held') ON CONFLICT (order_id) DO NOTHING")
+        let outcome: Result<Reserved, sqlx::Error> = with_db!(&self.db, |pool, sql| {
+            async {
+            let mut tx = pool.begin().await?;
+            // The write comes first, so the transaction takes the write lock at once (in
+            // SQLite a read first would have to upgrade, which fails under contention). A
+            // repeated Reserve for the same order inserts nothing and changes nothing.
+            let new = sqlx::query(sql(
+                "INSERT INTO reservations (order_id, sku, quantity, state) VALUES ($1, $2, $3, 'held') ON CONFLICT (order_id) DO NOTHING",
+            ))
             .bind(&r.order_id)
             .bind(&r.sku)
             .bind(r.quantity)
             .execute(&mut *tx)
-            .await
-            .map_err(store_status)?
+            .await?
             .rows_affected()
-            == 1;
-        if new {
-            let took = sqlx::query(
-                "UPDATE stock SET available = available - ?1 WHERE sku = ?2 AND available >= ?1",
-            )
-            .bind(r.quantity)
-            .bind(&r.sku)
-            .execute(&mut *tx)
-            .await
-            .map_err(store_status)?
-            .rows_affected();
-            if took == 0 {
-                let known: Option<i64> =
-                    sqlx::query_scalar("SELECT available FROM stock WHERE sku = ?1")
-                        .bind(&r.sku)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(store_status)?;
-                return Err(match known {
-                    None => Status::not_found(format!("unknown sku {}", r.sku)),
-                    Some(a) => {
-                        Status::failed_precondition(format!("only {a} of {} available", r.sku))
-                    }
-                });
+                == 1;
+            if new {
+                let took = sqlx::query(sql(
+                    "UPDATE stock SET available = available - $1 WHERE sku = $2 AND available >= $1",
+                ))
+                .bind(r.quantity)
+                .bind(&r.sku)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if took == 0 {
+                    let known: Option<i64> =
+                        sqlx::query_scalar(sql("SELECT available FROM stock WHERE sku = $1"))
+                            .bind(&r.sku)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    // Dropping the transaction rolls the reservation row back.
+                    return Ok(known.map_or(Reserved::UnknownSku, Reserved::Short));
+                }
             }
+            let available: i64 =
+                sqlx::query_scalar(sql("SELECT available FROM stock WHERE sku = $1"))
+                    .bind(&r.sku)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            tx.commit().await?;
+            Ok(Reserved::Available(available))
         }
-        let available: i64 = sqlx::query_scalar("SELECT available FROM stock WHERE sku = ?1")
-            .bind(&r.sku)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(store_status)?;
-        tx.commit().await.map_err(store_status)?;
-        Ok(tonic::Response::new(ReserveReply { available }))
+        .await
+        });
+        match outcome.map_err(store_status)? {
+            Reserved::Available(available) => Ok(tonic::Response::new(ReserveReply { available })),
+            Reserved::UnknownSku => Err(Status::not_found(format!("unknown sku {}", r.sku))),
+            Reserved::Short(a) => Err(Status::failed_precondition(format!(
+                "only {a} of {} available",
+                r.sku
+            ))),
+        }
     }
 
     async fn release(
@@ -220,25 +261,29 @@ impl Inventory for Service {
         req: Request<ReleaseRequest>,
     ) -> Result<tonic::Response<ReleaseReply>, Status> {
         let r = req.into_inner();
-        let mut tx = self.db.begin().await.map_err(store_status)?;
-        let held: Option<(String, i64)> = sqlx::query_as(
-            "UPDATE reservations SET state = 'released' WHERE order_id = ?1 AND state = 'held' RETURNING sku, quantity",
-        )
-        .bind(&r.order_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(store_status)?;
-        if let Some((sku, quantity)) = &held {
-            sqlx::query("UPDATE stock SET available = available + ?1 WHERE sku = ?2")
-                .bind(quantity)
-                .bind(sku)
-                .execute(&mut *tx)
-                .await
-                .map_err(store_status)?;
+        let released: Result<bool, sqlx::Error> = with_db!(&self.db, |pool, sql| {
+            async {
+            let mut tx = pool.begin().await?;
+            let held: Option<(String, i64)> = sqlx::query_as(sql(
+                "UPDATE reservations SET state = 'released' WHERE order_id = $1 AND state = 'held' RETURNING sku, quantity",
+            ))
+            .bind(&r.order_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some((sku, quantity)) = &held {
+                sqlx::query(sql("UPDATE stock SET available = available + $1 WHERE sku = $2"))
+                    .bind(quantity)
+                    .bind(sku)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(held.is_some())
         }
-        tx.commit().await.map_err(store_status)?;
+        .await
+        });
         Ok(tonic::Response::new(ReleaseReply {
-            released: held.is_some(),
+            released: released.map_err(store_status)?,
         }))
     }
 
@@ -254,31 +299,34 @@ impl Inventory for Service {
     }
 }
 
-async fn read_stock(db: &SqlitePool, sku: &str) -> Result<Option<StockReply>, sqlx::Error> {
-    let available: Option<i64> = sqlx::query_scalar("SELECT available FROM stock WHERE sku = ?1")
-        .bind(sku)
-        .fetch_optional(db)
-        .await?;
-    let Some(available) = available else {
-        return Ok(None);
-    };
-    let held = |state: &'static str| {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT CAST(COALESCE(SUM(quantity), 0) AS INTEGER) FROM reservations WHERE sku = ?1 AND state = ?2",
-        )
-        .bind(sku)
-        .bind(state)
-        .fetch_one(db)
-    };
-    Ok(Some(StockReply {
-        sku: sku.to_string(),
-        available,
-        reserved: held("held").await?,
-        confirmed: held("confirmed").await?,
-    }))
+async fn read_stock(db: &Db, sku: &str) -> Result<Option<StockReply>, sqlx::Error> {
+    with_db!(db, |pool, sql| {
+        let available: Option<i64> =
+            sqlx::query_scalar(sql("SELECT available FROM stock WHERE sku = $1"))
+                .bind(sku)
+                .fetch_optional(pool)
+                .await?;
+        let Some(available) = available else {
+            return Ok(None);
+        };
+        let held = |state: &'static str| {
+            sqlx::query_scalar::<_, i64>(sql(
+                "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) FROM reservations WHERE sku = $1 AND state = $2",
+            ))
+            .bind(sku)
+            .bind(state)
+            .fetch_one(pool)
+        };
+        Ok(Some(StockReply {
+            sku: sku.to_string(),
+            available,
+            reserved: held("held").await?,
+            confirmed: held("confirmed").await?,
+        }))
+    })
 }
 
-async fn stock_json(State(db): State<SqlitePool>, Path(sku): Path<String>) -> Response {
+async fn stock_json(State(db): State<Db>, Path(sku): Path<String>) -> Response {
     match read_stock(&db, &sku).await {
         Ok(Some(s)) => Json(serde_json::json!({
             "sku": s.sku,
@@ -299,9 +347,11 @@ async fn stock_json(State(db): State<SqlitePool>, Path(sku): Path<String>) -> Re
 }
 
 /// How many confirmations `order_id` has (exactly one once its event was consumed).
-pub async fn confirmations(db: &SqlitePool, order_id: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT COUNT(*) FROM confirmations WHERE order_id = ?1")
-        .bind(order_id)
-        .fetch_one(db)
-        .await
+pub async fn confirmations(db: &Db, order_id: &str) -> Result<i64, sqlx::Error> {
+    with_db!(db, |pool, sql| sqlx::query_scalar(sql(
+        "SELECT COUNT(*) FROM confirmations WHERE order_id = $1"
+    ))
+    .bind(order_id)
+    .fetch_one(pool)
+    .await)
 }

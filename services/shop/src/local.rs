@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keel::{App, BoxError, Sources};
-use sqlx::SqlitePool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -35,6 +34,10 @@ pub struct Options {
     /// Carry order events over this NATS server (`nats://…`) instead of the embedded
     /// broker: the real-server path, still in one process.
     pub nats: Option<String>,
+    /// Keep the services' data in PostgreSQL instead of SQLite files: an admin URL
+    /// (`postgres://postgres@127.0.0.1:5432/postgres`) on which a fresh database per service
+    /// is created (and dropped again by [`LocalShop::stop`]).
+    pub postgres: Option<String>,
 }
 
 impl Options {
@@ -54,6 +57,7 @@ impl Options {
             drain_delay: Duration::from_millis(200),
             inventory_down: false,
             nats: None,
+            postgres: None,
         }
     }
 }
@@ -81,13 +85,15 @@ pub struct LocalShop {
     /// The inventory service.
     pub inventory: Ports,
     /// The order service's store (orders, outbox).
-    pub order_db: SqlitePool,
+    pub order_db: crate::db::Db,
     /// The inventory service's store (stock, reservations, confirmations, inbox).
-    pub inventory_db: SqlitePool,
+    pub inventory_db: crate::db::Db,
     /// The relay's and the consumer's counters.
     pub counters: Counters,
     stop: watch::Sender<bool>,
     tasks: Vec<(&'static str, JoinHandle<Result<(), keel::Error>>)>,
+    /// PostgreSQL databases to drop at stop: (admin URL, names).
+    created: Option<(String, Vec<String>)>,
 }
 
 fn free_addr() -> Result<SocketAddr, BoxError> {
@@ -159,7 +165,33 @@ impl LocalShop {
             let sizing = keel::runtime::detect(&loaded.value.runtime);
             Ok(App::new(name, loaded, sizing))
         };
-        let db = |name: &str| format!("sqlite://{}", opts.dir.join(format!("{name}.db")).display());
+        let mut created = None;
+        let mut urls = std::collections::HashMap::new();
+        if let Some(admin) = &opts.postgres {
+            let tag = format!(
+                "{}_{:x}",
+                std::process::id(),
+                keel::codec::rand::next_u64() >> 20
+            );
+            let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+            let pool = sqlx::PgPool::connect(admin).await?;
+            let mut names = Vec::new();
+            for svc in ["user", "order", "inventory"] {
+                let name = format!("keel_shop_{tag}_{svc}");
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&pool)
+                    .await?;
+                urls.insert(svc, format!("{base}/{name}"));
+                names.push(name);
+            }
+            pool.close().await;
+            created = Some((admin.clone(), names));
+        }
+        let db = |name: &str| {
+            urls.get(name).cloned().unwrap_or_else(|| {
+                format!("sqlite://{}", opts.dir.join(format!("{name}.db")).display())
+            })
+        };
 
         let serve = |app: App, router: axum::Router, tasks: &mut Vec<_>, name: &'static str| {
             let mut rx = stop_rx.clone();
@@ -246,6 +278,7 @@ impl LocalShop {
             counters,
             stop,
             tasks,
+            created,
         };
         shop.wait_ready(Duration::from_secs(20)).await?;
         Ok(shop)
@@ -287,6 +320,18 @@ impl LocalShop {
                 Err(e) => {
                     first.get_or_insert_with(|| format!("{name}: {e}"));
                 }
+            }
+        }
+        self.order_db.close().await;
+        self.inventory_db.close().await;
+        if let Some((admin, names)) = self.created {
+            let pool = sqlx::PgPool::connect(&admin).await?;
+            for name in names {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&pool)
+                .await?;
             }
         }
         match first {

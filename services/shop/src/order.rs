@@ -20,9 +20,11 @@ use axum::{Json, Router};
 use keel::BoxError;
 use keel::client::client::{Client, Service as ClientService};
 use keel::messaging::consume::{Inbox, Tx};
-use keel::messaging::store::SqliteStore;
+use keel::messaging::store::{PgStore, SqliteStore};
 use serde::{Deserialize, Serialize};
-use sqlx::SqlitePool;
+
+use crate::db::Db;
+use crate::with_db;
 use tonic::Code;
 
 use crate::events::{Bus, Counters, OrderPlaced};
@@ -34,9 +36,9 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE orders (
         id TEXT PRIMARY KEY,
         user_id TEXT NOT NULL,
         sku TEXT NOT NULL,
-        quantity INTEGER NOT NULL,
+        quantity BIGINT NOT NULL,
         state TEXT NOT NULL,
-        created_at INTEGER NOT NULL
+        created_at BIGINT NOT NULL
     )"];
 
 /// An order as the API shows it.
@@ -61,9 +63,17 @@ struct NewOrder {
     quantity: i64,
 }
 
+/// The order store with its outbox, in either dialect.
+#[derive(Debug, Clone)]
+enum Outbox {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
 #[derive(Clone)]
 struct Ctx {
-    store: SqliteStore,
+    db: Db,
+    outbox: Outbox,
     /// Where `OrderPlaced` events go.
     destination: String,
     users: Arc<Client>,
@@ -75,23 +85,34 @@ struct Ctx {
 /// `[clients.user]` and `[clients.inventory]` upstreams.
 pub async fn router(
     app: &keel::App,
-    db: SqlitePool,
+    db: Db,
     bus: Bus,
     counters: &Counters,
 ) -> Result<Router, BoxError> {
     crate::db::migrate(&db, "order", MIGRATIONS).await?;
     crate::db::check_readiness(app, &db);
-    let store = SqliteStore::new(db);
-    store.migrate().await?;
+    let outbox = match &db {
+        Db::Sqlite(pool) => {
+            let s = SqliteStore::new(pool.clone());
+            s.migrate().await?;
+            Outbox::Sqlite(s)
+        }
+        Db::Postgres(pool) => {
+            let s = PgStore::new(pool.clone());
+            s.migrate().await?;
+            Outbox::Postgres(s)
+        }
+    };
     let users = app.client("user")?;
     let inventory = InventoryClient::new(ClientService::new(app.client("inventory")?));
     let destination = bus.order_placed();
-    relay(app, store.clone(), bus, counters);
+    relay(app, outbox.clone(), bus, counters);
     Ok(Router::new()
         .route("/orders", post(create))
         .route("/orders/{id}", get(read))
         .with_state(Ctx {
-            store,
+            db,
+            outbox,
             destination,
             users,
             inventory,
@@ -99,7 +120,7 @@ pub async fn router(
 }
 
 /// The outbox relay, part of the service's lifecycle: it stops when the drain begins.
-fn relay(app: &keel::App, store: SqliteStore, bus: Bus, counters: &Counters) {
+fn relay(app: &keel::App, outbox: Outbox, bus: Bus, counters: &Counters) {
     let cfg = app.config().messaging.relay.clone();
     let stats = counters.outbox.clone();
     app.observe_store("order", stats.clone());
@@ -107,9 +128,11 @@ fn relay(app: &keel::App, store: SqliteStore, bus: Bus, counters: &Counters) {
         app.shutdown(),
         "order-relay",
         move |stop| async move {
-            store
-                .run_relay_observed(&bus, i64::from(cfg.batch), cfg.interval.get(), &stats, stop)
-                .await;
+            let (batch, every) = (i64::from(cfg.batch), cfg.interval.get());
+            match outbox {
+                Outbox::Sqlite(s) => s.run_relay_observed(&bus, batch, every, &stats, stop).await,
+                Outbox::Postgres(s) => s.run_relay_observed(&bus, batch, every, &stats, stop).await,
+            }
         },
     );
 }
@@ -182,7 +205,7 @@ async fn create(State(ctx): State<Ctx>, body: axum::body::Bytes) -> Response {
         quantity: new.quantity,
         state: "placed".into(),
     };
-    if let Err(e) = store_order(&ctx.store, &ctx.destination, &order).await {
+    if let Err(e) = store_order(&ctx.outbox, &ctx.destination, &order).await {
         tracing::warn!(order = %order.id, error = %e, "order store failed; releasing the reservation");
         // Best effort: the reservation would otherwise hold stock for an order that does
         // not exist (a reconciliation job would find it by its missing order row).
@@ -196,28 +219,15 @@ async fn create(State(ctx): State<Ctx>, body: axum::body::Bytes) -> Response {
     (StatusCode::CREATED, Json(order)).into_response()
 }
 
-async fn store_order(
-    store: &SqliteStore,
-    destination: &str,
-    order: &Order,
-) -> Result<(), BoxError> {
-    let mut tx = store.begin().await?;
-    sqlx::query("INSERT INTO orders (id, user_id, sku, quantity, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, unixepoch())")
-        .bind(&order.id)
-        .bind(&order.user_id)
-        .bind(&order.sku)
-        .bind(order.quantity)
-        .bind(&order.state)
-        .execute(tx.conn())
-        .await?;
-    let event = OrderPlaced {
+async fn store_order(outbox: &Outbox, destination: &str, order: &Order) -> Result<(), BoxError> {
+    let event = serde_json::to_vec(&OrderPlaced {
         order_id: order.id.clone(),
         user_id: order.user_id.clone(),
         sku: order.sku.clone(),
         quantity: order.quantity,
-    };
-    // The request's trace context, baggage and deadline travel with the event, so the
-    // consumer's span joins this trace.
+    })?;
+    // The request's trace context and baggage travel with the event, so the consumer's span
+    // joins this trace.
     let mut headers = std::collections::BTreeMap::new();
     if let Some(ctx) = keel::Context::current() {
         let _ = keel::propagation::inject(
@@ -229,14 +239,31 @@ async fn store_order(
         // An event outlives the request: its consumer is not bound by the caller's deadline.
         headers.remove("keel-deadline");
     }
-    tx.publish(
-        destination,
-        Some(order.id.as_bytes()),
-        &serde_json::to_vec(&event)?,
-        headers,
-    )
-    .await?;
-    tx.commit().await?;
+    // The same steps for either store: the order row and the outbox row, one transaction.
+    macro_rules! write {
+        ($store:expr, $postgres:expr) => {{
+            let mut tx = $store.begin().await?;
+            sqlx::query(crate::db::dialect(
+                $postgres,
+                "INSERT INTO orders (id, user_id, sku, quantity, state, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            ))
+            .bind(&order.id)
+            .bind(&order.user_id)
+            .bind(&order.sku)
+            .bind(order.quantity)
+            .bind(&order.state)
+            .bind(crate::db::now())
+            .execute(tx.conn())
+            .await?;
+            tx.publish(destination, Some(order.id.as_bytes()), &event, headers)
+                .await?;
+            tx.commit().await?;
+        }};
+    }
+    match outbox {
+        Outbox::Sqlite(s) => write!(s, false),
+        Outbox::Postgres(s) => write!(s, true),
+    }
     Ok(())
 }
 
@@ -244,11 +271,14 @@ async fn store_order(
 type OrderRow = (String, String, String, i64, String);
 
 async fn read(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
-    let found: Result<Option<OrderRow>, _> =
-        sqlx::query_as("SELECT id, user_id, sku, quantity, state FROM orders WHERE id = ?1")
-            .bind(&id)
-            .fetch_optional(ctx.store.pool())
-            .await;
+    let found: Result<Option<OrderRow>, _> = with_db!(&ctx.db, |pool, sql| {
+        sqlx::query_as(sql(
+            "SELECT id, user_id, sku, quantity, state FROM orders WHERE id = $1",
+        ))
+        .bind(&id)
+        .fetch_optional(pool)
+        .await
+    });
     match found {
         Ok(Some((id, user_id, sku, quantity, state))) => Json(Order {
             id,
@@ -266,13 +296,15 @@ async fn read(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
     }
 }
 
-/// Orders and unsent outbox rows in `db` (what a failed order must leave at zero).
-pub async fn counts(db: &SqlitePool) -> Result<(i64, i64), sqlx::Error> {
-    let orders = sqlx::query_scalar("SELECT COUNT(*) FROM orders")
-        .fetch_one(db)
-        .await?;
-    let outbox = sqlx::query_scalar("SELECT COUNT(*) FROM keel_outbox")
-        .fetch_one(db)
-        .await?;
-    Ok((orders, outbox))
+/// Orders and outbox rows in `db` (what a failed order must leave at zero).
+pub async fn counts(db: &Db) -> Result<(i64, i64), sqlx::Error> {
+    with_db!(db, |pool, sql| {
+        let orders = sqlx::query_scalar(sql("SELECT COUNT(*) FROM orders"))
+            .fetch_one(pool)
+            .await?;
+        let outbox = sqlx::query_scalar(sql("SELECT COUNT(*) FROM keel_outbox"))
+            .fetch_one(pool)
+            .await?;
+        Ok((orders, outbox))
+    })
 }

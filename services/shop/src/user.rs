@@ -5,6 +5,8 @@
 //! - `GET /users/{id}` → 200 with the user, 404.
 //! - `GET /users/whoami` → the identity the gateway vouched for.
 
+use crate::db::Db;
+use crate::with_db;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -12,7 +14,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use keel::BoxError;
 use serde::{Deserialize, Serialize};
-use sqlx::SqlitePool;
 
 use crate::http::error;
 
@@ -20,7 +21,7 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE users (
         id TEXT PRIMARY KEY,
         name TEXT NOT NULL,
         email TEXT NOT NULL UNIQUE,
-        created_at INTEGER NOT NULL
+        created_at BIGINT NOT NULL
     )"];
 
 /// A user as the API shows it.
@@ -41,7 +42,7 @@ struct NewUser {
 }
 
 /// The user service on `db`: migrations, the store's readiness check, the routes.
-pub async fn router(app: &keel::App, db: SqlitePool) -> Result<Router, BoxError> {
+pub async fn router(app: &keel::App, db: Db) -> Result<Router, BoxError> {
     crate::db::migrate(&db, "user", MIGRATIONS).await?;
     crate::db::check_readiness(app, &db);
     Ok(Router::new()
@@ -51,7 +52,7 @@ pub async fn router(app: &keel::App, db: SqlitePool) -> Result<Router, BoxError>
         .with_state(db))
 }
 
-async fn create(State(db): State<SqlitePool>, body: axum::body::Bytes) -> Response {
+async fn create(State(db): State<Db>, body: axum::body::Bytes) -> Response {
     let Ok(new) = serde_json::from_slice::<NewUser>(&body) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -74,14 +75,18 @@ async fn create(State(db): State<SqlitePool>, body: axum::body::Bytes) -> Respon
         name: name.to_string(),
         email,
     };
-    let inserted = sqlx::query(
-        "INSERT INTO users (id, name, email, created_at) VALUES (?1, ?2, ?3, unixepoch())",
-    )
-    .bind(&user.id)
-    .bind(&user.name)
-    .bind(&user.email)
-    .execute(&db)
-    .await;
+    let inserted = with_db!(&db, |pool, sql| {
+        sqlx::query(sql(
+            "INSERT INTO users (id, name, email, created_at) VALUES ($1, $2, $3, $4)",
+        ))
+        .bind(&user.id)
+        .bind(&user.name)
+        .bind(&user.email)
+        .bind(crate::db::now())
+        .execute(pool)
+        .await
+        .map(|_| ())
+    });
     match inserted {
         Ok(_) => (StatusCode::CREATED, Json(user)).into_response(),
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
@@ -108,12 +113,13 @@ async fn whoami(headers: axum::http::HeaderMap) -> Response {
         .into_response()
 }
 
-async fn read(State(db): State<SqlitePool>, Path(id): Path<String>) -> Response {
-    let found: Result<Option<(String, String, String)>, _> =
-        sqlx::query_as("SELECT id, name, email FROM users WHERE id = ?1")
+async fn read(State(db): State<Db>, Path(id): Path<String>) -> Response {
+    let found: Result<Option<(String, String, String)>, _> = with_db!(&db, |pool, sql| {
+        sqlx::query_as(sql("SELECT id, name, email FROM users WHERE id = $1"))
             .bind(&id)
-            .fetch_optional(&db)
-            .await;
+            .fetch_optional(pool)
+            .await
+    });
     match found {
         Ok(Some((id, name, email))) => Json(User { id, name, email }).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no user {id}")),

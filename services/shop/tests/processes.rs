@@ -194,7 +194,7 @@ async fn an_order_across_four_processes_is_consumed_once_in_one_trace() {
     )
     .await;
     assert_eq!(status, 200);
-    let inventory_db = sqlx::SqlitePool::connect(&format!(
+    let inventory_db = keel_shop::db::open(&format!(
         "sqlite://{}",
         dir.path().join("inventory.db").display()
     ))

@@ -359,3 +359,78 @@ async fn an_order_while_inventory_is_down_is_a_clear_503_and_leaves_nothing() {
     assert_eq!(unknown.status, 422, "{}", unknown.body);
     shop.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_postgres_stores_an_order_is_stored_reserved_and_confirmed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = Options::new(dir.path());
+    opts.postgres = Some("postgres://postgres@127.0.0.1:5432/postgres".into());
+    let shop = LocalShop::start(opts).await.unwrap();
+    assert!(matches!(shop.order_db, keel_shop::db::Db::Postgres(_)));
+    let user = new_user(&shop, "pg@example.com").await;
+    let dup = call(
+        &shop,
+        "POST",
+        "/api/users",
+        Some(KEY),
+        &[],
+        Some(json!({"name": "Again", "email": "pg@example.com"})),
+    )
+    .await;
+    assert_eq!(
+        dup.status, 409,
+        "a unique violation is a conflict in PostgreSQL too"
+    );
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let placed = call(
+            &shop,
+            "POST",
+            "/api/orders",
+            Some(KEY),
+            &[],
+            Some(json!({"user_id": user, "sku": "keel-hoodie", "quantity": 1})),
+        )
+        .await;
+        assert_eq!(placed.status, 201, "{}", placed.body);
+        ids.push(placed.body["id"].as_str().unwrap().to_string());
+    }
+    // Three hoodies were in stock: the fourth order is refused, and nothing is written.
+    let short = call(
+        &shop,
+        "POST",
+        "/api/orders",
+        Some(KEY),
+        &[],
+        Some(json!({"user_id": user, "sku": "keel-hoodie", "quantity": 1})),
+    )
+    .await;
+    assert_eq!(short.status, 409, "{}", short.body);
+    for id in &ids {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                keel_shop::inventory::confirmations(&shop.inventory_db, id)
+                    .await
+                    .unwrap()
+                    == 1
+            })
+            .await
+        );
+    }
+    assert_eq!(
+        keel_shop::order::counts(&shop.order_db).await.unwrap(),
+        (3, 3)
+    );
+    let stock = call(
+        &shop,
+        "GET",
+        "/api/inventory/keel-hoodie",
+        Some(READER),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(stock.body["available"], 0);
+    assert_eq!(stock.body["confirmed"], 3);
+    shop.stop().await.unwrap();
+}
