@@ -3,6 +3,7 @@
 //! - `keel demo` — run the shop (the reference system) on this machine with embedded
 //!   defaults: four services on free ports, a short mixed workload, a summary, then the shop
 //!   stays up until Ctrl-C. `keel demo --smoke` is the few-second version CI runs.
+//! - `keel bench [--quick]` — the benchmark suite of `BENCH.md` from this checkout.
 //! - `keel config check FILE` — validate a config file (plus `KEEL_*` env and `--set` flags),
 //!   print every problem or the effective config with its hash.
 
@@ -46,6 +47,13 @@ enum Cmd {
         /// `postgres://postgres@127.0.0.1:5432/postgres`, or `postgres=URL`, dropped at exit).
         #[arg(long = "with", value_name = "SERVER[=URL],…", value_delimiter = ',')]
         with: Vec<String>,
+    },
+    /// Run the benchmark suite of BENCH.md from this checkout (S1 one hop, S3 gateway as a
+    /// proxy, S4 message consumer); reports go to bench/results/. Takes a release build.
+    Bench {
+        /// The one-minute-per-scenario smoke version: one round, short windows.
+        #[arg(long)]
+        quick: bool,
     },
     /// Configuration tools.
     Config {
@@ -108,6 +116,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Bench { quick } => bench(quick),
         Cmd::Config {
             cmd: ConfigCmd::Check { file, sets },
         } => config_check(Sources {
@@ -115,6 +124,55 @@ fn main() -> ExitCode {
             sets,
         }),
     }
+}
+
+/// Run the suite's scripts in order; the first failure stops it.
+fn bench(quick: bool) -> ExitCode {
+    // The scripts live in the repository this binary was built from.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if !root.join("bench/suite/s1.sh").exists() {
+        eprintln!(
+            "keel bench runs the suite in a checkout of Keel's repository; {} has no bench/suite/s1.sh",
+            root.display()
+        );
+        return ExitCode::from(2);
+    }
+    let q = |a: &'static str| if quick { vec![a] } else { vec![] };
+    let steps: Vec<(&str, Vec<&str>)> = vec![
+        ("bench/suite/s1.sh", q("--quick")),
+        ("bench/suite/s3.py", q("--quick")),
+        (
+            "bench/consumer.sh",
+            if quick {
+                vec!["5000", "16", "3", "16"]
+            } else {
+                vec![]
+            },
+        ),
+    ];
+    for (script, args) in steps {
+        eprintln!("keel bench: {script} {}", args.join(" "));
+        match std::process::Command::new(root.join(script))
+            .args(&args)
+            .current_dir(&root)
+            .status()
+        {
+            Ok(st) if st.success() => {}
+            Ok(st) => {
+                eprintln!("keel bench: {script} failed ({st})");
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("keel bench: cannot run {script}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    eprintln!(
+        "keel bench: reports are in {}",
+        root.join("bench/results").display()
+    );
+    ExitCode::SUCCESS
 }
 
 fn config_check(sources: Sources) -> ExitCode {

@@ -4,7 +4,7 @@
 //! Every statement is written once, in PostgreSQL's `$1` placeholder style, with types both
 //! dialects accept (`TEXT`, `BIGINT`, `CAST(.. AS BIGINT)`), and times computed in Rust rather
 //! than by a dialect's clock function. For SQLite the placeholders become `?1`, which SQLite
-//! binds by the same position. [`with_db!`] runs one block of sqlx code against whichever pool
+//! binds by the same position. [`with_db!`](crate::with_db) runs one block of sqlx code against whichever pool
 //! is configured, so the two dialects cannot drift apart.
 
 use std::borrow::Cow;
