@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--quick", default="0")
     ap.add_argument("--command", default="")
     ap.add_argument("--notes", default="")
+    ap.add_argument("--route", default="hello")
     a = ap.parse_args()
 
     raw = [json.loads(line) for line in open(a.raw) if line.strip()]
@@ -147,11 +148,16 @@ def main():
       "**This 2-core machine is shared with other work** (other engineers' builds and tests); "
       "the server is pinned to CPU 1 and keel-loadgen to CPU 0 but neither core is exclusive, "
       "so absolute numbers are noisy — read the same-run ratios.")
-    w("- Request: `GET /` → 200 `hello from keel\\n` (16 B, text/plain) for every system: "
-      "`bare_hyper` answers every request with those bytes and has no `/echo`, so the 1 KiB "
-      "`POST /echo` of BENCH.md's S1 could not be compared against the physical limit. nginx "
-      "serves the same body with `return 200` (headers differ slightly: nginx sends `Server`, "
-      "`Connection: keep-alive`), one process (`master_process off`), access log off.")
+    if a.route == "echo":
+        w("- Request: `POST /echo` with a 1 KiB JSON body → 200 with the same 1 KiB (BENCH.md S1). "
+          "Keel's example service and bare_hyper echo the body; nginx cannot echo without a "
+          "module, so it answers with the same 1 KiB from `return 200` (it reads and discards the "
+          "request body). Headers differ slightly (nginx sends `Server`, `Connection: keep-alive`); "
+          "nginx runs one process (`master_process off`), access log off.")
+    else:
+        w("- Request: `GET /` → 200 `hello from keel\\n` (16 B, text/plain) for every system; "
+          "nginx serves the same body with `return 200` (headers differ slightly: nginx sends "
+          "`Server`, `Connection: keep-alive`), one process (`master_process off`), access log off.")
     w("- One runtime thread each: Keel `KEEL_RUNTIME__WORKER_THREADS=1` (its default stack "
       "otherwise), bare_hyper 1 tokio worker, nginx one process.")
     w("- Latency is measured from each request's scheduled send time (open loop, "

@@ -17,10 +17,10 @@
 # server's utime+stime over each measured window (/proc/PID/stat, read by keel-loadgen), peak
 # RSS is VmHWM, the load average is recorded with every point.
 #
-# Route: bare_hyper answers *every* request with `hello from keel\n` (it has no /echo), so the
-# route all three serve identically is `GET /` → 200 `hello from keel\n`, text/plain; nginx
-# serves that with `return 200`. The 1 KiB POST /echo of BENCH.md's S1 needs an echo route in
-# bare_hyper first.
+# Route (--route): `echo` (default, BENCH.md's S1) is `POST /echo` with a 1 KiB JSON body,
+# answered with the same 1 KiB: Keel's example service and bare_hyper echo it; nginx cannot
+# echo without a module, so it answers that request with the same 1 KiB from `return 200`
+# (it reads and discards the body). `hello` is `GET /` → `hello from keel\n` everywhere.
 #
 # Output: bench/results/s1-<UTC timestamp>.{md,json,png} (report, results, chart).
 # Needs: taskset, ss, python3 (matplotlib is pip-installed for the chart if missing);
@@ -30,7 +30,7 @@ cd "$(dirname "$0")/../.."
 
 orig_args="$*"
 rounds=3; secs=30; warmup=5; sweep_secs=5; sweep_warmup=2; sweep="8 32 128"
-systems="hyper keel nginx"; quick=0; open_conns=64
+systems="hyper keel nginx"; quick=0; open_conns=64; route=echo
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) quick=1; rounds=1; secs=3; warmup=0; sweep_secs=3; sweep_warmup=0 ;;
@@ -39,12 +39,15 @@ while [ $# -gt 0 ]; do
         --warmup) warmup=$2; shift ;;
         --sweep) sweep=$2; shift ;;
         --systems) systems=$2; shift ;;
+        --route) route=$2; shift ;;
         -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
     shift
 done
 
+# The exact body keel-loadgen sends with --body-bytes 1024: {"pad":"xxx…"}, 1024 bytes.
+echo_body="{\"pad\":\"$(printf 'x%.0s' $(seq 1014))\"}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keel-target}"
 echo "building (release) …" >&2
 cargo build --release -q -p keel-example-hello --bin hello
@@ -103,6 +106,10 @@ http {
             default_type "text/plain; charset=utf-8";
             return 200 "hello from keel\n";
         }
+        location = /echo {
+            default_type "application/octet-stream";
+            return 200 '$echo_body';
+        }
     }
 }
 EOF
@@ -135,11 +142,16 @@ wait_ready() { # name pid port
 run_lg() { # round system point pid port args… → appends a tagged line to $raw, prints the JSON
     local r=$1 sys=$2 pt=$3 pid=$4 port=$5; shift 5
     local res
-    res=$(taskset -c 0 "$lg" --url "http://127.0.0.1:$port/" --server-pid "$pid" --json "$@")
+    res=$(taskset -c 0 "$lg" --url "http://127.0.0.1:$port$path" --server-pid "$pid" --json "${req_args[@]}" "$@")
     echo "{\"round\":$r,\"system\":\"$sys\",\"point\":\"$pt\",\"result\":$res}" >>"$raw"
     echo "$res"
 }
 
+case $route in
+    echo) path=/echo; req_args=(--body-bytes 1024) ;;
+    hello) path=/; req_args=() ;;
+    *) echo "--route: echo or hello, not $route" >&2; exit 2 ;;
+esac
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "load average at start: $load_start; systems: $systems; rounds: $rounds" >&2
 read -r -a sys_list <<<"$systems"
@@ -194,7 +206,7 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 python3 bench/suite/report.py --raw "$raw" --out "$out" --timestamp "$ts" \
     --load-start "$load_start" --load-end "$load_end" --rounds "$rounds" --secs "$secs" \
     --warmup "$warmup" --sweep "$sweep" --sweep-secs "$sweep_secs" --quick "$quick" \
-    --command "bench/suite/s1.sh $orig_args" --notes "${notes[*]:-}"
+    --command "bench/suite/s1.sh $orig_args" --notes "${notes[*]:-}" --route "$route"
 python3 -c 'import matplotlib' 2>/dev/null || pip install --quiet matplotlib >/dev/null 2>&1 || true
 python3 bench/suite/chart.py "$out.json" "$out.png" || echo "chart failed (matplotlib missing?)" >&2
 echo "$out.md"

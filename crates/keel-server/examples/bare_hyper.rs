@@ -1,6 +1,6 @@
 //! The physical-limit baseline for server benchmarks: hyper + hyper-util's auto (HTTP/1.1 and
-//! h2c) connection builder, nothing else, answering every request with the same bytes as the
-//! example service's `GET /`.
+//! h2c) connection builder, nothing else: `POST /echo` answers with the request body (like the
+//! example service's `/echo`), every other request with the example service's `GET /` bytes.
 //!
 //! Run with `cargo run --release -p keel-server --example bare_hyper -- 127.0.0.1:8081 [--axum]`
 //! (one tokio worker, as BENCH.md asks of every system under test). With `--axum` the same
@@ -40,16 +40,33 @@ fn main() -> std::io::Result<()> {
                     continue;
                 }
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req| async {
-                        let mut r = http::Response::new(Full::new(Bytes::from_static(
-                            b"hello from keel\n",
-                        )));
-                        r.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static("text/plain; charset=utf-8"),
-                        );
-                        Ok::<_, Infallible>(r)
-                    });
+                    let svc = hyper::service::service_fn(
+                        |req: http::Request<hyper::body::Incoming>| async move {
+                            // POST /echo answers with the request body, as the example service's
+                            // /echo does (BENCH.md S1's 1 KiB JSON echo); anything else gets the
+                            // example service's `GET /` bytes.
+                            if req.method() == http::Method::POST && req.uri().path() == "/echo" {
+                                let body = http_body_util::BodyExt::collect(req.into_body())
+                                    .await
+                                    .map(|c| c.to_bytes())
+                                    .unwrap_or_default();
+                                let mut r = http::Response::new(Full::new(body));
+                                r.headers_mut().insert(
+                                    http::header::CONTENT_TYPE,
+                                    http::HeaderValue::from_static("application/octet-stream"),
+                                );
+                                return Ok::<_, Infallible>(r);
+                            }
+                            let mut r = http::Response::new(Full::new(Bytes::from_static(
+                                b"hello from keel\n",
+                            )));
+                            r.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static("text/plain; charset=utf-8"),
+                            );
+                            Ok::<_, Infallible>(r)
+                        },
+                    );
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
