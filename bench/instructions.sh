@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Instructions per request, counted by valgrind's callgrind: deterministic where wall-clock
 # numbers on these shared machines swing ±30 %. Each system serves the same GET / over
-# HTTP/1.1 keep-alive (h2load --h1, 4 connections); counters are zeroed after a warm-up, then
-# N requests are counted. Prints user-space instructions per request and the ratio to bare
-# hyper. (BENCH.md: the CI regression gate counts instructions, not seconds.)
+# HTTP/1.1 keep-alive (keel-loadgen, closed loop, 4 connections); counters are zeroed after a
+# warm-up, then the requests answered in a fixed window are counted. Prints user-space
+# instructions per request and the ratio to bare hyper. (BENCH.md: the CI regression gate
+# counts instructions, not seconds.)
 #
-# Usage: bench/instructions.sh [requests=5000]
-# Needs: valgrind, h2load (Debian nghttp2-client).
+# Usage: bench/instructions.sh [seconds=5]
+# Needs: valgrind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-n=${1:-5000}
+secs=${1:-5}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keel-target}"
 cargo build --release -q -p keel-example-hello --bin hello
 cargo build --release -q -p keel-server --example bare_hyper
+cargo build --release -q -p keel-loadgen
 bin="$CARGO_TARGET_DIR/release"
+lg() { "$bin/keel-loadgen" --url "http://127.0.0.1:$1/" --closed 4 --warmup 0s --json --duration "$2"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 out=$(mktemp -d)
 declare -A ipr
@@ -30,11 +33,12 @@ for sys in hyper axum keel; do
     valgrind --tool=callgrind --callgrind-out-file="$out/cg.$sys" "${cmd[@]}" >"$out/$sys.log" 2>&1 &
     pid=$!
     for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
-    h2load --h1 -n 500 -c 4 "http://127.0.0.1:$port/" >/dev/null
+    lg "$port" 2s >/dev/null   # warm-up
     callgrind_control -z "$pid" >/dev/null 2>&1
-    res=$(h2load --h1 -n "$n" -c 4 "http://127.0.0.1:$port/")
-    echo "$res" | grep -q "$n succeeded" || { echo "$sys: not all requests succeeded"; echo "$res"; kill -9 $pid; exit 1; }
+    res=$(lg "$port" "${secs}s")
     callgrind_control -d "$pid" >/dev/null 2>&1
+    n=$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(r["ok"] if r["errors"] == 0 else 0)' "$res")
+    [ "$n" -gt 0 ] || { echo "$sys: errors or no answers: $res"; kill -9 $pid; exit 1; }
     sleep 1
     kill -9 $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
     total=$(cat "$out"/cg.$sys* 2>/dev/null | awk '/^totals:/ {s+=$2} END {print s+0}')
