@@ -49,7 +49,8 @@ enum Cmd {
         with: Vec<String>,
     },
     /// Run the benchmark suite of BENCH.md from this checkout (S1 one hop, S3 gateway as a
-    /// proxy, S4 message consumer); reports go to bench/results/. Takes a release build.
+    /// proxy, S4 message consumer, callgrind instructions per request); reports go to
+    /// bench/results/. Takes a release build.
     Bench {
         /// The one-minute-per-scenario smoke version: one round, short windows.
         #[arg(long)]
@@ -148,6 +149,11 @@ fn bench(quick: bool) -> ExitCode {
             } else {
                 vec![]
             },
+        ),
+        // Instructions per request under callgrind: deterministic, unlike the clock.
+        (
+            "bench/instructions.sh",
+            if quick { vec!["2"] } else { vec![] },
         ),
     ];
     for (script, args) in steps {
