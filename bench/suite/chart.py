@@ -20,8 +20,8 @@ except ImportError:
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LABEL = {"hyper": "bare hyper", "keel": "Keel hello", "nginx": "nginx"}
-STYLE = {"hyper": ("tab:gray", "o"), "keel": ("tab:blue", "s"), "nginx": ("tab:green", "^")}
+LABEL = {"hyper": "bare hyper", "tonic": "bare tonic", "keel": "Keel hello", "nginx": "nginx"}
+STYLE = {"hyper": ("tab:gray", "o"), "tonic": ("tab:gray", "o"), "keel": ("tab:blue", "s"), "nginx": ("tab:green", "^")}
 
 
 def main():

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Scenario S1 (one hop, HTTP/1.1 keep-alive) per /work/shared/BENCH.md: Keel's example service
-# `hello` against bare hyper (the physical limit) and nginx (peer), in the same run, alternating.
+# Scenario S1 (one hop) per BENCH.md: Keel's example service `hello` against the physical
+# limit (bare hyper; bare tonic for gRPC) and nginx (peer, HTTP only), in the same run,
+# alternating. --proto h1 (default, HTTP/1.1 keep-alive), h2c, or grpc (unary health check).
 #
-# Usage: bench/suite/s1.sh [--quick] [--rounds N] [--secs S] [--warmup S] [--sweep "8 32 128"]
-#                          [--systems "hyper keel nginx"]
+# Usage: bench/suite/s1.sh [--quick] [--proto h1|h2c|grpc] [--route echo|hello] [--rounds N]
+#                          [--secs S] [--warmup S] [--sweep "8 32 128"] [--systems "hyper keel nginx"]
 #   --quick    1 round, 3 s windows, no warm-up (smoke mode; BENCH.md wants 5 s + 30 s)
 #   default    3 rounds; open-loop points: 5 s warm-up + 30 s; saturation sweep: 2 s + 5 s per level
 #
@@ -30,7 +31,7 @@ cd "$(dirname "$0")/../.."
 
 orig_args="$*"
 rounds=3; secs=30; warmup=5; sweep_secs=5; sweep_warmup=2; sweep="8 32 128"
-systems="hyper keel nginx"; quick=0; open_conns=64; route=echo
+systems=""; quick=0; open_conns=64; route=echo; proto=h1
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) quick=1; rounds=1; secs=3; warmup=0; sweep_secs=3; sweep_warmup=0 ;;
@@ -40,6 +41,7 @@ while [ $# -gt 0 ]; do
         --sweep) sweep=$2; shift ;;
         --systems) systems=$2; shift ;;
         --route) route=$2; shift ;;
+        --proto) proto=$2; shift ;;
         -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
@@ -48,10 +50,17 @@ done
 
 # The exact body keel-loadgen sends with --body-bytes 1024: {"pad":"xxx…"}, 1024 bytes.
 echo_body="{\"pad\":\"$(printf 'x%.0s' $(seq 1014))\"}"
+# The physical limit: bare hyper for HTTP, bare tonic for gRPC (nginx does not answer gRPC).
+if [ "$proto" = grpc ]; then base=tonic; else base=hyper; fi
+# nginx speaks h2c (HTTP/2 with prior knowledge) on a plain listener marked http2.
+listen_opts=""; [ "$proto" = h2c ] && listen_opts=" http2"
+if [ -z "$systems" ]; then
+    if [ "$proto" = grpc ]; then systems="tonic keel"; else systems="hyper keel nginx"; fi
+fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keel-target}"
 echo "building (release) …" >&2
 cargo build --release -q -p keel-example-hello --bin hello
-cargo build --release -q -p keel-server --example bare_hyper
+cargo build --release -q -p keel-server --example bare_hyper --example bare_tonic
 cargo build --release -q -p keel-loadgen
 bin="$CARGO_TARGET_DIR/release"
 lg="$bin/keel-loadgen"
@@ -101,7 +110,7 @@ http {
     uwsgi_temp_path $dir/uwsgi;
     scgi_temp_path $dir/scgi;
     server {
-        listen 127.0.0.1:$port;
+        listen 127.0.0.1:$port$listen_opts;
         location = / {
             default_type "text/plain; charset=utf-8";
             return 200 "hello from keel\n";
@@ -123,6 +132,7 @@ start() { # name port → pid
               KEEL_RUNTIME__WORKER_THREADS=1 KEEL_LOG__LEVEL=warn \
               taskset -c 1 "$bin/hello" >"$work/keel-$port.log" 2>&1 & ;;
         hyper) taskset -c 1 "$bin/examples/bare_hyper" 127.0.0.1:"$port" >"$work/hyper-$port.log" 2>&1 & ;;
+        tonic) taskset -c 1 "$bin/examples/bare_tonic" 127.0.0.1:"$port" >"$work/tonic-$port.log" 2>&1 & ;;
         nginx) local conf; conf=$(nginx_conf "$port" "$work/nginx-$port")
                taskset -c 1 nginx -p "$work/nginx-$port" -c "$conf" >"$work/nginx-$port.log" 2>&1 & ;;
     esac
@@ -134,6 +144,9 @@ wait_ready() { # name pid port
     for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.05; done
     # Check that the process answering is the one we started.
     ss -ltnp "sport = :$port" | grep -q "pid=$pid," || { echo "$name: port $port not owned by $pid" >&2; exit 1; }
+    # Over h2c and gRPC a server may speak only HTTP/2 (bare tonic; nginx's http2 listener):
+    # the answers are then checked by the sweep's first point (any error shows there).
+    [ "$proto" = h1 ] || return 0
     local body
     body=$(exec 3<>/dev/tcp/127.0.0.1/"$port"; printf 'GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n' >&3; cat <&3)
     [[ "$body" == *"hello from keel"* ]] || { echo "$name: unexpected answer to GET /: $body" >&2; exit 1; }
@@ -151,6 +164,12 @@ case $route in
     echo) path=/echo; req_args=(--body-bytes 1024) ;;
     hello) path=/; req_args=() ;;
     *) echo "--route: echo or hello, not $route" >&2; exit 2 ;;
+esac
+case $proto in
+    h1) ;;
+    h2c) req_args+=(--h2c) ;;
+    grpc) path=/; req_args=(--grpc-health) ;;
+    *) echo "--proto: h1, h2c or grpc, not $proto" >&2; exit 2 ;;
 esac
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "load average at start: $load_start; systems: $systems; rounds: $rounds" >&2
@@ -206,7 +225,8 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 python3 bench/suite/report.py --raw "$raw" --out "$out" --timestamp "$ts" \
     --load-start "$load_start" --load-end "$load_end" --rounds "$rounds" --secs "$secs" \
     --warmup "$warmup" --sweep "$sweep" --sweep-secs "$sweep_secs" --quick "$quick" \
-    --command "bench/suite/s1.sh $orig_args" --notes "${notes[*]:-}" --route "$route"
+    --command "bench/suite/s1.sh $orig_args" --notes "${notes[*]:-}" --route "$route" \
+    --proto "$proto" --base "$base"
 python3 -c 'import matplotlib' 2>/dev/null || pip install --quiet matplotlib >/dev/null 2>&1 || true
 python3 bench/suite/chart.py "$out.json" "$out.png" || echo "chart failed (matplotlib missing?)" >&2
 echo "$out.md"

@@ -48,9 +48,9 @@ enum Cmd {
         #[arg(long = "with", value_name = "SERVER[=URL],…", value_delimiter = ',')]
         with: Vec<String>,
     },
-    /// Run the benchmark suite of BENCH.md from this checkout (S1 one hop, S3 gateway as a
-    /// proxy, S4 message consumer, callgrind instructions per request); reports go to
-    /// bench/results/. Takes a release build.
+    /// Run the benchmark suite of BENCH.md from this checkout (S1 one hop over HTTP/1.1, h2c
+    /// and gRPC, S3 gateway as a proxy, S4 message consumer, callgrind instructions per
+    /// request); reports go to bench/results/. Takes a release build.
     Bench {
         /// The one-minute-per-scenario smoke version: one round, short windows.
         #[arg(long)]
@@ -141,6 +141,14 @@ fn bench(quick: bool) -> ExitCode {
     let q = |a: &'static str| if quick { vec![a] } else { vec![] };
     let steps: Vec<(&str, Vec<&str>)> = vec![
         ("bench/suite/s1.sh", q("--quick")),
+        (
+            "bench/suite/s1.sh",
+            [q("--quick"), vec!["--proto", "h2c"]].concat(),
+        ),
+        (
+            "bench/suite/s1.sh",
+            [q("--quick"), vec!["--proto", "grpc"]].concat(),
+        ),
         ("bench/suite/s3.py", q("--quick")),
         (
             "bench/consumer.sh",
