@@ -23,6 +23,10 @@ use serde_json::{Value, json};
 
 const KEY: &str = "demo-secret-key";
 
+/// Step between a worker's requests: odd, so each worker walks every (user, SKU, kind)
+/// combination rather than repeating a few.
+const STRIDE: usize = 7;
+
 /// What `keel demo` was asked to do.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
@@ -174,7 +178,7 @@ async fn run_inner(plan: Plan) -> Result<bool, keel::BoxError> {
         workers.push(tokio::spawn(async move {
             let mut i = w;
             while Instant::now() < deadline {
-                i += plan_step();
+                i += STRIDE;
                 let user = &users[i % users.len()];
                 let skus = ["keel-mug", "keel-tee", "keel-sticker"];
                 let sku = skus[i % skus.len()];
@@ -379,11 +383,6 @@ async fn run_inner(plan: Plan) -> Result<bool, keel::BoxError> {
     shop.stop().await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(ok)
-}
-
-fn plan_step() -> usize {
-    // Odd strides walk every (user, sku, kind) combination.
-    7
 }
 
 fn ms(d: Duration) -> String {

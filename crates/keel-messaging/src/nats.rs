@@ -200,18 +200,22 @@ where
         .for_each_concurrent(transactions, |deliveries| {
             let stats = stats.clone();
             async move {
-                let mut batch = Vec::with_capacity(deliveries.len());
+                // Two parallel vectors, so the batch is handed to the store without copying
+                // any message.
+                let mut acks = Vec::with_capacity(deliveries.len());
+                let mut msgs = Vec::with_capacity(deliveries.len());
                 for delivery in deliveries {
                     match delivery {
                         Ok(m) => {
                             if let Some(msg) = prepare(nats, cfg, &stats, &m).await {
-                                batch.push((m, msg));
+                                acks.push(m);
+                                msgs.push(msg);
                             }
                         }
                         Err(e) => tracing::warn!(error = %e, "jetstream delivery error"),
                     }
                 }
-                handle_batch(nats, cfg, inbox, handler, &stats, batch).await;
+                handle_batch(nats, cfg, inbox, handler, &stats, &acks, &msgs).await;
             }
         })
         .await;
@@ -225,24 +229,24 @@ async fn handle_batch<I, H>(
     inbox: &I,
     handler: &H,
     stats: &ConsumerStats,
-    batch: Vec<(jetstream::Message, Message)>,
+    deliveries: &[jetstream::Message],
+    msgs: &[Message],
 ) where
     I: Inbox,
     H: Handler<I::Tx>,
 {
-    if batch.is_empty() {
+    if msgs.is_empty() {
         return;
     }
-    let msgs: Vec<Message> = batch.iter().map(|(_, msg)| msg.clone()).collect();
-    match process_batch(inbox, &cfg.durable, handler, &msgs, &cfg.retry).await {
+    match process_batch(inbox, &cfg.durable, handler, msgs, &cfg.retry).await {
         Ok(results) => {
-            for ((m, msg), result) in batch.iter().zip(results) {
+            for ((m, msg), result) in deliveries.iter().zip(msgs).zip(results) {
                 settle(nats, cfg, stats, m, msg, result).await;
             }
         }
         Err(e) => {
-            tracing::warn!(deliveries = batch.len(), error = %e, "inbox store failed; deliveries returned");
-            for (m, _) in &batch {
+            tracing::warn!(deliveries = msgs.len(), error = %e, "inbox store failed; deliveries returned");
+            for m in deliveries {
                 stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 ack(m, AckKind::Nak(Some(Duration::from_secs(1)))).await;
             }

@@ -170,16 +170,21 @@ macro_rules! sql_store {
                 publisher: &P,
                 batch: i64,
             ) -> Result<usize, StoreError> {
-                Ok(self.relay_pass(publisher, batch).await?.0)
+                Ok(self.relay_pass(publisher, batch).await?.1)
             }
 
-            /// One relay pass: (rows confirmed, whether a broker error stopped it short).
+            /// One relay pass: (rows read, rows confirmed, whether a broker error stopped it
+            /// short).
             async fn relay_pass<P: Publisher>(
                 &self,
                 publisher: &P,
                 batch: i64,
-            ) -> Result<(usize, bool), StoreError> {
+            ) -> Result<(usize, usize, bool), StoreError> {
                 let rows = self.unsent(batch).await?;
+                if rows.is_empty() {
+                    // Idle: no publish and no empty marking transaction.
+                    return Ok((0, 0, false));
+                }
                 let (confirmed, error) = publisher.publish_batch(&rows).await;
                 let refused = error.is_some();
                 if let Some(e) = error {
@@ -200,7 +205,7 @@ macro_rules! sql_store {
                         .map_err(store_err)?;
                 }
                 tx.commit().await.map_err(store_err)?;
-                Ok((confirmed, refused))
+                Ok((rows.len(), confirmed, refused))
             }
 
             /// Unsent outbox rows (the relay's backlog: a growing number means the broker is
@@ -239,12 +244,16 @@ macro_rules! sql_store {
                 let mut failing = Duration::ZERO;
                 loop {
                     let relayed = self.relay_pass(publisher, batch).await;
-                    let backlog = self.backlog().await;
+                    // A pass that read nothing saw an empty outbox: no need to count it.
+                    let backlog = match &relayed {
+                        Ok((0, _, _)) => Ok(0),
+                        _ => self.backlog().await,
+                    };
                     if let Ok(b) = &backlog {
                         stats.backlog.store(*b, Ordering::Relaxed);
                     }
                     let pause = match relayed {
-                        Ok((n, refused)) => {
+                        Ok((_, n, refused)) => {
                             stats.published.fetch_add(n as u64, Ordering::Relaxed);
                             let more = backlog.as_ref().is_ok_and(|b| *b > 0);
                             if refused {

@@ -240,22 +240,7 @@ async fn a_consumer_joining_and_leaving_mid_stream_loses_and_doubles_nothing() {
         b.stats
     );
     {
-        use keel_messaging::consume::{Inbox, Tx};
-        for chunk in (half..n).collect::<Vec<_>>().chunks(500) {
-            let mut tx = store.begin().await.unwrap();
-            for amount in chunk {
-                let key = amount.to_string();
-                tx.publish(
-                    &topic,
-                    Some(key.as_bytes()),
-                    key.as_bytes(),
-                    Default::default(),
-                )
-                .await
-                .unwrap();
-            }
-            tx.commit().await.unwrap();
-        }
+        common::write_outbox(&store, &topic, half..n, true).await;
         let mut relayed = 0;
         while relayed < (n - half) as usize {
             relayed += store.relay_once(&kafka, 1000).await.unwrap();
@@ -320,23 +305,7 @@ async fn connection_resets_during_relay_and_consumption_lose_nothing_and_double_
 
     // The relay publishes while its connections are reset.
     let n = 3000i64;
-    {
-        use keel_messaging::consume::{Inbox, Tx};
-        for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-            let mut tx = store.begin().await.unwrap();
-            for amount in chunk {
-                tx.publish(
-                    &topic,
-                    None,
-                    amount.to_string().as_bytes(),
-                    Default::default(),
-                )
-                .await
-                .unwrap();
-            }
-            tx.commit().await.unwrap();
-        }
-    }
+    common::write_outbox(&store, &topic, 0..n, false).await;
     let relay = {
         let (store, kafka) = (store.clone(), kafka.clone());
         tokio::spawn(async move {

@@ -122,7 +122,6 @@ async fn resets_poison_and_retries_end_with_every_good_message_applied_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_resets_during_relay_publishing_lose_nothing_and_double_nothing() {
-    use keel_messaging::consume::{Inbox, Tx};
     use keel_messaging::rabbitmq::RabbitPublisher;
 
     let db = PgDb::new().await;
@@ -133,20 +132,7 @@ async fn connection_resets_during_relay_publishing_lose_nothing_and_double_nothi
     let queue = format!("keel-test-{}", stream_name().to_lowercase());
     direct.declare(&queue).await.unwrap();
     let n = 3000i64;
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        let mut tx = store.begin().await.unwrap();
-        for amount in chunk {
-            tx.publish(
-                &queue,
-                None,
-                amount.to_string().as_bytes(),
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        }
-        tx.commit().await.unwrap();
-    }
+    common::write_outbox(&store, &queue, 0..n, false).await;
 
     // The relay publishes through the fault proxy, whose connections are reset under it.
     let proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap())

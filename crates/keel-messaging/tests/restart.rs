@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Ledger, PgDb, stream_name};
-use keel_messaging::consume::{Inbox, Tx};
 use keel_messaging::nats::{ConsumerConfig, ConsumerStats, Nats, run};
 use keel_messaging::store::PgStore;
 use keel_test_support::{ChildGuard, free_addr, port_open, wait_until};
@@ -79,20 +78,7 @@ async fn a_nats_restart_during_relay_and_during_consumption_loses_and_doubles_no
     Ledger::create(&store).await;
 
     let n = 4000i64;
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        let mut tx = store.begin().await.unwrap();
-        for amount in chunk {
-            tx.publish(
-                &subject,
-                None,
-                amount.to_string().as_bytes(),
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        }
-        tx.commit().await.unwrap();
-    }
+    common::write_outbox(&store, &subject, 0..n, false).await;
 
     // The relay runs in small batches while the server dies and comes back.
     let relay = {

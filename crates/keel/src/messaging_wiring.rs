@@ -70,21 +70,29 @@ fn consumer_families(e: &mut Exposition, name: &str, s: &ConsumerStats) {
             s.assignments.load(Ordering::Relaxed),
         ),
     ];
-    let labels = [("consumer", name)];
-    for (family, help, value) in counters {
-        e.family(family, help, "counter");
-        e.sample(family, &labels, value as f64);
-    }
     let lag = s.lag.load(Ordering::Relaxed);
+    let counters = counters
+        .into_iter()
+        .map(|(family, help, value)| (family, help, "counter", value as f64));
     // -1: the broker has not said (or never does); an absent series, not a false zero.
-    if lag >= 0 {
-        let family = "keel_messaging_consumer_lag";
-        e.family(
-            family,
-            "Messages behind the end of the consumed partitions, as the broker reports it.",
-            "gauge",
-        );
-        e.sample(family, &labels, lag as f64);
+    let lag = (lag >= 0).then_some((
+        "keel_messaging_consumer_lag",
+        "Messages behind the end of the consumed partitions, as the broker reports it.",
+        "gauge",
+        lag as f64,
+    ));
+    emit(e, &[("consumer", name)], counters.chain(lag));
+}
+
+/// Declare each family and add its one sample with `labels`.
+fn emit<'a>(
+    e: &mut Exposition,
+    labels: &[(&str, &str)],
+    rows: impl IntoIterator<Item = (&'a str, &'a str, &'a str, f64)>,
+) {
+    for (family, help, kind, value) in rows {
+        e.family(family, help, kind);
+        e.sample(family, labels, value);
     }
 }
 
@@ -116,8 +124,5 @@ fn store_families(e: &mut Exposition, name: &str, s: &StoreStats) {
             s.pruned.load(Ordering::Relaxed) as f64,
         ),
     ];
-    for (family, help, kind, value) in families {
-        e.family(family, help, kind);
-        e.sample(family, &labels, value);
-    }
+    emit(e, &labels, families);
 }

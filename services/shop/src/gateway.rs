@@ -116,8 +116,8 @@ pub const DEMO_KEYS: &str = "demo:demo-secret-key=users:*,orders:*,inventory:*;r
 /// Headers a client may not set: the gateway vouches for identity, nobody else.
 const IDENTITY: [&str; 3] = ["x-shop-key", "x-shop-scopes", "x-shop-user"];
 
-/// Never forwarded: hop-by-hop headers, and the credentials (upstreams get the key's name).
-const DROP: [&str; 11] = [
+/// Hop-by-hop headers: about one connection, never forwarded either way.
+const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -126,10 +126,11 @@ const DROP: [&str; 11] = [
     "trailer",
     "transfer-encoding",
     "upgrade",
-    "host",
-    "authorization",
-    "x-api-key",
 ];
+
+/// Request headers not forwarded besides those: the target's own `host`, and the
+/// credentials (upstreams get the key's name instead).
+const NOT_FORWARDED: [&str; 3] = ["host", "authorization", "x-api-key"];
 
 struct Bucket {
     tokens: f64,
@@ -261,7 +262,7 @@ async fn forward(
     };
     for (name, value) in &headers {
         let n = name.as_str();
-        if DROP.contains(&n) || IDENTITY.contains(&n) {
+        if HOP_BY_HOP.contains(&n) || NOT_FORWARDED.contains(&n) || IDENTITY.contains(&n) {
             continue;
         }
         req.headers_mut().append(name.clone(), value.clone());
@@ -275,8 +276,8 @@ async fn forward(
     match client.request(req).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
-            for h in DROP.iter().take(8) {
-                parts.headers.remove(*h);
+            for h in HOP_BY_HOP {
+                parts.headers.remove(h);
             }
             Response::from_parts(parts, Body::new(body))
         }

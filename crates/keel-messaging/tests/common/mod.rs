@@ -108,23 +108,25 @@ impl Handler<PgTx> for Ledger {
     }
 }
 
-/// Write `amounts` (one message each, the amount as the payload) to `destination` through the
-/// outbox, in transactions of 500, then relay them all through `publisher`.
-pub async fn produce<P: keel_messaging::store::Publisher>(
+/// Write `amounts` (one message each, the amount as the payload; keyed by the amount when
+/// `keyed`) to `destination` through the outbox, in transactions of 500, without relaying.
+pub async fn write_outbox(
     store: &PgStore,
-    publisher: &P,
     destination: &str,
     amounts: impl IntoIterator<Item = i64>,
-) {
+    keyed: bool,
+) -> usize {
     use keel_messaging::consume::{Inbox, Tx};
     let amounts: Vec<i64> = amounts.into_iter().collect();
     for chunk in amounts.chunks(500) {
         let mut tx = store.begin().await.unwrap();
         for amount in chunk {
+            let text = amount.to_string();
+            let key = keyed.then_some(text.as_bytes());
             tx.publish(
                 destination,
-                None,
-                amount.to_string().as_bytes(),
+                key,
+                text.as_bytes(),
                 std::collections::BTreeMap::new(),
             )
             .await
@@ -132,8 +134,19 @@ pub async fn produce<P: keel_messaging::store::Publisher>(
         }
         tx.commit().await.unwrap();
     }
+    amounts.len()
+}
+
+/// [`write_outbox`] (unkeyed), then relay everything through `publisher`.
+pub async fn produce<P: keel_messaging::store::Publisher>(
+    store: &PgStore,
+    publisher: &P,
+    destination: &str,
+    amounts: impl IntoIterator<Item = i64>,
+) {
+    let n = write_outbox(store, destination, amounts, false).await;
     let mut relayed = 0;
-    while relayed < amounts.len() {
+    while relayed < n {
         relayed += store.relay_once(publisher, 1000).await.unwrap();
     }
 }
