@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Plots p50 and p99 latency against offered load, one line per system, from the JSON that
-bench/suite/report.py writes next to an S1 report.
+bench/suite/report.py (S1) or bench/suite/s2.py (S2) writes next to its report.
 
 Usage: bench/suite/chart.py bench/results/s1-TS.json [bench/results/s1-TS.png]
 Needs matplotlib (`pip install --quiet matplotlib`). Invalid points (achieved < 99 % of the
@@ -20,8 +20,11 @@ except ImportError:
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LABEL = {"hyper": "bare hyper", "tonic": "bare tonic", "keel": "Keel hello", "nginx": "nginx"}
-STYLE = {"hyper": ("tab:gray", "o"), "tonic": ("tab:gray", "o"), "keel": ("tab:blue", "s"), "nginx": ("tab:green", "^")}
+LABEL = {"hyper": "bare hyper", "tonic": "bare tonic", "keel": "Keel hello", "nginx": "nginx",
+         "go": "Go net/http"}
+STYLE = {"hyper": ("tab:gray", "o"), "tonic": ("tab:gray", "o"), "bare": ("tab:gray", "o"),
+         "keel": ("tab:blue", "s"), "keel-off": ("tab:purple", "s"), "keel-100": ("navy", "s"),
+         "nginx": ("tab:green", "^"), "go": ("tab:cyan", "v")}
 
 
 def main():
@@ -39,7 +42,7 @@ def main():
             color, marker = STYLE.get(s, ("tab:red", "D"))
             xs = [p[0] / 1000 for p in pts]
             ys = [p[1] for p in pts]
-            ax.plot(xs, ys, color=color, marker=marker, label=LABEL.get(s, s), linewidth=1.8)
+            ax.plot(xs, ys, color=color, marker=marker, label=meta.get("labels", {}).get(s) or LABEL.get(s, s), linewidth=1.8)
             for x, y, valid, name in ((p[0] / 1000, p[1], p[2], p[3]) for p in pts):
                 if not valid:
                     ax.plot([x], [y], marker="o", markersize=14, markerfacecolor="none",
@@ -57,7 +60,10 @@ def main():
                  markeredgecolor="red", linestyle="none", label="invalid (< 99 % of target)")
     axes[1].legend(loc="upper left", fontsize=8)
     quick = " — SMOKE MODE" if str(meta.get("quick")) == "1" else ""
-    fig.suptitle(f"S1 HTTP/1.1 GET /, 1 thread each, server CPU 1 / generator CPU 0 — "
+    what = meta.get("title") or (
+        f"S1 {dict(h1='HTTP/1.1', h2c='h2c', grpc='gRPC').get(meta.get('proto', 'h1'), '')} "
+        f"{'POST /echo 1 KiB' if meta.get('route') == 'echo' and meta.get('proto') != 'grpc' else ''}")
+    fig.suptitle(f"{what}, 1 thread each, server CPU 1 / generator CPU 0 — "
                  f"{meta.get('timestamp', '')}{quick}\nmedians of {len(set(r['round'] for r in data['raw']))} "
                  f"round(s); load average {meta.get('load_start', '')} → {meta.get('load_end', '')} "
                  "(shared 2-core machine)", fontsize=10)

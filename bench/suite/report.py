@@ -19,7 +19,8 @@ POINTS = ["p25", "p50", "p90", "shared"]
 POINT_NAMES = {"p25": "25 % of own sat.", "p50": "50 % of own sat.", "p90": "90 % of own sat.",
                "shared": "shared rate"}
 BASE = "hyper"
-LABEL = {"hyper": "bare hyper", "tonic": "bare tonic", "keel": "Keel hello", "nginx": "nginx"}
+LABEL = {"hyper": "bare hyper", "tonic": "bare tonic", "keel": "Keel hello", "nginx": "nginx",
+         "go": "Go net/http"}
 
 
 def med(xs):
@@ -163,13 +164,14 @@ def main():
           "Keel's example service and bare_hyper echo the body; nginx cannot echo without a "
           "module, so it answers with the same 1 KiB from `return 200` (it reads and discards the "
           "request body). Headers differ slightly (nginx sends `Server`, `Connection: keep-alive`); "
-          "nginx runs one process (`master_process off`), access log off.")
+          "nginx runs one process (`master_process off`), access log off. Go net/http "
+          "(`bench/peers/go/main.go`, stdlib only) echoes with `io.ReadAll`.")
     else:
         w("- Request: `GET /` → 200 `hello from keel\\n` (16 B, text/plain) for every system; "
           "nginx serves the same body with `return 200` (headers differ slightly: nginx sends "
           "`Server`, `Connection: keep-alive`), one process (`master_process off`), access log off.")
     w("- One runtime thread each: Keel `KEEL_RUNTIME__WORKER_THREADS=1` (its default stack "
-      "otherwise), bare_hyper 1 tokio worker, nginx one process.")
+      "otherwise), bare_hyper 1 tokio worker, nginx one process, Go `GOMAXPROCS=1`.")
     w("- Latency is measured from each request's scheduled send time (open loop, "
       "HdrHistogram); a point whose achieved rate is < 99 % of its target is marked ✗ "
       "(invalid). CPU is the server's utime+stime over the measured window.")
@@ -249,6 +251,11 @@ def main():
             w(f"- p99 at 50 % load ≤ 1.2× bare + 50 µs: Keel {fmt(k50['p99_us'])} µs vs limit "
               f"{fmt(lim)} µs (bare {fmt(h50['p99_us'])} µs; each at 50 % of its own "
               f"saturation) → {verdict(k50['p99_us'] <= lim)}")
+        if "go" in summary:
+            kc, gc = ke["cpu_us_per_req_at_saturation"], summary["go"]["cpu_us_per_req_at_saturation"]
+            r = kc / gc if kc and gc else None
+            w(f"- CPU per request ≤ 0.5× Go net/http (at saturation, medians): Keel {fmt(kc, 2)} µs "
+              f"vs Go {fmt(gc, 2)} µs = {fmt(r, 3)}× → {verdict(None if r is None else r <= 0.5)}")
         caveats = []
         for s, v in (("keel", k50), (BASE, h50)):
             if v and v["send_lag_p99_us"] >= 0.5 * v["p99_us"]:

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Scenario S1 (one hop) per BENCH.md: Keel's example service `hello` against the physical
-# limit (bare hyper; bare tonic for gRPC) and nginx (peer, HTTP only), in the same run,
-# alternating. --proto h1 (default, HTTP/1.1 keep-alive), h2c, or grpc (unary health check).
+# limit (bare hyper; bare tonic for gRPC) and the peers nginx and Go net/http (HTTP/1.1 only:
+# Go's standard library has no h2c server), in the same run, alternating. --proto h1 (default, HTTP/1.1 keep-alive), h2c, or grpc (unary health check).
 #
 # Usage: bench/suite/s1.sh [--quick] [--proto h1|h2c|grpc] [--route echo|hello] [--rounds N]
-#                          [--secs S] [--warmup S] [--sweep "8 32 128"] [--systems "hyper keel nginx"]
+#                          [--secs S] [--warmup S] [--sweep "8 32 128"] [--systems "hyper keel nginx go"]
 #   --quick    1 round, 3 s windows, no warm-up (smoke mode; BENCH.md wants 5 s + 30 s)
 #   default    3 rounds; open-loop points: 5 s warm-up + 30 s; saturation sweep: 2 s + 5 s per level
 #
 # Per round, every system is started fresh on its own free port, pinned to CPU 1 with one
 # runtime thread (Keel: KEEL_RUNTIME__WORKER_THREADS=1; bare_hyper: 1 tokio worker; nginx:
-# master_process off = one process); keel-loadgen runs pinned to CPU 0. Systems take turns in
+# master_process off = one process; Go: GOMAXPROCS=1); keel-loadgen runs pinned to CPU 0. Systems take turns in
 # a rotated order each round. For each system: a closed-loop sweep finds saturation (highest
 # achieved rate with zero errors), then open-loop latency (timed from the scheduled send time)
 # at 25/50/90 % of its own saturation; then, for every system, one open-loop point at the
@@ -55,7 +55,11 @@ if [ "$proto" = grpc ]; then base=tonic; else base=hyper; fi
 # nginx speaks h2c (HTTP/2 with prior knowledge) on a plain listener marked http2.
 listen_opts=""; [ "$proto" = h2c ] && listen_opts=" http2"
 if [ -z "$systems" ]; then
-    if [ "$proto" = grpc ]; then systems="tonic keel"; else systems="hyper keel nginx"; fi
+    case $proto in
+        grpc) systems="tonic keel" ;;
+        h2c) systems="hyper keel nginx" ;;
+        *) systems="hyper keel nginx go" ;;
+    esac
 fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keel-target}"
 echo "building (release) …" >&2
@@ -66,6 +70,12 @@ bin="$CARGO_TARGET_DIR/release"
 lg="$bin/keel-loadgen"
 
 notes=()
+if [[ " $systems " == *" go "* ]]; then
+    if ! gopeer=$(bench/peers/go/build.sh); then
+        notes+=("Go net/http skipped: golang-go could not be installed or the peer did not build.")
+        systems=${systems//go/}
+    fi
+fi
 if [[ " $systems " == *" nginx "* ]] && ! command -v nginx >/dev/null; then
     echo "nginx missing: trying apt-get install nginx-light / nginx" >&2
     apt-get update -q >/dev/null 2>&1 || true
@@ -133,6 +143,7 @@ start() { # name port → pid
               taskset -c 1 "$bin/hello" >"$work/keel-$port.log" 2>&1 & ;;
         hyper) taskset -c 1 "$bin/examples/bare_hyper" 127.0.0.1:"$port" >"$work/hyper-$port.log" 2>&1 & ;;
         tonic) taskset -c 1 "$bin/examples/bare_tonic" 127.0.0.1:"$port" >"$work/tonic-$port.log" 2>&1 & ;;
+        go) GOMAXPROCS=1 taskset -c 1 "$gopeer" -role echo -listen 127.0.0.1:"$port" >"$work/go-$port.log" 2>&1 & ;;
         nginx) local conf; conf=$(nginx_conf "$port" "$work/nginx-$port")
                taskset -c 1 nginx -p "$work/nginx-$port" -c "$conf" >"$work/nginx-$port.log" 2>&1 & ;;
     esac

@@ -109,9 +109,10 @@ struct Args {
     /// After the window, wait at most this long for requests still queued or in flight.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain: Duration,
-    /// Also report the CPU time (utime+stime) this process used over the measured window.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// Also report the CPU time (utime+stime) these processes used over the measured window,
+    /// summed (comma-separated or repeated: every hop of a chain).
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// Print one JSON object line instead of the human-readable summary.
     #[arg(long)]
     json: bool,
@@ -1016,13 +1017,23 @@ async fn run(args: Args) -> Result<Printed, BoxError> {
     );
 
     // CPU of the server and of the generator at the window's edges.
-    let server_pid = args.server_pid.map(|p| p.to_string());
+    let server_pids: Vec<String> = args.server_pid.iter().map(u32::to_string).collect();
     let sampler = tokio::spawn(async move {
+        let servers = |pids: &[String]| -> Result<Option<u64>, BoxError> {
+            if pids.is_empty() {
+                return Ok(None);
+            }
+            let mut sum = 0;
+            for pid in pids {
+                sum += cpu_ticks(pid)?;
+            }
+            Ok(Some(sum))
+        };
         tokio::time::sleep_until(plan.measure_start.into()).await;
-        let s0 = server_pid.as_deref().map(cpu_ticks).transpose()?;
+        let s0 = servers(&server_pids)?;
         let g0 = cpu_ticks("self")?;
         tokio::time::sleep_until(plan.end.into()).await;
-        let s1 = server_pid.as_deref().map(cpu_ticks).transpose()?;
+        let s1 = servers(&server_pids)?;
         let g1 = cpu_ticks("self")?;
         Ok::<_, BoxError>((s0.zip(s1).map(|(a, b)| b.saturating_sub(a)), g1 - g0))
     });

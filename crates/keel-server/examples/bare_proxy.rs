@@ -4,8 +4,10 @@
 //! limit, retries, balancing, telemetry). Whatever Keel's gateway costs above this is the
 //! price of what it does.
 //!
-//! Run with `cargo run --release -p keel-server --example bare_proxy -- LISTEN UPSTREAM`
-//! (one tokio worker, as BENCH.md asks of every system under test).
+//! Run with `cargo run --release -p keel-server --example bare_proxy -- LISTEN UPSTREAM [STRIP]`
+//! (one tokio worker, as BENCH.md asks of every system under test). `STRIP` is a path prefix
+//! removed before forwarding: `/api` makes it the bare gateway of the S2 chain
+//! (`/api/orders/…` → `/orders/…`, as the shop's gateway maps it).
 
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
@@ -19,6 +21,7 @@ fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:8082".into());
     let upstream = args.next().unwrap_or_else(|| "127.0.0.1:8081".into());
+    let strip: &'static str = args.next().unwrap_or_default().leak();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -42,6 +45,7 @@ fn main() -> std::io::Result<()> {
                             async move {
                                 let (mut parts, body) = req.into_parts();
                                 let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                                let path = path.strip_prefix(strip).unwrap_or(path);
                                 parts.uri = format!("http://{upstream}{path}")
                                     .parse()
                                     .unwrap_or_default();

@@ -26,7 +26,8 @@
 //! nothing about capacity.
 //!
 //! **Over the limit**, a request waits in a LIFO queue for at most `queue_timeout`, twice the
-//! recent service time, and a quarter of its remaining deadline, whichever is least: LIFO serves the freshest requests, whose
+//! recent service time (but at least 5 ms, a few scheduler slices), and a quarter of its
+//! remaining deadline, whichever is least: LIFO serves the freshest requests, whose
 //! callers are still waiting, while the oldest ones time out — under sustained overload FIFO
 //! would serve only requests whose callers have given up. A full queue, or a wait that times
 //! out, is answered at once with 503 + `Retry-After` (gRPC `RESOURCE_EXHAUSTED`), never a slow
@@ -51,6 +52,10 @@ use keel_config::{Validate, Validator};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+
+/// The least a request waits for a slot before it is shed (unless `queue_timeout` or its
+/// deadline is shorter): see `admit`.
+const MIN_QUEUE_WAIT: Duration = Duration::from_millis(5);
 
 /// `[overload]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,9 +85,9 @@ pub struct OverloadConfig {
     /// Requests waiting for a slot before new ones are shed at once. 64 bounds memory and
     /// the wait of the last one.
     pub max_queue: usize,
-    /// Longest wait for a slot. The wait is also capped at twice the recent service time (a
-    /// longer wait means the queue is not draining) and a quarter of the request's remaining
-    /// time. 50 ms: bursts of slow requests are smoothed, sustained overload answers fast.
+    /// Longest wait for a slot. The wait is also capped at twice the recent service time, or
+    /// 5 ms if that is more (a longer wait means the queue is not draining), and a quarter of
+    /// the request's remaining time. 50 ms: bursts of slow requests are smoothed, sustained overload answers fast.
     pub queue_timeout: keel_config::Duration,
     /// `Retry-After` on shed responses, in seconds. 1: callers back off briefly; the client's
     /// balancer penalises this endpoint for that long.
@@ -455,11 +460,16 @@ impl Limiter {
         };
         // Waiting longer than a couple of service times means the queue is not draining: the
         // request would only add its wait to its latency. Until a service time is known, the
-        // configured bound applies.
+        // configured bound applies. The floor is a few scheduler time slices: a process that
+        // shares its core is descheduled for milliseconds at a time, and a burst that piles up
+        // meanwhile is not an overload (S2's chain on one core shed at half load with a 1 ms
+        // floor, services of ~100 µs).
         let expected = self.lock().algo.expected();
         let wait = expected
             .map_or(self.inner.cfg.queue_timeout.get(), |e| {
-                (e * 2).clamp(Duration::from_millis(1), self.inner.cfg.queue_timeout.get())
+                (e * 2)
+                    .max(MIN_QUEUE_WAIT)
+                    .min(self.inner.cfg.queue_timeout.get())
             })
             .min(remaining / 4);
         let limiter = self.clone();
@@ -740,6 +750,47 @@ mod tests {
         assert_eq!(s.shed, [1, 1, 0, 0]);
         assert_eq!(s.over_limit, 0);
         assert!(s.max_queue_wait <= Duration::from_millis(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_service_waits_out_a_scheduler_stall_before_shedding() {
+        let c = OverloadConfig {
+            initial_limit: 1,
+            min_limit: 1,
+            max_limit: 1,
+            ..OverloadConfig::default()
+        };
+        let l = Limiter::new(&c);
+        let long = Duration::from_secs(10);
+        // A service answering in 100 µs: twice its service time would be a 200 µs wait.
+        let mut p = l.acquire(long, false).await.unwrap();
+        tokio::time::advance(Duration::from_micros(100)).await;
+        p.answered();
+        drop(p);
+
+        // The slot is held across a 3 ms stall: the waiter still gets it.
+        let held = l.acquire(long, false).await.unwrap();
+        let l1 = l.clone();
+        let waiter = tokio::spawn(async move { l1.acquire(long, false).await });
+        tokio::task::yield_now().await;
+        tokio::time::advance(Duration::from_millis(3)).await;
+        // Let the waiter see its timer (if it had fired) before the slot is handed over.
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        let got = waiter
+            .await
+            .unwrap()
+            .expect("admitted after the stall, not shed");
+
+        // A queue that does not move for longer than the floor is shed.
+        let l2 = l.clone();
+        let waiter = tokio::spawn(async move { l2.acquire(long, false).await });
+        tokio::task::yield_now().await;
+        tokio::time::advance(MIN_QUEUE_WAIT + Duration::from_millis(1)).await;
+        assert_eq!(waiter.await.unwrap().unwrap_err(), Shed::QueueTimeout);
+        drop(got);
     }
 
     #[tokio::test(start_paused = true)]
