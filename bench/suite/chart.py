@@ -24,7 +24,7 @@ LABEL = {"hyper": "bare hyper", "tonic": "bare tonic", "keel": "Keel hello", "ng
          "go": "Go net/http"}
 STYLE = {"hyper": ("tab:gray", "o"), "tonic": ("tab:gray", "o"), "bare": ("tab:gray", "o"),
          "keel": ("tab:blue", "s"), "keel-off": ("tab:purple", "s"), "keel-100": ("navy", "s"),
-         "nginx": ("tab:green", "^"), "go": ("tab:cyan", "v")}
+         "nginx": ("tab:green", "^"), "go": ("tab:cyan", "v"), "haproxy": ("tab:orange", "D")}
 
 
 def main():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Scenario S1 (one hop) per BENCH.md: Keel's example service `hello` against the physical
-# limit (bare hyper; bare tonic for gRPC) and the peers nginx and Go net/http (HTTP/1.1 only:
-# Go's standard library has no h2c server), in the same run, alternating. --proto h1 (default, HTTP/1.1 keep-alive), h2c, or grpc (unary health check).
+# limit (bare hyper; bare tonic for gRPC) and the peers nginx (HTTP) and Go (net/http; h2c from
+# golang.org/x/net and grpc-go, both Debian packages), in the same run, alternating. --proto h1 (default, HTTP/1.1 keep-alive), h2c, or grpc (unary health check).
 #
 # Usage: bench/suite/s1.sh [--quick] [--proto h1|h2c|grpc] [--route echo|hello] [--rounds N]
 #                          [--secs S] [--warmup S] [--sweep "8 32 128"] [--systems "hyper keel nginx go"]
@@ -56,8 +56,7 @@ if [ "$proto" = grpc ]; then base=tonic; else base=hyper; fi
 listen_opts=""; [ "$proto" = h2c ] && listen_opts=" http2"
 if [ -z "$systems" ]; then
     case $proto in
-        grpc) systems="tonic keel" ;;
-        h2c) systems="hyper keel nginx" ;;
+        grpc) systems="tonic keel go" ;;
         *) systems="hyper keel nginx go" ;;
     esac
 fi
@@ -71,8 +70,9 @@ lg="$bin/keel-loadgen"
 
 notes=()
 if [[ " $systems " == *" go "* ]]; then
-    if ! gopeer=$(bench/peers/go/build.sh); then
-        notes+=("Go net/http skipped: golang-go could not be installed or the peer did not build.")
+    if [ "$proto" = h1 ]; then gobuild=stdlib; gorole=echo; else gobuild=extra; gorole=$proto; fi
+    if ! gopeer=$(bench/peers/go/build.sh "$gobuild"); then
+        notes+=("Go skipped: Debian's Go packages could not be installed or the peer did not build.")
         systems=${systems//go/}
     fi
 fi
@@ -143,7 +143,7 @@ start() { # name port → pid
               taskset -c 1 "$bin/hello" >"$work/keel-$port.log" 2>&1 & ;;
         hyper) taskset -c 1 "$bin/examples/bare_hyper" 127.0.0.1:"$port" >"$work/hyper-$port.log" 2>&1 & ;;
         tonic) taskset -c 1 "$bin/examples/bare_tonic" 127.0.0.1:"$port" >"$work/tonic-$port.log" 2>&1 & ;;
-        go) GOMAXPROCS=1 taskset -c 1 "$gopeer" -role echo -listen 127.0.0.1:"$port" >"$work/go-$port.log" 2>&1 & ;;
+        go) GOMAXPROCS=1 taskset -c 1 "$gopeer" -role "$gorole" -listen 127.0.0.1:"$port" >"$work/go-$port.log" 2>&1 & ;;
         nginx) local conf; conf=$(nginx_conf "$port" "$work/nginx-$port")
                taskset -c 1 nginx -p "$work/nginx-$port" -c "$conf" >"$work/nginx-$port.log" 2>&1 & ;;
     esac

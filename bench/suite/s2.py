@@ -43,7 +43,7 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from s3 import REL, ROOT, TARGET, free_port, loadgen, owner_is, peak_rss_kib, wait_port  # noqa: E402
+from s3 import REL, ROOT, TARGET, free_port, loadgen, peak_rss_kib, spawn, wait_port  # noqa: E402
 
 PATH = "/api/orders/quote/keel-mug"
 KEY = "demo-secret-key"
@@ -67,16 +67,6 @@ def keel_config(tmp, name, port, sampling, sink, clients):
         for client, (addr, proto) in clients.items():
             f.write(f'[clients.{client}]\nendpoints = ["{addr}"]\nprotocol = "{proto}"\n\n')
     return path
-
-
-def spawn(cmd, port, env=None):
-    proc = subprocess.Popen(["taskset", "-c", "1"] + cmd, env={**os.environ, **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port, proc)
-    if not owner_is(port, proc.pid):
-        proc.kill()
-        raise RuntimeError(f"port {port} is not served by the {cmd[0]} we started")
-    return proc
 
 
 def start_chain(system, tmp, sink, gopeer):

@@ -16,7 +16,8 @@ lowest saturation of the round, where p50/p99/p99.9, CPU per request (utime+stim
 proxy over the window) and peak RSS are read. Ratios are medians of per-round ratios.
 
 Usage: bench/suite/s3.py [--rounds 3] [--seconds 10] [--quick]
-Writes bench/results/s3-<UTC time>.md (and .json).
+Writes bench/results/s3-<UTC time>.md, .json and .png (latency against offered load: 25/50/90 %
+of each system's own saturation and the shared rate).
 """
 
 import argparse
@@ -89,7 +90,7 @@ def loadgen(url, args, headers):
 
 def start(system, port, upstream, tmp):
     up = f"127.0.0.1:{upstream}"
-    env = dict(os.environ)
+    env = {}
     if system == "keel":
         cfg = os.path.join(tmp, "gateway.toml")
         with open(cfg, "w") as f:
@@ -135,12 +136,18 @@ backend be
         cmd = ["haproxy", "-f", conf, "-db"]
     else:
         raise ValueError(system)
-    proc = subprocess.Popen(["taskset", "-c", "1"] + cmd, env=env,
+    return spawn(cmd, port, env)
+
+
+def spawn(cmd, port, env=None):
+    """Start `cmd` pinned to CPU 1 (the system under test's core) and wait until it serves
+    `port`; refuse a port some other process answers on."""
+    proc = subprocess.Popen(["taskset", "-c", "1"] + cmd, env={**os.environ, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc)
     if not owner_is(port, proc.pid):
         proc.kill()
-        raise RuntimeError(f"port {port} is not served by the {system} we started")
+        raise RuntimeError(f"port {port} is not served by the {cmd[0]} we started")
     return proc
 
 
@@ -172,7 +179,7 @@ def main():
     load_start = open("/proc/loadavg").read().split()[:3]
     key = ["x-api-key: demo-secret-key"]
     secs = f"{a.seconds}s"
-    rows = []
+    rows, curve = [], []
     try:
         for rnd in range(1, a.rounds + 1):
             order = systems if rnd % 2 else list(reversed(systems))
@@ -192,6 +199,15 @@ def main():
                             sat[s] = max(sat[s], r["achieved_rps"])
                         else:
                             shed[s].append(f"{conc}: {r['errors']} errors of {r['ok'] + r['errors']}")
+                    # Latency against load: 25/50/90 % of its own saturation (for the chart).
+                    for pct in (25, 50, 90):
+                        rate = sat[s] * pct / 100
+                        r = loadgen(f"http://127.0.0.1:{port}/api/users/x",
+                                    ["--rate", f"{rate:.0f}", "--connections", "64", "--duration", secs,
+                                     "--warmup", "2s", "--server-pid", str(p.pid)], key)
+                        curve.append({"round": rnd, "system": s, "point": f"p{pct}", "offered_rps": rate,
+                                      "valid": r["valid"] and r["errors"] == 0, "p50_us": r["p50_us"],
+                                      "p99_us": r["p99_us"], "p999_us": r["p999_us"]})
                 finally:
                     p.kill()
                     p.wait()
@@ -249,13 +265,35 @@ def main():
             notes.append(f"{s}: closed-loop points with errors (not counted for saturation), by concurrency: {'; '.join(errs)}")
     notes.append("CPU per request is the proxy's utime+stime over the measured window (keel-loadgen --server-pid) "
                  "at the shared fixed rate; the upstream and the generator share CPU 0.")
+    notes.append(f"Chart (p50/p99 against offered load, 25/50/90 % of each system's saturation and the shared "
+                 f"rate): `s3-{stamp}.png`.")
     lines += [""] + [f"- {n}" for n in notes]
     report = "\n".join(lines) + "\n"
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", f"s3-{stamp}.md"), "w") as f:
         f.write(report)
-    with open(os.path.join(ROOT, "bench", "results", f"s3-{stamp}.json"), "w") as f:
-        json.dump({"rows": rows, "load_start": load_start, "load_end": load_end}, f, indent=1)
+    # The chart's input (bench/suite/chart.py): per system, points of offered load → latency.
+    for x in rows:
+        curve.append({"round": x["round"], "system": x["system"], "point": "shared", "offered_rps": x["rate"],
+                      "valid": x["valid"] and x["errors"] == 0, "p50_us": x["p50_us"], "p99_us": x["p99_us"],
+                      "p999_us": x["p999_us"]})
+    summary = {}
+    for s in systems:
+        pts = {}
+        for name in ("p25", "p50", "p90", "shared"):
+            got = [x for x in curve if x["system"] == s and x["point"] == name]
+            if got:
+                pts[name] = {k: statistics.median(x[k] for x in got) for k in ("offered_rps", "p50_us", "p99_us", "p999_us")}
+                pts[name].update(valid_rounds=sum(x["valid"] for x in got), rounds=len(got))
+        summary[s] = {"points": pts}
+    base = os.path.join(ROOT, "bench", "results", f"s3-{stamp}")
+    meta = {"title": "S3 gateway as reverse proxy", "timestamp": stamp, "quick": "1" if a.quick else "0",
+            "load_start": " ".join(load_start), "load_end": " ".join(load_end),
+            "labels": {"keel": "Keel gateway", "bare": "bare hyper proxy"}}
+    with open(base + ".json", "w") as f:
+        json.dump({"meta": meta, "summary": summary, "raw": curve, "rows": rows}, f, indent=1)
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "suite", "chart.py"), base + ".json", base + ".png"],
+                   check=False)
     print()
     print(report)
 

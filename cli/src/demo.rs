@@ -373,6 +373,11 @@ async fn run_inner(plan: Plan) -> Result<bool, keel::BoxError> {
         "    curl -s -H 'x-api-key: {KEY}' -H 'content-type: application/json' -d '{{\"user_id\":\"{}\",\"sku\":\"keel-hoodie\",\"quantity\":1}}' http://{gw}/api/orders",
         users[0]
     );
+    if let Some(order) = orders.first() {
+        println!(
+            "    curl -s -X POST -H 'x-api-key: {KEY}' http://{gw}/api/orders/{order}/cancel   # stock comes back via OrderCancelled"
+        );
+    }
     println!(
         "    curl -s http://{}/metrics | grep keel_messaging",
         shop.order.admin

@@ -8,6 +8,11 @@
 //	keel-go-peer -role gateway   -listen ADDR -upstream ADDR    S2: /api/* -> upstream /*, API key checked
 //
 // S2's order calls inventory over HTTP/JSON: gRPC is not in Go's standard library.
+//
+// Built with -tags debianlibs (extra.go), two more roles from Debian's packaged libraries:
+//
+//	keel-go-peer -role grpc -listen ADDR    S1 gRPC: grpc-go's health service (grpc.health.v1)
+//	keel-go-peer -role h2c  -listen ADDR    S1 h2c: the echo role over HTTP/2 prior knowledge
 package main
 
 import (
@@ -32,6 +37,26 @@ type stockReply struct {
 	Available int64  `json:"available"`
 }
 
+// Roles built from Debian's packaged Go libraries (extra.go, build tag debianlibs): grpc-go
+// and h2c. Empty in the stdlib-only build.
+var extraRoles = map[string]func(listen string) error{}
+
+// S1's answer: POST /echo echoes the body, anything else is "hello from keel\n".
+func echo(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodPost && r.URL.Path == "/echo" {
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(body)
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	io.WriteString(w, "hello from keel\n")
+}
+
 func main() {
 	role := flag.String("role", "echo", "echo, gateway, order or inventory")
 	listen := flag.String("listen", "127.0.0.1:8090", "address to serve on")
@@ -48,20 +73,7 @@ func main() {
 	var h http.Handler
 	switch *role {
 	case "echo":
-		h = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if r.Method == http.MethodPost && r.URL.Path == "/echo" {
-				body, err := io.ReadAll(r.Body)
-				if err != nil {
-					http.Error(w, err.Error(), http.StatusBadRequest)
-					return
-				}
-				w.Header().Set("Content-Type", "application/json")
-				w.Write(body)
-				return
-			}
-			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-			io.WriteString(w, "hello from keel\n")
-		})
+		h = http.HandlerFunc(echo)
 	case "inventory":
 		h = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			sku := strings.TrimPrefix(r.URL.Path, "/stock/")
@@ -113,6 +125,9 @@ func main() {
 			proxy.ServeHTTP(w, r)
 		})
 	default:
+		if serve, ok := extraRoles[*role]; ok {
+			log.Fatal(serve(*listen))
+		}
 		log.Fatalf("unknown role %q", *role)
 	}
 	srv := &http.Server{Addr: *listen, Handler: h, ErrorLog: log.New(io.Discard, "", 0)}

@@ -1,10 +1,25 @@
-//! The events order publishes (through its outbox) and inventory consumes (through its inbox).
+//! The events order publishes (through its outbox) and inventory consumes (through its inbox):
+//! `OrderPlaced` (confirm the reservation) and `OrderCancelled` (give it back to stock).
 
 use serde::{Deserialize, Serialize};
 
 /// Where `OrderPlaced` events go with the embedded broker, and on NATS with the default
 /// prefix (`<prefix>.orders.placed`).
 pub const ORDER_PLACED: &str = "shop.orders.placed";
+
+/// Where `OrderCancelled` events go (`<prefix>.orders.cancelled` on NATS).
+pub const ORDER_CANCELLED: &str = "shop.orders.cancelled";
+
+/// An order was cancelled: inventory gives its reservation back to stock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderCancelled {
+    /// The order.
+    pub order_id: String,
+    /// What it held.
+    pub sku: String,
+    /// How many.
+    pub quantity: i64,
+}
 
 /// An order was stored and its stock reserved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +87,14 @@ impl Bus {
         match self {
             Bus::Embedded(_) => ORDER_PLACED.to_string(),
             Bus::Nats(_, prefix) => format!("{prefix}.orders.placed"),
+        }
+    }
+
+    /// The destination of `OrderCancelled` events.
+    pub fn order_cancelled(&self) -> String {
+        match self {
+            Bus::Embedded(_) => ORDER_CANCELLED.to_string(),
+            Bus::Nats(_, prefix) => format!("{prefix}.orders.cancelled"),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The inventory service: stock per SKU over gRPC (`Reserve`, `Release`, `Stock`), a JSON
-//! view at `GET /stock/{sku}`, and the consumer of `OrderPlaced` events, which confirms the
-//! order's reservation through the messaging inbox (exactly once per event).
+//! view at `GET /stock/{sku}`, and the consumer of `OrderPlaced` events (confirms the order's
+//! reservation) and `OrderCancelled` events (gives it back to stock), through the messaging
+//! inbox (exactly once per event).
 
 use axum::Json;
 use axum::Router;
@@ -17,7 +18,7 @@ use crate::db::Db;
 use crate::with_db;
 use tonic::{Request, Status};
 
-use crate::events::{Bus, Counters, OrderPlaced};
+use crate::events::{Bus, Counters, OrderCancelled, OrderPlaced};
 use crate::http::error;
 use crate::proto::inventory_server::{Inventory, InventoryServer};
 use crate::proto::{
@@ -88,44 +89,77 @@ pub async fn router(
         .merge(grpc))
 }
 
-/// Confirm reservations as `OrderPlaced` events arrive, through the inbox of `store`.
+/// Confirm reservations as `OrderPlaced` events arrive, and give them back to stock as
+/// `OrderCancelled` events arrive, both through the inbox of `store`.
 fn consume<S>(app: &keel::App, store: S, bus: &Bus, counters: &Counters)
 where
     S: keel::messaging::consume::Inbox + Clone + 'static,
     Confirm: Handler<S::Tx>,
+    Restock: Handler<S::Tx>,
+{
+    app.observe_consumer("inventory", counters.consumer.clone());
+    subscribe(
+        app,
+        store.clone(),
+        bus,
+        counters,
+        &bus.order_placed(),
+        "inventory",
+        Confirm,
+    );
+    subscribe(
+        app,
+        store,
+        bus,
+        counters,
+        &bus.order_cancelled(),
+        "inventory-cancel",
+        Restock,
+    );
+}
+
+/// One consumer named `name` of `destination` (a durable consumer on NATS).
+fn subscribe<S, H>(
+    app: &keel::App,
+    store: S,
+    bus: &Bus,
+    counters: &Counters,
+    destination: &str,
+    name: &str,
+    handler: H,
+) where
+    S: keel::messaging::consume::Inbox + 'static,
+    H: Handler<S::Tx> + Send + Sync + 'static,
 {
     let retry = app.config().messaging.consumer.retry();
-    app.observe_consumer("inventory", counters.consumer.clone());
     match bus {
         Bus::Embedded(e) => {
             e.subscribe(
-                &bus.order_placed(),
-                "inventory",
+                destination,
+                name,
                 store,
-                Confirm,
+                handler,
                 retry,
                 counters.consumer.clone(),
             );
         }
         Bus::Nats(nats, _) => {
-            let mut cfg = keel::messaging::nats::ConsumerConfig::new(
-                &bus.stream().unwrap_or_default(),
-                "inventory",
-            );
-            cfg.filter_subject = bus.order_placed();
+            let mut cfg =
+                keel::messaging::nats::ConsumerConfig::new(&bus.stream().unwrap_or_default(), name);
+            cfg.filter_subject = destination.to_string();
             cfg.retry = retry;
             let settings = &app.config().messaging.consumer;
             cfg.max_in_flight = settings.max_in_flight as usize;
             cfg.batch = settings.batch as usize;
-            let (nats, stats) = (nats.clone(), counters.consumer.clone());
+            let (nats, stats, name) = (nats.clone(), counters.consumer.clone(), name.to_string());
             keel::messaging::transport::spawn_in_lifecycle(
                 app.shutdown(),
                 "inventory",
                 move |stop| async move {
                     if let Err(e) =
-                        keel::messaging::nats::run(&nats, &cfg, &store, &Confirm, stats, stop).await
+                        keel::messaging::nats::run(&nats, &cfg, &store, &handler, stats, stop).await
                     {
-                        tracing::error!(error = %e, "inventory consumer stopped");
+                        tracing::error!(consumer = %name, error = %e, "inventory consumer stopped");
                     }
                 },
             );
@@ -167,6 +201,43 @@ macro_rules! confirm_in {
 
 confirm_in!(SqliteTx, false);
 confirm_in!(PgTx, true);
+
+/// The `OrderCancelled` handler: give the order's reservation back to stock, in the inbox
+/// transaction. A reservation already given back (by order's compensating `Release`) changes
+/// nothing, and a redelivered event is skipped by the inbox before it gets here.
+#[derive(Debug, Clone, Copy)]
+pub struct Restock;
+
+macro_rules! restock_in {
+    ($tx:ty, $postgres:expr) => {
+        impl Handler<$tx> for Restock {
+            async fn handle(&self, msg: &Message, tx: &mut $tx) -> Result<(), BoxError> {
+                let sql = |s: &'static str| crate::db::dialect($postgres, s);
+                let event: OrderCancelled = serde_json::from_slice(&msg.payload)
+                    .map_err(|e| format!("not an OrderCancelled event: {e}"))?;
+                // The reservation's own SKU and quantity, not the event's: stock moves by what
+                // was really held.
+                let held: Option<(String, i64)> = sqlx::query_as(sql(
+                    "UPDATE reservations SET state = 'released' WHERE order_id = $1 AND state IN ('held', 'confirmed') RETURNING sku, quantity",
+                ))
+                .bind(&event.order_id)
+                .fetch_optional(tx.conn())
+                .await?;
+                if let Some((sku, quantity)) = held {
+                    sqlx::query(sql("UPDATE stock SET available = available + $1 WHERE sku = $2"))
+                        .bind(quantity)
+                        .bind(&sku)
+                        .execute(tx.conn())
+                        .await?;
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+restock_in!(SqliteTx, false);
+restock_in!(PgTx, true);
 
 /// The gRPC service.
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@
 //! client ─HTTP─▶ gateway ─HTTP─▶ user      (SQLite: users)
 //!                   │   └─HTTP─▶ order ─HTTP─▶ user          (validate the buyer)
 //!                   │              ├──gRPC──▶ inventory      (Reserve, with the remaining deadline)
-//!                   │              └─outbox─▶ OrderPlaced ─▶ inventory's inbox (exactly-once)
+//!                   │              └─outbox─▶ OrderPlaced, OrderCancelled ─▶ inventory's inbox (exactly-once)
 //!                   └─HTTP─▶ inventory /stock/{sku}
 //! ```
 //!

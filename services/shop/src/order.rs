@@ -9,6 +9,10 @@
 //! Answers: 201 with the order; 400 malformed body; 422 unknown user, unknown SKU or a
 //! non-positive quantity; 409 not enough stock; 503 with a JSON error when a dependency is
 //! down (then no order row and no event exist). `GET /orders/{id}` → 200 / 404.
+//!
+//! `POST /orders/{id}/cancel`: the order becomes `cancelled` and its `OrderCancelled` event
+//! is written in the same transaction (inventory gives the stock back when it consumes it).
+//! Cancelling a cancelled order answers 200 again and publishes nothing; 404 for no order.
 
 use std::sync::Arc;
 
@@ -27,7 +31,7 @@ use crate::db::Db;
 use crate::with_db;
 use tonic::Code;
 
-use crate::events::{Bus, Counters, OrderPlaced};
+use crate::events::{Bus, Counters, OrderCancelled, OrderPlaced};
 use crate::http::error;
 use crate::proto::inventory_client::InventoryClient;
 use crate::proto::{ReleaseRequest, ReserveRequest};
@@ -52,7 +56,7 @@ pub struct Order {
     pub sku: String,
     /// How many.
     pub quantity: i64,
-    /// `placed`.
+    /// `placed` or `cancelled`.
     pub state: String,
 }
 
@@ -76,6 +80,8 @@ struct Ctx {
     outbox: Outbox,
     /// Where `OrderPlaced` events go.
     destination: String,
+    /// Where `OrderCancelled` events go.
+    cancellations: String,
     users: Arc<Client>,
     inventory: InventoryClient<ClientService>,
 }
@@ -106,14 +112,17 @@ pub async fn router(
     let users = app.client("user")?;
     let inventory = InventoryClient::new(ClientService::new(app.client("inventory")?));
     let destination = bus.order_placed();
+    let cancellations = bus.order_cancelled();
     relay(app, outbox.clone(), bus, counters);
     Ok(Router::new()
         .route("/orders", post(create))
         .route("/orders/{id}", get(read))
+        .route("/orders/{id}/cancel", post(cancel))
         .with_state(Ctx {
             db,
             outbox,
             destination,
+            cancellations,
             users,
             inventory,
         }))
@@ -226,19 +235,7 @@ async fn store_order(outbox: &Outbox, destination: &str, order: &Order) -> Resul
         sku: order.sku.clone(),
         quantity: order.quantity,
     })?;
-    // The request's trace context and baggage travel with the event, so the consumer's span
-    // joins this trace.
-    let mut headers = std::collections::BTreeMap::new();
-    if let Some(ctx) = keel::Context::current() {
-        let _ = keel::propagation::inject(
-            &ctx,
-            keel::propagation::Carrier::Message,
-            &keel::propagation::Outbound::default(),
-            &mut headers,
-        );
-        // An event outlives the request: its consumer is not bound by the caller's deadline.
-        headers.remove("keel-deadline");
-    }
+    let headers = event_headers();
     // The same steps for either store: the order row and the outbox row, one transaction.
     macro_rules! write {
         ($store:expr, $postgres:expr) => {{
@@ -267,8 +264,101 @@ async fn store_order(outbox: &Outbox, destination: &str, order: &Order) -> Resul
     Ok(())
 }
 
+/// The request's trace context and baggage, for an event's headers: the consumer's span joins
+/// this trace.
+fn event_headers() -> std::collections::BTreeMap<String, String> {
+    let mut headers = std::collections::BTreeMap::new();
+    if let Some(ctx) = keel::Context::current() {
+        let _ = keel::propagation::inject(
+            &ctx,
+            keel::propagation::Carrier::Message,
+            &keel::propagation::Outbound::default(),
+            &mut headers,
+        );
+        // An event outlives the request: its consumer is not bound by the caller's deadline.
+        headers.remove("keel-deadline");
+    }
+    headers
+}
+
 /// `orders` as stored: id, user_id, sku, quantity, state.
 type OrderRow = (String, String, String, i64, String);
+
+fn order_of((id, user_id, sku, quantity, state): OrderRow) -> Order {
+    Order {
+        id,
+        user_id,
+        sku,
+        quantity,
+        state,
+    }
+}
+
+/// What a cancellation found.
+enum Cancelled {
+    /// Cancelled now; its event is in the outbox.
+    Now(Order),
+    /// Cancelled before: nothing changed.
+    Already(Order),
+    /// No such order.
+    Missing,
+}
+
+async fn cancel(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
+    match cancel_order(&ctx.outbox, &ctx.cancellations, &id).await {
+        Ok(Cancelled::Now(order) | Cancelled::Already(order)) => Json(order).into_response(),
+        Ok(Cancelled::Missing) => error(StatusCode::NOT_FOUND, format!("no order {id}")),
+        Err(e) => {
+            tracing::warn!(order = %id, error = %e, "order store failed");
+            error(StatusCode::SERVICE_UNAVAILABLE, "order store unavailable")
+        }
+    }
+}
+
+/// Mark `id` cancelled and queue its `OrderCancelled` event, both or neither. Only a `placed`
+/// order changes, so a repeated cancel (a client's retry) publishes nothing.
+async fn cancel_order(outbox: &Outbox, destination: &str, id: &str) -> Result<Cancelled, BoxError> {
+    let headers = event_headers();
+    macro_rules! cancel {
+        ($store:expr, $postgres:expr) => {{
+            let sql = |s: &'static str| crate::db::dialect($postgres, s);
+            let mut tx = $store.begin().await?;
+            let changed: Option<OrderRow> = sqlx::query_as(sql(
+                "UPDATE orders SET state = 'cancelled' WHERE id = $1 AND state = 'placed' RETURNING id, user_id, sku, quantity, state",
+            ))
+            .bind(id)
+            .fetch_optional(tx.conn())
+            .await?;
+            match changed {
+                Some(row) => {
+                    let order = order_of(row);
+                    let event = serde_json::to_vec(&OrderCancelled {
+                        order_id: order.id.clone(),
+                        sku: order.sku.clone(),
+                        quantity: order.quantity,
+                    })?;
+                    tx.publish(destination, Some(order.id.as_bytes()), &event, headers)
+                        .await?;
+                    tx.commit().await?;
+                    Cancelled::Now(order)
+                }
+                None => {
+                    let found: Option<OrderRow> = sqlx::query_as(sql(
+                        "SELECT id, user_id, sku, quantity, state FROM orders WHERE id = $1",
+                    ))
+                    .bind(id)
+                    .fetch_optional(tx.conn())
+                    .await?;
+                    found.map_or(Cancelled::Missing, |row| Cancelled::Already(order_of(row)))
+                }
+            }
+        }};
+    }
+    Ok(match outbox {
+        Outbox::Sqlite(s) => cancel!(s, false),
+        Outbox::Postgres(s) => cancel!(s, true),
+    })
+}
 
 async fn read(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
     let found: Result<Option<OrderRow>, _> = with_db!(&ctx.db, |pool, sql| {
@@ -280,14 +370,7 @@ async fn read(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
         .await
     });
     match found {
-        Ok(Some((id, user_id, sku, quantity, state))) => Json(Order {
-            id,
-            user_id,
-            sku,
-            quantity,
-            state,
-        })
-        .into_response(),
+        Ok(Some(row)) => Json(order_of(row)).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no order {id}")),
         Err(e) => {
             tracing::warn!(error = %e, "order store failed");

@@ -2,7 +2,8 @@
 //! inventory (a stream and subjects of this test's own), SQLite files per service, spans
 //! exported to an in-test OTLP receiver: create a user and place an order through the
 //! gateway; the order is stored, its stock reserved, its `OrderPlaced` event consumed exactly
-//! once (checked in inventory's store), and one trace id spans every process.
+//! once (checked in inventory's store), and one trace id spans every process; cancelling it
+//! gives the stock back through the `OrderCancelled` event.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
@@ -251,6 +252,34 @@ async fn an_order_across_four_processes_is_consumed_once_in_one_trace() {
             .unwrap(),
         1
     );
+    // Cancelled: its OrderCancelled event crosses NATS to inventory's second consumer, which
+    // gives the three tees back.
+    let (status, cancelled) = call(
+        gateway.addr,
+        "POST",
+        &format!("/api/orders/{order_id}/cancel"),
+        &[],
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, 200, "{cancelled}");
+    let mut available = Value::Null;
+    for _ in 0..200 {
+        let (_, stock) = call(
+            gateway.addr,
+            "GET",
+            "/api/inventory/keel-tee",
+            &[],
+            Value::Null,
+        )
+        .await;
+        available = stock["available"].clone();
+        if available == 500 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(available, 500, "the cancelled order's stock is back");
     let nats = keel::messaging::nats::Nats::connect("nats://127.0.0.1:4222")
         .await
         .unwrap();

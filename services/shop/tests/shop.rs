@@ -1,7 +1,8 @@
 //! The shop end to end, in one process (four Keel apps on loopback ports, SQLite, the
 //! embedded broker): an order through the gateway is stored, its stock reserved over gRPC,
 //! its event consumed exactly once, all in one trace; the gateway's keys, scopes, rate limit
-//! and colour routing; an order while inventory is down leaves nothing behind.
+//! and colour routing; an order while inventory is down leaves nothing behind; a cancelled
+//! order gives its stock back once.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -71,6 +72,19 @@ async fn new_user(shop: &LocalShop, email: &str) -> String {
     .await;
     assert_eq!(a.status, 201, "{}", a.body);
     a.body["id"].as_str().unwrap().to_string()
+}
+
+/// `POST /api/orders` with the all-scopes key.
+async fn place(shop: &LocalShop, user: &str, sku: &str, quantity: i64) -> Answer {
+    call(
+        shop,
+        "POST",
+        "/api/orders",
+        Some(KEY),
+        &[],
+        Some(json!({"user_id": user, "sku": sku, "quantity": quantity})),
+    )
+    .await
 }
 
 async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
@@ -312,15 +326,7 @@ async fn an_order_while_inventory_is_down_is_a_clear_503_and_leaves_nothing() {
     opts.inventory_down = true;
     let shop = LocalShop::start(opts).await.unwrap();
     let user = new_user(&shop, "grace@example.com").await;
-    let a = call(
-        &shop,
-        "POST",
-        "/api/orders",
-        Some(KEY),
-        &[],
-        Some(json!({"user_id": user, "sku": "keel-mug", "quantity": 1})),
-    )
-    .await;
+    let a = place(&shop, &user, "keel-mug", 1).await;
     assert_eq!(a.status, 503, "{}", a.body);
     assert_eq!(a.headers["content-type"], "application/json");
     assert!(
@@ -383,28 +389,12 @@ async fn with_postgres_stores_an_order_is_stored_reserved_and_confirmed_once() {
     );
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let placed = call(
-            &shop,
-            "POST",
-            "/api/orders",
-            Some(KEY),
-            &[],
-            Some(json!({"user_id": user, "sku": "keel-hoodie", "quantity": 1})),
-        )
-        .await;
+        let placed = place(&shop, &user, "keel-hoodie", 1).await;
         assert_eq!(placed.status, 201, "{}", placed.body);
         ids.push(placed.body["id"].as_str().unwrap().to_string());
     }
     // Three hoodies were in stock: the fourth order is refused, and nothing is written.
-    let short = call(
-        &shop,
-        "POST",
-        "/api/orders",
-        Some(KEY),
-        &[],
-        Some(json!({"user_id": user, "sku": "keel-hoodie", "quantity": 1})),
-    )
-    .await;
+    let short = place(&shop, &user, "keel-hoodie", 1).await;
     assert_eq!(short.status, 409, "{}", short.body);
     for id in &ids {
         assert!(
@@ -432,5 +422,121 @@ async fn with_postgres_stores_an_order_is_stored_reserved_and_confirmed_once() {
     .await;
     assert_eq!(stock.body["available"], 0);
     assert_eq!(stock.body["confirmed"], 3);
+
+    // A cancelled order gives its hoodie back (OrderCancelled through PostgreSQL's inbox),
+    // and the order that was refused now goes through.
+    let cancelled = call(
+        &shop,
+        "POST",
+        &format!("/api/orders/{}/cancel", ids[0]),
+        Some(KEY),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let s = call(
+                &shop,
+                "GET",
+                "/api/inventory/keel-hoodie",
+                Some(READER),
+                &[],
+                None,
+            )
+            .await;
+            s.body["available"] == 1
+        })
+        .await,
+        "the cancelled hoodie is back in stock"
+    );
+    let again = place(&shop, &user, "keel-hoodie", 1).await;
+    assert_eq!(again.status, 201, "{}", again.body);
+    shop.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_order_gives_its_stock_back_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let shop = LocalShop::start(Options::new(dir.path())).await.unwrap();
+    let user = new_user(&shop, "linus@example.com").await;
+    let placed = place(&shop, &user, "keel-tee", 3).await;
+    assert_eq!(placed.status, 201, "{}", placed.body);
+    let id = placed.body["id"].as_str().unwrap().to_string();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            keel_shop::inventory::confirmations(&shop.inventory_db, &id)
+                .await
+                .unwrap()
+                == 1
+        })
+        .await
+    );
+    let stock = || async {
+        call(
+            &shop,
+            "GET",
+            "/api/inventory/keel-tee",
+            Some(READER),
+            &[],
+            None,
+        )
+        .await
+        .body
+    };
+    assert_eq!(stock().await["available"], 497);
+
+    let path = format!("/api/orders/{id}/cancel");
+    // Cancelling needs the write scope.
+    let denied = call(&shop, "POST", &path, Some(READER), &[], None).await;
+    assert_eq!(denied.status, 403, "{}", denied.body);
+    let first = call(&shop, "POST", &path, Some(KEY), &[], None).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.body["state"], "cancelled");
+    // A client's retry: the same answer, and no second event.
+    let second = call(&shop, "POST", &path, Some(KEY), &[], None).await;
+    assert_eq!(second.status, 200, "{}", second.body);
+    assert_eq!(second.body["state"], "cancelled");
+    let missing = call(
+        &shop,
+        "POST",
+        "/api/orders/ord_nope/cancel",
+        Some(KEY),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(missing.status, 404, "{}", missing.body);
+    assert_eq!(
+        keel_shop::order::counts(&shop.order_db).await.unwrap(),
+        (1, 2),
+        "one order; its OrderPlaced and one OrderCancelled in the outbox"
+    );
+
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            stock().await["available"] == 500
+        })
+        .await,
+        "the three tees are back: {}",
+        stock().await
+    );
+    // Given back once: later relay and consumer passes change nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = stock().await;
+    assert_eq!(after["available"], 500, "{after}");
+    assert_eq!(after["confirmed"], 0, "{after}");
+    assert_eq!(after["reserved"], 0, "{after}");
+    let read = call(
+        &shop,
+        "GET",
+        &format!("/api/orders/{id}"),
+        Some(READER),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(read.body["state"], "cancelled");
     shop.stop().await.unwrap();
 }
