@@ -3,7 +3,7 @@
 bench/suite/report.py (S1) or bench/suite/s2.py (S2) writes next to its report.
 
 Usage: bench/suite/chart.py bench/results/s1-TS.json [bench/results/s1-TS.png]
-Needs matplotlib (`pip install --quiet matplotlib`). Invalid points (achieved < 99 % of the
+Needs matplotlib (`pip install --quiet matplotlib`). Invalid points (errors, or achieved < 99 % of the
 target in some round) are drawn hollow with a red ring.
 """
 
@@ -57,7 +57,7 @@ def main():
     axes[0].set_ylabel("latency (µs, log scale)")
     axes[0].legend()
     axes[1].plot([], [], marker="o", markersize=10, markerfacecolor="none",
-                 markeredgecolor="red", linestyle="none", label="invalid (< 99 % of target)")
+                 markeredgecolor="red", linestyle="none", label="invalid (errors, or < 99 % of target)")
     axes[1].legend(loc="upper left", fontsize=8)
     quick = " — SMOKE MODE" if str(meta.get("quick")) == "1" else ""
     what = meta.get("title") or (
