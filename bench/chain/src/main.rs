@@ -173,8 +173,10 @@ fn keel_order() -> std::process::ExitCode {
     use axum::response::IntoResponse;
     type Inv = InventoryClient<keel::client::client::Service>;
 
-    async fn quote(State(inv): State<Inv>, Path(sku): Path<String>) -> axum::response::Response {
-        let mut inv = inv.clone();
+    async fn quote(
+        State(mut inv): State<Inv>,
+        Path(sku): Path<String>,
+    ) -> axum::response::Response {
         match inv.stock(StockRequest { sku }).await {
             Ok(reply) => json(StatusCode::OK, quote_body(reply.get_ref())).into_response(),
             Err(status) => {

@@ -3,12 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Where `OrderPlaced` events go with the embedded broker, and on NATS with the default
-/// prefix (`<prefix>.orders.placed`).
-pub const ORDER_PLACED: &str = "shop.orders.placed";
-
-/// Where `OrderCancelled` events go (`<prefix>.orders.cancelled` on NATS).
-pub const ORDER_CANCELLED: &str = "shop.orders.cancelled";
+/// The prefix of the events' destinations (`<prefix>.orders.placed`, `….cancelled`) with the
+/// embedded broker, and NATS's default (`SHOP_NATS_PREFIX`).
+pub const DEFAULT_PREFIX: &str = "shop";
 
 /// An order was cancelled: inventory gives its reservation back to stock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,7 +57,8 @@ impl Bus {
         match cfg.broker {
             BrokerKind::Embedded => Ok(Bus::Embedded(embedded.clone())),
             BrokerKind::Nats => {
-                let prefix = std::env::var("SHOP_NATS_PREFIX").unwrap_or_else(|_| "shop".into());
+                let prefix =
+                    std::env::var("SHOP_NATS_PREFIX").unwrap_or_else(|_| DEFAULT_PREFIX.into());
                 let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
                 if prefix.is_empty() || !prefix.chars().all(valid) {
                     return Err(format!(
@@ -82,20 +80,21 @@ impl Bus {
 }
 
 impl Bus {
+    fn prefix(&self) -> &str {
+        match self {
+            Bus::Embedded(_) => DEFAULT_PREFIX,
+            Bus::Nats(_, prefix) => prefix,
+        }
+    }
+
     /// The destination of `OrderPlaced` events.
     pub fn order_placed(&self) -> String {
-        match self {
-            Bus::Embedded(_) => ORDER_PLACED.to_string(),
-            Bus::Nats(_, prefix) => format!("{prefix}.orders.placed"),
-        }
+        format!("{}.orders.placed", self.prefix())
     }
 
     /// The destination of `OrderCancelled` events.
     pub fn order_cancelled(&self) -> String {
-        match self {
-            Bus::Embedded(_) => ORDER_CANCELLED.to_string(),
-            Bus::Nats(_, prefix) => format!("{prefix}.orders.cancelled"),
-        }
+        format!("{}.orders.cancelled", self.prefix())
     }
 
     /// The NATS stream, when on NATS.

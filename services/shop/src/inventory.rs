@@ -167,40 +167,51 @@ fn subscribe<S, H>(
     }
 }
 
-/// The `OrderPlaced` handler: confirm the order's reservation and record the confirmation,
-/// in the inbox transaction (so a redelivered event changes nothing).
-#[derive(Debug, Clone, Copy)]
-pub struct Confirm;
-
-macro_rules! confirm_in {
-    ($tx:ty, $postgres:expr) => {
-        impl Handler<$tx> for Confirm {
-            async fn handle(&self, msg: &Message, tx: &mut $tx) -> Result<(), BoxError> {
-                let sql = |s: &'static str| crate::db::dialect($postgres, s);
-                let event: OrderPlaced = serde_json::from_slice(&msg.payload)
-                    .map_err(|e| format!("not an OrderPlaced event: {e}"))?;
-                sqlx::query(sql(
-                    "UPDATE reservations SET state = 'confirmed' WHERE order_id = $1 AND state = 'held'",
-                ))
-                .bind(&event.order_id)
-                .execute(tx.conn())
-                .await?;
-                sqlx::query(sql(
-                    "INSERT INTO confirmations (message_id, order_id, confirmed_at) VALUES ($1, $2, $3)",
-                ))
-                .bind(&msg.id)
-                .bind(&event.order_id)
-                .bind(crate::db::now())
-                .execute(tx.conn())
-                .await?;
-                Ok(())
+/// Implement a message handler for both stores' inbox transactions. `$body` runs with the
+/// message, the transaction and `sql` (a statement in the store's dialect) under the names
+/// the caller gives them.
+macro_rules! handler_in_both_stores {
+    ($handler:ty, |$msg:ident, $tx:ident, $sql:ident| $body:block) => {
+        handler_in_both_stores!(@in $handler, SqliteTx, false, $msg, $tx, $sql, $body);
+        handler_in_both_stores!(@in $handler, PgTx, true, $msg, $tx, $sql, $body);
+    };
+    (@in $handler:ty, $store_tx:ty, $postgres:expr, $msg:ident, $tx:ident, $sql:ident, $body:block) => {
+        impl Handler<$store_tx> for $handler {
+            async fn handle(&self, $msg: &Message, $tx: &mut $store_tx) -> Result<(), BoxError> {
+                let $sql = |s: &'static str| crate::db::dialect($postgres, s);
+                $body
             }
         }
     };
 }
 
-confirm_in!(SqliteTx, false);
-confirm_in!(PgTx, true);
+/// Stock given back (the SKU's row, by a quantity): by `Release` and by `Restock`.
+const RESTOCK: &str = "UPDATE stock SET available = available + $1 WHERE sku = $2";
+
+/// The `OrderPlaced` handler: confirm the order's reservation and record the confirmation,
+/// in the inbox transaction (so a redelivered event changes nothing).
+#[derive(Debug, Clone, Copy)]
+pub struct Confirm;
+
+handler_in_both_stores!(Confirm, |msg, tx, sql| {
+    let event: OrderPlaced = serde_json::from_slice(&msg.payload)
+        .map_err(|e| format!("not an OrderPlaced event: {e}"))?;
+    sqlx::query(sql(
+        "UPDATE reservations SET state = 'confirmed' WHERE order_id = $1 AND state = 'held'",
+    ))
+    .bind(&event.order_id)
+    .execute(tx.conn())
+    .await?;
+    sqlx::query(sql(
+        "INSERT INTO confirmations (message_id, order_id, confirmed_at) VALUES ($1, $2, $3)",
+    ))
+    .bind(&msg.id)
+    .bind(&event.order_id)
+    .bind(crate::db::now())
+    .execute(tx.conn())
+    .await?;
+    Ok(())
+});
 
 /// The `OrderCancelled` handler: give the order's reservation back to stock, in the inbox
 /// transaction. A reservation already given back (by order's compensating `Release`) changes
@@ -208,36 +219,26 @@ confirm_in!(PgTx, true);
 #[derive(Debug, Clone, Copy)]
 pub struct Restock;
 
-macro_rules! restock_in {
-    ($tx:ty, $postgres:expr) => {
-        impl Handler<$tx> for Restock {
-            async fn handle(&self, msg: &Message, tx: &mut $tx) -> Result<(), BoxError> {
-                let sql = |s: &'static str| crate::db::dialect($postgres, s);
-                let event: OrderCancelled = serde_json::from_slice(&msg.payload)
-                    .map_err(|e| format!("not an OrderCancelled event: {e}"))?;
-                // The reservation's own SKU and quantity, not the event's: stock moves by what
-                // was really held.
-                let held: Option<(String, i64)> = sqlx::query_as(sql(
-                    "UPDATE reservations SET state = 'released' WHERE order_id = $1 AND state IN ('held', 'confirmed') RETURNING sku, quantity",
-                ))
-                .bind(&event.order_id)
-                .fetch_optional(tx.conn())
-                .await?;
-                if let Some((sku, quantity)) = held {
-                    sqlx::query(sql("UPDATE stock SET available = available + $1 WHERE sku = $2"))
-                        .bind(quantity)
-                        .bind(&sku)
-                        .execute(tx.conn())
-                        .await?;
-                }
-                Ok(())
-            }
-        }
-    };
-}
-
-restock_in!(SqliteTx, false);
-restock_in!(PgTx, true);
+handler_in_both_stores!(Restock, |msg, tx, sql| {
+    let event: OrderCancelled = serde_json::from_slice(&msg.payload)
+        .map_err(|e| format!("not an OrderCancelled event: {e}"))?;
+    // The reservation's own SKU and quantity, not the event's: stock moves by what was
+    // really held.
+    let held: Option<(String, i64)> = sqlx::query_as(sql(
+        "UPDATE reservations SET state = 'released' WHERE order_id = $1 AND state IN ('held', 'confirmed') RETURNING sku, quantity",
+    ))
+    .bind(&event.order_id)
+    .fetch_optional(tx.conn())
+    .await?;
+    if let Some((sku, quantity)) = held {
+        sqlx::query(sql(RESTOCK))
+            .bind(quantity)
+            .bind(&sku)
+            .execute(tx.conn())
+            .await?;
+    }
+    Ok(())
+});
 
 /// The gRPC service.
 #[derive(Debug, Clone)]
@@ -342,7 +343,7 @@ impl Inventory for Service {
             .fetch_optional(&mut *tx)
             .await?;
             if let Some((sku, quantity)) = &held {
-                sqlx::query(sql("UPDATE stock SET available = available + $1 WHERE sku = $2"))
+                sqlx::query(sql(RESTOCK))
                     .bind(quantity)
                     .bind(sku)
                     .execute(&mut *tx)

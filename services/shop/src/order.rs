@@ -284,6 +284,9 @@ fn event_headers() -> std::collections::BTreeMap<String, String> {
 /// `orders` as stored: id, user_id, sku, quantity, state.
 type OrderRow = (String, String, String, i64, String);
 
+/// One order as an [`OrderRow`].
+const SELECT_ORDER: &str = "SELECT id, user_id, sku, quantity, state FROM orders WHERE id = $1";
+
 fn order_of((id, user_id, sku, quantity, state): OrderRow) -> Order {
     Order {
         id,
@@ -318,7 +321,6 @@ async fn cancel(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
 /// Mark `id` cancelled and queue its `OrderCancelled` event, both or neither. Only a `placed`
 /// order changes, so a repeated cancel (a client's retry) publishes nothing.
 async fn cancel_order(outbox: &Outbox, destination: &str, id: &str) -> Result<Cancelled, BoxError> {
-    let headers = event_headers();
     macro_rules! cancel {
         ($store:expr, $postgres:expr) => {{
             let sql = |s: &'static str| crate::db::dialect($postgres, s);
@@ -337,15 +339,13 @@ async fn cancel_order(outbox: &Outbox, destination: &str, id: &str) -> Result<Ca
                         sku: order.sku.clone(),
                         quantity: order.quantity,
                     })?;
-                    tx.publish(destination, Some(order.id.as_bytes()), &event, headers)
+                    tx.publish(destination, Some(order.id.as_bytes()), &event, event_headers())
                         .await?;
                     tx.commit().await?;
                     Cancelled::Now(order)
                 }
                 None => {
-                    let found: Option<OrderRow> = sqlx::query_as(sql(
-                        "SELECT id, user_id, sku, quantity, state FROM orders WHERE id = $1",
-                    ))
+                    let found: Option<OrderRow> = sqlx::query_as(sql(SELECT_ORDER))
                     .bind(id)
                     .fetch_optional(tx.conn())
                     .await?;
@@ -362,12 +362,10 @@ async fn cancel_order(outbox: &Outbox, destination: &str, id: &str) -> Result<Ca
 
 async fn read(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
     let found: Result<Option<OrderRow>, _> = with_db!(&ctx.db, |pool, sql| {
-        sqlx::query_as(sql(
-            "SELECT id, user_id, sku, quantity, state FROM orders WHERE id = $1",
-        ))
-        .bind(&id)
-        .fetch_optional(pool)
-        .await
+        sqlx::query_as(sql(SELECT_ORDER))
+            .bind(&id)
+            .fetch_optional(pool)
+            .await
     });
     match found {
         Ok(Some(row)) => Json(order_of(row)).into_response(),

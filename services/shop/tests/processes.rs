@@ -212,14 +212,16 @@ async fn an_order_across_four_processes_is_consumed_once_in_one_trace() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(confirmed, 1, "the OrderPlaced event was consumed once");
-    let (status, stock) = call(
-        gateway.addr,
-        "GET",
-        "/api/inventory/keel-tee",
-        &[],
-        Value::Null,
-    )
-    .await;
+    let tees = || {
+        call(
+            gateway.addr,
+            "GET",
+            "/api/inventory/keel-tee",
+            &[],
+            Value::Null,
+        )
+    };
+    let (status, stock) = tees().await;
     assert_eq!(status, 200);
     assert_eq!(stock["available"], 497);
     assert_eq!(stock["confirmed"], 3);
@@ -265,15 +267,7 @@ async fn an_order_across_four_processes_is_consumed_once_in_one_trace() {
     assert_eq!(status, 200, "{cancelled}");
     let mut available = Value::Null;
     for _ in 0..200 {
-        let (_, stock) = call(
-            gateway.addr,
-            "GET",
-            "/api/inventory/keel-tee",
-            &[],
-            Value::Null,
-        )
-        .await;
-        available = stock["available"].clone();
+        available = tees().await.1["available"].clone();
         if available == 500 {
             break;
         }

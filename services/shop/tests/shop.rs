@@ -87,6 +87,33 @@ async fn place(shop: &LocalShop, user: &str, sku: &str, quantity: i64) -> Answer
     .await
 }
 
+/// `GET /api/inventory/{sku}` with the reader key: the stock's JSON.
+async fn stock(shop: &LocalShop, sku: &str) -> Value {
+    let a = call(
+        shop,
+        "GET",
+        &format!("/api/inventory/{sku}"),
+        Some(READER),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    a.body
+}
+
+/// Whether inventory confirms `order_id` exactly once within 10 s (its `OrderPlaced` event
+/// was consumed).
+async fn confirmed_once(shop: &LocalShop, order_id: &str) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        keel_shop::inventory::confirmations(&shop.inventory_db, order_id)
+            .await
+            .unwrap()
+            == 1
+    })
+    .await
+}
+
 async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
 where
     F: FnMut() -> Fut,
@@ -142,28 +169,13 @@ async fn an_order_is_stored_reserved_and_confirmed_once_in_one_trace() {
     assert_eq!(read.body["quantity"], 2);
     // Reserved, then confirmed by the consumed event: exactly one confirmation.
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            keel_shop::inventory::confirmations(&shop.inventory_db, &order_id)
-                .await
-                .unwrap()
-                == 1
-        })
-        .await,
+        confirmed_once(&shop, &order_id).await,
         "the OrderPlaced event was consumed"
     );
-    let stock = call(
-        &shop,
-        "GET",
-        "/api/inventory/keel-mug",
-        Some(READER),
-        &[],
-        None,
-    )
-    .await;
-    assert_eq!(stock.status, 200, "{}", stock.body);
-    assert_eq!(stock.body["available"], 998);
-    assert_eq!(stock.body["confirmed"], 2);
-    assert_eq!(stock.body["reserved"], 0);
+    let mug = stock(&shop, "keel-mug").await;
+    assert_eq!(mug["available"], 998);
+    assert_eq!(mug["confirmed"], 2);
+    assert_eq!(mug["reserved"], 0);
     // The relay's next passes find nothing new: still one confirmation, one outbox row.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -397,31 +409,15 @@ async fn with_postgres_stores_an_order_is_stored_reserved_and_confirmed_once() {
     let short = place(&shop, &user, "keel-hoodie", 1).await;
     assert_eq!(short.status, 409, "{}", short.body);
     for id in &ids {
-        assert!(
-            eventually(Duration::from_secs(10), || async {
-                keel_shop::inventory::confirmations(&shop.inventory_db, id)
-                    .await
-                    .unwrap()
-                    == 1
-            })
-            .await
-        );
+        assert!(confirmed_once(&shop, id).await);
     }
     assert_eq!(
         keel_shop::order::counts(&shop.order_db).await.unwrap(),
         (3, 3)
     );
-    let stock = call(
-        &shop,
-        "GET",
-        "/api/inventory/keel-hoodie",
-        Some(READER),
-        &[],
-        None,
-    )
-    .await;
-    assert_eq!(stock.body["available"], 0);
-    assert_eq!(stock.body["confirmed"], 3);
+    let hoodie = stock(&shop, "keel-hoodie").await;
+    assert_eq!(hoodie["available"], 0);
+    assert_eq!(hoodie["confirmed"], 3);
 
     // A cancelled order gives its hoodie back (OrderCancelled through PostgreSQL's inbox),
     // and the order that was refused now goes through.
@@ -437,16 +433,7 @@ async fn with_postgres_stores_an_order_is_stored_reserved_and_confirmed_once() {
     assert_eq!(cancelled.status, 200, "{}", cancelled.body);
     assert!(
         eventually(Duration::from_secs(10), || async {
-            let s = call(
-                &shop,
-                "GET",
-                "/api/inventory/keel-hoodie",
-                Some(READER),
-                &[],
-                None,
-            )
-            .await;
-            s.body["available"] == 1
+            stock(&shop, "keel-hoodie").await["available"] == 1
         })
         .await,
         "the cancelled hoodie is back in stock"
@@ -464,28 +451,9 @@ async fn a_cancelled_order_gives_its_stock_back_once() {
     let placed = place(&shop, &user, "keel-tee", 3).await;
     assert_eq!(placed.status, 201, "{}", placed.body);
     let id = placed.body["id"].as_str().unwrap().to_string();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            keel_shop::inventory::confirmations(&shop.inventory_db, &id)
-                .await
-                .unwrap()
-                == 1
-        })
-        .await
-    );
-    let stock = || async {
-        call(
-            &shop,
-            "GET",
-            "/api/inventory/keel-tee",
-            Some(READER),
-            &[],
-            None,
-        )
-        .await
-        .body
-    };
-    assert_eq!(stock().await["available"], 497);
+    assert!(confirmed_once(&shop, &id).await);
+    let tee = || stock(&shop, "keel-tee");
+    assert_eq!(tee().await["available"], 497);
 
     let path = format!("/api/orders/{id}/cancel");
     // Cancelling needs the write scope.
@@ -516,15 +484,15 @@ async fn a_cancelled_order_gives_its_stock_back_once() {
 
     assert!(
         eventually(Duration::from_secs(10), || async {
-            stock().await["available"] == 500
+            tee().await["available"] == 500
         })
         .await,
         "the three tees are back: {}",
-        stock().await
+        tee().await
     );
     // Given back once: later relay and consumer passes change nothing.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = stock().await;
+    let after = tee().await;
     assert_eq!(after["available"], 500, "{after}");
     assert_eq!(after["confirmed"], 0, "{after}");
     assert_eq!(after["reserved"], 0, "{after}");
