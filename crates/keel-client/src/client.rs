@@ -126,6 +126,9 @@ pub struct Client {
     calls: AtomicU64,
     retries: AtomicU64,
     hedges: AtomicU64,
+    /// The App's observer: every attempt is reported to it (a CLIENT span, the client
+    /// metrics). `None` reports nothing.
+    observer: Option<observe::SharedObserver>,
 }
 
 /// Pools by address, pruned to the endpoint set when its version changes (discovery removes
@@ -176,7 +179,14 @@ impl Client {
             calls: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             hedges: AtomicU64::new(0),
+            observer: None,
         }
+    }
+
+    /// Report every attempt to `observer` (the `keel` facade passes its App's own).
+    pub fn observed_by(mut self, observer: Option<observe::SharedObserver>) -> Client {
+        self.observer = observer;
+        self
     }
 
     /// The upstream's name.
@@ -360,7 +370,8 @@ impl Client {
         let addr = picked.endpoint.addr;
         let pool = self.pool(addr, picked.version);
         // Reported however this attempt ends, including dropped as a losing hedge.
-        let mut obs = observe::observer().map(|_| AttemptObs {
+        let mut obs = self.observer.as_deref().map(|observer| AttemptObs {
+            observer,
             ctx,
             upstream: &self.name,
             addr,
@@ -539,6 +550,7 @@ impl Client {
 
 /// One attempt as telemetry sees it (only built when an observer is installed).
 struct AttemptObs<'a> {
+    observer: &'a dyn observe::Observer,
     ctx: &'a Context,
     upstream: &'a str,
     addr: SocketAddr,
@@ -555,18 +567,15 @@ struct AttemptObs<'a> {
 impl AttemptObs<'_> {
     fn answered(&mut self, status: StatusCode, headers: &HeaderMap) {
         self.status = Some(status.as_u16());
-        self.grpc_status = headers
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
+        self.grpc_status = keel_core::grpc::status(headers);
         self.outcome = observe::Outcome::Answered;
     }
 }
 
 impl Drop for AttemptObs<'_> {
     fn drop(&mut self) {
-        if let Some(observer) = observe::observer() {
-            observer.client(&observe::ClientRecord {
+        {
+            self.observer.client(&observe::ClientRecord {
                 ctx: self.ctx,
                 span_id: self.span_id,
                 upstream: self.upstream,

@@ -1,6 +1,6 @@
 //! `Context` as an axum extractor: `async fn handler(ctx: keel::Context) { … }`.
 
-use axum::extract::{FromRequestParts, MatchedPath};
+use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use http::request::Parts;
@@ -26,14 +26,6 @@ impl<S: Send + Sync> FromRequestParts<S> for Context {
     type Rejection = MissingContext;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        // Handing out the context is also the moment to tell telemetry the matched route
-        // template, so handlers that take a `Context` get `/orders/{id}` labels for free.
-        if let (Some(cell), Some(path)) = (
-            parts.extensions.get::<crate::observe::RouteCell>(),
-            parts.extensions.get::<MatchedPath>(),
-        ) {
-            cell.set(path.as_str());
-        }
         parts
             .extensions
             .get::<Context>()

@@ -11,11 +11,12 @@
 //! so library code (clients, producers) finds it without it being passed by hand.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::codec::request_id::RequestId;
 use crate::codec::{self, Baggage, CodecError, SpanId, TraceId, TraceParent, TraceState};
 use crate::propagation::{HeaderScan, names};
 use crate::tasks::{Owner, Registry, TaskScope};
@@ -96,9 +97,15 @@ pub enum InboundError {
 }
 
 struct Inner {
+    /// When the request arrived (the clock read that also set the deadline): later layers
+    /// measure from it instead of reading the clock again.
+    arrived: Instant,
     deadline: Instant,
     deadline_source: DeadlineSource,
-    request_id: Arc<str>,
+    request_id: RequestId,
+    /// The route template the router matched, set once by the router's layer (for axum, the
+    /// `keel` facade's route layer); metrics, spans and the task dump are labelled with it.
+    route: OnceLock<Arc<str>>,
     trace: Trace,
     baggage: Baggage,
     retry: bool,
@@ -147,13 +154,7 @@ impl Context {
         if deadline <= now {
             return Err(InboundError::Expired(source));
         }
-        let request_id: Arc<str> = match found.request_id {
-            Some(v) if codec::request_id::is_valid(v) => {
-                // is_valid guarantees visible ASCII.
-                Arc::from(std::str::from_utf8(v).unwrap_or_default())
-            }
-            _ => Arc::from(codec::request_id::generate_into(&mut [0u8; 32])),
-        };
+        let request_id = RequestId::from_caller_or_new(found.request_id);
         let trace = found.trace(policy.sample_roots)?;
         let mut baggage = found.baggage;
         if let Some(color) = found.color {
@@ -169,15 +170,21 @@ impl Context {
             .retry
             .is_some_and(|v| v == b"1" || v.eq_ignore_ascii_case(b"true"));
         let owner = Owner {
-            route,
+            route: None,
             request_id: Some(request_id.clone()),
             deadline: Some(deadline),
         };
+        let route_cell = OnceLock::new();
+        if let Some(r) = route {
+            let _ = route_cell.set(r);
+        }
         Ok(Context {
             inner: Arc::new(Inner {
+                arrived: now,
                 deadline,
                 deadline_source: source,
                 request_id,
+                route: route_cell,
                 trace,
                 baggage,
                 retry,
@@ -187,10 +194,18 @@ impl Context {
     }
 
     /// A context for work no request started (a background job, a test): a new root trace,
-    /// a generated request id, and `timeout` from now as the deadline.
+    /// a generated request id, and `timeout` from now as the deadline. Its tasks are listed in
+    /// [`Registry::global`]; inside a service prefer [`Context::background_in`] with the
+    /// service's registry (the `keel` facade's `App::background_context`).
     pub fn background(timeout: Duration) -> Context {
-        let deadline = Instant::now() + timeout;
-        let request_id: Arc<str> = Arc::from(codec::request_id::generate_into(&mut [0u8; 32]));
+        Context::background_in(Registry::global(), timeout)
+    }
+
+    /// [`Context::background`] whose tasks are listed in `registry`.
+    pub fn background_in(registry: &'static Registry, timeout: Duration) -> Context {
+        let now = Instant::now();
+        let deadline = now + timeout;
+        let request_id = RequestId::generate();
         let owner = Owner {
             route: None,
             request_id: Some(request_id.clone()),
@@ -198,13 +213,15 @@ impl Context {
         };
         Context {
             inner: Arc::new(Inner {
+                arrived: now,
                 deadline,
                 deadline_source: DeadlineSource::Route,
                 request_id,
+                route: OnceLock::new(),
                 trace: Trace::root(false),
                 baggage: Baggage::default(),
                 retry: false,
-                scope: TaskScope::new(Registry::global(), owner),
+                scope: TaskScope::new(registry, owner),
             }),
         }
     }
@@ -217,6 +234,11 @@ impl Context {
     /// Run `fut` with this context as [`Context::current`].
     pub fn scope<F: Future>(&self, fut: F) -> tokio::task::futures::TaskLocalFuture<Context, F> {
         CURRENT.scope(self.clone(), fut)
+    }
+
+    /// When the request arrived (or the background context was made).
+    pub fn arrived(&self) -> Instant {
+        self.inner.arrived
     }
 
     /// The absolute deadline.
@@ -241,9 +263,28 @@ impl Context {
         &self.inner.request_id
     }
 
-    /// Shared handle to the request id.
-    pub fn request_id_arc(&self) -> &Arc<str> {
+    /// The request id as its own value (cheap to clone).
+    pub fn request_id_ref(&self) -> &RequestId {
         &self.inner.request_id
+    }
+
+    /// Record the route template the router matched (`/orders/{id}`). The first template
+    /// recorded stays: an outer router's match is the request's route.
+    pub fn set_route(&self, template: Arc<str>) {
+        let _ = self.inner.route.set(template);
+    }
+
+    /// The matched route template, if a router recorded one.
+    pub fn route(&self) -> Option<&Arc<str>> {
+        self.inner.route.get()
+    }
+
+    /// The owner this request's tasks are listed under: its id, deadline and (by now) route.
+    fn owner(&self) -> Owner {
+        Owner {
+            route: self.route().cloned(),
+            ..self.inner.scope.owner().clone()
+        }
     }
 
     /// Trace identity.
@@ -284,7 +325,9 @@ impl Context {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.inner.scope.spawn(name, self.scope(fut))
+        self.inner
+            .scope
+            .spawn_as(name, &self.owner(), self.scope(fut))
     }
 
     /// Spawn a task that must outlive the request (an audit write, a cache fill). It is not
@@ -299,7 +342,9 @@ impl Context {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.inner.scope.detach(name, self.scope(fut))
+        self.inner
+            .scope
+            .detach_as(name, &self.owner(), self.scope(fut))
     }
 }
 

@@ -10,6 +10,8 @@
 //!   B3 and request ids.
 //! - [`propagation`]: writing a context into the next hop's headers (HTTP, gRPC, messages).
 //! - [`tasks`]: the task registry behind `/debug/tasks` and leak detection.
+//! - [`grpc`]: is-gRPC, status codes, `grpc-status` parsing and `grpc-message` encoding.
+//! - [`observe`]: the records the server, client and consumers hand to an App's observer.
 //!
 //! Nothing in this crate knows about servers, brokers or databases; `http` is used only as
 //! the header-map type.
@@ -18,6 +20,7 @@
 mod axum;
 pub mod codec;
 pub mod context;
+pub mod grpc;
 pub mod observe;
 pub mod propagation;
 pub mod shutdown;

@@ -1,14 +1,14 @@
 //! Observation hooks: what the server and the client tell telemetry about each request and
 //! each outbound attempt. `keel-telemetry` implements [`Observer`] (metrics, trace export);
-//! the server and client only call [`observer()`], so they depend on no telemetry crate and
-//! pay one atomic load when nothing is installed.
+//! each `keel::App` hands its own [`SharedObserver`] to its server, clients and consumers,
+//! which therefore depend on no telemetry crate, and pay nothing when they were given none.
 //!
 //! Records are handed over when a request or attempt *ends* — on every path: answered,
 //! failed, cut off by its deadline, abandoned by its caller, panicked — because the guards
 //! that emit them run in `Drop`. A span that is never ended cannot happen.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::Context;
@@ -49,8 +49,8 @@ pub struct ServerRecord<'a> {
     /// The request's context (trace, request id), when one was built (not for refusals and
     /// probes).
     pub ctx: Option<&'a Context>,
-    /// Route label: the matched template when the router told us (see [`RouteCell`]), else
-    /// the path (telemetry bounds its cardinality).
+    /// Route label: the matched template when the router recorded one
+    /// ([`Context::set_route`]), else the path (telemetry bounds its cardinality).
     pub route: &'a str,
     /// Whether the route came from the router (a template) or is the raw path.
     pub route_is_template: bool,
@@ -172,38 +172,22 @@ pub trait Observer: Send + Sync + 'static {
     }
 }
 
-static OBSERVER: OnceLock<Arc<dyn Observer>> = OnceLock::new();
-
-/// Install the process's observer (once; later calls return it back as an error).
-pub fn install(observer: Arc<dyn Observer>) -> Result<(), Arc<dyn Observer>> {
-    OBSERVER.set(observer)
+impl std::fmt::Debug for dyn Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dyn Observer")
+    }
 }
 
-/// The installed observer, if any.
-#[inline]
-pub fn observer() -> Option<&'static dyn Observer> {
-    OBSERVER.get().map(|o| &**o)
-}
+/// An App's observer, handed to everything of that App that reports: its server layers, its
+/// clients, its message consumers. Never process-global, so two Apps in one process keep
+/// separate metrics and spans.
+pub type SharedObserver = Arc<dyn Observer>;
+
+/// The route label of requests no router matched (a 404 fallback, a refusal before routing):
+/// one label for all of them, so a scan of random paths cannot grow the series count.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// Polls longer than this are reported as long polls. 10 ms: far beyond any legitimate
 /// non-blocking poll (microseconds), short enough to catch a blocking call before it shows
 /// up as everybody's latency.
 pub const LONG_POLL_THRESHOLD: Duration = Duration::from_millis(10);
-
-/// Put in each request's extensions by the server: a router that knows the matched route
-/// template writes it here (the `keel` facade's axum layer does), so metrics and spans are
-/// labelled `/orders/{id}`, not `/orders/8812`.
-#[derive(Debug, Clone, Default)]
-pub struct RouteCell(Arc<Mutex<Option<Arc<str>>>>);
-
-impl RouteCell {
-    /// Record the matched route template.
-    pub fn set(&self, template: &str) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::from(template));
-    }
-
-    /// The template, if a router set one.
-    pub fn get(&self) -> Option<Arc<str>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}

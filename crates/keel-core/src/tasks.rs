@@ -21,9 +21,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::codec::request_id::RequestId;
+
 mod scope;
 
-pub use scope::{TaskScope, spawn_background};
+pub use scope::{TaskScope, spawn_background, spawn_background_in};
 
 /// Number of shards. A power of two so the shard is the id's low bits; 32 comfortably exceeds
 /// the worker count of the containers Keel targets, so concurrent registrations rarely meet.
@@ -66,7 +68,7 @@ pub struct Owner {
     /// The route template the owning request matched.
     pub route: Option<Arc<str>>,
     /// The owning request's id (`x-request-id`).
-    pub request_id: Option<Arc<str>>,
+    pub request_id: Option<RequestId>,
     /// The owning request's absolute deadline; `None` means the task is never a leak suspect.
     pub deadline: Option<Instant>,
 }
@@ -130,7 +132,7 @@ struct Entry {
     name: Cow<'static, str>,
     kind: TaskKind,
     route: Option<Arc<str>>,
-    request_id: Option<Arc<str>>,
+    request_id: Option<RequestId>,
     deadline: Option<Instant>,
     started: Instant,
     state: TaskState,
@@ -146,7 +148,7 @@ struct LeakReport {
     name: String,
     kind: TaskKind,
     route: Option<Arc<str>>,
-    request_id: Option<Arc<str>>,
+    request_id: Option<RequestId>,
     past_deadline_ms: u64,
 }
 
@@ -194,7 +196,17 @@ impl Registry {
         }
     }
 
-    /// The process-wide registry (leak grace 5 s until [`Registry::set_leak_grace`] changes it).
+    /// A registry of one's own for the life of the process: each `keel::App` makes one, so two
+    /// services in one process list (and count) only their own tasks. Leaked on purpose:
+    /// registration guards travel inside spawned `'static` futures, and a `&'static` costs the
+    /// hot path no reference count; an App is made once per service, so the leak is bounded.
+    pub fn leaked(leak_grace: Duration) -> &'static Registry {
+        Box::leak(Box::new(Registry::new(leak_grace)))
+    }
+
+    /// The registry of work no `App` owns: contexts made with [`crate::Context::background`]
+    /// and [`spawn_background`] outside any service (leak grace 5 s until
+    /// [`Registry::set_leak_grace`] changes it). Services use their App's own registry.
     pub fn global() -> &'static Registry {
         static GLOBAL: OnceLock<Registry> = OnceLock::new();
         GLOBAL.get_or_init(|| Registry::new(DEFAULT_LEAK_GRACE))

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::time::{Duration, Instant, SystemTime};
 
 use keel_core::BoxError;
-use keel_core::observe::{self, MessageRecord, MessageSide, Outcome};
+use keel_core::observe::{MessageRecord, MessageSide, Observer, Outcome};
 
 use crate::message::Message;
 use crate::retry::{Decision, RetryPolicy};
@@ -108,6 +108,7 @@ pub async fn process<I, H>(
     handler: &H,
     msg: &Message,
     policy: &RetryPolicy,
+    observer: Option<&dyn Observer>,
 ) -> Result<Processed, StoreError>
 where
     I: Inbox,
@@ -126,7 +127,7 @@ where
     if !claimed {
         tx.rollback().await?;
         let result = Processed::Duplicate;
-        report(msg, &result, wall, started.elapsed());
+        report(observer, msg, &result, wall, started.elapsed());
         return Ok(result);
     }
     let result = match handler.handle(msg, &mut tx).await {
@@ -142,7 +143,7 @@ where
             }
         }
     };
-    report(msg, &result, wall, started.elapsed());
+    report(observer, msg, &result, wall, started.elapsed());
     Ok(result)
 }
 
@@ -159,6 +160,7 @@ pub async fn process_batch<I, H>(
     handler: &H,
     msgs: &[Message],
     policy: &RetryPolicy,
+    observer: Option<&dyn Observer>,
 ) -> Result<Vec<Processed>, StoreError>
 where
     I: Inbox,
@@ -166,7 +168,7 @@ where
 {
     if msgs.len() == 1 {
         return Ok(vec![
-            process(inbox, consumer, handler, &msgs[0], policy).await?,
+            process(inbox, consumer, handler, &msgs[0], policy, observer).await?,
         ]);
     }
     let started = Instant::now();
@@ -191,7 +193,7 @@ where
         tx.rollback().await?;
         let mut out = Vec::with_capacity(msgs.len());
         for msg in msgs {
-            out.push(process(inbox, consumer, handler, msg, policy).await?);
+            out.push(process(inbox, consumer, handler, msg, policy, observer).await?);
         }
         return Ok(out);
     }
@@ -208,14 +210,20 @@ where
         })
         .collect();
     for (msg, result) in msgs.iter().zip(&out) {
-        report(msg, result, wall, elapsed);
+        report(observer, msg, result, wall, elapsed);
     }
     Ok(out)
 }
 
 /// Tell telemetry (a CONSUMER span under the producer's, and the message metrics).
-fn report(msg: &Message, result: &Processed, start: SystemTime, duration: Duration) {
-    let Some(observer) = observe::observer() else {
+fn report(
+    observer: Option<&dyn Observer>,
+    msg: &Message,
+    result: &Processed,
+    start: SystemTime,
+    duration: Duration,
+) {
+    let Some(observer) = observer else {
         return;
     };
     // The context the producer sent (trace, baggage, deadline) travels in the headers.
@@ -356,16 +364,20 @@ mod tests {
         let p = RetryPolicy::default();
         let h = handler(false);
         assert!(matches!(
-            process(&store, "c", &h, &msg("m1", 1), &p).await.unwrap(),
+            process(&store, "c", &h, &msg("m1", 1), &p, None)
+                .await
+                .unwrap(),
             Processed::Applied
         ));
         assert!(matches!(
-            process(&store, "c", &h, &msg("m1", 2), &p).await.unwrap(),
+            process(&store, "c", &h, &msg("m1", 2), &p, None)
+                .await
+                .unwrap(),
             Processed::Duplicate
         ));
         // Another consumer of the same message applies it once for itself.
         assert!(matches!(
-            process(&store, "other", &h, &msg("m1", 1), &p)
+            process(&store, "other", &h, &msg("m1", 1), &p, None)
                 .await
                 .unwrap(),
             Processed::Applied
@@ -385,12 +397,14 @@ mod tests {
         };
         let h = handler(true);
         for attempt in 1..3 {
-            let r = process(&store, "c", &h, &msg("m2", attempt), &p)
+            let r = process(&store, "c", &h, &msg("m2", attempt), &p, None)
                 .await
                 .unwrap();
             assert!(matches!(r, Processed::Retry(..)), "{r:?}");
         }
-        let r = process(&store, "c", &h, &msg("m2", 3), &p).await.unwrap();
+        let r = process(&store, "c", &h, &msg("m2", 3), &p, None)
+            .await
+            .unwrap();
         match r {
             Processed::DeadLetter(e) => assert_eq!(e.to_string(), "downstream refused"),
             other => panic!("{other:?}"),
@@ -408,10 +422,14 @@ mod tests {
         let store = MemStore::default();
         let p = RetryPolicy::default();
         let h = handler(false);
-        process(&store, "c", &h, &msg("b1", 1), &p).await.unwrap();
+        process(&store, "c", &h, &msg("b1", 1), &p, None)
+            .await
+            .unwrap();
         // b1 is known, b2 appears twice in one batch: applied once, then a duplicate.
         let batch = [msg("b1", 2), msg("b2", 1), msg("b3", 1), msg("b2", 2)];
-        let r = process_batch(&store, "c", &h, &batch, &p).await.unwrap();
+        let r = process_batch(&store, "c", &h, &batch, &p, None)
+            .await
+            .unwrap();
         let kinds: Vec<&str> = r
             .iter()
             .map(|x| match x {
@@ -428,9 +446,16 @@ mod tests {
 
         // A failing handler rolls the batch back and each message is settled on its own.
         let failing = handler(true);
-        let r = process_batch(&store, "c", &failing, &[msg("b4", 1), msg("b3", 3)], &p)
-            .await
-            .unwrap();
+        let r = process_batch(
+            &store,
+            "c",
+            &failing,
+            &[msg("b4", 1), msg("b3", 3)],
+            &p,
+            None,
+        )
+        .await
+        .unwrap();
         assert!(matches!(r[0], Processed::Retry(..)), "{r:?}");
         assert!(matches!(r[1], Processed::Duplicate), "{r:?}");
         assert_eq!(store.committed.lock().unwrap().1.len(), 3, "nothing more");
@@ -442,15 +467,23 @@ mod tests {
         let p = RetryPolicy::default();
         let h = handler(false);
         *store.fail_commit.lock().unwrap() = true;
-        assert!(process(&store, "c", &h, &msg("m3", 1), &p).await.is_err());
+        assert!(
+            process(&store, "c", &h, &msg("m3", 1), &p, None)
+                .await
+                .is_err()
+        );
         assert!(store.committed.lock().unwrap().1.is_empty());
         *store.fail_commit.lock().unwrap() = false;
         assert!(matches!(
-            process(&store, "c", &h, &msg("m3", 1), &p).await.unwrap(),
+            process(&store, "c", &h, &msg("m3", 1), &p, None)
+                .await
+                .unwrap(),
             Processed::Applied
         ));
         assert!(matches!(
-            process(&store, "c", &h, &msg("m3", 2), &p).await.unwrap(),
+            process(&store, "c", &h, &msg("m3", 2), &p, None)
+                .await
+                .unwrap(),
             Processed::Duplicate
         ));
         assert_eq!(store.committed.lock().unwrap().1, vec!["effect-m3"]);

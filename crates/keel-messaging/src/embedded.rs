@@ -21,6 +21,7 @@ use crate::message::{IdSource, Message};
 use crate::retry::RetryPolicy;
 use crate::store::{Outgoing, Publisher};
 use crate::transport::ConsumerStats;
+use keel_core::observe::SharedObserver;
 
 /// One in-process consumer: its name (the inbox key), what it consumes, and its settlement.
 type Subscriber = Arc<dyn Fn(Message) -> SettleFuture + Send + Sync>;
@@ -53,31 +54,47 @@ impl std::fmt::Debug for Embedded {
     }
 }
 
+/// How one embedded consumer runs.
+#[derive(Debug, Clone, Default)]
+pub struct Subscription {
+    /// Retries and dead-lettering.
+    pub retry: RetryPolicy,
+    /// The consumer's counters.
+    pub stats: Arc<ConsumerStats>,
+    /// The consuming App's observer: each delivery is reported to it when given.
+    pub observer: Option<SharedObserver>,
+}
+
 impl Embedded {
     /// An embedded broker with no consumers.
     pub fn new() -> Embedded {
         Embedded::default()
     }
 
-    /// Deliver `destination`'s messages to `handler` as consumer `name`, through `inbox`.
+    /// Deliver `destination`'s messages to `handler` as consumer `name`, through `inbox`,
+    /// with the retries, counters and observer of `how`.
     pub fn subscribe<I, H>(
         &self,
         destination: &str,
         name: &str,
         inbox: I,
         handler: H,
-        retry: RetryPolicy,
-        stats: Arc<ConsumerStats>,
+        how: Subscription,
     ) where
         I: Inbox + 'static,
         H: Handler<I::Tx> + 'static,
     {
-        let shared = Arc::new((inbox, handler, retry, name.to_string(), stats));
+        let Subscription {
+            retry,
+            stats,
+            observer,
+        } = how;
+        let shared = Arc::new((inbox, handler, retry, name.to_string(), stats, observer));
         let sub: Subscriber = Arc::new(move |msg: Message| {
             let shared = shared.clone();
             Box::pin(async move {
-                let (inbox, handler, retry, name, stats) = &*shared;
-                let r = process(inbox, name, handler, &msg, retry).await?;
+                let (inbox, handler, retry, name, stats, observer) = &*shared;
+                let r = process(inbox, name, handler, &msg, retry, observer.as_deref()).await?;
                 let counter = match &r {
                     Processed::Applied => &stats.applied,
                     Processed::Duplicate => &stats.duplicates,

@@ -238,6 +238,9 @@ pub struct ConsumerConfig {
     pub session_timeout: Duration,
     /// Retries and dead-lettering.
     pub retry: RetryPolicy,
+    /// The App's observer: each delivery is reported to it (a CONSUMER span, the message
+    /// metrics). `None` reports nothing.
+    pub observer: Option<keel_core::observe::SharedObserver>,
     /// More librdkafka consumer settings (`security.protocol`, `sasl.*`…).
     pub extra: Vec<(String, String)>,
 }
@@ -255,6 +258,7 @@ impl ConsumerConfig {
             commit_interval: Duration::from_millis(200),
             session_timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
+            observer: None,
             extra: Vec::new(),
         }
     }
@@ -659,7 +663,16 @@ where
     H: Handler<I::Tx>,
 {
     loop {
-        match process(inbox, &cfg.group, handler, msg, &cfg.retry).await {
+        match process(
+            inbox,
+            &cfg.group,
+            handler,
+            msg,
+            &cfg.retry,
+            cfg.observer.as_deref(),
+        )
+        .await
+        {
             Ok(Processed::Applied) => {
                 failpoint("after-commit-before-ack");
                 stats.applied.fetch_add(1, Ordering::Relaxed);

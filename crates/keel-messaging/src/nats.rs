@@ -142,6 +142,9 @@ pub struct ConsumerConfig {
     pub ack_wait: Duration,
     /// Retries and dead-lettering.
     pub retry: RetryPolicy,
+    /// The App's observer: each delivery is reported to it (a CONSUMER span, the message
+    /// metrics). `None` reports nothing.
+    pub observer: Option<keel_core::observe::SharedObserver>,
 }
 
 impl ConsumerConfig {
@@ -156,6 +159,7 @@ impl ConsumerConfig {
             batch: 16,
             ack_wait: Duration::from_secs(30),
             retry: RetryPolicy::default(),
+            observer: None,
         }
     }
 }
@@ -238,7 +242,16 @@ async fn handle_batch<I, H>(
     if msgs.is_empty() {
         return;
     }
-    match process_batch(inbox, &cfg.durable, handler, msgs, &cfg.retry).await {
+    match process_batch(
+        inbox,
+        &cfg.durable,
+        handler,
+        msgs,
+        &cfg.retry,
+        cfg.observer.as_deref(),
+    )
+    .await
+    {
         Ok(results) => {
             for ((m, msg), result) in deliveries.iter().zip(msgs).zip(results) {
                 settle(nats, cfg, stats, m, msg, result).await;

@@ -333,6 +333,9 @@ pub struct ConsumerConfig {
     pub prefetch: u16,
     /// Retries and dead-lettering.
     pub retry: RetryPolicy,
+    /// The App's observer: each delivery is reported to it (a CONSUMER span, the message
+    /// metrics). `None` reports nothing.
+    pub observer: Option<keel_core::observe::SharedObserver>,
     /// Per-queue ordering: the queue is declared with the single-active-consumer option
     /// (one consumer of the queue receives at a time, others take over when it goes) and
     /// deliveries are processed one at a time, in queue order. A message that fails waits its
@@ -349,6 +352,7 @@ impl ConsumerConfig {
             queue: queue.to_string(),
             prefetch: 32,
             retry: RetryPolicy::default(),
+            observer: None,
             ordered: false,
         }
     }
@@ -507,7 +511,16 @@ async fn handle_one<I, H>(
         headers,
         attempt,
     };
-    match process(inbox, &cfg.queue, handler, &msg, &cfg.retry).await {
+    match process(
+        inbox,
+        &cfg.queue,
+        handler,
+        &msg,
+        &cfg.retry,
+        cfg.observer.as_deref(),
+    )
+    .await
+    {
         Ok(Processed::Applied) => {
             crate::transport::failpoint("after-commit-before-ack");
             stats.applied.fetch_add(1, Ordering::Relaxed);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use keel_core::BoxError;
 use keel_messaging::consume::{Handler, Inbox, Tx};
-use keel_messaging::embedded::Embedded;
+use keel_messaging::embedded::{Embedded, Subscription};
 use keel_messaging::message::Message;
 use keel_messaging::retry::RetryPolicy;
 use keel_messaging::store::{Publisher, SqliteStore, SqliteTx};
@@ -65,12 +65,15 @@ async fn the_outbox_is_the_queue_poison_is_dead_lettered_and_crashes_cost_only_d
         "ledger",
         store.clone(),
         Ledger,
-        RetryPolicy {
-            max_attempts: 3,
-            base: Duration::from_millis(1),
-            max: Duration::from_millis(1),
+        Subscription {
+            retry: RetryPolicy {
+                max_attempts: 3,
+                base: Duration::from_millis(1),
+                max: Duration::from_millis(1),
+            },
+            stats: stats.clone(),
+            observer: None,
         },
-        stats.clone(),
     );
     let n = 100i64;
     let mut tx = store.begin().await.unwrap();
@@ -133,8 +136,10 @@ async fn the_relay_loop_delivers_new_rows_and_stops_when_told() {
         "ledger",
         store.clone(),
         Ledger,
-        RetryPolicy::default(),
-        stats.clone(),
+        Subscription {
+            stats: stats.clone(),
+            ..Subscription::default()
+        },
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let relay = {

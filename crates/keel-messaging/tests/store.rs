@@ -119,9 +119,16 @@ macro_rules! exactly_once_scenario {
 
         // Three deliveries of one message (a redelivery after a crash, and a broker
         // duplicate): one ledger row, one outbox row.
-        let first = process(&store, "billing", &Book, &msg("order-1", 40, 1), &policy)
-            .await
-            .unwrap();
+        let first = process(
+            &store,
+            "billing",
+            &Book,
+            &msg("order-1", 40, 1),
+            &policy,
+            None,
+        )
+        .await
+        .unwrap();
         assert!(matches!(first, Processed::Applied), "{first:?}");
         for attempt in 2..=3 {
             let again = process(
@@ -130,6 +137,7 @@ macro_rules! exactly_once_scenario {
                 &Book,
                 &msg("order-1", 40, attempt),
                 &policy,
+                None,
             )
             .await
             .unwrap();
@@ -142,13 +150,27 @@ macro_rules! exactly_once_scenario {
         );
 
         // A refused message: no effect, no outbox row, no claim; dead-lettered at the last attempt.
-        let r = process(&store, "billing", &Book, &msg("order-2", -5, 1), &policy)
-            .await
-            .unwrap();
+        let r = process(
+            &store,
+            "billing",
+            &Book,
+            &msg("order-2", -5, 1),
+            &policy,
+            None,
+        )
+        .await
+        .unwrap();
         assert!(matches!(r, Processed::Retry(..)), "{r:?}");
-        let r = process(&store, "billing", &Book, &msg("order-2", -5, 2), &policy)
-            .await
-            .unwrap();
+        let r = process(
+            &store,
+            "billing",
+            &Book,
+            &msg("order-2", -5, 2),
+            &policy,
+            None,
+        )
+        .await
+        .unwrap();
         assert!(matches!(r, Processed::DeadLetter(_)), "{r:?}");
         assert_eq!(count("SELECT COUNT(*) FROM ledger").await, 1);
         assert_eq!(count("SELECT COUNT(*) FROM keel_outbox").await, 1);
@@ -158,7 +180,7 @@ macro_rules! exactly_once_scenario {
         // stops it without losing the row.
         for i in 3..6 {
             let id = format!("order-{i}");
-            process(&store, "billing", &Book, &msg(&id, i, 1), &policy)
+            process(&store, "billing", &Book, &msg(&id, i, 1), &policy, None)
                 .await
                 .unwrap();
         }
@@ -225,7 +247,15 @@ async fn concurrent_deliveries_of_one_message_apply_it_once_in_postgres() {
         let store = store.clone();
         let policy = policy.clone();
         tasks.push(tokio::spawn(async move {
-            process(&store, "billing", &Book, &msg("order-race", 7, 1), &policy).await
+            process(
+                &store,
+                "billing",
+                &Book,
+                &msg("order-race", 7, 1),
+                &policy,
+                None,
+            )
+            .await
         }));
     }
     let mut applied = 0;
@@ -384,9 +414,16 @@ async fn a_postgres_batch_claims_in_one_statement_and_applies_each_new_message_o
     Ledger::create(&store).await;
     let policy = RetryPolicy::default();
     let amount_msg = msg;
-    process(&store, "ledger", &Ledger, &amount_msg("p1", 1, 1), &policy)
-        .await
-        .unwrap();
+    process(
+        &store,
+        "ledger",
+        &Ledger,
+        &amount_msg("p1", 1, 1),
+        &policy,
+        None,
+    )
+    .await
+    .unwrap();
     // p1 is known; p2 arrives twice in the batch; p3 is new.
     let batch = [
         amount_msg("p1", 1, 2),
@@ -394,7 +431,7 @@ async fn a_postgres_batch_claims_in_one_statement_and_applies_each_new_message_o
         amount_msg("p2", 10, 2),
         amount_msg("p3", 100, 1),
     ];
-    let r = process_batch(&store, "ledger", &Ledger, &batch, &policy)
+    let r = process_batch(&store, "ledger", &Ledger, &batch, &policy, None)
         .await
         .unwrap();
     let applied: Vec<bool> = r.iter().map(|x| matches!(x, Processed::Applied)).collect();
@@ -404,7 +441,7 @@ async fn a_postgres_batch_claims_in_one_statement_and_applies_each_new_message_o
 
     // A poison message in a batch: the others are applied, it alone is retried.
     let batch = [amount_msg("p4", 1000, 1), amount_msg("p5", -1, 1)];
-    let r = process_batch(&store, "ledger", &Ledger, &batch, &policy)
+    let r = process_batch(&store, "ledger", &Ledger, &batch, &policy, None)
         .await
         .unwrap();
     assert!(matches!(r[0], Processed::Applied), "{r:?}");

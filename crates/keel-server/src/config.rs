@@ -388,6 +388,21 @@ impl PropagationConfig {
     }
 }
 
+/// Everything that shapes how the main port serves HTTP.
+#[derive(Debug, Clone, Default)]
+pub struct HttpSettings {
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[probes]`.
+    pub probes: ProbesConfig,
+    /// `[deadline]`.
+    pub deadline: DeadlineConfig,
+    /// `[propagation]`.
+    pub propagation: PropagationConfig,
+    /// `[overload]`.
+    pub overload: crate::overload::OverloadConfig,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,21 +16,26 @@
 //! — a new request head starting while the timer sits on a later idle deadline — happens inside
 //! the IO read, which this driver itself polls, so it is handled without a cross-task wake.
 
+use std::cell::RefCell;
+use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use keel_core::Phase;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
+use tower::util::Oneshot;
 
-use crate::service::{KeelService, RequestBody};
+use crate::body::{BodyGuard, Guarded};
 use crate::shared::Shared;
 use keel_core::BoxError;
 
@@ -215,19 +220,19 @@ pub(crate) fn builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serve one accepted connection until it closes, times out, or shutdown ends it.
-pub(crate) async fn serve_connection<S, B>(
+/// Serve one accepted connection until it closes, times out, or shutdown ends it. `stack` is
+/// the server's request path (cloned once per connection, not per request).
+pub(crate) async fn serve_connection<T, B>(
     stream: TcpStream,
     builder: Arc<auto::Builder<TokioExecutor>>,
     shared: Arc<Shared>,
-    service: S,
+    stack: T,
 ) where
-    S: tower::Service<http::Request<RequestBody>, Response = http::Response<B>>
+    T: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
+    T::Future: Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
@@ -236,7 +241,10 @@ pub(crate) async fn serve_connection<S, B>(
         inner: stream,
         tracker: tracker.clone(),
     });
-    let svc = KeelService::new(service, tracker.clone());
+    let svc = ConnService {
+        stack: RefCell::new(stack),
+        tracker: tracker.clone(),
+    };
     let conn = builder.serve_connection_with_upgrades(io, svc);
     let mut conn = pin!(conn);
 
@@ -313,6 +321,91 @@ pub(crate) async fn serve_connection<S, B>(
                 }
             },
         }
+    }
+}
+
+/// hyper's view of the request path on one connection: counts each request in flight on the
+/// connection (for its idle timer) and the server (for the drain) until its response ends.
+///
+/// hyper calls services through `&self`; the stack's layers want `&mut self`. The stack lives
+/// in a `RefCell` for the connection's lifetime instead of being cloned per request: calls
+/// are synchronous and never nested, so the borrow cannot conflict.
+struct ConnService<T> {
+    stack: RefCell<T>,
+    tracker: Arc<ConnTracker>,
+}
+
+impl<T, B> hyper::service::Service<Request<Incoming>> for ConnService<T>
+where
+    T: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone,
+    B: http_body::Body,
+{
+    type Response = Response<Guarded<B, InFlight>>;
+    type Error = Infallible;
+    type Future = ConnFuture<T>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.tracker
+            .request_started(req.version() == Version::HTTP_2);
+        let in_flight = Some(InFlight(self.tracker.clone()));
+        let mut stack = self.stack.borrow_mut();
+        if crate::layer::ready_now(&mut *stack) {
+            ConnFuture::Direct {
+                fut: stack.call(req),
+                in_flight,
+            }
+        } else {
+            ConnFuture::Waiting {
+                fut: Oneshot::new(stack.clone(), req),
+                in_flight,
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = ConnFutureProj]
+    pub(crate) enum ConnFuture<T>
+    where
+        T: tower::Service<Request<Incoming>>,
+    {
+        Direct { #[pin] fut: T::Future, in_flight: Option<InFlight> },
+        Waiting { #[pin] fut: Oneshot<T, Request<Incoming>>, in_flight: Option<InFlight> },
+    }
+}
+
+impl<T, B> Future for ConnFuture<T>
+where
+    T: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+    B: http_body::Body,
+{
+    type Output = Result<Response<Guarded<B, InFlight>>, Infallible>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (resp, in_flight) = match self.project() {
+            ConnFutureProj::Direct { fut, in_flight } => (ready!(fut.poll(cx)), in_flight),
+            ConnFutureProj::Waiting { fut, in_flight } => (ready!(fut.poll(cx)), in_flight),
+        };
+        let Ok(resp) = resp;
+        let (parts, body) = resp.into_parts();
+        Poll::Ready(Ok(Response::from_parts(
+            parts,
+            Guarded::new(body, in_flight.take()),
+        )))
+    }
+}
+
+/// A request in flight on its connection and server, until its response ends (or the
+/// response future is dropped: the caller went away).
+#[derive(Debug)]
+pub struct InFlight(Arc<ConnTracker>);
+
+impl BodyGuard for InFlight {}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_finished();
     }
 }
 

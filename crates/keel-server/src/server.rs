@@ -16,29 +16,16 @@ use keel_core::{BoxError, Phase, Shutdown};
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{
-    DeadlineConfig, ProbesConfig, PropagationConfig, ServerConfig, ShutdownConfig,
-};
+use keel_core::observe::SharedObserver;
+use keel_core::tasks::Registry;
+
+use crate::body::RequestBody;
+use crate::config::{HttpSettings, ShutdownConfig};
 use crate::conn;
 use crate::listener::{ListenOptions, bind_group};
 use crate::readiness::Readiness;
-use crate::service::RequestBody;
-use crate::shared::{Shared, Stats};
-
-/// Everything that shapes how the main port serves HTTP.
-#[derive(Debug, Clone, Default)]
-pub struct HttpSettings {
-    /// `[server]`.
-    pub server: ServerConfig,
-    /// `[probes]`.
-    pub probes: ProbesConfig,
-    /// `[deadline]`.
-    pub deadline: DeadlineConfig,
-    /// `[propagation]`.
-    pub propagation: PropagationConfig,
-    /// `[overload]`.
-    pub overload: crate::overload::OverloadConfig,
-}
+use crate::shared::Shared;
+use crate::stats::Stats;
 
 /// A bound server, not yet serving.
 #[derive(Debug)]
@@ -76,12 +63,33 @@ impl ServerHandle {
 }
 
 impl Server {
-    /// Bind `listeners` `SO_REUSEPORT` sockets to `settings.server.addr`.
+    /// Bind `listeners` `SO_REUSEPORT` sockets to `settings.server.addr`, with no telemetry
+    /// and tasks listed in [`Registry::global`] (see [`Server::bind_with`]).
     pub fn bind(
         settings: &HttpSettings,
         listeners: usize,
         readiness: Readiness,
         shutdown: Shutdown,
+    ) -> io::Result<Server> {
+        Server::bind_with(
+            settings,
+            listeners,
+            readiness,
+            shutdown,
+            Registry::global(),
+            None,
+        )
+    }
+
+    /// [`Server::bind`] for one service: its requests' tasks are listed in `registry` and
+    /// its telemetry goes to `observer` (the `keel` facade passes its App's own).
+    pub fn bind_with(
+        settings: &HttpSettings,
+        listeners: usize,
+        readiness: Readiness,
+        shutdown: Shutdown,
+        registry: &'static Registry,
+        observer: Option<SharedObserver>,
     ) -> io::Result<Server> {
         let cfg = &settings.server;
         let socks = bind_group(
@@ -95,7 +103,7 @@ impl Server {
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cfg.addr)))?;
         let local_addr = socks[0].local_addr()?;
         Ok(Server {
-            shared: Shared::new(settings, readiness, shutdown),
+            shared: Shared::new(settings, readiness, shutdown, registry, observer),
             listeners: socks,
             local_addr,
             tcp_nodelay: cfg.tcp_nodelay,
@@ -247,6 +255,8 @@ impl TokioShard {
         B::Error: Into<BoxError>,
     {
         let builder: Arc<auto::Builder<TokioExecutor>> = Arc::new(conn::builder(&self.shared));
+        // The request path, composed once for this listener; each connection clones it once.
+        let stack = self.shared.layers.stack(service);
         let closing = self.shared.shutdown.reached(Phase::Closing);
         tokio::pin!(closing);
         loop {
@@ -274,7 +284,7 @@ impl TokioShard {
                 .fetch_add(1, Ordering::Relaxed);
             let shared = self.shared.clone();
             let builder = builder.clone();
-            let svc = service.clone();
+            let svc = stack.clone();
             self.tracker.spawn(async move {
                 conn::serve_connection(stream, builder, shared.clone(), svc).await;
                 shared.stats.connections.fetch_sub(1, Ordering::Relaxed);

@@ -1,25 +1,25 @@
-//! State shared by every connection of one server, across all shards.
+//! What every connection of one server shares, across all shards: the connection-level limits
+//! (in the form the connection driver wants them), the lifecycle, the counters, and the
+//! request stack's layers (cloned into each connection's stack).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
-use http::HeaderValue;
 use keel_core::Shutdown;
+use keel_core::observe::SharedObserver;
+use keel_core::tasks::Registry;
 use tokio::time::Instant;
 
-use keel_core::tasks::Registry;
-
-use crate::config::ServerConfig;
-use crate::context::DeadlinePolicy;
+use crate::config::{HttpSettings, ServerConfig};
+use crate::layer::Layers;
 use crate::readiness::Readiness;
-use crate::server::HttpSettings;
+use crate::stats::Stats;
 
 /// The limits in the form the hot path wants them (plain integers, no re-parsing).
 #[derive(Debug, Clone)]
 pub(crate) struct Limits {
     pub(crate) max_header_bytes: usize,
     pub(crate) max_headers: usize,
-    pub(crate) max_body_bytes: u64,
     pub(crate) header_read_timeout_ms: u64,
     pub(crate) idle_timeout_ms: u64,
     pub(crate) h2_max_concurrent_streams: u32,
@@ -34,7 +34,6 @@ impl Limits {
         Limits {
             max_header_bytes: usize::try_from(c.max_header_bytes.get()).unwrap_or(usize::MAX),
             max_headers: c.max_headers,
-            max_body_bytes: c.max_body_bytes.get(),
             header_read_timeout_ms: millis(c.header_read_timeout.get()),
             idle_timeout_ms: millis(c.idle_timeout.get()),
             h2_max_concurrent_streams: c.http2_max_concurrent_streams,
@@ -50,49 +49,16 @@ fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4)
 }
 
-/// Counters the server keeps about itself (exported as metrics by the telemetry issue).
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Requests currently being handled, across all connections.
-    pub in_flight: AtomicUsize,
-    /// Connections currently open.
-    pub connections: AtomicUsize,
-    /// Connections accepted since start.
-    pub accepted: AtomicU64,
-    /// Connections closed because a request head did not arrive within `header_read_timeout`.
-    pub header_timeouts: AtomicU64,
-    /// Requests refused with 413 before reaching the handler.
-    pub body_too_large: AtomicU64,
-    /// Requests refused on arrival: malformed propagation headers (400) or an already
-    /// expired deadline (504).
-    pub refused_on_arrival: AtomicU64,
-    /// Handlers cancelled because their deadline passed (answered 504).
-    pub deadline_exceeded: AtomicU64,
-}
-
 #[derive(Debug)]
 pub(crate) struct Shared {
     epoch: Instant,
     pub(crate) limits: Limits,
-    pub(crate) probes: Option<ProbePaths>,
-    pub(crate) readiness: Readiness,
     pub(crate) shutdown: Shutdown,
     pub(crate) stats: Arc<Stats>,
-    /// `Keep-Alive: timeout=N`, precomputed once.
-    pub(crate) keep_alive: HeaderValue,
-    pub(crate) deadlines: DeadlinePolicy,
-    pub(crate) registry: &'static Registry,
     /// The adaptive concurrency limit; `None` when `[overload]` is disabled.
     pub(crate) limiter: Option<crate::overload::Limiter>,
-    /// `Retry-After` for shed responses, precomputed.
-    pub(crate) retry_after: HeaderValue,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct ProbePaths {
-    pub(crate) livez: String,
-    pub(crate) readyz: String,
-    pub(crate) healthz: String,
+    /// The request path's layers, composed around the user's service once per listener.
+    pub(crate) layers: Layers,
 }
 
 impl Shared {
@@ -100,32 +66,30 @@ impl Shared {
         settings: &HttpSettings,
         readiness: Readiness,
         shutdown: Shutdown,
+        registry: &'static Registry,
+        observer: Option<SharedObserver>,
     ) -> Arc<Self> {
-        let cfg = &settings.server;
-        let probes = &settings.probes;
-        let limits = Limits::from_config(cfg);
-        let secs = (limits.idle_timeout_ms / 1000).max(1);
-        let keep_alive = HeaderValue::try_from(format!("timeout={secs}"))
-            .unwrap_or_else(|_| HeaderValue::from_static("timeout=60"));
+        let stats = Arc::new(Stats::default());
+        let limiter = settings
+            .overload
+            .enabled
+            .then(|| crate::overload::Limiter::new(&settings.overload));
+        let layers = Layers::new(
+            settings,
+            readiness,
+            shutdown.clone(),
+            registry,
+            observer,
+            stats.clone(),
+            limiter.clone(),
+        );
         Arc::new(Shared {
             epoch: Instant::now(),
-            limits,
-            probes: probes.main_port.then(|| ProbePaths {
-                livez: probes.livez_path.clone(),
-                readyz: probes.readyz_path.clone(),
-                healthz: probes.healthz_path.clone(),
-            }),
-            readiness,
+            limits: Limits::from_config(&settings.server),
             shutdown,
-            stats: Arc::new(Stats::default()),
-            keep_alive,
-            deadlines: DeadlinePolicy::new(&settings.deadline, settings.propagation.sample_ratio),
-            registry: Registry::global(),
-            limiter: settings
-                .overload
-                .enabled
-                .then(|| crate::overload::Limiter::new(&settings.overload)),
-            retry_after: HeaderValue::from(settings.overload.retry_after_secs),
+            stats,
+            limiter,
+            layers,
         })
     }
 
@@ -155,6 +119,6 @@ impl Shared {
             server: cfg.clone(),
             ..HttpSettings::default()
         };
-        Shared::new(&settings, readiness, shutdown)
+        Shared::new(&settings, readiness, shutdown, Registry::global(), None)
     }
 }

@@ -2,8 +2,8 @@
 //! span built and queued), and a whole HTTP request through a Keel server with and without
 //! the telemetry observer installed.
 //!
-//! `cargo bench -p keel-telemetry --bench overhead`. The request groups run in order:
-//! baseline first, then the observer is installed (it is process-wide and cannot be removed).
+//! `cargo bench -p keel-telemetry --bench overhead`. The request groups compare two servers
+//! in one process: one without an observer, one whose observer is the telemetry.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::net::SocketAddr;
@@ -59,10 +59,7 @@ fn records(c: &mut Criterion) {
     let method = http::Method::GET;
     let mut g = c.benchmark_group("record");
 
-    let metrics_only = Telemetry {
-        metrics: Metrics::new(MetricsConfig::default()),
-        spans: Arc::default(),
-    };
+    let metrics_only = Telemetry::new(Metrics::new(MetricsConfig::default()), true);
     let unsampled = context(false);
     g.bench_function("metrics only", |b| {
         b.iter(|| {
@@ -85,10 +82,7 @@ fn records(c: &mut Criterion) {
     };
     g.bench_function("unsampled span (metrics + tracer)", |b| {
         b.iter_custom(|iters| {
-            let t = Telemetry {
-                metrics: Metrics::new(MetricsConfig::default()),
-                spans: Arc::default(),
-            };
+            let t = Telemetry::new(Metrics::new(MetricsConfig::default()), true);
             let _ = t.spans.set(Arc::new(tracer_for(1)));
             let start = Instant::now();
             for _ in 0..iters {
@@ -113,7 +107,10 @@ fn records(c: &mut Criterion) {
 }
 
 /// A Keel server on loopback with one route, and a keep-alive client.
-fn serve(rt: &tokio::runtime::Runtime) -> SocketAddr {
+fn serve(
+    rt: &tokio::runtime::Runtime,
+    observer: Option<keel_core::observe::SharedObserver>,
+) -> SocketAddr {
     rt.block_on(async {
         let router = axum::Router::new().route(
             "/orders/{id}",
@@ -128,7 +125,15 @@ fn serve(rt: &tokio::runtime::Runtime) -> SocketAddr {
         };
         let shutdown = keel_core::Shutdown::new();
         let readiness = keel_server::Readiness::new(Default::default(), shutdown.clone());
-        let server = keel_server::Server::bind(&settings, 1, readiness, shutdown).unwrap();
+        let server = keel_server::Server::bind_with(
+            &settings,
+            1,
+            readiness,
+            shutdown,
+            keel_core::tasks::Registry::global(),
+            observer,
+        )
+        .unwrap();
         let addr = server.local_addr();
         tokio::spawn(server.serve(router));
         addr
@@ -141,27 +146,7 @@ fn requests(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let addr = serve(&rt);
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let url: http::Uri = format!("http://{addr}/orders/7").parse().unwrap();
-    let one = || async {
-        let req = http::Request::get(url.clone())
-            .header(
-                "traceparent",
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            )
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let resp = client.request(req).await.unwrap();
-        resp.into_body().collect().await.unwrap();
-    };
-    let mut g = c.benchmark_group("request");
-    g.sample_size(30);
-    g.bench_function("without telemetry", |b| {
-        b.iter(|| rt.block_on(one()));
-    });
-    // From here on every request is observed: metrics, and a sampled span built and queued.
+    // The second server observes every request: metrics, and a sampled span built and queued.
     let tracer = {
         let _guard = rt.enter();
         Tracer::start(&TraceConfig {
@@ -171,14 +156,34 @@ fn requests(c: &mut Criterion) {
             ..TraceConfig::default()
         })
     };
-    let telemetry = Telemetry {
-        metrics: Metrics::new(MetricsConfig::default()),
-        spans: Arc::default(),
-    };
+    let telemetry = Telemetry::new(Metrics::new(MetricsConfig::default()), true);
     let _ = telemetry.spans.set(Arc::new(tracer));
-    assert!(keel_core::observe::install(Arc::new(telemetry)).is_ok());
+    let plain = serve(&rt, None);
+    let observed = serve(&rt, Some(Arc::new(telemetry)));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let one = |addr: SocketAddr| {
+        let client = client.clone();
+        async move {
+            let url: http::Uri = format!("http://{addr}/orders/7").parse().unwrap();
+            let req = http::Request::get(url)
+                .header(
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                )
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+        }
+    };
+    let mut g = c.benchmark_group("request");
+    g.sample_size(30);
+    g.bench_function("without telemetry", |b| {
+        b.iter(|| rt.block_on(one(plain)));
+    });
     g.bench_function("with telemetry (metrics + sampled span)", |b| {
-        b.iter(|| rt.block_on(one()));
+        b.iter(|| rt.block_on(one(observed)));
     });
     g.finish();
 }

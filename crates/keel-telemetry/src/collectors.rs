@@ -94,10 +94,10 @@ pub fn runtime(metrics: &Metrics, handle: tokio::runtime::Handle) {
     });
 }
 
-/// Live Keel tasks by kind and leak suspects, from the process-wide task registry.
-pub fn tasks(metrics: &Metrics) {
-    metrics.add_collector(|e| {
-        let r = Registry::global();
+/// Live Keel tasks by kind and leak suspects, from a service's task registry.
+pub fn tasks(metrics: &Metrics, registry: &'static Registry) {
+    metrics.add_collector(move |e| {
+        let r = registry;
         e.family(
             "keel_tasks_live",
             "Live tasks in Keel's registry, by kind.",
@@ -137,7 +137,7 @@ mod tests {
     async fn runtime_and_task_families_are_rendered() {
         let m = Metrics::new(MetricsConfig::default());
         runtime(&m, tokio::runtime::Handle::current());
-        tasks(&m);
+        tasks(&m, Registry::global());
         let first = m.render();
         assert!(first.contains("keel_runtime_workers 2\n"), "{first}");
         assert!(

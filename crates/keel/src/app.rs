@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use keel_config::{ConfigError, Loaded};
+use keel_core::observe::SharedObserver;
 use keel_core::tasks::Registry;
 use keel_core::{BoxError, Shutdown};
 use keel_runtime::Sizing;
@@ -41,6 +42,13 @@ pub enum Error {
 struct Inner {
     name: String,
     loaded: Loaded<Config>,
+    /// This App's task registry (requests, their tasks, background loops).
+    registry: &'static Registry,
+    /// This App's metrics and span export.
+    telemetry: keel_telemetry::Telemetry,
+    /// What its server, clients and consumers report to: `None` when neither metrics nor
+    /// span export is on, so the request path records nothing at all.
+    observer: Option<SharedObserver>,
     sizing: Sizing,
     shutdown: Shutdown,
     readiness: Readiness,
@@ -67,9 +75,17 @@ impl App {
     pub fn new(name: &str, loaded: Loaded<Config>, sizing: Sizing) -> App {
         let shutdown = Shutdown::new();
         let readiness = Readiness::new(loaded.value.readiness.clone(), shutdown.clone());
+        let registry = Registry::leaked(loaded.value.tasks.leak_grace.get());
+        let telemetry = crate::wiring::telemetry(&loaded.value.metrics, registry);
+        let observer: Option<SharedObserver> = (loaded.value.metrics.enabled
+            || crate::wiring::tracing_configured(&loaded.value.tracing, name))
+        .then(|| Arc::new(telemetry.clone()) as SharedObserver);
         let app = App {
             inner: Arc::new(Inner {
                 name: name.to_string(),
+                registry,
+                telemetry,
+                observer,
                 loaded,
                 sizing,
                 shutdown,
@@ -83,17 +99,35 @@ impl App {
         app
     }
 
-    /// The process's metrics (register your own families with `add_collector`).
-    pub fn metrics(&self) -> &'static keel_telemetry::Metrics {
-        &crate::wiring::global(&self.config().metrics).metrics
+    /// This service's metrics (register your own families with `add_collector`).
+    pub fn metrics(&self) -> &keel_telemetry::Metrics {
+        &self.inner.telemetry.metrics
+    }
+
+    /// What this service's server, clients and consumers report to (metrics and spans);
+    /// `None` when both are off. Give it to a message consumer's config so its deliveries
+    /// are traced and counted with this service.
+    pub fn observer(&self) -> Option<SharedObserver> {
+        self.inner.observer.clone()
+    }
+
+    /// This service's task registry (`/debug/tasks`).
+    pub fn registry(&self) -> &'static Registry {
+        self.inner.registry
+    }
+
+    /// A context for work no request started (a scheduled job, a consumer's outbound call),
+    /// with `timeout` from now as its deadline and its tasks listed in this service's
+    /// registry. Passing it to a client is the explicit way to call without a request.
+    pub fn background_context(&self, timeout: std::time::Duration) -> keel_core::Context {
+        keel_core::Context::background_in(self.inner.registry, timeout)
     }
 
     fn register_metrics(&self) {
-        let telemetry = crate::wiring::global(&self.config().metrics);
         if !self.config().metrics.enabled {
             return;
         }
-        let metrics = telemetry.metrics.clone();
+        let metrics = self.inner.telemetry.metrics.clone();
         self.admin_route(
             "/metrics",
             "Prometheus metrics (text format 0.0.4)",
@@ -101,16 +135,13 @@ impl App {
         );
     }
 
-    /// Scrape-time collectors of this app's server, clients and runtime. Registered by the
-    /// first app that serves in a process: the registry is process-wide, and a second set
-    /// would repeat the same series.
+    /// Scrape-time collectors of this app's server, clients and runtime, on its own metrics.
     fn register_collectors(&self, handle: &ServerHandle) {
-        static ONCE: std::sync::Once = std::sync::Once::new();
         let metrics = self.metrics();
         let weak = Arc::downgrade(&self.inner);
         let server = handle.clone();
         let overload = handle.clone();
-        ONCE.call_once(|| {
+        {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 keel_telemetry::collectors::runtime(metrics, rt);
             }
@@ -149,7 +180,7 @@ impl App {
                     .unwrap_or_default();
                 crate::wiring::client_families(e, &clients);
             });
-        });
+        }
     }
 
     /// The service name.
@@ -206,7 +237,8 @@ impl App {
         let client = Arc::new(
             settings
                 .build(name)
-                .map_err(|e| Error::Other(Box::new(e)))?,
+                .map_err(|e| Error::Other(Box::new(e)))?
+                .observed_by(self.inner.observer.clone()),
         );
         clients.insert(name.to_string(), client.clone());
         Ok(client)
@@ -294,11 +326,11 @@ impl App {
                 ("application/json", pretty(&v))
             },
         );
+        let registry = self.inner.registry;
         self.admin_route(
             "/debug/tasks",
             "live Keel tasks, leak suspects first (JSON; ?format=text for people)",
-            |req| {
-                let registry = Registry::global();
+            move |req| {
                 let text = req
                     .uri()
                     .query()
@@ -354,6 +386,10 @@ impl App {
     }
 
     /// Serve `service` until a stop signal, then drain. Returns once the drain is over.
+    ///
+    /// An axum `Router` is labelled by its route templates for metrics, spans and the task
+    /// dump ([`crate::routes`]); any other service labels its requests itself with
+    /// [`Context::set_route`](keel_core::Context::set_route), or shares the `unmatched` label.
     pub async fn serve<S, B>(self, service: S) -> Result<(), Error>
     where
         S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
@@ -384,6 +420,7 @@ impl App {
         F1: Future<Output = ()>,
         F2: Future<Output = ()>,
     {
+        let service = label_if_router(service);
         let cfg = self.config().clone();
         let inner = &self.inner;
         let shards = inner.sizing.shards.clone();
@@ -393,7 +430,7 @@ impl App {
             // One listener per shard: each shard's runtime accepts on its own socket.
             shards.len()
         };
-        let tracer = crate::wiring::start_tracer(&cfg.tracing, &inner.name);
+        let tracer = crate::wiring::start_tracer(&cfg.tracing, &inner.name, &inner.telemetry);
         let mut propagation = cfg.propagation.clone();
         // Sampling is configured with tracing (`tracing.sample_ratio`, or the standard
         // `OTEL_TRACES_SAMPLER`/`_ARG`); the server applies it to the traces it starts.
@@ -405,18 +442,21 @@ impl App {
             propagation,
             overload: cfg.overload.clone(),
         };
-        let server = Server::bind(
+        let server = Server::bind_with(
             &settings,
             listeners,
             inner.readiness.clone(),
             inner.shutdown.clone(),
+            inner.registry,
+            inner.observer.clone(),
         )?;
-        start_leak_sweep(&cfg.tasks);
+        start_leak_sweep(inner.registry, &cfg.tasks);
         let handle: ServerHandle = server.handle();
         tracing::info!(service = %inner.name, addr = %server.local_addr(), listeners, config_hash = %&inner.loaded.hash()[..12], "serving");
 
         self.register_collectors(&handle);
         let stats = handle.clone();
+        let registry = inner.registry;
         self.admin_route(
             "/debug/server",
             "connections and requests in flight, limit counters",
@@ -430,7 +470,7 @@ impl App {
                     "body_too_large": s.body_too_large.load(Ordering::Relaxed),
                     "refused_on_arrival": s.refused_on_arrival.load(Ordering::Relaxed),
                     "deadline_exceeded": s.deadline_exceeded.load(Ordering::Relaxed),
-                    "live_tasks": Registry::global().live(),
+                    "live_tasks": registry.live(),
                     "overload": stats.overload().map(|o| serde_json::json!({
                         "limit": o.limit,
                         "in_flight": o.in_flight,
@@ -507,17 +547,11 @@ impl App {
     }
 }
 
-/// The registry is process-wide, so one sweep serves every `App` in the process (tests and
-/// embedders run several).
-fn start_leak_sweep(cfg: &crate::config::TasksConfig) {
-    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let registry = Registry::global();
+/// The App's leak sweep: its registry is scanned for tasks alive past their owner's deadline.
+fn start_leak_sweep(registry: &'static Registry, cfg: &crate::config::TasksConfig) {
     registry.set_leak_grace(cfg.leak_grace.get());
-    if STARTED.swap(true, Ordering::SeqCst) {
-        return;
-    }
     let every = cfg.sweep_interval.get();
-    keel_core::tasks::spawn_background("task leak sweep", async move {
+    keel_core::tasks::spawn_background_in(registry, "task leak sweep", async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -525,6 +559,15 @@ fn start_leak_sweep(cfg: &crate::config::TasksConfig) {
             registry.sweep();
         }
     });
+}
+
+/// Put the route-label layer on an axum `Router` (the one kind of service whose route
+/// templates Keel can read); leave any other service as it is.
+fn label_if_router<S: 'static>(mut service: S) -> S {
+    if let Some(router) = (&mut service as &mut dyn std::any::Any).downcast_mut::<axum::Router>() {
+        *router = crate::routes::label_routes(router.clone());
+    }
+    service
 }
 
 enum Serving {

@@ -21,6 +21,7 @@ mod app;
 pub mod config;
 mod logging;
 mod messaging_wiring;
+pub mod routes;
 mod wiring;
 
 pub use app::{App, Error, run, run_with};

@@ -1,57 +1,49 @@
-//! Wiring telemetry into an [`App`](crate::App): the process-wide observer (metrics and span
-//! export fed by the server's and the client's records), `/metrics` on the admin port, and
-//! the scrape-time collectors for what keeps its own counters (runtime, tasks, server,
-//! client pools).
+//! Wiring telemetry into an [`App`](crate::App): the App's own observer (metrics and span
+//! export fed by its server's, clients' and consumers' records), `/metrics` on the admin
+//! port, and the scrape-time collectors for what keeps its own counters (runtime, tasks,
+//! server, client pools).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
+use keel_core::tasks::Registry;
 use keel_telemetry::trace::{TraceConfig, Tracer};
 use keel_telemetry::{Metrics, MetricsConfig, Telemetry};
 
-/// The process's telemetry. One per process: the observer hook is global, and several
-/// `App`s in one process (tests) share it.
-static TELEMETRY: OnceLock<Telemetry> = OnceLock::new();
-
-/// The process's telemetry, installing it on first use with `cfg`.
-pub(crate) fn global(cfg: &MetricsConfig) -> &'static Telemetry {
-    TELEMETRY.get_or_init(|| {
-        let metrics = Metrics::new(cfg.clone());
-        keel_telemetry::collectors::tasks(&metrics);
-        let t = Telemetry {
-            metrics,
-            spans: Arc::default(),
-        };
-        // Only fails if something else installed an observer first; then that one stays.
-        if keel_core::observe::install(Arc::new(t.clone())).is_err() {
-            tracing::warn!("an observer was already installed; Keel's metrics will miss requests");
-        }
-        t
-    })
+/// One App's telemetry: its own metrics registry (with its task families), recording only
+/// when `[metrics] enabled`.
+pub(crate) fn telemetry(cfg: &MetricsConfig, registry: &'static Registry) -> Telemetry {
+    let metrics = Metrics::new(cfg.clone());
+    keel_telemetry::collectors::tasks(&metrics, registry);
+    Telemetry::new(metrics, cfg.enabled)
 }
 
-/// Start the span exporter for `service` from `[tracing]` and the `OTEL_*` environment, and
-/// connect it to the observer. Needs the runtime (the exporter is a task). Only the first
-/// app to serve in a process starts one; later calls get that one back.
-pub(crate) fn start_tracer(cfg: &TraceConfig, service: &str) -> Tracer {
-    static TRACER: OnceLock<Tracer> = OnceLock::new();
-    TRACER
-        .get_or_init(|| {
-            let mut cfg = effective_trace_config(cfg, service, &|k| std::env::var(k).ok()).0;
-            if cfg.endpoint.is_none() {
-                cfg.enabled = false;
-            }
-            let tracer = Tracer::start(&cfg);
-            if tracer.is_enabled() {
-                tracing::info!(endpoint = ?cfg.endpoint, protocol = cfg.protocol.as_str(), service = %cfg.service_name, "exporting spans over OTLP");
-            }
-            if let Some(t) = TELEMETRY.get() {
-                let _ = t.spans.set(Arc::new(tracer.clone()));
-                let stats = tracer.clone();
-                t.metrics.add_collector(move |e| trace_families(e, &stats));
-            }
-            tracer
-        })
-        .clone()
+/// Whether `[tracing]` (with the `OTEL_*` environment) names an endpoint, i.e. whether spans
+/// can be exported at all.
+pub(crate) fn tracing_configured(cfg: &TraceConfig, service: &str) -> bool {
+    let mut c = cfg.clone();
+    c.service_name = service.to_string();
+    let _ = c.apply_env(&|k| std::env::var(k).ok());
+    c.enabled && c.endpoint.is_some()
+}
+
+/// Start `service`'s span exporter from `[tracing]` and the `OTEL_*` environment and connect
+/// it to the App's telemetry. Needs the runtime (the exporter is a task).
+pub(crate) fn start_tracer(cfg: &TraceConfig, service: &str, telemetry: &Telemetry) -> Tracer {
+    let mut cfg = effective_trace_config(cfg, service, &|k| std::env::var(k).ok()).0;
+    if cfg.endpoint.is_none() {
+        cfg.enabled = false;
+    }
+    let tracer = Tracer::start(&cfg);
+    if tracer.is_enabled() {
+        tracing::info!(endpoint = ?cfg.endpoint, protocol = cfg.protocol.as_str(), service = %cfg.service_name, "exporting spans over OTLP");
+    }
+    if telemetry.spans.set(Arc::new(tracer.clone())).is_ok() {
+        let stats = tracer.clone();
+        telemetry
+            .metrics
+            .add_collector(move |e| trace_families(e, &stats));
+    }
+    tracer
 }
 
 /// `[tracing]` with the service name defaulted to the app's and the `OTEL_*` variables

@@ -91,7 +91,7 @@ async fn metrics_are_served_valid_and_scraped_by_a_real_prometheus() {
 
     let (status, text) = get_text(format!("http://{admin}/metrics")).await;
     assert_eq!(status, 200);
-    // RED by route template (the `Context` extractor told telemetry the matched route).
+    // RED by route template (the router's label layer recorded the matched route).
     assert_eq!(
         sample(
             &text,
@@ -110,7 +110,7 @@ async fn metrics_are_served_valid_and_scraped_by_a_real_prometheus() {
     assert_eq!(
         sample(
             &text,
-            "keel_server_requests_total{route=\"/missing\",method=\"GET\",class=\"4xx\"}"
+            "keel_server_requests_total{route=\"unmatched\",method=\"GET\",class=\"4xx\"}"
         ),
         Some(1.0)
     );

@@ -139,8 +139,11 @@ fn subscribe<S, H>(
                 name,
                 store,
                 handler,
-                retry,
-                counters.consumer.clone(),
+                keel::messaging::embedded::Subscription {
+                    retry,
+                    stats: counters.consumer.clone(),
+                    observer: app.observer(),
+                },
             );
         }
         Bus::Nats(nats, _) => {
@@ -148,6 +151,7 @@ fn subscribe<S, H>(
                 keel::messaging::nats::ConsumerConfig::new(&bus.stream().unwrap_or_default(), name);
             cfg.filter_subject = destination.to_string();
             cfg.retry = retry;
+            cfg.observer = app.observer();
             let settings = &app.config().messaging.consumer;
             cfg.max_in_flight = settings.max_in_flight as usize;
             cfg.batch = settings.batch as usize;

@@ -250,36 +250,18 @@ fn valid_property(p: &[u8]) -> bool {
 }
 
 /// Percent-decodes a value already checked to be `baggage-octet`s; bytes that are not UTF-8
-/// become U+FFFD as §3.2.1.1 requires.
+/// become U+FFFD as §3.2.1.1 requires, and a malformed escape stays as it came.
 fn percent_decode(v: &[u8]) -> String {
     if !v.contains(&b'%') {
         // The common case: plain ASCII, nothing to decode.
         return String::from_utf8_lossy(v).into_owned();
     }
-    let mut out = Vec::with_capacity(v.len());
-    let mut i = 0;
-    while i < v.len() {
-        let escaped = match v.get(i..i + 3) {
-            Some([b'%', h, l]) => hex::nibble_any_case(*h)
-                .zip(hex::nibble_any_case(*l))
-                .map(|(h, l)| (h << 4) | l),
-            _ => None,
-        };
-        match escaped {
-            Some(b) => {
-                out.push(b);
-                i += 3;
-            }
-            None => {
-                out.push(v[i]);
-                i += 1;
-            }
-        }
-    }
-    match String::from_utf8(out) {
-        Ok(s) => s,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-    }
+    let lenient = super::percent::Options {
+        plus_as_space: false,
+        keep_malformed: true,
+    };
+    // Cannot fail: malformed escapes are kept.
+    super::percent::decode_lossy(v, lenient).unwrap_or_default()
 }
 
 /// `baggage-octet = %x21 / %x23-2B / %x2D-3A / %x3C-5B / %x5D-7E`: printable ASCII except

@@ -20,6 +20,7 @@ mod hex;
 
 pub mod b3;
 pub mod baggage;
+pub mod percent;
 pub mod rand;
 pub mod request_id;
 pub mod timeout;

@@ -8,6 +8,8 @@
 //! the same shape as a W3C trace id, from the non-cryptographic [`super::rand`] generator: a
 //! request id identifies, it does not authorise.
 
+use std::sync::Arc;
+
 use super::rand;
 
 /// The longest caller-supplied id Keel keeps.
@@ -39,6 +41,94 @@ pub fn generate_into(buf: &mut [u8; 32]) -> &str {
     std::str::from_utf8(buf).unwrap_or_default()
 }
 
+/// Ids up to this length live inline in [`RequestId`]: generated ids (32) and UUIDs (36) fit,
+/// so the common request pays no allocation for its id.
+const INLINE: usize = 48;
+
+/// A request id, validated ([`is_valid`]) or generated. Cheap to clone; derefs to `str`.
+#[derive(Clone)]
+pub struct RequestId(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Inline { len: u8, buf: [u8; INLINE] },
+    Shared(Arc<str>),
+}
+
+impl RequestId {
+    /// The caller's id when [`is_valid`], else a newly generated one.
+    pub fn from_caller_or_new(caller: Option<&[u8]>) -> RequestId {
+        match caller {
+            Some(v) if is_valid(v) => RequestId::copy_of(v),
+            _ => RequestId::generate(),
+        }
+    }
+
+    /// A new random id (32 lowercase hex characters).
+    pub fn generate() -> RequestId {
+        let mut buf = [0u8; INLINE];
+        let mut hex = [0u8; 32];
+        generate_into(&mut hex);
+        buf[..32].copy_from_slice(&hex);
+        RequestId(Repr::Inline { len: 32, buf })
+    }
+
+    /// `v` must already be valid (visible ASCII).
+    fn copy_of(v: &[u8]) -> RequestId {
+        if v.len() <= INLINE {
+            let mut buf = [0u8; INLINE];
+            buf[..v.len()].copy_from_slice(v);
+            // INLINE < 256, so the length fits.
+            RequestId(Repr::Inline {
+                len: v.len() as u8,
+                buf,
+            })
+        } else {
+            RequestId(Repr::Shared(Arc::from(
+                std::str::from_utf8(v).unwrap_or_default(),
+            )))
+        }
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            // Only valid (visible ASCII) bytes are ever stored, so this cannot fail.
+            Repr::Inline { len, buf } => {
+                std::str::from_utf8(&buf[..usize::from(*len)]).unwrap_or_default()
+            }
+            Repr::Shared(s) => s,
+        }
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for RequestId {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for RequestId {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +155,20 @@ mod tests {
         ] {
             assert!(!is_valid(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn request_ids_keep_short_and_long_caller_ids_and_replace_bad_ones() {
+        let short = RequestId::from_caller_or_new(Some(b"f81d4fae-7dec-11d0-a765-00a0c91e6bf6"));
+        assert_eq!(&*short, "f81d4fae-7dec-11d0-a765-00a0c91e6bf6");
+        let long = "x".repeat(200);
+        assert_eq!(
+            RequestId::from_caller_or_new(Some(long.as_bytes())).as_str(),
+            long
+        );
+        let replaced = RequestId::from_caller_or_new(Some(b"a b"));
+        assert_eq!(replaced.len(), 32);
+        assert_ne!(replaced, RequestId::from_caller_or_new(None));
     }
 
     #[test]

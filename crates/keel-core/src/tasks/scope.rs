@@ -87,9 +87,24 @@ impl TaskScope {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let guard = self.registry.register(name, TaskKind::Scoped, &self.owner);
+        self.spawn_as(name, &self.owner, fut)
+    }
+
+    /// [`TaskScope::spawn`], listed under `owner` (the request's context fills in the route
+    /// it matched after the scope was made).
+    pub(crate) fn spawn_as<F>(
+        &self,
+        name: impl Into<Cow<'static, str>>,
+        owner: &Owner,
+        fut: F,
+    ) -> JoinHandle<Option<F::Output>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let guard = self.registry.register(name, TaskKind::Scoped, owner);
         let token = self.token().clone();
-        let deadline = self.owner.deadline;
+        let deadline = owner.deadline;
         let task = async move {
             let _guard = guard;
             tokio::select! {
@@ -114,13 +129,26 @@ impl TaskScope {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        spawn_registered(
-            self.registry,
-            name.into(),
-            TaskKind::Detached,
-            &self.owner,
-            fut,
-        )
+        self.detach_as(name, &self.owner, fut)
+    }
+
+    /// [`TaskScope::detach`], listed under `owner`.
+    pub(crate) fn detach_as<F>(
+        &self,
+        name: impl Into<Cow<'static, str>>,
+        owner: &Owner,
+        fut: F,
+    ) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        spawn_registered(self.registry, name.into(), TaskKind::Detached, owner, fut)
+    }
+
+    /// The registry this scope's tasks are listed in.
+    pub fn registry(&self) -> &'static Registry {
+        self.registry
     }
 
     /// Cancel every scoped task (idempotent).
@@ -152,6 +180,26 @@ where
 {
     spawn_registered(
         Registry::global(),
+        name.into(),
+        TaskKind::Background,
+        &Owner::default(),
+        fut,
+    )
+}
+
+/// [`spawn_background`] listed in `registry` (a service's own, rather than the one for work
+/// no service owns).
+pub fn spawn_background_in<F>(
+    registry: &'static Registry,
+    name: impl Into<Cow<'static, str>>,
+    fut: F,
+) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    spawn_registered(
+        registry,
         name.into(),
         TaskKind::Background,
         &Owner::default(),

@@ -14,7 +14,9 @@ fn registry(grace: Duration) -> &'static Registry {
 fn owner(deadline: Option<Instant>) -> Owner {
     Owner {
         route: Some(Arc::from("/orders/{id}")),
-        request_id: Some(Arc::from("req-1")),
+        request_id: Some(crate::codec::request_id::RequestId::from_caller_or_new(
+            Some(b"req-1"),
+        )),
         deadline,
     }
 }

@@ -237,7 +237,7 @@ impl crate::SpanSink for Tracer {
     }
 }
 
-/// Lets a tracer be installed on its own with [`keel_core::observe::install`] (no metrics).
+/// Lets a tracer serve as an observer on its own (spans, no metrics).
 impl Observer for Tracer {
     fn server(&self, record: &ServerRecord<'_>) {
         self.record_server(record);

@@ -1,0 +1,190 @@
+//! Admission under the adaptive concurrency limit ([`crate::overload`]): a request is
+//! admitted now, waits (bounded) for a slot, or is shed at once with 503 / `UNAVAILABLE` and
+//! `Retry-After` — or with 504 when it has less time left than the expected service time.
+//! The slot is held until the response ends, so a streaming response counts as in flight.
+//! With `[overload]` disabled the layer passes requests through.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Poll, ready};
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response};
+use keel_core::{Context, grpc};
+use tower::util::Oneshot;
+
+use crate::body::{BodyGuard, Fixed, Guarded};
+use crate::overload::{Admission as Decision, Limiter, Permit, Shed};
+use crate::refusal;
+
+/// Admits requests under a [`Limiter`].
+#[derive(Debug, Clone)]
+pub struct AdmissionLayer {
+    limiter: Option<Limiter>,
+    retry_after: HeaderValue,
+}
+
+impl AdmissionLayer {
+    /// Admit under `limiter` (`None`: admit everything); shed answers say `Retry-After:
+    /// retry_after_secs`.
+    pub fn new(limiter: Option<Limiter>, retry_after_secs: u64) -> Self {
+        AdmissionLayer {
+            limiter,
+            retry_after: HeaderValue::from(retry_after_secs),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
+    fn layer(&self, inner: S) -> Admission<S> {
+        Admission {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// See [`AdmissionLayer`].
+#[derive(Debug, Clone)]
+pub struct Admission<S> {
+    inner: S,
+    layer: AdmissionLayer,
+}
+
+impl<S, ReqB, RB> tower::Service<Request<ReqB>> for Admission<S>
+where
+    S: tower::Service<Request<ReqB>, Response = Response<RB>, Error = Infallible> + Clone,
+    RB: From<Fixed> + http_body::Body,
+{
+    type Response = Response<Guarded<RB, Slot>>;
+    type Error = Infallible;
+    type Future = AdmissionFuture<S, Request<ReqB>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let Some(limiter) = &self.layer.limiter else {
+            return AdmissionFuture::Now {
+                fut: self.inner.call(req),
+                slot: None,
+            };
+        };
+        // Without a context (a stack reordered without one) the request has all the time in
+        // the world as far as admission is concerned.
+        let remaining = req
+            .extensions()
+            .get::<Context>()
+            .map_or(Duration::MAX, Context::remaining);
+        let critical = limiter.is_critical(req.uri().path());
+        let grpc = grpc::is_grpc(req.headers());
+        match limiter.admit(remaining, critical) {
+            Decision::Now(permit) => AdmissionFuture::Now {
+                fut: self.inner.call(req),
+                slot: Some(Slot(permit)),
+            },
+            // Only a request that has to wait pays for a clone of the service it will call.
+            Decision::Wait(wait) => AdmissionFuture::Queued {
+                wait: Some(wait),
+                call: Oneshot::new(self.inner.clone(), req),
+                slot: None,
+                grpc,
+                retry_after: self.layer.retry_after.clone(),
+            },
+            Decision::Shed(why) => AdmissionFuture::Shed {
+                resp: Some(refusal::overloaded(why, grpc, &self.layer.retry_after)),
+            },
+        }
+    }
+}
+
+type Waiting = Pin<Box<dyn Future<Output = Result<Permit, Shed>> + Send>>;
+
+pin_project_lite::pin_project! {
+    /// Future of [`Admission`].
+    #[project = AdmissionProj]
+    pub enum AdmissionFuture<S, R>
+    where
+        S: tower::Service<R>,
+    {
+        /// Admitted at once (or no limiter).
+        Now { #[pin] fut: S::Future, slot: Option<Slot> },
+        /// Waiting for a slot, then calling the service.
+        Queued {
+            wait: Option<Waiting>,
+            #[pin]
+            call: Oneshot<S, R>,
+            slot: Option<Slot>,
+            grpc: bool,
+            retry_after: HeaderValue,
+        },
+        /// Shed.
+        Shed { resp: Option<Response<Fixed>> },
+    }
+}
+
+impl<S: tower::Service<R>, R> std::fmt::Debug for AdmissionFuture<S, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdmissionFuture")
+    }
+}
+
+impl<S, R, RB> Future for AdmissionFuture<S, R>
+where
+    S: tower::Service<R, Response = Response<RB>, Error = Infallible>,
+    RB: From<Fixed> + http_body::Body,
+{
+    type Output = Result<Response<Guarded<RB, Slot>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let (resp, slot) = match self.project() {
+            AdmissionProj::Now { fut, slot } => {
+                let Ok(resp) = ready!(fut.poll(cx));
+                (resp, slot.take())
+            }
+            AdmissionProj::Queued {
+                wait,
+                call,
+                slot,
+                grpc,
+                retry_after,
+            } => {
+                if let Some(w) = wait.as_mut() {
+                    match ready!(w.as_mut().poll(cx)) {
+                        Ok(permit) => {
+                            *wait = None;
+                            *slot = Some(Slot(permit));
+                        }
+                        Err(why) => {
+                            *wait = None;
+                            let resp = refusal::overloaded(why, *grpc, retry_after);
+                            return Poll::Ready(Ok(resp.map(|b| Guarded::new(RB::from(b), None))));
+                        }
+                    }
+                }
+                let Ok(resp) = ready!(call.poll(cx));
+                (resp, slot.take())
+            }
+            AdmissionProj::Shed { resp } => {
+                let resp = resp.take().unwrap_or_else(refusal::internal_error);
+                return Poll::Ready(Ok(resp.map(|b| Guarded::new(RB::from(b), None))));
+            }
+        };
+        let mut slot = slot;
+        if let Some(s) = slot.as_mut() {
+            // The handler's service time (admission to response head) feeds the limit.
+            s.0.answered();
+        }
+        let (parts, body) = resp.into_parts();
+        Poll::Ready(Ok(Response::from_parts(parts, Guarded::new(body, slot))))
+    }
+}
+
+/// A request's slot under the limit, released when its response ends.
+#[derive(Debug)]
+pub struct Slot(Permit);
+
+impl BodyGuard for Slot {}

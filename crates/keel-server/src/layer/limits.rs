@@ -1,0 +1,161 @@
+//! Body limits: a request that declares a body over `server.max_body_bytes` gets 413 without
+//! reaching the handler, and every other body is capped, so one that does not declare its
+//! length (chunked, HTTP/2) fails with `LengthLimitError` (413 from axum's extractors) when
+//! it reads past the cap. Header size and count are hyper's (431), set on the connection.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+
+use http::header::CONTENT_LENGTH;
+use http::{HeaderMap, Request, Response};
+use http_body_util::Limited;
+
+use crate::body::Fixed;
+use crate::refusal;
+use crate::stats::Stats;
+
+/// Refuses and caps request bodies over `max_body_bytes`.
+#[derive(Debug, Clone)]
+pub struct LimitsLayer {
+    max_body_bytes: u64,
+    stats: Arc<Stats>,
+}
+
+impl LimitsLayer {
+    /// Bodies up to `max_body_bytes`; refusals counted in `stats`.
+    pub fn new(max_body_bytes: u64, stats: Arc<Stats>) -> Self {
+        LimitsLayer {
+            max_body_bytes,
+            stats,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for LimitsLayer {
+    type Service = Limits<S>;
+    fn layer(&self, inner: S) -> Limits<S> {
+        Limits {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// See [`LimitsLayer`].
+#[derive(Debug, Clone)]
+pub struct Limits<S> {
+    inner: S,
+    layer: LimitsLayer,
+}
+
+impl<S, ReqB, RB> tower::Service<Request<ReqB>> for Limits<S>
+where
+    S: tower::Service<Request<Limited<ReqB>>, Response = Response<RB>, Error = Infallible>,
+    RB: From<Fixed>,
+{
+    type Response = Response<RB>;
+    type Error = Infallible;
+    type Future = LimitsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let limit = self.layer.max_body_bytes;
+        if declared_length(req.headers()).is_some_and(|n| n > limit) {
+            self.layer
+                .stats
+                .body_too_large
+                .fetch_add(1, Ordering::Relaxed);
+            return LimitsFuture::Refused {
+                resp: Some(refusal::too_large()),
+            };
+        }
+        let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+        LimitsFuture::Inner {
+            fut: self.inner.call(req.map(|b| Limited::new(b, cap))),
+        }
+    }
+}
+
+fn declared_length(h: &HeaderMap) -> Option<u64> {
+    h.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+pin_project_lite::pin_project! {
+    /// Future of [`Limits`].
+    #[project = LimitsProj]
+    #[derive(Debug)]
+    pub enum LimitsFuture<F> {
+        /// Within the limit.
+        Inner { #[pin] fut: F },
+        /// 413.
+        Refused { resp: Option<Response<Fixed>> },
+    }
+}
+
+impl<F, RB> Future for LimitsFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, Infallible>>,
+    RB: From<Fixed>,
+{
+    type Output = Result<Response<RB>, Infallible>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            LimitsProj::Inner { fut } => fut.poll(cx),
+            LimitsProj::Refused { resp } => {
+                let resp = resp.take().unwrap_or_else(refusal::internal_error);
+                Poll::Ready(Ok(resp.map(RB::from)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::layer::service::tests::{call_full, with_handler};
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_declared_body_over_the_limit_is_refused_and_others_are_capped() {
+        let stats = Arc::new(Stats::default());
+        let handler = with_handler(|req: Request<Limited<String>>| {
+            // The cap travels with the body: 8 bytes allowed, 12 sent undeclared.
+            let read = futures_util::FutureExt::now_or_never(req.into_body().collect());
+            match read {
+                Some(Ok(_)) => "read".to_string(),
+                Some(Err(_)) => "capped".to_string(),
+                None => "pending".to_string(),
+            }
+        });
+        let mut svc = tower::Layer::layer(&LimitsLayer::new(8, stats.clone()), handler);
+        let declared = Request::builder()
+            .header("content-length", "9")
+            .body("123456789".to_string())
+            .unwrap();
+        let resp = call_full(&mut svc, declared).await;
+        assert_eq!(resp.status(), 413);
+        assert!(
+            resp.extensions()
+                .get::<refusal::CloseConnection>()
+                .is_some()
+        );
+        assert_eq!(stats.body_too_large.load(Ordering::Relaxed), 1);
+
+        let undeclared = Request::new("123456789012".to_string());
+        let body = call_full(&mut svc, undeclared).await.into_body();
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "capped");
+        let small = Request::new("1234".to_string());
+        let body = call_full(&mut svc, small).await.into_body();
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "read");
+    }
+}

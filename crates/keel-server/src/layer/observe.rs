@@ -1,0 +1,318 @@
+//! Telemetry for every request that got a context: one record handed to the App's observer
+//! when the response has ended — answered, refused, cut off by its deadline, failed, or
+//! abandoned by its caller — labelled with the route template the router recorded (or the
+//! one shared `unmatched` label), plus a report of any poll of the handler that held its
+//! worker past [`LONG_POLL_THRESHOLD`] (blocking code in async).
+//!
+//! With no observer (metrics and tracing both off) the layer passes requests through and
+//! reads no clock.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Poll, ready};
+use std::time::{Instant, SystemTime};
+
+use http::{HeaderMap, Method, Request, Response};
+use keel_core::observe::{
+    LONG_POLL_THRESHOLD, Outcome, ServerRecord, SharedObserver, UNMATCHED_ROUTE,
+};
+use keel_core::{Context, grpc};
+
+use crate::body::{BodyGuard, Fixed, Guarded};
+use crate::refusal::Refused;
+
+/// Records each request for the App's observer.
+#[derive(Clone)]
+pub struct ObserveLayer {
+    observer: Option<SharedObserver>,
+}
+
+impl std::fmt::Debug for ObserveLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObserveLayer")
+            .field("observer", &self.observer.is_some())
+            .finish()
+    }
+}
+
+impl ObserveLayer {
+    /// Report to `observer`; `None` observes nothing.
+    pub fn new(observer: Option<SharedObserver>) -> Self {
+        ObserveLayer { observer }
+    }
+}
+
+impl<S> tower::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            observer: self.observer.clone(),
+        }
+    }
+}
+
+/// See [`ObserveLayer`].
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    observer: Option<SharedObserver>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Observe<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observe")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl<S, ReqB, RB> tower::Service<Request<ReqB>> for Observe<S>
+where
+    S: tower::Service<Request<ReqB>, Response = Response<RB>, Error = Infallible>,
+    RB: From<Fixed> + http_body::Body,
+{
+    type Response = Response<Guarded<RB, Record>>;
+    type Error = Infallible;
+    type Future = ObserveFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let record = self.observer.as_ref().map(|observer| {
+            observer.server_started();
+            Record {
+                observer: observer.clone(),
+                ctx: req.extensions().get::<Context>().cloned(),
+                method: req.method().clone(),
+                grpc: grpc::is_grpc(req.headers()),
+                status: None,
+                grpc_status: None,
+                outcome: None,
+            }
+        });
+        ObserveFuture {
+            fut: self.inner.call(req),
+            record,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Future of [`Observe`].
+    pub struct ObserveFuture<F> {
+        #[pin]
+        fut: F,
+        record: Option<Record>,
+    }
+}
+
+impl<F> std::fmt::Debug for ObserveFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ObserveFuture")
+    }
+}
+
+impl<F, RB> Future for ObserveFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, Infallible>>,
+    RB: http_body::Body,
+{
+    type Output = Result<Response<Guarded<RB, Record>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(resp) = ready!(match this.record.as_ref() {
+            None => this.fut.poll(cx),
+            Some(rec) => {
+                let started = Instant::now();
+                let res = this.fut.poll(cx);
+                let held = started.elapsed();
+                if held > LONG_POLL_THRESHOLD {
+                    rec.observer.long_poll(rec.route(), held);
+                }
+                res
+            }
+        });
+        let mut record = this.record.take();
+        if let Some(rec) = record.as_mut() {
+            rec.status = Some(resp.status().as_u16());
+            if rec.grpc {
+                rec.grpc_status = grpc::status(resp.headers());
+            }
+            rec.outcome = resp.extensions().get::<Refused>().map(|r| r.0);
+        }
+        let (parts, body) = resp.into_parts();
+        Poll::Ready(Ok(Response::from_parts(parts, Guarded::new(body, record))))
+    }
+}
+
+/// One request's telemetry, handed over when its response ends (in `Drop`, so on every path).
+pub struct Record {
+    observer: SharedObserver,
+    ctx: Option<Context>,
+    method: Method,
+    grpc: bool,
+    status: Option<u16>,
+    grpc_status: Option<i32>,
+    outcome: Option<Outcome>,
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("status", &self.status)
+            .field("outcome", &self.outcome)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Record {
+    fn route(&self) -> &str {
+        self.ctx
+            .as_ref()
+            .and_then(Context::route)
+            .map_or(UNMATCHED_ROUTE, |r| r)
+    }
+}
+
+impl BodyGuard for Record {
+    fn trailers(&mut self, trailers: &HeaderMap) {
+        if let Some(code) = grpc::status(trailers) {
+            self.grpc_status = Some(code);
+        }
+    }
+
+    fn ended(&mut self, clean: bool) {
+        if self.outcome.is_none() {
+            self.outcome = Some(if clean {
+                Outcome::Answered
+            } else {
+                Outcome::Failed
+            });
+        }
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let template = self.ctx.as_ref().and_then(Context::route);
+        let duration = self
+            .ctx
+            .as_ref()
+            .map(|c| c.arrived().elapsed())
+            .unwrap_or_default();
+        self.observer.server(&ServerRecord {
+            ctx: self.ctx.as_ref(),
+            route: template.map_or(UNMATCHED_ROUTE, |r| r),
+            route_is_template: template.is_some(),
+            method: &self.method,
+            grpc: self.grpc,
+            status: self.status,
+            grpc_status: self.grpc_status,
+            // Dropped before the body ended and with nothing recorded: the caller left.
+            outcome: self.outcome.unwrap_or(Outcome::Cancelled),
+            start: SystemTime::now()
+                .checked_sub(duration)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+            duration,
+            peer: None,
+        });
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::layer::service::tests::{call_full, with_handler};
+    use keel_core::observe::{ClientRecord, Observer};
+    use std::sync::{Arc, Mutex};
+
+    /// Route, whether it is a template, status, outcome.
+    type Row = (String, bool, Option<u16>, Outcome);
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<Row>>);
+
+    impl Observer for Seen {
+        fn server(&self, r: &ServerRecord<'_>) {
+            self.0.lock().unwrap().push((
+                r.route.to_string(),
+                r.route_is_template,
+                r.status,
+                r.outcome,
+            ));
+        }
+        fn client(&self, _: &ClientRecord<'_>) {}
+    }
+
+    fn ctx() -> Context {
+        Context::background(std::time::Duration::from_secs(5))
+    }
+
+    #[tokio::test]
+    async fn a_request_is_recorded_when_its_body_ends_with_the_routers_template() {
+        let seen = Arc::new(Seen::default());
+        let handler = with_handler(|req: Request<String>| {
+            if let Some(c) = req.extensions().get::<Context>() {
+                c.set_route("/users/{id}".into());
+            }
+            String::from("hi")
+        });
+        let mut svc = tower::Layer::layer(&ObserveLayer::new(Some(seen.clone())), handler);
+        let mut req = Request::new(String::new());
+        req.extensions_mut().insert(ctx());
+        let resp = call_full(&mut svc, req).await;
+        assert!(
+            seen.0.lock().unwrap().is_empty(),
+            "not before the body ends"
+        );
+        let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+        assert!(body.is_ok());
+        assert_eq!(
+            *seen.0.lock().unwrap(),
+            [(
+                "/users/{id}".to_string(),
+                true,
+                Some(200),
+                Outcome::Answered
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn unrouted_refused_and_abandoned_requests_are_told_apart() {
+        let seen = Arc::new(Seen::default());
+        let refusing = crate::layer::service::tests::answered_with(|resp| {
+            resp.extensions_mut().insert(Refused(Outcome::Refused));
+        });
+        let mut svc = tower::Layer::layer(&ObserveLayer::new(Some(seen.clone())), refusing);
+        let mut req = Request::new(String::new());
+        req.extensions_mut().insert(ctx());
+        drop(call_full(&mut svc, req).await);
+        let handler = with_handler(|_: Request<String>| String::from("unread"));
+        let mut svc = tower::Layer::layer(&ObserveLayer::new(Some(seen.clone())), handler);
+        drop(call_full(&mut svc, Request::new(String::new())).await);
+        assert_eq!(
+            *seen.0.lock().unwrap(),
+            [
+                (
+                    UNMATCHED_ROUTE.to_string(),
+                    false,
+                    Some(200),
+                    Outcome::Refused
+                ),
+                (
+                    UNMATCHED_ROUTE.to_string(),
+                    false,
+                    Some(200),
+                    Outcome::Cancelled
+                ),
+            ]
+        );
+    }
+}
