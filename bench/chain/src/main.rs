@@ -175,9 +175,11 @@ fn keel_order() -> std::process::ExitCode {
 
     async fn quote(
         State(mut inv): State<Inv>,
+        ctx: keel::Context,
         Path(sku): Path<String>,
     ) -> axum::response::Response {
-        match inv.stock(StockRequest { sku }).await {
+        let call = keel::client::client::tonic_request(&ctx, StockRequest { sku });
+        match inv.stock(call).await {
             Ok(reply) => json(StatusCode::OK, quote_body(reply.get_ref())).into_response(),
             Err(status) => {
                 let (code, body) = quote_error(&status);

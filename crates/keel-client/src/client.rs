@@ -1,6 +1,16 @@
 //! The HTTP client: every policy of this crate applied to real calls, over pooled per-endpoint
 //! connections, with the request [`Context`] propagated on every attempt.
 //!
+//! **Whose call is it?** Every call belongs to a request: its deadline bounds the call, its
+//! trace is the call's parent. [`Client::call`] takes that [`Context`] as an argument;
+//! [`Client::request`] finds it in the request's extensions (where Keel's server puts it, and
+//! where tonic copies a `tonic::Request`'s extensions), else in the task
+//! ([`Context::current`]). A call with no context anywhere still goes out — with a new trace
+//! and a fallback deadline — but never silently: it is counted
+//! ([`ClientStats::calls_without_context`]) and logged once per client, because it almost
+//! always means a handler forgot to pass its context. Work that no request started says so
+//! by passing [`Context::background`] to [`Client::call`].
+//!
 //! One call: breaker admission → budget deposit → for each attempt: pick an endpoint
 //! ([`Upstream`]) → write the context's headers (remaining deadline minus the margin, trace,
 //! baggage, request id, retry marker on retries) → send with a per-try timeout no later than
@@ -14,7 +24,7 @@
 //! returns to its pool when the [`Body`] has been read to the end.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -51,7 +61,9 @@ pub struct ClientConfig {
     /// Path prefixes with a breaker of their own: a failing route is throttled without
     /// throttling the others. Requests under no listed prefix share the upstream's breaker.
     pub route_breakers: Vec<String>,
-    /// Deadline propagation.
+    /// Deadline and trace propagation: the margin kept off the remaining time and the B3
+    /// format. The `keel` facade fills it from `[propagation]`; `retry` and `span_id` are set
+    /// per attempt and ignored here.
     pub outbound: Outbound,
     /// Retry backoff and attempts.
     pub backoff: BackoffConfig,
@@ -104,6 +116,10 @@ pub struct ClientStats {
     pub retries: u64,
     /// Hedged attempts sent.
     pub hedges: u64,
+    /// Calls that found no request context (none passed, none in the request's extensions,
+    /// none in the task) and went out with a new trace and the fallback deadline. Anything
+    /// above zero is a handler that forgot to pass its context.
+    pub calls_without_context: u64,
     /// Connections, summed over endpoints.
     pub pool: PoolSnapshot,
     /// The upstream's breaker.
@@ -129,7 +145,15 @@ pub struct Client {
     /// The App's observer: every attempt is reported to it (a CLIENT span, the client
     /// metrics). `None` reports nothing.
     observer: Option<observe::SharedObserver>,
+    calls_without_context: AtomicU64,
+    /// The warning about a call without context has been logged (once per client: the
+    /// counter tells how often, the log line tells where to look and what to do).
+    warned_without_context: AtomicBool,
 }
+
+/// Deadline of a call that found no context and has no per-try timeout either: Keel's
+/// default request deadline (`deadline.default`), so such a call is bounded like a request.
+const FALLBACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Pools by address, pruned to the endpoint set when its version changes (discovery removes
 /// an endpoint: its idle connections close with its pool).
@@ -180,6 +204,8 @@ impl Client {
             retries: AtomicU64::new(0),
             hedges: AtomicU64::new(0),
             observer: None,
+            calls_without_context: AtomicU64::new(0),
+            warned_without_context: AtomicBool::new(false),
         }
     }
 
@@ -192,6 +218,11 @@ impl Client {
     /// The upstream's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The settings it was built with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.cfg
     }
 
     /// The routing state (endpoints, outlier detector, loads).
@@ -241,6 +272,7 @@ impl Client {
             calls: self.calls.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             hedges: self.hedges.load(Ordering::Relaxed),
+            calls_without_context: self.calls_without_context.load(Ordering::Relaxed),
             pool,
             breaker: self.breaker.stats(),
             route_breakers: self
@@ -251,20 +283,79 @@ impl Client {
         }
     }
 
-    /// Send `req` (its URI's path and query are used; the authority comes from the chosen
-    /// endpoint). The request context is `Context::current()`, or a fresh one with the
-    /// client's per-try timeout when called outside a request.
-    pub async fn request(&self, req: Request<Bytes>) -> Result<Response<Body>, ClientError> {
-        let ctx = Context::current().unwrap_or_else(|| {
-            Context::background(self.cfg.per_try_timeout.unwrap_or(Duration::from_secs(30)))
-        });
+    /// Send `req` on behalf of the request `ctx`: its remaining deadline (minus the margin)
+    /// bounds the call and travels with it, its trace is the call's parent, its baggage,
+    /// colour and request id go along. Only the URI's path and query are used; the authority
+    /// comes from the chosen endpoint.
+    ///
+    /// In a handler, pass the handler's `keel::Context`. For work no request started, name
+    /// it: `client.call(&Context::background(timeout), req)`.
+    pub async fn call(
+        &self,
+        ctx: &Context,
+        req: Request<Bytes>,
+    ) -> Result<Response<Body>, ClientError> {
         let (parts, body) = req.into_parts();
+        self.send(ctx, parts, body).await
+    }
+
+    /// [`Client::call`] with the context found in `req`'s extensions (Keel's server puts it
+    /// in the inbound request's; a forwarded request or a `tonic::Request` can carry it), else
+    /// the task's ([`Context::current`]).
+    ///
+    /// With neither, the call is sent with a new trace and the per-try timeout (30 s without
+    /// one) as its deadline, and that fallback is counted in
+    /// [`ClientStats::calls_without_context`] and logged once per client at `warn`.
+    pub async fn request(&self, req: Request<Bytes>) -> Result<Response<Body>, ClientError> {
+        let (mut parts, body) = req.into_parts();
+        // Taken out rather than cloned: the outgoing request is built from the method, URI
+        // and headers only, so the extension has no further use.
+        let ctx = match parts
+            .extensions
+            .remove::<Context>()
+            .or_else(Context::current)
+        {
+            Some(ctx) => ctx,
+            None => self.without_context(),
+        };
+        self.send(&ctx, parts, body).await
+    }
+
+    /// The context of a call that found none: counted, logged once, and bounded.
+    fn without_context(&self) -> Context {
+        self.calls_without_context.fetch_add(1, Ordering::Relaxed);
+        let timeout = self.cfg.per_try_timeout.unwrap_or(FALLBACK_TIMEOUT);
+        // The load first: after the first warning, fallbacks only read the flag.
+        if !self.warned_without_context.load(Ordering::Relaxed)
+            && !self.warned_without_context.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                upstream = %self.name,
+                fallback_deadline = ?timeout,
+                "call made without a request context: sent with a new trace and the fallback \
+                 deadline instead of the request's. In a handler, pass its context: \
+                 `client.call(&ctx, req)`, or put the Context in the request's extensions; \
+                 for work no request started, say so: \
+                 `client.call(&Context::background(timeout), req)`. Counted in \
+                 keel_client_calls_without_context_total; logged once per client."
+            );
+        }
+        Context::background(timeout)
+    }
+
+    /// One call: admission, attempts, retries.
+    async fn send(
+        &self,
+        ctx: &Context,
+        parts: Parts,
+        body: Bytes,
+    ) -> Result<Response<Body>, ClientError> {
         let admitted = self.breaker_for(parts.uri.path()).admit()?;
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.budget.deposit();
         let mut attempt: u32 = 0;
         loop {
-            let (failure, addr) = match self.attempt_hedged(&ctx, &parts, &body, attempt).await? {
+            let (failure, addr) = match self.attempt_hedged(ctx, &parts, &body, attempt).await? {
                 Outcome::Answer(mut resp, addr) => {
                     if status_in_trailers(resp.headers()) {
                         resp.body_mut().report_trailers_to(GrpcOutcome {
@@ -278,7 +369,7 @@ impl Client {
                     return Ok(resp);
                 }
                 Outcome::Refused(resp, failure, addr) => {
-                    if !self.may_retry(failure, &ctx, attempt).await {
+                    if !self.may_retry(failure, ctx, attempt).await {
                         admitted.failure();
                         // An answer is an answer: hand the 5xx (or gRPC error) to the caller.
                         return Ok(resp);
@@ -286,7 +377,7 @@ impl Client {
                     (failure, addr)
                 }
                 Outcome::Error(failure, addr) => {
-                    if !self.may_retry(failure, &ctx, attempt).await {
+                    if !self.may_retry(failure, ctx, attempt).await {
                         admitted.failure();
                         return Err(ClientError::Failed {
                             upstream: self.name.clone(),
@@ -619,6 +710,11 @@ fn is_grpc(h: &HeaderMap) -> bool {
 /// The client as a `tower::Service`, so generated tonic clients run over it
 /// (`HealthClient::new(keel_client::client::Service::new(client))`). Request bodies are
 /// buffered so an attempt can be replayed on another endpoint; use it for unary calls.
+///
+/// Calls go through [`Client::request`], so the context comes from the request's
+/// extensions: tonic copies a `tonic::Request`'s extensions into the HTTP request, so
+/// `req.extensions_mut().insert(ctx.clone())` on the `tonic::Request` is how a handler hands
+/// its context to a generated client.
 #[derive(Debug, Clone)]
 pub struct Service {
     client: Arc<Client>,
@@ -661,6 +757,17 @@ where
             Ok(client.request(Request::from_parts(parts, bytes)).await?)
         })
     }
+}
+
+/// A `tonic::Request` for `message` on behalf of `ctx`, for a generated client running over
+/// [`Service`]: `inventory.reserve(tonic_request(&ctx, ReserveRequest { .. }))`. tonic copies
+/// the request's extensions into the HTTP request, where [`Client::request`] finds the
+/// context.
+#[cfg(feature = "tonic")]
+pub fn tonic_request<T>(ctx: &Context, message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.extensions_mut().insert(ctx.clone());
+    req
 }
 
 /// `Keep-Alive: timeout=N[, max=M]` → N seconds.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use keel_config::{Duration, Validate, Validator};
+use keel_core::propagation::Outbound;
 use serde::{Deserialize, Serialize};
 
 use crate::breaker::BreakerConfig;
@@ -308,8 +309,10 @@ impl Validate for UpstreamSettings {
 }
 
 impl UpstreamSettings {
-    /// The client these settings describe.
-    pub fn build(&self, name: &str) -> Result<Client, EndpointError> {
+    /// The client these settings describe. `outbound` is the service's propagation policy
+    /// (`[propagation]`: the margin kept off the remaining time, the B3 format): a parameter
+    /// rather than a default so that no client can be built that ignores it.
+    pub fn build(&self, name: &str, outbound: Outbound) -> Result<Client, EndpointError> {
         let endpoints = self
             .endpoints
             .iter()
@@ -354,7 +357,12 @@ impl UpstreamSettings {
             idempotent: self.idempotent,
             hedge_after: self.hedge_after.map(d),
             route_breakers: self.breaker.routes.clone(),
-            outbound: ClientConfig::default().outbound,
+            outbound: Outbound {
+                // Per attempt, set by the client itself.
+                retry: false,
+                span_id: None,
+                ..outbound
+            },
             backoff: BackoffConfig {
                 base: d(self.retry.backoff_base),
                 max: d(self.retry.backoff_max),
@@ -389,7 +397,23 @@ mod tests {
         assert!(v.is_empty(), "{v:?}");
         assert_eq!(s.retry.max_attempts, BackoffConfig::default().max_attempts);
         assert_eq!(s.outlier.consecutive_failures, 5);
-        assert!(s.build("x").is_ok());
+        assert!(s.build("x", Outbound::default()).is_ok());
+    }
+
+    #[test]
+    fn the_propagation_policy_given_is_the_one_the_client_uses() {
+        let outbound = Outbound {
+            margin: StdDuration::from_millis(20),
+            b3: keel_core::propagation::B3Format::Multi,
+            // Per-attempt fields are the client's business, whatever the caller passes.
+            retry: true,
+            span_id: None,
+        };
+        let c = UpstreamSettings::default().build("x", outbound).unwrap();
+        let got = c.config().outbound;
+        assert_eq!(got.margin, StdDuration::from_millis(20));
+        assert_eq!(got.b3, keel_core::propagation::B3Format::Multi);
+        assert!(!got.retry);
     }
 
     #[test]

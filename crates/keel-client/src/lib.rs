@@ -16,10 +16,13 @@
 //! - [`upstream`]: the composition — colour subset → ejection-aware priority level → P2C —
 //!   and outcome reporting back into the policies.
 //!
-//! [`client`] applies them to real HTTP/1.1 calls over per-endpoint pools whose idle timeout
-//! follows the server's advertised keep-alive, propagating the request [`keel_core::Context`].
-//! HTTP/2 pooling, gRPC transport for tonic clients and per-upstream config come next
-//! (see `docs/checklist.md`). [`config`] is the `[clients.<name>]` section that builds one.
+//! [`client`] applies them to real calls over per-endpoint pools (HTTP/1.1 whose idle timeout
+//! follows the server's advertised keep-alive, h2c that opens another connection at the
+//! server's stream limit), on behalf of a request: [`client::Client::call`] takes the
+//! request's [`keel_core::Context`] and propagates its deadline and trace; a call that finds
+//! no context is counted and logged, never silently given a fresh one. [`client::Service`]
+//! runs generated tonic clients over it. [`config`] is the `[clients.<name>]` section that
+//! builds one, with the service's `[propagation]` margin and B3 format passed in.
 
 pub mod balance;
 pub mod body;

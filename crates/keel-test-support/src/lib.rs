@@ -1,5 +1,6 @@
 //! Dev-only helpers for Keel's tests: free ports, child processes that are always reaped,
-//! raw-socket HTTP, hyper clients for HTTP/1.1 and h2c, and `/proc/net/tcp` readers.
+//! raw-socket HTTP, hyper clients for HTTP/1.1 and h2c, an upstream that records the headers
+//! it receives, and `/proc/net/tcp` readers.
 //!
 //! Tests bind to ports chosen at run time (other programs share the machine) and wait for
 //! conditions with deadlines instead of sleeping fixed amounts.
@@ -7,6 +8,7 @@
 pub mod fault;
 pub mod grpc;
 pub mod otlp;
+pub mod recorder;
 pub mod tansu;
 
 use std::io::{Read, Write};

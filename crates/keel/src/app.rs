@@ -215,7 +215,7 @@ impl App {
 
     /// The client for upstream `name` (`[clients.<name>]`), built on first use and shared
     /// afterwards: pooled, balanced, retrying within a budget, breaking, and propagating the
-    /// request context.
+    /// request context with this service's `[propagation]` margin and B3 format.
     pub fn client(&self, name: &str) -> Result<Arc<keel_client::client::Client>, Error> {
         let mut clients = self.inner.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(name) {
@@ -236,7 +236,7 @@ impl App {
         // unwrapped.
         let client = Arc::new(
             settings
-                .build(name)
+                .build(name, self.config().propagation.outbound(false))
                 .map_err(|e| Error::Other(Box::new(e)))?
                 .observed_by(self.inner.observer.clone()),
         );

@@ -276,7 +276,10 @@ mod tests {
             inv.outlier.consecutive_failures, 5,
             "unset keys keep the policy default"
         );
-        assert!(inv.build("inventory").is_ok());
+        assert!(
+            inv.build("inventory", keel_core::propagation::Outbound::default())
+                .is_ok()
+        );
     }
 
     #[test]

@@ -122,10 +122,15 @@ pub(crate) fn client_families(
     e: &mut keel_telemetry::metrics::Exposition,
     clients: &[Arc<keel_client::client::Client>],
 ) {
-    let fams: [(&str, &str, &str); 12] = [
+    let fams: [(&str, &str, &str); 13] = [
         (
             "keel_client_calls_total",
             "Calls made through the client (before retries).",
+            "counter",
+        ),
+        (
+            "keel_client_calls_without_context_total",
+            "Calls that found no request context and went out with a new trace and a fallback deadline (a handler that did not pass its Context).",
             "counter",
         ),
         ("keel_client_retries_total", "Retries sent.", "counter"),
@@ -188,6 +193,11 @@ pub(crate) fn client_families(
         let l = [("upstream", up)];
         let s = c.stats();
         e.sample("keel_client_calls_total", &l, s.calls as f64);
+        e.sample(
+            "keel_client_calls_without_context_total",
+            &l,
+            s.calls_without_context as f64,
+        );
         e.sample("keel_client_retries_total", &l, s.retries as f64);
         e.sample("keel_client_hedges_total", &l, s.hedges as f64);
         e.sample(

@@ -202,6 +202,7 @@ fn presented_secret(h: &HeaderMap) -> Option<&str> {
 
 async fn forward(
     State(gw): State<Arc<Inner>>,
+    ctx: keel::Context,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -273,7 +274,7 @@ async fn forward(
     if let Ok(v) = HeaderValue::from_str(&key.scopes.join(",")) {
         req.headers_mut().insert("x-shop-scopes", v);
     }
-    match client.request(req).await {
+    match client.call(&ctx, req).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             for h in HOP_BY_HOP {

@@ -12,13 +12,15 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-/// GET `path` through `client`; the status and body, or the transport error.
+/// GET `path` through `client` on behalf of the request `ctx`; the status and body, or the
+/// transport error.
 pub async fn get(
+    ctx: &keel::Context,
     client: &keel::client::client::Client,
     path: &str,
 ) -> Result<(StatusCode, Bytes), keel::BoxError> {
     let req = http::Request::get(path).body(Bytes::new())?;
-    let resp = client.request(req).await?;
+    let resp = client.call(ctx, req).await?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, body))

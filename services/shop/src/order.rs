@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use keel::BoxError;
-use keel::client::client::{Client, Service as ClientService};
+use keel::client::client::{Client, Service as ClientService, tonic_request};
 use keel::messaging::consume::{Inbox, Tx};
 use keel::messaging::store::{PgStore, SqliteStore};
 use serde::{Deserialize, Serialize};
@@ -146,7 +146,11 @@ fn relay(app: &keel::App, outbox: Outbox, bus: Bus, counters: &Counters) {
     );
 }
 
-async fn create(State(ctx): State<Ctx>, body: axum::body::Bytes) -> Response {
+async fn create(
+    State(ctx): State<Ctx>,
+    req_ctx: keel::Context,
+    body: axum::body::Bytes,
+) -> Response {
     let Ok(new) = serde_json::from_slice::<NewOrder>(&body) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -160,7 +164,7 @@ async fn create(State(ctx): State<Ctx>, body: axum::body::Bytes) -> Response {
         );
     }
     // 1. The buyer exists.
-    match crate::http::get(&ctx.users, &format!("/users/{}", new.user_id)).await {
+    match crate::http::get(&req_ctx, &ctx.users, &format!("/users/{}", new.user_id)).await {
         Ok((StatusCode::OK, _)) => {}
         Ok((StatusCode::NOT_FOUND, _)) => {
             return error(
@@ -185,11 +189,14 @@ async fn create(State(ctx): State<Ctx>, body: axum::body::Bytes) -> Response {
     let order_id = crate::db::new_id("ord");
     let mut inventory = ctx.inventory.clone();
     let reserved = inventory
-        .reserve(ReserveRequest {
-            order_id: order_id.clone(),
-            sku: new.sku.clone(),
-            quantity: new.quantity,
-        })
+        .reserve(tonic_request(
+            &req_ctx,
+            ReserveRequest {
+                order_id: order_id.clone(),
+                sku: new.sku.clone(),
+                quantity: new.quantity,
+            },
+        ))
         .await;
     if let Err(status) = reserved {
         return match status.code() {
@@ -219,9 +226,12 @@ async fn create(State(ctx): State<Ctx>, body: axum::body::Bytes) -> Response {
         // Best effort: the reservation would otherwise hold stock for an order that does
         // not exist (a reconciliation job would find it by its missing order row).
         let _ = inventory
-            .release(ReleaseRequest {
-                order_id: order.id.clone(),
-            })
+            .release(tonic_request(
+                &req_ctx,
+                ReleaseRequest {
+                    order_id: order.id.clone(),
+                },
+            ))
             .await;
         return error(StatusCode::SERVICE_UNAVAILABLE, "order store unavailable");
     }
