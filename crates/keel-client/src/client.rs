@@ -38,11 +38,11 @@ use keel_core::propagation::{self, Carrier, Outbound};
 
 use crate::body::{Body, GrpcOutcome};
 use crate::breaker::{Breaker, BreakerConfig, BreakerOpen, BreakerStats};
-use crate::fasthash::FastMap;
 pub use crate::pool::Protocol;
 use crate::pool::{ConnectError, Pool, PoolConfig, PoolSnapshot};
 use crate::retry::{self, BackoffConfig, BudgetConfig, Failure, RetryBudget};
 use crate::upstream::Upstream;
+use keel_core::fasthash::FastMap;
 
 /// Client settings for one upstream.
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -30,7 +30,6 @@ pub mod breaker;
 pub mod client;
 pub mod config;
 pub mod endpoint;
-mod fasthash;
 pub mod outlier;
 pub mod pool;
 pub mod priority;

@@ -29,7 +29,7 @@
 //! - **The ejection count stops growing at the cap** (`max_ejection / base_ejection`), as Envoy's
 //!   does, so the decay starts shortening ejections as soon as the endpoint behaves.
 
-use crate::fasthash::FastMap;
+use keel_core::fasthash::FastMap;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::{Mutex, MutexGuard, PoisonError};

@@ -20,6 +20,7 @@
 mod axum;
 pub mod codec;
 pub mod context;
+pub mod fasthash;
 pub mod grpc;
 pub mod observe;
 pub mod propagation;

@@ -78,6 +78,9 @@ impl ShutdownHook {
 #[derive(Clone, Debug)]
 pub struct Shutdown {
     tx: Arc<watch::Sender<Phase>>,
+    /// The phase as a plain atomic, for the request path, which reads it on every response:
+    /// a load instead of the watch channel's lock.
+    now: Arc<std::sync::atomic::AtomicU8>,
     hooks: Arc<Mutex<Vec<ShutdownHook>>>,
 }
 
@@ -93,6 +96,7 @@ impl Shutdown {
         let (tx, _) = watch::channel(Phase::Running);
         Shutdown {
             tx: Arc::new(tx),
+            now: Arc::new(std::sync::atomic::AtomicU8::new(Phase::Running as u8)),
             hooks: Arc::new(Mutex::new(Vec::new())),
         }
     }
@@ -102,17 +106,30 @@ impl Shutdown {
         *self.tx.borrow()
     }
 
+    /// Whether the lifecycle has reached `phase`: one atomic load, for hot paths. Set just
+    /// after the phase changes, so a reader racing [`Shutdown::advance`] may see it one
+    /// request late — harmless where it is used (whether to advertise a keep-alive).
+    #[inline]
+    pub fn has_reached(&self, phase: Phase) -> bool {
+        self.now.load(std::sync::atomic::Ordering::Relaxed) >= phase as u8
+    }
+
     /// Move to `phase` if it is later than the current one; earlier phases are ignored so the
     /// sequence stays a latch. Returns whether the phase changed.
     pub fn advance(&self, phase: Phase) -> bool {
-        self.tx.send_if_modified(|cur| {
+        let changed = self.tx.send_if_modified(|cur| {
             if phase > *cur {
                 *cur = phase;
                 true
             } else {
                 false
             }
-        })
+        });
+        if changed {
+            self.now
+                .fetch_max(phase as u8, std::sync::atomic::Ordering::Relaxed);
+        }
+        changed
     }
 
     /// Resolves once the phase is `phase` or later.

@@ -232,6 +232,18 @@ impl Registry {
         kind: TaskKind,
         owner: &Owner,
     ) -> TaskGuard {
+        self.register_since(name, kind, owner, Instant::now())
+    }
+
+    /// [`Registry::register`] for a task that began at `started` (a request registered only
+    /// once it turned out not to answer at once).
+    pub fn register_since(
+        &'static self,
+        name: impl Into<Cow<'static, str>>,
+        kind: TaskKind,
+        owner: &Owner,
+        started: Instant,
+    ) -> TaskGuard {
         // Relaxed: the id only has to be unique, it orders nothing.
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Entry {
@@ -241,7 +253,7 @@ impl Registry {
             route: owner.route.clone(),
             request_id: owner.request_id.clone(),
             deadline: owner.deadline,
-            started: Instant::now(),
+            started,
             state: TaskState::Running,
             reported: false,
         };

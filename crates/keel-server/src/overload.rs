@@ -368,10 +368,11 @@ impl Permit {
     pub fn answered(&mut self) {
         if !self.done {
             self.done = true;
-            let rtt = self.started.elapsed();
+            let now = Instant::now();
+            let rtt = now.saturating_duration_since(self.started);
             let mut st = self.limiter.lock();
             let in_flight = st.in_flight;
-            st.algo.update(rtt, Instant::now(), in_flight);
+            st.algo.update(rtt, now, in_flight);
         }
     }
 }
@@ -429,6 +430,13 @@ impl Limiter {
     /// The synchronous part of [`Limiter::acquire`]: admitted now, shed now, or a wait to
     /// await (the only case that allocates or sleeps).
     pub fn admit(&self, remaining: Duration, critical: bool) -> Admission {
+        self.admit_since(remaining, critical, Instant::now())
+    }
+
+    /// [`Limiter::admit`] for a request that arrived at `arrived` (the server's admission
+    /// layer passes the time its context was made, so no clock is read here): an admitted
+    /// request's service time counts from then.
+    pub fn admit_since(&self, remaining: Duration, critical: bool, arrived: Instant) -> Admission {
         let rx = {
             let mut st = self.lock();
             if let Some(expected) = st.algo.expected()
@@ -447,8 +455,9 @@ impl Limiter {
             let cap = self.capacity(&st, critical);
             if st.in_flight < cap {
                 st.in_flight += 1;
+                let over = st.in_flight > self.capacity(&st, true);
                 drop(st);
-                return Admission::Now(self.permit());
+                return Admission::Now(self.permit(over, arrived));
             }
             if st.queue.len() >= self.inner.cfg.max_queue {
                 drop(st);
@@ -483,7 +492,11 @@ impl Limiter {
                         .inner
                         .max_wait_us
                         .fetch_max(waited, Ordering::Relaxed);
-                    Ok(limiter.permit())
+                    let over = {
+                        let st = limiter.lock();
+                        st.in_flight > limiter.capacity(&st, true)
+                    };
+                    Ok(limiter.permit(over, Instant::now()))
                 }
                 // Timed out (or the limiter went away): the waiter's sender is now closed, and
                 // `release` skips closed senders.
@@ -502,17 +515,15 @@ impl Limiter {
         limit.floor().max(1.0) as usize
     }
 
-    fn permit(&self) -> Permit {
+    /// A permit for a request admitted while `over` the (critical) limit or not.
+    fn permit(&self, over: bool, started: Instant) -> Permit {
         self.inner.admitted.fetch_add(1, Ordering::Relaxed);
-        let st = self.lock();
-        let cap = self.capacity(&st, true);
-        if st.in_flight > cap {
+        if over {
             self.inner.over_limit.fetch_add(1, Ordering::Relaxed);
         }
-        drop(st);
         Permit {
             limiter: self.clone(),
-            started: Instant::now(),
+            started,
             done: false,
         }
     }

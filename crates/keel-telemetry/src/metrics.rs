@@ -168,7 +168,9 @@ type MethodSeries = Vec<(String, Arc<Series>)>;
 struct Inner {
     cfg: MetricsConfig,
     /// Route → its methods' series (a handful), so a lookup borrows the route, no allocation.
-    server: RwLock<HashMap<String, MethodSeries>>,
+    /// Route label → series by method. A fast hasher: the labels are bounded (templates, a
+    /// capped set of raw paths or gRPC methods), and this lookup runs on every request.
+    server: RwLock<keel_core::fasthash::FastMap<String, MethodSeries>>,
     /// Raw-path route labels admitted so far (templates are not counted against the cap).
     raw_routes: AtomicU64,
     client: RwLock<HashMap<String, Arc<Series>>>,
@@ -201,7 +203,7 @@ impl Metrics {
         Metrics {
             inner: Arc::new(Inner {
                 cfg,
-                server: RwLock::new(HashMap::new()),
+                server: RwLock::new(Default::default()),
                 raw_routes: AtomicU64::new(0),
                 client: RwLock::new(HashMap::new()),
                 messages: RwLock::new(HashMap::new()),
@@ -222,7 +224,17 @@ impl Metrics {
     pub fn record_server(&self, r: &ServerRecord<'_>) {
         self.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
         let class = class_index(r.grpc, r.status, r.grpc_status);
-        let series = self.server_series(r.route, r.route_is_template, r.method.as_str());
+        let method = r.method.as_str();
+        // The common case records under the read lock: a lookup and a few atomics, no
+        // reference count touched.
+        if let Some(s) = read(&self.inner.server)
+            .get(r.route)
+            .and_then(|methods| methods.iter().find(|(m, _)| m == method))
+        {
+            s.1.record(class, r.outcome, r.duration);
+            return;
+        }
+        let series = self.server_series(r.route, r.route_is_template, method);
         series.record(class, r.outcome, r.duration);
     }
 

@@ -12,29 +12,37 @@
 //!
 //! [`App::serve`](crate::App::serve) adds the layer to an axum `Router` by itself.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::hash::BuildHasherDefault;
+use std::sync::{Arc, RwLock};
 use std::task::{Context as TaskContext, Poll};
 
 use axum::extract::MatchedPath;
 use http::Request;
 use keel_core::Context;
 
-/// Most distinct labels one route remembers (gRPC methods of one service). Past it a label is
-/// still recorded, with an allocation per request.
-const MAX_INTERNED: usize = 64;
+/// Most distinct gRPC method labels one router takes: method names come from the caller (an
+/// unknown method reaches the service's catch-all route too), so past this many a call is
+/// labelled by its service's template instead, and the series count stays bounded.
+const MAX_METHODS: usize = 256;
 
 /// Records each route's template on the request's [`Context`]; use with
 /// `Router::route_layer` (which [`App::serve`](crate::App::serve) does for you).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RouteLabelLayer;
+///
+/// axum applies a route layer when a request reaches the route, so the layer itself holds the
+/// interned labels: every request of the router shares them, and labelling allocates nothing.
+#[derive(Debug, Clone, Default)]
+pub struct RouteLabelLayer {
+    labels: Arc<Labels>,
+}
 
 impl<S> tower::Layer<S> for RouteLabelLayer {
     type Service = RouteLabel<S>;
     fn layer(&self, inner: S) -> RouteLabel<S> {
         RouteLabel {
             inner,
-            labels: Arc::default(),
+            labels: self.labels.clone(),
         }
     }
 }
@@ -46,29 +54,30 @@ pub struct RouteLabel<S> {
     labels: Arc<Labels>,
 }
 
-/// The labels one route has handed out: nearly always exactly one (its template), kept
-/// where a lock-free read finds it.
+/// The labels a router has handed out: read-mostly (a new one appears once per template or
+/// gRPC method), so a read lock serves every request after the first of each. The set is
+/// bounded (the router's templates, at most [`MAX_METHODS`] method names), so a fast hasher
+/// serves where SipHash's flood resistance buys nothing.
 #[derive(Debug, Default)]
-struct Labels {
-    first: OnceLock<Arc<str>>,
-    more: Mutex<Vec<Arc<str>>>,
-}
+struct Labels(RwLock<HashSet<Arc<str>, BuildHasherDefault<keel_core::fasthash::AddrHasher>>>);
 
 impl Labels {
-    fn get(&self, label: &str) -> Arc<str> {
-        let first = self.first.get_or_init(|| Arc::from(label));
-        if &**first == label {
-            return first.clone();
+    /// The shared label for `label`; `None` when it is new and `bounded` labels are full.
+    fn get(&self, label: &str, bounded: bool) -> Option<Arc<str>> {
+        if let Some(l) = self.0.read().unwrap_or_else(|p| p.into_inner()).get(label) {
+            return Some(l.clone());
         }
-        let mut more = self.more.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(l) = more.iter().find(|l| &***l == label) {
-            return l.clone();
+        let mut all = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = all.get(label) {
+            return Some(l.clone());
+        }
+        // Templates are few (the router's own); the cap guards caller-chosen method names.
+        if bounded && all.len() >= MAX_METHODS {
+            return None;
         }
         let l: Arc<str> = Arc::from(label);
-        if more.len() < MAX_INTERNED {
-            more.push(l.clone());
-        }
-        l
+        all.insert(l.clone());
+        Some(l)
     }
 }
 
@@ -91,13 +100,15 @@ where
         ) && ctx.route().is_none()
         {
             let template = matched.as_str();
-            let label = if template.ends_with("/{*rest}") && keel_core::grpc::is_grpc(req.headers())
-            {
-                req.uri().path()
-            } else {
-                template
-            };
-            ctx.set_route(self.labels.get(label));
+            let grpc_method =
+                template.ends_with("/{*rest}") && keel_core::grpc::is_grpc(req.headers());
+            let label = grpc_method
+                .then(|| self.labels.get(req.uri().path(), true))
+                .flatten()
+                .or_else(|| self.labels.get(template, false));
+            if let Some(label) = label {
+                ctx.set_route(label);
+            }
         }
         self.inner.call(req)
     }
@@ -107,7 +118,7 @@ where
 /// fallback (a proxy) has no templates: its requests keep the `unmatched` label.
 pub fn label_routes(router: axum::Router) -> axum::Router {
     if router.has_routes() {
-        router.route_layer(RouteLabelLayer)
+        router.route_layer(RouteLabelLayer::default())
     } else {
         router
     }
@@ -119,20 +130,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_route_hands_out_one_shared_label_per_distinct_name() {
+    fn a_router_hands_out_one_shared_label_per_distinct_name() {
         let labels = Labels::default();
-        let a = labels.get("/users/{id}");
-        let b = labels.get("/users/{id}");
+        let a = labels.get("/users/{id}", false).unwrap();
+        let b = labels.get("/users/{id}", false).unwrap();
         assert!(Arc::ptr_eq(&a, &b), "the common case allocates once");
-        let m1 = labels.get("/pkg.S/One");
-        let m1_again = labels.get("/pkg.S/One");
-        assert!(Arc::ptr_eq(&m1, &m1_again));
-        for i in 0..(MAX_INTERNED + 10) {
-            assert_eq!(
-                &*labels.get(&format!("/pkg.S/M{i}")),
-                format!("/pkg.S/M{i}")
-            );
+        let m1 = labels.get("/pkg.S/One", true).unwrap();
+        assert!(Arc::ptr_eq(&m1, &labels.get("/pkg.S/One", true).unwrap()));
+        assert!(!Arc::ptr_eq(&a, &m1));
+        for i in 0..MAX_METHODS {
+            labels.get(&format!("/pkg.S/M{i}"), true);
         }
-        assert_eq!(labels.more.lock().unwrap().len(), MAX_INTERNED);
+        // Full: a new caller-chosen name gets no label of its own; known ones and templates
+        // still do.
+        assert!(labels.get("/pkg.S/Fresh", true).is_none());
+        assert!(labels.get("/pkg.S/M3", true).is_some());
+        assert!(labels.get("/orders/{id}", false).is_some());
     }
 }

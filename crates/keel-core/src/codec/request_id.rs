@@ -28,18 +28,34 @@ pub fn generate() -> String {
 /// [`generate`] into a caller's stack buffer, so the hot path makes its one allocation where
 /// the id is finally stored (an `Arc<str>`) and nowhere else.
 pub fn generate_into(buf: &mut [u8; 32]) -> &str {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    fill_hex(buf);
+    // Every byte written is an ASCII hex digit.
+    std::str::from_utf8(buf).unwrap_or_default()
+}
+
+/// 128 random bits as 32 lowercase hex digits, into `buf`.
+fn fill_hex(buf: &mut [u8; 32]) {
     let words = [rand::next_u64(), rand::next_u64()];
     for (i, w) in words.iter().enumerate() {
         for (j, b) in w.to_be_bytes().iter().enumerate() {
             let at = (i * 8 + j) * 2;
-            buf[at] = HEX[usize::from(b >> 4)];
-            buf[at + 1] = HEX[usize::from(b & 0x0f)];
+            buf[at..at + 2].copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
         }
     }
-    // Every byte written above is an ASCII hex digit.
-    std::str::from_utf8(buf).unwrap_or_default()
 }
+
+/// Each byte's two lowercase hex digits: one lookup a byte instead of two nibble lookups
+/// (a new id is made for every request that arrives without one).
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 0x0f]];
+        i += 1;
+    }
+    t
+};
 
 /// Ids up to this length live inline in [`RequestId`]: generated ids (32) and UUIDs (36) fit,
 /// so the common request pays no allocation for its id.
@@ -68,7 +84,7 @@ impl RequestId {
     pub fn generate() -> RequestId {
         let mut buf = [0u8; INLINE];
         let mut hex = [0u8; 32];
-        generate_into(&mut hex);
+        fill_hex(&mut hex);
         buf[..32].copy_from_slice(&hex);
         RequestId(Repr::Inline { len: 32, buf })
     }
@@ -87,6 +103,15 @@ impl RequestId {
             RequestId(Repr::Shared(Arc::from(
                 std::str::from_utf8(v).unwrap_or_default(),
             )))
+        }
+    }
+
+    /// The id's bytes (visible ASCII): what a header value is made from, without the UTF-8
+    /// check [`RequestId::as_str`] needs.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Inline { len, buf } => &buf[..usize::from(*len)],
+            Repr::Shared(s) => s.as_bytes(),
         }
     }
 

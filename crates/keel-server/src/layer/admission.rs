@@ -75,13 +75,16 @@ where
         };
         // Without a context (a stack reordered without one) the request has all the time in
         // the world as far as admission is concerned.
-        let remaining = req
-            .extensions()
-            .get::<Context>()
-            .map_or(Duration::MAX, Context::remaining);
+        let ctx = req.extensions().get::<Context>();
+        // Time left as of arrival, microseconds ago: close enough to decide admission, and it
+        // saves reading the clock again.
+        let remaining = ctx.map_or(Duration::MAX, |c| {
+            c.deadline().saturating_duration_since(c.arrived())
+        });
+        let arrived = ctx.map_or_else(tokio::time::Instant::now, Context::arrived);
         let critical = limiter.is_critical(req.uri().path());
-        let grpc = grpc::is_grpc(req.headers());
-        match limiter.admit(remaining, critical) {
+        // Whether to answer a refusal as gRPC is looked up only when there is one to give.
+        match limiter.admit_since(remaining, critical, arrived) {
             Decision::Now(permit) => AdmissionFuture::Now {
                 fut: self.inner.call(req),
                 slot: Some(Slot(permit)),
@@ -89,13 +92,17 @@ where
             // Only a request that has to wait pays for a clone of the service it will call.
             Decision::Wait(wait) => AdmissionFuture::Queued {
                 wait: Some(wait),
-                call: Oneshot::new(self.inner.clone(), req),
                 slot: None,
-                grpc,
+                grpc: grpc::is_grpc(req.headers()),
+                call: Oneshot::new(self.inner.clone(), req),
                 retry_after: self.layer.retry_after.clone(),
             },
             Decision::Shed(why) => AdmissionFuture::Shed {
-                resp: Some(refusal::overloaded(why, grpc, &self.layer.retry_after)),
+                resp: Some(refusal::overloaded(
+                    why,
+                    grpc::is_grpc(req.headers()),
+                    &self.layer.retry_after,
+                )),
             },
         }
     }

@@ -8,6 +8,11 @@
 //!
 //! Every response carries `x-request-id` (the caller's, when well-formed), and when the
 //! response ends the request's scoped tasks are cancelled and its task-dump entry goes.
+//!
+//! The task-dump entry is made lazily, the first time the handler does not answer at once:
+//! a request answered in its first poll lives for microseconds, no dump would catch it alive,
+//! and it cannot leak; one that waits (and so could outlive its deadline) is listed from
+//! its arrival on.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -113,16 +118,6 @@ where
             Ok(ctx) => ctx,
             Err(e) => return ContextFuture::refused(st, &req, &e),
         };
-        let grpc = grpc::is_grpc(req.headers());
-        let task = st.registry.register(
-            if grpc { "grpc request" } else { "http request" },
-            TaskKind::Request,
-            &Owner {
-                route: None,
-                request_id: Some(ctx.request_id_ref().clone()),
-                deadline: Some(ctx.deadline()),
-            },
-        );
         req.extensions_mut().insert(ctx.clone());
         // Every log line written while the request is handled (the handler's and Keel's)
         // carries the trace, span and request ids. A filter that turns `keel::request` off
@@ -137,7 +132,11 @@ where
         let fut = ctx.scope(self.inner.call(req));
         ContextFuture::Inner {
             fut,
-            end: Some(RequestEnd { ctx, _task: task }),
+            end: Some(RequestEnd {
+                ctx,
+                registry: st.registry,
+                task: None,
+            }),
             span,
         }
     }
@@ -211,6 +210,11 @@ where
                 let entered = span.enter();
                 let polled = fut.poll(cx);
                 drop(entered);
+                if polled.is_pending()
+                    && let Some(e) = end.as_mut()
+                {
+                    e.listed();
+                }
                 let Ok(resp) = ready!(polled);
                 let (mut parts, body) = resp.into_parts();
                 if let Some(e) = end.as_ref()
@@ -232,7 +236,7 @@ where
 }
 
 fn request_id_value(ctx: &Context) -> Option<HeaderValue> {
-    HeaderValue::from_str(ctx.request_id()).ok()
+    HeaderValue::from_bytes(ctx.request_id_ref().as_bytes()).ok()
 }
 
 /// Held until the response ends: then the request's scoped tasks are cancelled (nobody waits
@@ -240,7 +244,27 @@ fn request_id_value(ctx: &Context) -> Option<HeaderValue> {
 #[derive(Debug)]
 pub struct RequestEnd {
     ctx: Context,
-    _task: TaskGuard,
+    registry: &'static Registry,
+    task: Option<TaskGuard>,
+}
+
+impl RequestEnd {
+    /// List the request in the task dump (once), as alive since it arrived.
+    fn listed(&mut self) {
+        if self.task.is_none() {
+            let ctx = &self.ctx;
+            self.task = Some(self.registry.register_since(
+                "request",
+                TaskKind::Request,
+                &Owner {
+                    route: ctx.route().cloned(),
+                    request_id: Some(ctx.request_id_ref().clone()),
+                    deadline: Some(ctx.deadline()),
+                },
+                ctx.arrived(),
+            ));
+        }
+    }
 }
 
 impl BodyGuard for RequestEnd {}

@@ -36,8 +36,10 @@ impl HeadersLayer {
     /// Advertise `idle_timeout` (whole seconds, at least 1) until `shutdown` starts closing.
     pub fn new(idle_timeout: std::time::Duration, shutdown: Shutdown) -> Self {
         let secs = idle_timeout.as_secs().max(1);
-        let keep_alive = HeaderValue::try_from(format!("timeout={secs}"))
-            .unwrap_or_else(|_| HeaderValue::from_static("timeout=60"));
+        // A static value is copied into each response without touching a reference count;
+        // one small string per server, for the life of the process.
+        let text: &'static str = Box::leak(format!("timeout={secs}").into_boxed_str());
+        let keep_alive = HeaderValue::from_static(text);
         HeadersLayer {
             state: Arc::new(State {
                 keep_alive,
@@ -110,7 +112,7 @@ where
         strip_hop_by_hop(resp.headers_mut(), status);
         if let Some(state) = this.keep_alive.as_ref()
             // While closing hyper answers `Connection: close`; a keep-alive would contradict it.
-            && state.shutdown.phase() < Phase::Closing
+            && !state.shutdown.has_reached(Phase::Closing)
             && resp.extensions().get::<CloseConnection>().is_none()
         {
             resp.headers_mut()

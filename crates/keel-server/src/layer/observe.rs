@@ -11,13 +11,14 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Poll, ready};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use http::{HeaderMap, Method, Request, Response};
 use keel_core::observe::{
     LONG_POLL_THRESHOLD, Outcome, ServerRecord, SharedObserver, UNMATCHED_ROUTE,
 };
 use keel_core::{Context, grpc};
+use tokio::time::Instant;
 
 use crate::body::{BodyGuard, Fixed, Guarded};
 use crate::refusal::Refused;
@@ -84,9 +85,14 @@ where
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let record = self.observer.as_ref().map(|observer| {
             observer.server_started();
+            let ctx = req.extensions().get::<Context>().cloned();
             Record {
+                // The first poll is timed from the request's arrival: the clock read that made
+                // its context serves here too (what runs in between takes microseconds, far
+                // below the long-poll threshold).
+                poll_started: ctx.as_ref().map(Context::arrived),
                 observer: observer.clone(),
-                ctx: req.extensions().get::<Context>().cloned(),
+                ctx,
                 method: req.method().clone(),
                 grpc: grpc::is_grpc(req.headers()),
                 status: None,
@@ -125,12 +131,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let Ok(resp) = ready!(match this.record.as_ref() {
+        let Ok(resp) = ready!(match this.record.as_mut() {
             None => this.fut.poll(cx),
             Some(rec) => {
-                let started = Instant::now();
+                let started = rec.poll_started.take().unwrap_or_else(Instant::now);
                 let res = this.fut.poll(cx);
-                let held = started.elapsed();
+                let held = Instant::now().saturating_duration_since(started);
                 if held > LONG_POLL_THRESHOLD {
                     rec.observer.long_poll(rec.route(), held);
                 }
@@ -153,6 +159,8 @@ where
 /// One request's telemetry, handed over when its response ends (in `Drop`, so on every path).
 pub struct Record {
     observer: SharedObserver,
+    /// When the next poll of the handler starts, if already known (the first one: arrival).
+    poll_started: Option<Instant>,
     ctx: Option<Context>,
     method: Method,
     grpc: bool,

@@ -1,16 +1,18 @@
-//! A fast, non-cryptographic hasher for the client's small maps keyed by socket addresses
-//! (outlier state, connection pools). The keys come from configuration and discovery, not
-//! from request input, so HashDoS resistance (what std's SipHash buys) is not needed, and
-//! SipHash over an 18-byte address was a visible share of every call's cost.
+//! A fast, non-cryptographic hasher for Keel's small hot-path maps whose keys are bounded and
+//! not chosen freely by request input: the client's maps keyed by socket address (outlier
+//! state, connection pools; keys from configuration and discovery) and telemetry's series
+//! keyed by route label (templates, and a capped set of gRPC methods). HashDoS resistance
+//! (what std's SipHash buys) is not needed there, and SipHash was a visible share of every
+//! call's and every request's cost.
 
 use std::hash::{BuildHasherDefault, Hasher};
 
 /// `HashMap` with [`AddrHasher`].
-pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<AddrHasher>>;
+pub type FastMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<AddrHasher>>;
 
 /// Multiply-rotate hashing in the style of rustc's FxHash.
 #[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct AddrHasher(u64);
+pub struct AddrHasher(u64);
 
 const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
 
