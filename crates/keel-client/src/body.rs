@@ -64,12 +64,9 @@ impl Body {
         let Some(o) = self.trailers.take() else {
             return;
         };
-        let code = t
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<i32>().ok());
+        let code = keel_core::grpc::status(t);
         // No status at all is a broken response (gRPC says INTERNAL); count it as a failure.
-        let healthy = code.is_some_and(|c| !crate::client::grpc_code_is_failure(c));
+        let healthy = code.is_some_and(|c| !keel_core::grpc::is_server_failure(c));
         o.upstream.report(o.addr, healthy, None);
         if healthy {
             o.admitted.success();

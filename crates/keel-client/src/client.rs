@@ -33,6 +33,7 @@ use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::Full;
 use keel_core::Context;
+use keel_core::grpc::is_grpc;
 use keel_core::observe;
 use keel_core::propagation::{self, Carrier, Outbound};
 
@@ -693,18 +694,7 @@ enum Sent {
 /// A gRPC response whose status is not in its headers: it comes in trailers after the
 /// messages, and the body reports it.
 fn status_in_trailers(h: &HeaderMap) -> bool {
-    is_grpc(h) && !h.contains_key("grpc-status")
-}
-
-/// gRPC codes that speak about the server's health: UNAVAILABLE, DEADLINE_EXCEEDED,
-/// RESOURCE_EXHAUSTED, INTERNAL. INVALID_ARGUMENT or NOT_FOUND are the caller's business.
-pub(crate) fn grpc_code_is_failure(code: i32) -> bool {
-    matches!(code, 14 | 4 | 8 | 13)
-}
-
-fn is_grpc(h: &HeaderMap) -> bool {
-    h.get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    is_grpc(h) && !h.contains_key(keel_core::grpc::STATUS)
 }
 
 /// The client as a `tower::Service`, so generated tonic clients run over it
@@ -787,14 +777,10 @@ pub fn keep_alive_timeout(h: &HeaderMap) -> Option<Duration> {
 /// For gRPC, a *trailers-only* response (the usual shape of an error) carries `grpc-status`
 /// in its headers and is classified here; a status in trailers after a body is not seen yet.
 fn classify_status(s: StatusCode, h: &HeaderMap) -> Option<(Failure, Option<Duration>)> {
-    if let Some(code) = h
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-    {
+    if let Some(code) = keel_core::grpc::status(h) {
         return match code {
             14 => Some((Failure::GrpcUnavailable, None)),
-            c if grpc_code_is_failure(c) => Some((Failure::GrpcOther(c), None)),
+            c if keel_core::grpc::is_server_failure(c) => Some((Failure::GrpcOther(c), None)),
             _ => None,
         };
     }

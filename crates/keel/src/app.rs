@@ -762,27 +762,12 @@ fn client_report(c: &keel_client::client::Client) -> serde_json::Value {
     })
 }
 
-/// `%XX` escapes and `+` decoded (query strings from curl and browsers).
+/// `%XX` escapes and `+` decoded (query strings from curl and browsers); a malformed escape
+/// is kept as it came, so the filter parser reports it.
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-                {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let form = keel_core::codec::percent::Options {
+        plus_as_space: true,
+        keep_malformed: true,
+    };
+    keel_core::codec::percent::decode_lossy(s.as_bytes(), form).unwrap_or_default()
 }

@@ -195,3 +195,71 @@ where
 pub struct Slot(Permit);
 
 impl BodyGuard for Slot {}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::layer::service::tests::{call_full, slow_handler};
+    use crate::overload::OverloadConfig;
+    use http_body_util::BodyExt;
+
+    fn one_slot() -> Limiter {
+        Limiter::new(&OverloadConfig {
+            initial_limit: 1,
+            min_limit: 1,
+            max_limit: 1,
+            max_queue: 1,
+            ..OverloadConfig::default()
+        })
+    }
+
+    fn request() -> Request<String> {
+        let mut req = Request::new(String::new());
+        req.extensions_mut()
+            .insert(Context::background(Duration::from_secs(30)));
+        req
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn over_the_limit_a_request_waits_then_is_shed_with_retry_after() {
+        let limiter = one_slot();
+        let (handler, _) = slow_handler(Duration::from_secs(1));
+        let layer = AdmissionLayer::new(Some(limiter.clone()), 3);
+        let mut first = tower::Layer::layer(&layer, handler.clone());
+        let mut second = tower::Layer::layer(&layer, handler);
+        // The first holds the only slot for a second; the second queues, and gives up long
+        // before that (the queue wait is bounded), answered 503 with Retry-After.
+        let holder = call_full(&mut first, request());
+        let queued = async {
+            tokio::task::yield_now().await;
+            let started = tokio::time::Instant::now();
+            let resp = call_full(&mut second, request()).await;
+            (resp, started.elapsed())
+        };
+        let (held, (shed, waited)) = tokio::join!(holder, queued);
+        assert_eq!(shed.status(), 503);
+        assert_eq!(shed.headers()["retry-after"], "3");
+        assert!(waited < Duration::from_secs(1), "{waited:?}");
+        assert_eq!(limiter.stats().shed[1], 1, "shed for its queue timeout");
+        assert_eq!(held.status(), 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_slot_is_held_until_the_body_ends_and_no_limiter_admits_all() {
+        let limiter = one_slot();
+        let (handler, _) = slow_handler(Duration::from_millis(1));
+        let mut svc = tower::Layer::layer(&AdmissionLayer::new(Some(limiter.clone()), 1), handler);
+        let resp = call_full(&mut svc, request()).await;
+        assert_eq!(limiter.stats().in_flight, 1, "the body is still being sent");
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(limiter.stats().in_flight, 0);
+        assert_eq!(limiter.stats().admitted, 1);
+
+        let (handler, _) = slow_handler(Duration::from_millis(1));
+        let mut open = tower::Layer::layer(&AdmissionLayer::new(None, 1), handler);
+        for _ in 0..3 {
+            assert_eq!(call_full(&mut open, request()).await.status(), 200);
+        }
+    }
+}

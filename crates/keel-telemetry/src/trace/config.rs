@@ -316,21 +316,9 @@ fn parse_resource_attributes(s: &str, bad: &mut dyn FnMut(&str, &str)) -> Vec<(S
 
 /// Decode `%XX` escapes; `None` for a malformed escape or a result that is not UTF-8.
 fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    let strict = keel_core::codec::percent::Options::default();
+    let bytes = keel_core::codec::percent::decode(s.as_bytes(), strict).ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 #[cfg(test)]
