@@ -2,11 +2,15 @@
 //!
 //! - [`RequestBody`]: what a user's service reads — hyper's body capped at
 //!   `server.max_body_bytes` (the limits layer puts the cap on).
-//! - [`KeelBody`]: what a layer answers with — the service's own body, or a small fixed one
-//!   (a probe, a refusal). Every layer above the service can build one from a [`Fixed`].
-//! - [`Guarded`]: a body that carries a layer's per-request state (an in-flight slot, an
-//!   overload permit, a telemetry record, the request's task scope) until the response has
-//!   really ended — streamed to the end, failed, or dropped by a caller that went away.
+//! - [`ResponseBody`]: what every layer answers with — the service's own body, or a small
+//!   fixed one (a probe, a refusal) — carrying [`Guards`]: each layer's per-request state that
+//!   must live until the response has really ended (the in-flight count, the telemetry record,
+//!   the overload slot, the request's task scope), released at the body's last frame, on its
+//!   error, or when the caller goes away and the body is dropped.
+//!
+//! One body type with a slot per layer, rather than a wrapper per layer: a layer puts its
+//! guard in place (`resp.body_mut().guards().slot = …`) instead of taking the response apart
+//! and building a bigger one, so the response is not copied at every level on its way out.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -18,6 +22,11 @@ use http_body_util::{Full, Limited};
 use hyper::body::Incoming;
 use keel_core::BoxError;
 
+use crate::conn::InFlight;
+use crate::layer::admission::Slot;
+use crate::layer::context::RequestEnd;
+use crate::layer::observe::Record;
+
 /// The request body handed to user services: hyper's body, capped at `server.max_body_bytes`.
 /// Reading past the cap yields `http_body_util::LengthLimitError`, which axum's extractors turn
 /// into 413.
@@ -25,15 +34,6 @@ pub type RequestBody = Limited<Incoming>;
 
 /// A small body Keel writes itself (probe answers, refusals).
 pub type Fixed = Full<Bytes>;
-
-/// The response body as hyper sees it: the user's body under every layer's guard.
-pub type ResponseBody<B> = Guarded<
-    Guarded<
-        Guarded<Guarded<KeelBody<B>, crate::layer::admission::Slot>, crate::layer::observe::Record>,
-        crate::layer::context::RequestEnd,
-    >,
-    crate::conn::InFlight,
->;
 
 pin_project_lite::pin_project! {
     /// The user's body or one of Keel's own.
@@ -95,86 +95,102 @@ where
     }
 }
 
-/// Per-request state a layer keeps until its response ends. Dropping it is the end: release
-/// whatever it holds in `Drop`. The callbacks tell it how the body went before that.
-pub trait BodyGuard {
-    /// Trailers went by (gRPC puts its status there).
+/// The per-request state of the default stack's layers, held until the response ends.
+/// Fields drop in order: the overload slot first (the next request may start), then the
+/// telemetry record (which sees the outcome), the request's scope, the in-flight count.
+#[derive(Debug, Default)]
+pub struct Guards {
+    pub(crate) slot: Option<Slot>,
+    pub(crate) record: Option<Record>,
+    pub(crate) end: Option<RequestEnd>,
+    pub(crate) in_flight: Option<InFlight>,
+}
+
+impl Guards {
     fn trailers(&mut self, trailers: &HeaderMap) {
-        let _ = trailers;
+        if let Some(r) = self.record.as_mut() {
+            r.trailers(trailers);
+        }
     }
-    /// The body reached its end: `true` cleanly, `false` with an error. Not called when the
-    /// body is dropped before its end (the caller went away).
+
+    /// The body reached its end (`clean`, or with an error): tell the record, then let
+    /// everything go.
     fn ended(&mut self, clean: bool) {
-        let _ = clean;
+        if let Some(r) = self.record.as_mut() {
+            r.ended(clean);
+        }
+        *self = Guards::default();
     }
+}
+
+/// A body whose [`Guards`] a layer can reach.
+pub trait GuardedBody {
+    /// The guard slots.
+    fn guards(&mut self) -> &mut Guards;
 }
 
 pin_project_lite::pin_project! {
-    /// A body carrying a layer's [`BodyGuard`], dropped (with its state) as soon as the body
-    /// ends — hyper may hold a finished body a while longer, and an in-flight count or an
-    /// overload slot must not wait for that.
+    /// The response body as hyper sees it: the service's body (or Keel's own) and the guards
+    /// of the request it answers.
     #[derive(Debug)]
-    pub struct Guarded<B, G> {
+    pub struct ResponseBody<B> {
         #[pin]
-        inner: B,
-        guard: Option<G>,
+        inner: KeelBody<B>,
+        guards: Guards,
     }
 }
 
-impl<B: Body, G: BodyGuard> Guarded<B, G> {
-    /// Guard `inner`. An empty body is never polled (the head is the whole answer), so its
-    /// end is reported here.
-    pub fn new(inner: B, mut guard: Option<G>) -> Self {
-        if inner.is_end_stream()
-            && let Some(g) = guard.as_mut()
-        {
-            g.ended(true);
+impl<B> ResponseBody<B> {
+    /// The service's body, no guards yet.
+    pub fn new(inner: KeelBody<B>) -> Self {
+        ResponseBody {
+            inner,
+            guards: Guards::default(),
         }
-        Guarded { inner, guard }
     }
 }
 
-impl<B: From<Fixed>, G> From<Fixed> for Guarded<B, G> {
+impl<B> From<Fixed> for ResponseBody<B> {
     fn from(body: Fixed) -> Self {
-        Guarded {
-            inner: B::from(body),
-            guard: None,
-        }
+        ResponseBody::new(KeelBody::from(body))
     }
 }
 
-impl<B, G> Body for Guarded<B, G>
+impl<B> GuardedBody for ResponseBody<B> {
+    fn guards(&mut self) -> &mut Guards {
+        &mut self.guards
+    }
+}
+
+impl<B> Body for ResponseBody<B>
 where
     B: Body<Data = Bytes>,
-    G: BodyGuard,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         let res = ready!(this.inner.as_mut().poll_frame(cx));
-        if let Some(g) = this.guard.as_mut() {
-            let end = match &res {
-                Some(Ok(frame)) => {
-                    if let Some(t) = frame.trailers_ref() {
-                        g.trailers(t);
-                    }
-                    // hyper stops polling once the body says it has ended, so the last frame
-                    // is the moment the answer is complete.
-                    this.inner.is_end_stream().then_some(true)
+        let end = match &res {
+            Some(Ok(frame)) => {
+                if let Some(t) = frame.trailers_ref() {
+                    this.guards.trailers(t);
                 }
-                None => Some(true),
-                Some(Err(_)) => Some(false),
-            };
-            if let Some(clean) = end {
-                g.ended(clean);
-                *this.guard = None;
+                // hyper stops polling once the body says it has ended, so the last frame
+                // is the moment the answer is complete.
+                this.inner.is_end_stream().then_some(true)
             }
+            None => Some(true),
+            Some(Err(_)) => Some(false),
+        };
+        if let Some(clean) = end {
+            this.guards.ended(clean);
         }
         Poll::Ready(res)
     }
@@ -193,56 +209,29 @@ where
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::layer::observe::tests::{Seen, record};
     use http_body_util::BodyExt;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Default, Clone)]
-    struct Log(Arc<Mutex<Vec<&'static str>>>);
-
-    struct G(Log);
-
-    impl BodyGuard for G {
-        fn trailers(&mut self, _: &HeaderMap) {
-            self.0.0.lock().unwrap().push("trailers");
-        }
-        fn ended(&mut self, clean: bool) {
-            self.0
-                .0
-                .lock()
-                .unwrap()
-                .push(if clean { "clean" } else { "error" });
-        }
-    }
-
-    impl Drop for G {
-        fn drop(&mut self) {
-            self.0.0.lock().unwrap().push("dropped");
-        }
-    }
+    use keel_core::observe::Outcome;
+    use std::sync::Arc;
 
     #[tokio::test]
-    async fn the_guard_goes_when_the_last_frame_is_read_not_when_the_body_is_dropped() {
-        let log = Log::default();
-        let mut body: Guarded<KeelBody<Fixed>, G> =
-            Guarded::new(KeelBody::inner(Full::from("hi")), Some(G(log.clone())));
+    async fn the_guards_go_when_the_last_frame_is_read_not_when_the_body_is_dropped() {
+        let seen = Arc::new(Seen::default());
+        let mut body: ResponseBody<Fixed> = ResponseBody::new(KeelBody::inner(Full::from("hi")));
+        body.guards().record = Some(record(&seen));
         let frame = body.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "hi");
-        assert_eq!(*log.0.lock().unwrap(), ["clean", "dropped"]);
+        assert_eq!(seen.outcomes(), [Outcome::Answered]);
         drop(body);
-        assert_eq!(log.0.lock().unwrap().len(), 2);
+        assert_eq!(seen.outcomes().len(), 1, "reported once");
     }
 
     #[tokio::test]
-    async fn an_empty_body_ends_at_once_and_a_dropped_one_never_ends() {
-        let log = Log::default();
-        let empty: Guarded<Fixed, G> = Guarded::new(Full::new(Bytes::new()), Some(G(log.clone())));
-        assert_eq!(*log.0.lock().unwrap(), ["clean"]);
-        drop(empty);
-        assert_eq!(*log.0.lock().unwrap(), ["clean", "dropped"]);
-
-        let log = Log::default();
-        let unread: Guarded<Fixed, G> = Guarded::new(Full::from("x"), Some(G(log.clone())));
+    async fn a_body_dropped_before_its_end_reports_the_caller_gone() {
+        let seen = Arc::new(Seen::default());
+        let mut unread: ResponseBody<Fixed> = ResponseBody::new(KeelBody::inner(Full::from("x")));
+        unread.guards().record = Some(record(&seen));
         drop(unread);
-        assert_eq!(*log.0.lock().unwrap(), ["dropped"]);
+        assert_eq!(seen.outcomes(), [Outcome::Cancelled]);
     }
 }

@@ -38,7 +38,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tower::util::Oneshot;
 
-use crate::body::{BodyGuard, Guarded};
+use crate::body::GuardedBody;
 use crate::shared::Shared;
 use keel_core::BoxError;
 
@@ -235,7 +235,7 @@ pub(crate) async fn serve_connection<T, B>(
         + Send
         + 'static,
     T::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + GuardedBody + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let tracker = Arc::new(ConnTracker::new(shared.clone()));
@@ -335,9 +335,9 @@ struct ConnService<T> {
 impl<T, B> hyper::service::Service<Request<Incoming>> for ConnService<T>
 where
     T: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone,
-    B: http_body::Body,
+    B: http_body::Body + GuardedBody,
 {
-    type Response = Response<Guarded<B, InFlight>>;
+    type Response = Response<B>;
     type Error = Infallible;
     type Future = ConnFuture<T>;
 
@@ -374,9 +374,9 @@ pin_project_lite::pin_project! {
 impl<T, B> Future for ConnFuture<T>
 where
     T: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
-    B: http_body::Body,
+    B: http_body::Body + GuardedBody,
 {
-    type Output = Result<Response<Guarded<B, InFlight>>, Infallible>;
+    type Output = Result<Response<B>, Infallible>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -384,12 +384,9 @@ where
             ConnFutureProj::Direct { fut, in_flight } => (ready!(fut.poll(cx)), in_flight),
             ConnFutureProj::Waiting { fut, in_flight } => (ready!(fut.poll(cx)), in_flight),
         };
-        let Ok(resp) = resp;
-        let (parts, body) = resp.into_parts();
-        Poll::Ready(Ok(Response::from_parts(
-            parts,
-            Guarded::new(body, in_flight.take()),
-        )))
+        let Ok(mut resp) = resp;
+        resp.body_mut().guards().in_flight = in_flight.take();
+        Poll::Ready(Ok(resp))
     }
 }
 
@@ -397,8 +394,6 @@ where
 /// response future is dropped: the caller went away).
 #[derive(Debug)]
 pub struct InFlight(Arc<ConnTracker>);
-
-impl BodyGuard for InFlight {}
 
 impl Drop for InFlight {
     fn drop(&mut self) {

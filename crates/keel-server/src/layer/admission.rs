@@ -14,7 +14,7 @@ use http::{HeaderValue, Request, Response};
 use keel_core::{Context, grpc};
 use tower::util::Oneshot;
 
-use crate::body::{BodyGuard, Fixed, Guarded};
+use crate::body::{Fixed, GuardedBody};
 use crate::overload::{Admission as Decision, Limiter, Permit, Shed};
 use crate::refusal;
 
@@ -56,9 +56,9 @@ pub struct Admission<S> {
 impl<S, ReqB, RB> tower::Service<Request<ReqB>> for Admission<S>
 where
     S: tower::Service<Request<ReqB>, Response = Response<RB>, Error = Infallible> + Clone,
-    RB: From<Fixed> + http_body::Body,
+    RB: From<Fixed> + GuardedBody,
 {
-    type Response = Response<Guarded<RB, Slot>>;
+    type Response = Response<RB>;
     type Error = Infallible;
     type Future = AdmissionFuture<S, Request<ReqB>>;
 
@@ -142,9 +142,9 @@ impl<S: tower::Service<R>, R> std::fmt::Debug for AdmissionFuture<S, R> {
 impl<S, R, RB> Future for AdmissionFuture<S, R>
 where
     S: tower::Service<R, Response = Response<RB>, Error = Infallible>,
-    RB: From<Fixed> + http_body::Body,
+    RB: From<Fixed> + GuardedBody,
 {
-    type Output = Result<Response<Guarded<RB, Slot>>, Infallible>;
+    type Output = Result<Response<RB>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let (resp, slot) = match self.project() {
@@ -168,7 +168,7 @@ where
                         Err(why) => {
                             *wait = None;
                             let resp = refusal::overloaded(why, *grpc, retry_after);
-                            return Poll::Ready(Ok(resp.map(|b| Guarded::new(RB::from(b), None))));
+                            return Poll::Ready(Ok(resp.map(RB::from)));
                         }
                     }
                 }
@@ -177,24 +177,22 @@ where
             }
             AdmissionProj::Shed { resp } => {
                 let resp = resp.take().unwrap_or_else(refusal::internal_error);
-                return Poll::Ready(Ok(resp.map(|b| Guarded::new(RB::from(b), None))));
+                return Poll::Ready(Ok(resp.map(RB::from)));
             }
         };
-        let mut slot = slot;
-        if let Some(s) = slot.as_mut() {
+        let mut resp = resp;
+        if let Some(mut s) = slot {
             // The handler's service time (admission to response head) feeds the limit.
             s.0.answered();
+            resp.body_mut().guards().slot = Some(s);
         }
-        let (parts, body) = resp.into_parts();
-        Poll::Ready(Ok(Response::from_parts(parts, Guarded::new(body, slot))))
+        Poll::Ready(Ok(resp))
     }
 }
 
 /// A request's slot under the limit, released when its response ends.
 #[derive(Debug)]
 pub struct Slot(Permit);
-
-impl BodyGuard for Slot {}
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -30,7 +30,7 @@ use keel_core::tasks::{Owner, Registry, TaskGuard, TaskKind};
 use keel_core::{Context, grpc};
 use tokio::task::futures::TaskLocalFuture;
 
-use crate::body::{BodyGuard, Fixed, Guarded};
+use crate::body::{Fixed, GuardedBody};
 use crate::config::DeadlineConfig;
 use crate::refusal;
 use crate::stats::Stats;
@@ -101,9 +101,9 @@ pub struct ContextService<S> {
 impl<S, ReqB, RB> tower::Service<Request<ReqB>> for ContextService<S>
 where
     S: tower::Service<Request<ReqB>, Response = Response<RB>, Error = Infallible>,
-    RB: From<Fixed> + http_body::Body,
+    RB: From<Fixed> + GuardedBody,
 {
-    type Response = Response<Guarded<RB, RequestEnd>>;
+    type Response = Response<RB>;
     type Error = Infallible;
     type Future = ContextFuture<S::Future>;
 
@@ -200,9 +200,9 @@ impl<F> ContextFuture<F> {
 impl<F, RB> Future for ContextFuture<F>
 where
     F: Future<Output = Result<Response<RB>, Infallible>>,
-    RB: From<Fixed> + http_body::Body,
+    RB: From<Fixed> + GuardedBody,
 {
-    type Output = Result<Response<Guarded<RB, RequestEnd>>, Infallible>;
+    type Output = Result<Response<RB>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         match self.project() {
@@ -215,22 +215,19 @@ where
                 {
                     e.listed();
                 }
-                let Ok(resp) = ready!(polled);
-                let (mut parts, body) = resp.into_parts();
-                if let Some(e) = end.as_ref()
-                    && let Some(v) = request_id_value(&e.ctx)
-                {
-                    parts.headers.insert(REQUEST_ID.clone(), v);
+                let Ok(mut resp) = ready!(polled);
+                if let Some(e) = end.take() {
+                    if let Some(v) = request_id_value(&e.ctx) {
+                        resp.headers_mut().insert(REQUEST_ID.clone(), v);
+                    }
+                    resp.body_mut().guards().end = Some(e);
                 }
-                Poll::Ready(Ok(Response::from_parts(
-                    parts,
-                    Guarded::new(body, end.take()),
-                )))
+                Poll::Ready(Ok(resp))
             }
             ContextProj::Refused { resp } => Poll::Ready(Ok(resp
                 .take()
                 .unwrap_or_else(refusal::internal_error)
-                .map(|b| Guarded::new(RB::from(b), None)))),
+                .map(RB::from))),
         }
     }
 }
@@ -266,8 +263,6 @@ impl RequestEnd {
         }
     }
 }
-
-impl BodyGuard for RequestEnd {}
 
 impl Drop for RequestEnd {
     fn drop(&mut self) {

@@ -20,7 +20,7 @@ use keel_core::observe::{
 use keel_core::{Context, grpc};
 use tokio::time::Instant;
 
-use crate::body::{BodyGuard, Fixed, Guarded};
+use crate::body::{Fixed, GuardedBody};
 use crate::refusal::Refused;
 
 /// Records each request for the App's observer.
@@ -72,9 +72,9 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Observe<S> {
 impl<S, ReqB, RB> tower::Service<Request<ReqB>> for Observe<S>
 where
     S: tower::Service<Request<ReqB>, Response = Response<RB>, Error = Infallible>,
-    RB: From<Fixed> + http_body::Body,
+    RB: From<Fixed> + http_body::Body + GuardedBody,
 {
-    type Response = Response<Guarded<RB, Record>>;
+    type Response = Response<RB>;
     type Error = Infallible;
     type Future = ObserveFuture<S::Future>;
 
@@ -125,13 +125,13 @@ impl<F> std::fmt::Debug for ObserveFuture<F> {
 impl<F, RB> Future for ObserveFuture<F>
 where
     F: Future<Output = Result<Response<RB>, Infallible>>,
-    RB: http_body::Body,
+    RB: http_body::Body + GuardedBody,
 {
-    type Output = Result<Response<Guarded<RB, Record>>, Infallible>;
+    type Output = Result<Response<RB>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let Ok(resp) = ready!(match this.record.as_mut() {
+        let Ok(mut resp) = ready!(match this.record.as_mut() {
             None => this.fut.poll(cx),
             Some(rec) => {
                 let started = rec.poll_started.take().unwrap_or_else(Instant::now);
@@ -143,16 +143,19 @@ where
                 res
             }
         });
-        let mut record = this.record.take();
-        if let Some(rec) = record.as_mut() {
+        if let Some(mut rec) = this.record.take() {
             rec.status = Some(resp.status().as_u16());
             if rec.grpc {
                 rec.grpc_status = grpc::status(resp.headers());
             }
             rec.outcome = resp.extensions().get::<Refused>().map(|r| r.0);
+            // An empty body is never polled: the head is the whole answer.
+            if http_body::Body::is_end_stream(resp.body()) {
+                rec.ended(true);
+            }
+            resp.body_mut().guards().record = Some(rec);
         }
-        let (parts, body) = resp.into_parts();
-        Poll::Ready(Ok(Response::from_parts(parts, Guarded::new(body, record))))
+        Poll::Ready(Ok(resp))
     }
 }
 
@@ -187,14 +190,16 @@ impl Record {
     }
 }
 
-impl BodyGuard for Record {
-    fn trailers(&mut self, trailers: &HeaderMap) {
+impl Record {
+    /// Trailers went by (gRPC puts its status there).
+    pub(crate) fn trailers(&mut self, trailers: &HeaderMap) {
         if let Some(code) = grpc::status(trailers) {
             self.grpc_status = Some(code);
         }
     }
 
-    fn ended(&mut self, clean: bool) {
+    /// The body reached its end, cleanly or not.
+    pub(crate) fn ended(&mut self, clean: bool) {
         if self.outcome.is_none() {
             self.outcome = Some(if clean {
                 Outcome::Answered
@@ -234,7 +239,7 @@ impl Drop for Record {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::layer::service::tests::{call_full, with_handler};
     use keel_core::observe::{ClientRecord, Observer};
@@ -243,8 +248,29 @@ mod tests {
     /// Route, whether it is a template, status, outcome.
     type Row = (String, bool, Option<u16>, Outcome);
 
+    /// Records what the observer was told.
     #[derive(Default)]
-    struct Seen(Mutex<Vec<Row>>);
+    pub(crate) struct Seen(Mutex<Vec<Row>>);
+
+    impl Seen {
+        pub(crate) fn outcomes(&self) -> Vec<Outcome> {
+            self.0.lock().unwrap().iter().map(|r| r.3).collect()
+        }
+    }
+
+    /// A record of a plain GET for `seen`.
+    pub(crate) fn record(seen: &Arc<Seen>) -> Record {
+        Record {
+            observer: seen.clone(),
+            poll_started: None,
+            ctx: None,
+            method: Method::GET,
+            grpc: false,
+            status: Some(200),
+            grpc_status: None,
+            outcome: None,
+        }
+    }
 
     impl Observer for Seen {
         fn server(&self, r: &ServerRecord<'_>) {

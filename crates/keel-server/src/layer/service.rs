@@ -15,7 +15,7 @@ use http::{Request, Response};
 use keel_core::BoxError;
 use tower::util::Oneshot;
 
-use crate::body::KeelBody;
+use crate::body::{KeelBody, ResponseBody};
 use crate::refusal;
 
 /// Adapts the user's service (see the module doc).
@@ -41,7 +41,7 @@ where
     S::Error: Into<BoxError>,
     B: http_body::Body<Data = Bytes>,
 {
-    type Response = Response<KeelBody<B>>;
+    type Response = Response<ResponseBody<B>>;
     type Error = Infallible;
     type Future = UserFuture<S, Request<ReqB>>;
 
@@ -88,7 +88,7 @@ where
     S: tower::Service<R, Response = Response<B>>,
     S::Error: Into<BoxError>,
 {
-    type Output = Result<Response<KeelBody<B>>, Infallible>;
+    type Output = Result<Response<ResponseBody<B>>, Infallible>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
@@ -97,11 +97,11 @@ where
             UserProj::Waiting { fut } => ready!(fut.poll(cx)),
         };
         Poll::Ready(Ok(match out {
-            Ok(resp) => resp.map(KeelBody::inner),
+            Ok(resp) => resp.map(|b| ResponseBody::new(KeelBody::inner(b))),
             Err(err) => {
                 let err: BoxError = err.into();
                 tracing::error!(error = %err, "service returned an error; answering 500");
-                refusal::internal_error().map(KeelBody::from)
+                refusal::internal_error().map(ResponseBody::from)
             }
         }))
     }
@@ -113,7 +113,10 @@ pub(crate) mod tests {
     //! Small services and helpers the layers' tests share, in the style of tower's own.
 
     use super::*;
-    use crate::body::Fixed;
+    use crate::body::{Fixed, ResponseBody};
+
+    /// What the test services answer with: a fixed body with guard slots, as in the stack.
+    pub(crate) type TestBody = ResponseBody<Fixed>;
     use http_body_util::{BodyExt, Full};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -124,13 +127,13 @@ pub(crate) mod tests {
     /// layers set up around the poll, like the task-local context).
     pub(crate) fn with_handler<ReqB, F>(
         f: F,
-    ) -> impl Service<Request<ReqB>, Response = Response<Fixed>, Error = Infallible> + Clone
+    ) -> impl Service<Request<ReqB>, Response = Response<TestBody>, Error = Infallible> + Clone
     where
         F: Fn(Request<ReqB>) -> String + Clone,
     {
         tower::service_fn(move |req: Request<ReqB>| {
             let f = f.clone();
-            async move { Ok::<_, Infallible>(Response::new(Full::from(f(req)))) }
+            async move { Ok::<_, Infallible>(Response::new(TestBody::from(Full::from(f(req))))) }
         })
     }
 
@@ -148,7 +151,7 @@ pub(crate) mod tests {
     pub(crate) fn answered_by(
         text: &'static str,
     ) -> (
-        impl Service<Request<String>, Response = Response<Fixed>, Error = Infallible> + Clone,
+        impl Service<Request<String>, Response = Response<TestBody>, Error = Infallible> + Clone,
         Calls,
     ) {
         let calls = Calls::default();
@@ -163,12 +166,12 @@ pub(crate) mod tests {
     /// Answers 200 "ok", after `shape` adjusted the response.
     pub(crate) fn answered_with<ReqB, F>(
         shape: F,
-    ) -> impl Service<Request<ReqB>, Response = Response<Fixed>, Error = Infallible> + Clone
+    ) -> impl Service<Request<ReqB>, Response = Response<TestBody>, Error = Infallible> + Clone
     where
-        F: Fn(&mut Response<Fixed>) + Clone,
+        F: Fn(&mut Response<TestBody>) + Clone,
     {
         tower::service_fn(move |_: Request<ReqB>| {
-            let mut resp = Response::new(Full::from("ok"));
+            let mut resp = Response::new(TestBody::from(Full::from("ok")));
             shape(&mut resp);
             async move { Ok::<_, Infallible>(resp) }
         })
@@ -186,7 +189,7 @@ pub(crate) mod tests {
     pub(crate) fn slow_handler(
         delay: Duration,
     ) -> (
-        impl Service<Request<String>, Response = Response<Fixed>, Error = Infallible> + Clone,
+        impl Service<Request<String>, Response = Response<TestBody>, Error = Infallible> + Clone,
         Arc<AtomicBool>,
     ) {
         let dropped = Arc::new(AtomicBool::new(false));
@@ -196,7 +199,7 @@ pub(crate) mod tests {
             async move {
                 let _guard = guard;
                 tokio::time::sleep(delay).await;
-                Ok::<_, Infallible>(Response::new(Full::from("slow")))
+                Ok::<_, Infallible>(Response::new(TestBody::from(Full::from("slow"))))
             }
         });
         (svc, dropped)
