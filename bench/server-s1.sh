@@ -5,6 +5,9 @@
 # CPU time per request (utime+stime of the server over the window) and ratios to bare hyper.
 #
 # Usage: bench/server-s1.sh [rounds=3] [seconds=10] [connections=64]
+#        KEEL_BASELINE_BIN=/path/to/older/hello bench/server-s1.sh …   adds that build as
+#        `keel-base`, measured in the same run: a before/after of a change to the request path
+#        (build the older commit's `hello` in a worktree with its own target directory).
 # Needs: wrk (Debian package). Smoke-level: the full suite with open-loop latency is issue 8's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,20 +24,24 @@ cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 start() { # name port → pid
     local name=$1 port=$2
     case $name in
-        keel) KEEL_SERVER__ADDR=127.0.0.1:$port KEEL_ADMIN__ADDR=127.0.0.1:$(free_port) \
+        keel|keel-base)
+              exe="$bin/hello"; [ "$name" = keel-base ] && exe=$KEEL_BASELINE_BIN
+              KEEL_SERVER__ADDR=127.0.0.1:$port KEEL_ADMIN__ADDR=127.0.0.1:$(free_port) \
               KEEL_RUNTIME__WORKER_THREADS=1 KEEL_LOG__LEVEL=warn \
-              taskset -c 1 "$bin/hello" >/dev/null 2>&1 & ;;
+              taskset -c 1 "$exe" >/dev/null 2>&1 & ;;
         hyper) taskset -c 1 "$bin/examples/bare_hyper" 127.0.0.1:$port >/dev/null 2>&1 & ;;
         axum) taskset -c 1 "$bin/examples/bare_hyper" 127.0.0.1:$port --axum >/dev/null 2>&1 & ;;
     esac
     echo $!
 }
 
+systems="hyper axum keel"
+[ -n "${KEEL_BASELINE_BIN:-}" ] && systems="$systems keel-base"
 declare -A rps cpu
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-6s %-6s %12s %14s\n' round system req/s cpu_us/req
 for r in $(seq "$rounds"); do
-    for sys in hyper axum keel; do
+    for sys in $systems; do
         port=$(free_port); pid=$(start $sys "$port")
         for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.05; done
         # Check that the process answering is the one we started.
@@ -56,12 +63,13 @@ done
 python3 - "$rounds" <<PY
 import statistics, sys
 rounds = int(sys.argv[1])
-rps = {$(for r in $(seq "$rounds"); do for s in hyper axum keel; do printf '(%s,"%s"):%s,' $r $s "${rps[$r,$s]}"; done; done)}
-cpu = {$(for r in $(seq "$rounds"); do for s in hyper axum keel; do printf '(%s,"%s"):%s,' $r $s "${cpu[$r,$s]}"; done; done)}
+rps = {$(for r in $(seq "$rounds"); do for s in $systems; do printf '(%s,"%s"):%s,' $r $s "${rps[$r,$s]}"; done; done)}
+cpu = {$(for r in $(seq "$rounds"); do for s in $systems; do printf '(%s,"%s"):%s,' $r $s "${cpu[$r,$s]}"; done; done)}
+systems = "$systems".split()
 print()
 print("| system | throughput / bare hyper (median of rounds) | CPU per request / bare hyper |")
 print("|---|---|---|")
-for s in ("axum", "keel"):
+for s in systems[1:]:
     t = statistics.median(rps[(r, s)] / rps[(r, "hyper")] for r in range(1, rounds + 1))
     c = statistics.median(cpu[(r, s)] / cpu[(r, "hyper")] for r in range(1, rounds + 1))
     print(f"| {s} | {t:.3f} | {c:.3f} |")

@@ -236,6 +236,14 @@ impl Context {
         CURRENT.scope(self.clone(), fut)
     }
 
+    /// Run `f` (one poll of a request's future, say) with this context as
+    /// [`Context::current`]. What the server's context layer uses instead of
+    /// [`Context::scope`]: it already has a future of its own around the handler's, and a
+    /// second one would copy the handler's future and its response once more.
+    pub fn enter<R>(&self, f: impl FnOnce() -> R) -> R {
+        CURRENT.sync_scope(self.clone(), f)
+    }
+
     /// When the request arrived (or the background context was made).
     pub fn arrived(&self) -> Instant {
         self.inner.arrived

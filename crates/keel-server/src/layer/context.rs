@@ -28,7 +28,6 @@ use keel_core::observe::{Outcome, ServerRecord, SharedObserver};
 use keel_core::propagation::names;
 use keel_core::tasks::{Owner, Registry, TaskGuard, TaskKind};
 use keel_core::{Context, grpc};
-use tokio::task::futures::TaskLocalFuture;
 
 use crate::body::{Fixed, GuardedBody};
 use crate::config::DeadlineConfig;
@@ -129,7 +128,9 @@ where
             span_id = %ctx.trace().span_id,
             request_id = %ctx.request_id(),
         );
-        let fut = ctx.scope(self.inner.call(req));
+        // The handler is called (and each poll of it made, below) with the context as the
+        // task-local `Context::current`, for code that has no request at hand.
+        let fut = ctx.enter(|| self.inner.call(req));
         ContextFuture::Inner {
             fut,
             end: Some(RequestEnd {
@@ -149,7 +150,7 @@ pin_project_lite::pin_project! {
         /// The request goes on with its context.
         Inner {
             #[pin]
-            fut: TaskLocalFuture<Context, F>,
+            fut: F,
             end: Option<RequestEnd>,
             span: tracing::Span,
         },
@@ -208,7 +209,10 @@ where
         match self.project() {
             ContextProj::Inner { fut, end, span } => {
                 let entered = span.enter();
-                let polled = fut.poll(cx);
+                let polled = match end.as_ref() {
+                    Some(e) => e.ctx.enter(|| fut.poll(cx)),
+                    None => fut.poll(cx),
+                };
                 drop(entered);
                 if polled.is_pending()
                     && let Some(e) = end.as_mut()
