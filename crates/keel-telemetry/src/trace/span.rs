@@ -35,8 +35,9 @@ pub(crate) fn server_span(r: &ServerRecord<'_>) -> Option<Span> {
     }
     if r.route_is_template {
         attrs.push(string("http.route", r.route));
-    } else {
-        // Without a template the route *is* the request path.
+    } else if r.route != keel_core::observe::UNMATCHED_ROUTE {
+        // Without a template the route *is* the request path (a service that labels its
+        // requests itself); the shared `unmatched` label is no path at all.
         attrs.push(string("url.path", r.route));
     }
     if let Some(peer) = r.peer {
