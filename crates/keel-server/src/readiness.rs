@@ -64,6 +64,8 @@ struct CheckState {
 struct Inner {
     cfg: ReadinessConfig,
     shutdown: Shutdown,
+    /// Where the check loops are listed (the service's own registry).
+    registry: &'static keel_core::tasks::Registry,
     started: AtomicBool,
     /// Checks not currently passing (pending ones included).
     failing: AtomicUsize,
@@ -87,12 +89,23 @@ impl std::fmt::Debug for Readiness {
 }
 
 impl Readiness {
-    /// New readiness, not started.
+    /// New readiness, not started; its check loops are listed in
+    /// [`Registry::global`](keel_core::tasks::Registry::global).
     pub fn new(cfg: ReadinessConfig, shutdown: Shutdown) -> Self {
+        Readiness::with_registry(cfg, shutdown, keel_core::tasks::Registry::global())
+    }
+
+    /// [`Readiness::new`] whose check loops are listed in `registry` (a service's own).
+    pub fn with_registry(
+        cfg: ReadinessConfig,
+        shutdown: Shutdown,
+        registry: &'static keel_core::tasks::Registry,
+    ) -> Self {
         Readiness {
             inner: Arc::new(Inner {
                 cfg,
                 shutdown,
+                registry,
                 started: AtomicBool::new(false),
                 failing: AtomicUsize::new(0),
                 checks: Mutex::new(Vec::new()),
@@ -150,7 +163,7 @@ impl Readiness {
         let inner = self.inner.clone();
         let name = format!("readiness check {}", state.name);
         // Registered so `/debug/tasks` shows every loop Keel runs, not only request work.
-        keel_core::tasks::spawn_background(name, async move {
+        keel_core::tasks::spawn_background_in(self.inner.registry, name, async move {
             let mut tick = tokio::time::interval(inner.cfg.interval.get());
             // After a slow check, wait a full interval rather than firing a burst.
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

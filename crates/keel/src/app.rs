@@ -74,8 +74,9 @@ impl App {
     /// Build from loaded config and a runtime sizing decision.
     pub fn new(name: &str, loaded: Loaded<Config>, sizing: Sizing) -> App {
         let shutdown = Shutdown::new();
-        let readiness = Readiness::new(loaded.value.readiness.clone(), shutdown.clone());
         let registry = Registry::leaked(loaded.value.tasks.leak_grace.get());
+        let readiness =
+            Readiness::with_registry(loaded.value.readiness.clone(), shutdown.clone(), registry);
         let telemetry = crate::wiring::telemetry(&loaded.value.metrics, registry);
         let observer: Option<SharedObserver> = (loaded.value.metrics.enabled
             || crate::wiring::tracing_configured(&loaded.value.tracing, name))

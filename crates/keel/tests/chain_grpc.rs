@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use keel::tasks::Registry;
 use keel_test_support::grpc::RawCodec;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,7 +20,7 @@ async fn grpc_chain_propagates_remaining_deadline_and_cancels_every_hop() {
     for hop in [&a, &b] {
         hop.warm().await;
     }
-    let live_before = Registry::global().live();
+    let live_before = live_tasks();
 
     let request_id = "chain-grpc-1";
     let mut grpc = grpc_client(a_addr);

@@ -11,7 +11,6 @@ use bytes::Bytes;
 use common::*;
 use http::StatusCode;
 use http_body_util::Full;
-use keel::tasks::Registry;
 use keel_test_support as ts;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,7 +39,7 @@ async fn http_chain_propagates_remaining_deadline_and_cancels_every_hop() {
     for hop in [&a, &b] {
         hop.warm().await;
     }
-    let live_before = Registry::global().live();
+    let live_before = live_tasks();
 
     let request_id = "chain-http-1";
     let mut req = http::Request::get(format!("http://{a_addr}/hop"));

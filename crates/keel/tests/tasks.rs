@@ -13,7 +13,7 @@ use keel::tasks::Registry;
 use keel::{App, Context, Sources};
 use keel_test_support as ts;
 
-async fn start() -> (SocketAddr, SocketAddr) {
+async fn start() -> (SocketAddr, SocketAddr, &'static Registry) {
     let router = Router::new()
         .route(
             "/fanout",
@@ -45,6 +45,7 @@ async fn start() -> (SocketAddr, SocketAddr) {
     let loaded = Sources::default().load_with_env(env).unwrap();
     let sizing = keel::runtime::detect(&loaded.value.runtime);
     let app = App::new("tasks", loaded, sizing);
+    let registry = app.registry();
     tokio::spawn(app.serve_until(router, std::future::pending(), std::future::pending()));
     let up = tokio::task::spawn_blocking(move || {
         ts::wait_until(Duration::from_secs(10), || {
@@ -54,7 +55,7 @@ async fn start() -> (SocketAddr, SocketAddr) {
     .await
     .unwrap();
     assert!(up);
-    (addr, admin)
+    (addr, admin, registry)
 }
 
 async fn call(addr: SocketAddr, path: &str, request_id: &str, timeout: &str) -> u16 {
@@ -71,8 +72,8 @@ async fn call(addr: SocketAddr, path: &str, request_id: &str, timeout: &str) -> 
         .as_u16()
 }
 
-fn of_request(request_id: &str) -> usize {
-    Registry::global()
+fn of_request(registry: &Registry, request_id: &str) -> usize {
+    registry
         .snapshot()
         .iter()
         .filter(|t| t.request_id.as_deref() == Some(request_id))
@@ -81,21 +82,23 @@ fn of_request(request_id: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_scoped_tasks_die_with_their_request_and_a_detached_one_becomes_a_leak_suspect() {
-    let (addr, admin) = start().await;
-    let live_before = Registry::global().live();
+    let (addr, admin, registry) = start().await;
+    let live_before = registry.live();
 
     assert_eq!(call(addr, "/fanout", "fanout-1", "5S").await, 200);
     let clean = tokio::task::spawn_blocking(|| {
-        ts::wait_until(Duration::from_secs(5), || of_request("fanout-1") == 0)
+        ts::wait_until(Duration::from_secs(5), || {
+            of_request(registry, "fanout-1") == 0
+        })
     })
     .await
     .unwrap();
     assert!(
         clean,
         "{} tasks of the request still alive",
-        of_request("fanout-1")
+        of_request(registry, "fanout-1")
     );
-    assert_eq!(Registry::global().live(), live_before);
+    assert_eq!(registry.live(), live_before);
 
     // A detached task outlives its request on purpose, and stays visible.
     // A generous deadline so a loaded machine still answers in time; the suspect check below

@@ -164,6 +164,7 @@ pub async fn start(router: Router) -> SocketAddr {
     let loaded = Sources::default().load_with_env(env).unwrap();
     let sizing = keel::runtime::detect(&loaded.value.runtime);
     let app = App::new("chain", loaded, sizing);
+    REGISTRIES.lock().unwrap().push(app.registry());
     tokio::spawn(app.serve_until(router, std::future::pending(), std::future::pending()));
     let ok = tokio::task::spawn_blocking(move || {
         ts::wait_until(Duration::from_secs(10), || ts::port_open(addr))
@@ -298,12 +299,30 @@ pub fn grpc_client(addr: SocketAddr) -> tonic::client::Grpc<H2Client> {
     tonic::client::Grpc::with_origin(client, format!("http://{addr}").parse().unwrap())
 }
 
+/// The task registries of every hop `start` made in this test process: each App lists its
+/// requests' tasks in its own.
+static REGISTRIES: std::sync::Mutex<Vec<&'static Registry>> = std::sync::Mutex::new(Vec::new());
+
+fn registries() -> Vec<&'static Registry> {
+    REGISTRIES.lock().unwrap().clone()
+}
+
+/// Tasks of `request_id` alive in any hop.
 pub fn own_tasks(request_id: &str) -> usize {
-    Registry::global()
-        .snapshot()
+    registries()
         .iter()
+        .flat_map(|r| r.snapshot())
         .filter(|t| t.request_id.as_deref() == Some(request_id))
         .count()
+}
+
+/// Live tasks of every hop.
+pub fn live_tasks() -> usize {
+    registries().iter().map(|r| r.live()).sum()
+}
+
+fn render_tasks() -> String {
+    registries().iter().map(|r| r.render_text()).collect()
 }
 
 /// The assertions both chains share.
@@ -377,7 +396,7 @@ pub async fn check_chain(hops: [&Arc<Hop>; 3], request_id: &str, live_before: us
         let id = request_id.to_string();
         move || {
             ts::wait_until(Duration::from_secs(5), || {
-                own_tasks(&id) == 0 && Registry::global().live() == live_before
+                own_tasks(&id) == 0 && live_tasks() == live_before
             })
         }
     })
@@ -387,8 +406,8 @@ pub async fn check_chain(hops: [&Arc<Hop>; 3], request_id: &str, live_before: us
         clean,
         "tasks left: {} of this request, {} live vs {live_before} before:\n{}",
         own_tasks(request_id),
-        Registry::global().live(),
-        Registry::global().render_text()
+        live_tasks(),
+        render_tasks()
     );
 }
 
