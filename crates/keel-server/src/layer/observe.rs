@@ -212,7 +212,6 @@ impl Record {
 
 impl Drop for Record {
     fn drop(&mut self) {
-        let template = self.ctx.as_ref().and_then(Context::route);
         let duration = self
             .ctx
             .as_ref()
@@ -220,8 +219,8 @@ impl Drop for Record {
             .unwrap_or_default();
         self.observer.server(&ServerRecord {
             ctx: self.ctx.as_ref(),
-            route: template.map_or(UNMATCHED_ROUTE, |r| r),
-            route_is_template: template.is_some(),
+            route: self.route(),
+            route_is_template: self.ctx.as_ref().and_then(Context::route).is_some(),
             method: &self.method,
             grpc: self.grpc,
             status: self.status,
