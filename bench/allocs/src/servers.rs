@@ -162,7 +162,9 @@ async fn serve_peer(
         .route(
             "/echo",
             axum::routing::post(|body: Bytes| async move { body }),
-        );
+        )
+        // Handlers turned into routes once, as `axum::serve` does.
+        .with_state(());
     loop {
         let stream = tokio::select! {
             r = listener.accept() => r.map_err(|e| e.to_string())?.0,

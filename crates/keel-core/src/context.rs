@@ -7,11 +7,15 @@
 //! [`TaskScope`] its spawned tasks belong to. It is cheap to clone (one `Arc`).
 //!
 //! Inbound parsing lives in [`Context::from_headers`]; outbound writing in
-//! [`crate::propagation`]. Within a request, [`Context::current`] returns it from a task-local,
+//! [`crate::propagation`]. While a request's future is polled (the server's context layer, or
+//! [`Context::scope`]), [`Context::current`] returns it from a thread-local set for that poll,
 //! so library code (clients, producers) finds it without it being passed by hand.
 
+use std::cell::Cell;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -109,6 +113,8 @@ struct Inner {
     trace: Trace,
     baggage: Baggage,
     retry: bool,
+    /// The request is gRPC (by its `content-type`).
+    grpc: bool,
     scope: TaskScope,
 }
 
@@ -129,8 +135,23 @@ impl std::fmt::Debug for Context {
     }
 }
 
-tokio::task_local! {
-    static CURRENT: Context;
+thread_local! {
+    /// The context of the request being polled on this thread: a borrowed pointer, set by
+    /// [`Context::enter`] for exactly as long as the `Context` it points to is borrowed there
+    /// (so the allocation outlives every read), and put back to what it was on the way out,
+    /// also when `f` panics. A task-local would do the same but clones the `Arc` and moves
+    /// the closure's result through its own frame on every poll: this costs two stores.
+    static CURRENT: Cell<*const Inner> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Puts the previous [`CURRENT`] back when an [`Context::enter`] ends, however it ends.
+struct Restore(*const Inner);
+
+impl Drop for Restore {
+    #[inline]
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.0));
+    }
 }
 
 impl Context {
@@ -188,6 +209,9 @@ impl Context {
                 trace,
                 baggage,
                 retry,
+                grpc: found
+                    .content_type
+                    .is_some_and(|v| v.starts_with(crate::grpc::CONTENT_TYPE_PREFIX)),
                 scope: TaskScope::new(registry, owner),
             }),
         })
@@ -221,6 +245,7 @@ impl Context {
                 trace: Trace::root(false),
                 baggage: Baggage::default(),
                 retry: false,
+                grpc: false,
                 scope: TaskScope::new(registry, owner),
             }),
         }
@@ -228,20 +253,46 @@ impl Context {
 
     /// The context of the request this task is serving, if any.
     pub fn current() -> Option<Context> {
-        CURRENT.try_with(Context::clone).ok()
+        let ptr = CURRENT.try_with(Cell::get).ok()?;
+        if ptr.is_null() {
+            return None;
+        }
+        // SAFETY: a non-null `CURRENT` was set by `enter` from a live `Arc<Inner>` that `enter`
+        // borrows until it restores the previous value, so the allocation is alive and its
+        // strong count is at least one; taking one more reference for the returned clone
+        // keeps the count balanced when that clone drops.
+        unsafe {
+            Arc::increment_strong_count(ptr);
+            Some(Context {
+                inner: Arc::from_raw(ptr),
+            })
+        }
     }
 
-    /// Run `fut` with this context as [`Context::current`].
-    pub fn scope<F: Future>(&self, fut: F) -> tokio::task::futures::TaskLocalFuture<Context, F> {
-        CURRENT.scope(self.clone(), fut)
+    /// Run `fut` with this context as [`Context::current`] during each of its polls.
+    pub fn scope<F: Future>(&self, fut: F) -> Scoped<F> {
+        Scoped {
+            ctx: self.clone(),
+            fut,
+        }
     }
 
     /// Run `f` (one poll of a request's future, say) with this context as
     /// [`Context::current`]. What the server's context layer uses instead of
     /// [`Context::scope`]: it already has a future of its own around the handler's, and a
     /// second one would copy the handler's future and its response once more.
+    #[inline]
     pub fn enter<R>(&self, f: impl FnOnce() -> R) -> R {
-        CURRENT.sync_scope(self.clone(), f)
+        let previous = CURRENT.with(|c| c.replace(Arc::as_ptr(&self.inner)));
+        let _restore = Restore(previous);
+        f()
+    }
+
+    /// Whether the request this context was made for is gRPC (its `content-type`), so a
+    /// layer that answers in the handler's place knows which protocol to answer in without
+    /// looking the header up again.
+    pub fn is_grpc(&self) -> bool {
+        self.inner.grpc
     }
 
     /// When the request arrived (or the background context was made).
@@ -373,6 +424,7 @@ struct Found<'a> {
     b3_multi: [Option<&'a [u8]>; 5],
     retry: Option<&'a [u8]>,
     color: Option<&'a [u8]>,
+    content_type: Option<&'a [u8]>,
     baggage: Baggage,
 }
 
@@ -434,6 +486,8 @@ impl<'a> Found<'a> {
             &mut self.retry
         } else if is(names::COLOR) {
             &mut self.color
+        } else if is("content-type") {
+            &mut self.content_type
         } else if is(names::BAGGAGE) {
             return Some(Slot::Baggage);
         } else if let Some(i) = B3_MULTI.iter().position(|n| is(n)) {
@@ -530,4 +584,24 @@ impl<'a> Found<'a> {
 enum Slot<'s, 'a> {
     One(&'s mut Option<&'a [u8]>),
     Baggage,
+}
+
+pin_project_lite::pin_project! {
+    /// A future polled with a [`Context`] as [`Context::current`] (see [`Context::scope`]).
+    #[derive(Debug)]
+    pub struct Scoped<F> {
+        ctx: Context,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let fut = this.fut;
+        this.ctx.enter(|| fut.poll(cx))
+    }
 }

@@ -308,3 +308,62 @@ fn a_keel_color_header_colours_the_request_unless_baggage_already_does() {
         "a malformed colour is refused like any malformed header"
     );
 }
+
+#[test]
+fn current_is_set_for_exactly_the_span_of_enter_and_restored_after_a_panic() {
+    let outer = ctx(&[("x-request-id", "outer")], Duration::from_secs(5)).unwrap();
+    let inner = ctx(&[("x-request-id", "inner")], Duration::from_secs(5)).unwrap();
+    let id = || Context::current().map(|c| c.request_id().to_string());
+    assert_eq!(id(), None);
+    outer.enter(|| {
+        assert_eq!(id().as_deref(), Some("outer"));
+        inner.enter(|| assert_eq!(id().as_deref(), Some("inner")));
+        assert_eq!(id().as_deref(), Some("outer"), "the outer one is back");
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            inner.enter(|| panic!("handler panicked"));
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(id().as_deref(), Some("outer"), "restored on unwind too");
+    });
+    assert_eq!(id(), None);
+    // A clone taken inside outlives the enter that lent it (the count was taken for it).
+    let kept = inner.enter(|| Context::current().unwrap());
+    drop(inner);
+    assert_eq!(kept.request_id(), "inner");
+}
+
+#[tokio::test]
+async fn a_scoped_future_sees_its_context_in_each_poll_and_nothing_leaks_between_polls() {
+    let c = ctx(&[("x-request-id", "scoped")], Duration::from_secs(5)).unwrap();
+    let polls = c.scope(async {
+        let first = Context::current().map(|c| c.request_id().to_string());
+        tokio::task::yield_now().await;
+        let second = Context::current().map(|c| c.request_id().to_string());
+        (first, second)
+    });
+    let other = tokio::spawn(async { Context::current().is_none() });
+    let (first, second) = polls.await;
+    assert_eq!(first.as_deref(), Some("scoped"));
+    assert_eq!(second.as_deref(), Some("scoped"));
+    assert!(
+        other.await.unwrap(),
+        "another task on the runtime sees none"
+    );
+    assert!(Context::current().is_none());
+}
+
+#[test]
+fn a_grpc_content_type_marks_the_context_grpc() {
+    let route = Duration::from_secs(5);
+    assert!(
+        ctx(&[("content-type", "application/grpc+proto")], route)
+            .unwrap()
+            .is_grpc()
+    );
+    assert!(
+        !ctx(&[("content-type", "application/json")], route)
+            .unwrap()
+            .is_grpc()
+    );
+    assert!(!ctx(&[], route).unwrap().is_grpc());
+}

@@ -18,8 +18,11 @@ fn main() -> std::io::Result<()> {
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:8081".into());
     let use_axum = std::env::args().any(|a| a == "--axum");
-    let router =
-        axum::Router::new().route("/", axum::routing::get(|| async { "hello from keel\n" }));
+    // `with_state` turns the handlers into routes once, as `axum::serve` does; a router
+    // served without it rebuilds each handler's route on every request.
+    let router = axum::Router::new()
+        .route("/", axum::routing::get(|| async { "hello from keel\n" }))
+        .with_state(());
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -116,8 +116,13 @@ impl Guards {
     /// The body reached its end (`clean`, or with an error): tell the record, then let
     /// everything go.
     fn ended(&mut self, clean: bool) {
+        // One clock read for every guard that wants the end time.
+        let now = tokio::time::Instant::now();
         if let Some(r) = self.record.as_mut() {
-            r.ended(clean);
+            r.ended_at(clean, now);
+        }
+        if let Some(f) = self.in_flight.as_mut() {
+            f.ended_at(now);
         }
         *self = Guards::default();
     }

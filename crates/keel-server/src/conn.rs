@@ -81,11 +81,10 @@ impl ConnTracker {
     }
 
     /// A request's response finished (or was abandoned).
-    pub(crate) fn request_finished(&self) {
+    pub(crate) fn request_finished(&self, now_ms: u64) {
         // Record idleness before the decrement so the driver never sees in_flight == 0 with a
         // stale idle_since.
-        self.idle_since
-            .store(self.shared.now_ms(), Ordering::Relaxed);
+        self.idle_since.store(now_ms, Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::Release);
         self.shared.request_finished();
     }
@@ -344,7 +343,10 @@ where
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.tracker
             .request_started(req.version() == Version::HTTP_2);
-        let in_flight = Some(InFlight(self.tracker.clone()));
+        let in_flight = Some(InFlight {
+            tracker: self.tracker.clone(),
+            ended: None,
+        });
         let mut stack = self.stack.borrow_mut();
         if crate::layer::ready_now(&mut *stack) {
             ConnFuture::Direct {
@@ -393,11 +395,26 @@ where
 /// A request in flight on its connection and server, until its response ends (or the
 /// response future is dropped: the caller went away).
 #[derive(Debug)]
-pub struct InFlight(Arc<ConnTracker>);
+pub struct InFlight {
+    tracker: Arc<ConnTracker>,
+    /// When the response ended, if a clock read was shared for it.
+    ended: Option<Instant>,
+}
+
+impl InFlight {
+    /// The response ended at `now`.
+    pub(crate) fn ended_at(&mut self, now: Instant) {
+        self.ended = Some(now);
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.request_finished();
+        let now_ms = match self.ended {
+            Some(at) => self.tracker.shared.ms_at(at),
+            None => self.tracker.shared.now_ms(),
+        };
+        self.tracker.request_finished(now_ms);
     }
 }
 
@@ -438,7 +455,7 @@ mod tests {
             matches!(t.check(t.shared.now_ms() + 500_000), TimerCheck::Wait(_)),
             "busy never expires"
         );
-        t.request_finished();
+        t.request_finished(t.shared.now_ms());
         let idle = t.shared.now_ms();
         // Re-armed at most one header timeout ahead (a head could start unseen), but the
         // connection only closes at the idle timeout.
@@ -451,7 +468,7 @@ mod tests {
     async fn a_head_that_starts_unseen_is_still_held_to_the_header_timeout() {
         let t = tracker();
         t.request_started(false);
-        t.request_finished();
+        t.request_finished(t.shared.now_ms());
         let armed = t.shared.now_ms();
         assert_eq!(t.check(armed), TimerCheck::Wait(armed + 10_000));
         // Bytes of a new head arrive 5 s later; nobody touches the timer.
@@ -474,7 +491,7 @@ mod tests {
         // Reading the first head: armed no later than an idle deadline could fall.
         assert_eq!(t.check(now), TimerCheck::Wait(now + 2_000));
         t.request_started(false);
-        t.request_finished();
+        t.request_finished(t.shared.now_ms());
         assert_eq!(t.check(now + 2_000), TimerCheck::Idle);
     }
 
@@ -482,7 +499,7 @@ mod tests {
     async fn http2_frames_while_idle_are_not_request_heads() {
         let t = tracker();
         t.request_started(true);
-        t.request_finished();
+        t.request_finished(t.shared.now_ms());
         t.on_bytes_read();
         let now = t.shared.now_ms();
         assert_eq!(t.check(now), TimerCheck::Wait(now + 75_000));

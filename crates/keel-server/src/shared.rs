@@ -96,7 +96,12 @@ impl Shared {
     /// Milliseconds since the server started; connection timers are kept in this unit so
     /// they fit in atomics.
     pub(crate) fn now_ms(&self) -> u64 {
-        millis(Instant::now().saturating_duration_since(self.epoch))
+        self.ms_at(Instant::now())
+    }
+
+    /// `at` as milliseconds since the epoch.
+    pub(crate) fn ms_at(&self, at: Instant) -> u64 {
+        millis(at.saturating_duration_since(self.epoch))
     }
 
     pub(crate) fn instant_at(&self, ms: u64) -> Instant {

@@ -116,12 +116,17 @@ where
 
 /// `router` with every route labelled (see the module doc). A router of nothing but a
 /// fallback (a proxy) has no templates: its requests keep the `unmatched` label.
+///
+/// The result has its handlers turned into routes once, here (`with_state`, as
+/// `axum::serve` does): a router left as it was builds each handler's route on every request
+/// it serves — with the label layer on it, four allocations per request.
 pub fn label_routes(router: axum::Router) -> axum::Router {
-    if router.has_routes() {
+    let router = if router.has_routes() {
         router.route_layer(RouteLabelLayer::default())
     } else {
         router
-    }
+    };
+    router.with_state(())
 }
 
 #[cfg(test)]

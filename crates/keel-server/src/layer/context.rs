@@ -19,9 +19,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Poll, ready};
+use std::task::Poll;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Request, Response};
 use keel_core::context::{InboundError, InboundPolicy};
 use keel_core::observe::{Outcome, ServerRecord, SharedObserver};
@@ -219,14 +220,16 @@ where
                 {
                     e.listed();
                 }
-                let Ok(mut resp) = ready!(polled);
-                if let Some(e) = end.take() {
+                let mut polled = polled;
+                if let Poll::Ready(Ok(resp)) = &mut polled
+                    && let Some(e) = end.take()
+                {
                     if let Some(v) = request_id_value(&e.ctx) {
                         resp.headers_mut().insert(REQUEST_ID.clone(), v);
                     }
                     resp.body_mut().guards().end = Some(e);
                 }
-                Poll::Ready(Ok(resp))
+                polled
             }
             ContextProj::Refused { resp } => Poll::Ready(Ok(resp
                 .take()
@@ -236,9 +239,33 @@ where
     }
 }
 
+/// The `x-request-id` header value for `ctx`.
+///
+/// `HeaderValue::from_bytes` would allocate for every response. Instead each value is cut
+/// from a per-thread block (`split` of a `BytesMut`, then `freeze`): the value shares the
+/// block and holds a reference count on it, so a block of [`ID_BLOCK`] bytes serves dozens of
+/// ids for two allocations, and goes when the last response that carries one of them is sent.
 fn request_id_value(ctx: &Context) -> Option<HeaderValue> {
-    HeaderValue::from_bytes(ctx.request_id_ref().as_bytes()).ok()
+    thread_local! {
+        static BLOCK: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+    }
+    let id = ctx.request_id_ref().as_bytes();
+    let bytes = BLOCK
+        .try_with(|block| {
+            let mut block = block.borrow_mut();
+            if block.capacity() < id.len() {
+                *block = BytesMut::with_capacity(ID_BLOCK.max(id.len()));
+            }
+            block.extend_from_slice(id);
+            block.split().freeze()
+        })
+        // Only while the thread is being torn down.
+        .unwrap_or_else(|_| Bytes::copy_from_slice(id));
+    HeaderValue::from_maybe_shared(bytes).ok()
 }
+
+/// Bytes per block of request-id header values: 128 generated ids.
+const ID_BLOCK: usize = 4096;
 
 /// Held until the response ends: then the request's scoped tasks are cancelled (nobody waits
 /// for them any more) and its task-dump entry goes.
@@ -336,6 +363,21 @@ mod tests {
     use super::*;
     use crate::layer::service::tests::{call_full, with_handler};
     use std::collections::BTreeMap;
+
+    #[test]
+    fn request_id_values_cut_from_shared_blocks_stay_whole_and_distinct() {
+        // Enough ids to fill several blocks, and values kept alive across block changes.
+        let ctxs: Vec<Context> = (0..3 * ID_BLOCK / 16)
+            .map(|_| Context::background(std::time::Duration::from_secs(1)))
+            .collect();
+        let values: Vec<HeaderValue> = ctxs.iter().map(|c| request_id_value(c).unwrap()).collect();
+        for (c, v) in ctxs.iter().zip(&values) {
+            assert_eq!(v.as_bytes(), c.request_id_ref().as_bytes());
+        }
+        let distinct: std::collections::HashSet<&[u8]> =
+            values.iter().map(HeaderValue::as_bytes).collect();
+        assert_eq!(distinct.len(), values.len());
+    }
 
     #[test]
     fn longest_route_prefix_wins_and_default_applies_elsewhere() {

@@ -65,8 +65,9 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let deadline = req.extensions().get::<Context>().map(Context::deadline);
-        let grpc = grpc::is_grpc(req.headers());
+        let ctx = req.extensions().get::<Context>();
+        let deadline = ctx.map(Context::deadline);
+        let grpc = ctx.map_or_else(|| grpc::is_grpc(req.headers()), Context::is_grpc);
         DeadlineFuture {
             fut: Some(self.inner.call(req)),
             deadline,
@@ -105,8 +106,9 @@ where
             // Polled again after the cut-off: the answer is still the same.
             return Poll::Ready(Ok(refusal::deadline_exceeded(*this.grpc).map(RB::from)));
         };
-        if let Poll::Ready(out) = fut.poll(cx) {
-            return Poll::Ready(out);
+        let out = fut.poll(cx);
+        if out.is_ready() {
+            return out;
         }
         let Some(deadline) = *this.deadline else {
             return Poll::Pending;

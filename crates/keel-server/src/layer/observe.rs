@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Poll, ready};
+use std::task::Poll;
 use std::time::SystemTime;
 
 use http::{HeaderMap, Method, Request, Response};
@@ -86,6 +86,9 @@ where
         let record = self.observer.as_ref().map(|observer| {
             observer.server_started();
             let ctx = req.extensions().get::<Context>().cloned();
+            let grpc = ctx
+                .as_ref()
+                .map_or_else(|| grpc::is_grpc(req.headers()), Context::is_grpc);
             Record {
                 // The first poll is timed from the request's arrival: the clock read that made
                 // its context serves here too (what runs in between takes microseconds, far
@@ -94,10 +97,11 @@ where
                 observer: observer.clone(),
                 ctx,
                 method: req.method().clone(),
-                grpc: grpc::is_grpc(req.headers()),
+                grpc,
                 status: None,
                 grpc_status: None,
                 outcome: None,
+                end: None,
             }
         });
         ObserveFuture {
@@ -131,7 +135,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let Ok(mut resp) = ready!(match this.record.as_mut() {
+        // The answer is completed where it lies and returned as it came: every layer does so,
+        // so the response is not copied out and back at each level.
+        let mut out = match this.record.as_mut() {
             None => this.fut.poll(cx),
             Some(rec) => {
                 let started = rec.poll_started.take().unwrap_or_else(Instant::now);
@@ -142,8 +148,10 @@ where
                 }
                 res
             }
-        });
-        if let Some(mut rec) = this.record.take() {
+        };
+        if let Poll::Ready(Ok(resp)) = &mut out
+            && let Some(mut rec) = this.record.take()
+        {
             rec.status = Some(resp.status().as_u16());
             if rec.grpc {
                 rec.grpc_status = grpc::status(resp.headers());
@@ -155,7 +163,7 @@ where
             }
             resp.body_mut().guards().record = Some(rec);
         }
-        Poll::Ready(Ok(resp))
+        out
     }
 }
 
@@ -170,6 +178,8 @@ pub struct Record {
     status: Option<u16>,
     grpc_status: Option<i32>,
     outcome: Option<Outcome>,
+    /// When the body ended, if a clock read was shared for it.
+    end: Option<Instant>,
 }
 
 impl std::fmt::Debug for Record {
@@ -198,6 +208,13 @@ impl Record {
         }
     }
 
+    /// The body reached its end at `now` (the clock read the other guards share), cleanly or
+    /// not.
+    pub(crate) fn ended_at(&mut self, clean: bool, now: Instant) {
+        self.end = Some(now);
+        self.ended(clean);
+    }
+
     /// The body reached its end, cleanly or not.
     pub(crate) fn ended(&mut self, clean: bool) {
         if self.outcome.is_none() {
@@ -212,11 +229,22 @@ impl Record {
 
 impl Drop for Record {
     fn drop(&mut self) {
-        let duration = self
-            .ctx
-            .as_ref()
-            .map(|c| c.arrived().elapsed())
+        let ctx = self.ctx.as_ref();
+        let duration = ctx
+            .map(|c| {
+                let end = self.end.unwrap_or_else(Instant::now);
+                end.saturating_duration_since(c.arrived())
+            })
             .unwrap_or_default();
+        // Wall-clock time is for spans only: an unsampled request becomes none, so it does
+        // not pay for a second clock read.
+        let start = if ctx.is_none_or(|c| c.trace().sampled) {
+            SystemTime::now()
+                .checked_sub(duration)
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        } else {
+            SystemTime::UNIX_EPOCH
+        };
         self.observer.server(&ServerRecord {
             ctx: self.ctx.as_ref(),
             route: self.route(),
@@ -227,9 +255,7 @@ impl Drop for Record {
             grpc_status: self.grpc_status,
             // Dropped before the body ended and with nothing recorded: the caller left.
             outcome: self.outcome.unwrap_or(Outcome::Cancelled),
-            start: SystemTime::now()
-                .checked_sub(duration)
-                .unwrap_or(SystemTime::UNIX_EPOCH),
+            start,
             duration,
             peer: None,
         });
@@ -268,6 +294,7 @@ pub(crate) mod tests {
             status: Some(200),
             grpc_status: None,
             outcome: None,
+            end: None,
         }
     }
 
