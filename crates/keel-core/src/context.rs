@@ -486,7 +486,7 @@ impl<'a> Found<'a> {
             &mut self.retry
         } else if is(names::COLOR) {
             &mut self.color
-        } else if is("content-type") {
+        } else if is(http::header::CONTENT_TYPE.as_str()) {
             &mut self.content_type
         } else if is(names::BAGGAGE) {
             return Some(Slot::Baggage);

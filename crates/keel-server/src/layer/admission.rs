@@ -147,13 +147,10 @@ where
     type Output = Result<Response<RB>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        let (mut out, slot) = match self.project() {
+        let (resp, slot) = match self.project() {
             AdmissionProj::Now { fut, slot } => {
-                let out = fut.poll(cx);
-                if out.is_pending() {
-                    return out;
-                }
-                (out, slot.take())
+                let Ok(resp) = ready!(fut.poll(cx));
+                (resp, slot.take())
             }
             AdmissionProj::Queued {
                 wait,
@@ -175,25 +172,21 @@ where
                         }
                     }
                 }
-                let out = call.poll(cx);
-                if out.is_pending() {
-                    return out;
-                }
-                (out, slot.take())
+                let Ok(resp) = ready!(call.poll(cx));
+                (resp, slot.take())
             }
             AdmissionProj::Shed { resp } => {
                 let resp = resp.take().unwrap_or_else(refusal::internal_error);
                 return Poll::Ready(Ok(resp.map(RB::from)));
             }
         };
-        if let Some(mut s) = slot
-            && let Poll::Ready(Ok(resp)) = &mut out
-        {
+        let mut resp = resp;
+        if let Some(mut s) = slot {
             // The handler's service time (admission to response head) feeds the limit.
             s.0.answered();
             resp.body_mut().guards().slot = Some(s);
         }
-        out
+        Poll::Ready(Ok(resp))
     }
 }
 

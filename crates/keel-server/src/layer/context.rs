@@ -19,7 +19,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::Poll;
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -220,16 +220,14 @@ where
                 {
                     e.listed();
                 }
-                let mut polled = polled;
-                if let Poll::Ready(Ok(resp)) = &mut polled
-                    && let Some(e) = end.take()
-                {
+                let Ok(mut resp) = ready!(polled);
+                if let Some(e) = end.take() {
                     if let Some(v) = request_id_value(&e.ctx) {
                         resp.headers_mut().insert(REQUEST_ID.clone(), v);
                     }
                     resp.body_mut().guards().end = Some(e);
                 }
-                polled
+                Poll::Ready(Ok(resp))
             }
             ContextProj::Refused { resp } => Poll::Ready(Ok(resp
                 .take()

@@ -106,9 +106,8 @@ where
             // Polled again after the cut-off: the answer is still the same.
             return Poll::Ready(Ok(refusal::deadline_exceeded(*this.grpc).map(RB::from)));
         };
-        let out = fut.poll(cx);
-        if out.is_ready() {
-            return out;
+        if let Poll::Ready(out) = fut.poll(cx) {
+            return Poll::Ready(out);
         }
         let Some(deadline) = *this.deadline else {
             return Poll::Pending;

@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -107,10 +107,7 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let mut out = this.fut.poll(cx);
-        let Poll::Ready(Ok(resp)) = &mut out else {
-            return out;
-        };
+        let Ok(mut resp) = ready!(this.fut.poll(cx));
         let status = resp.status();
         strip_hop_by_hop(resp.headers_mut(), status);
         if let Some(state) = this.keep_alive.as_ref()
@@ -121,7 +118,7 @@ where
             resp.headers_mut()
                 .insert(KEEP_ALIVE.clone(), state.keep_alive.clone());
         }
-        out
+        Poll::Ready(Ok(resp))
     }
 }
 

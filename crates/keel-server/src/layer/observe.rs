@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Poll, ready};
 use std::time::SystemTime;
 
 use http::{HeaderMap, Method, Request, Response};
@@ -135,9 +135,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        // The answer is completed where it lies and returned as it came: every layer does so,
-        // so the response is not copied out and back at each level.
-        let mut out = match this.record.as_mut() {
+        let Ok(mut resp) = ready!(match this.record.as_mut() {
             None => this.fut.poll(cx),
             Some(rec) => {
                 let started = rec.poll_started.take().unwrap_or_else(Instant::now);
@@ -148,10 +146,8 @@ where
                 }
                 res
             }
-        };
-        if let Poll::Ready(Ok(resp)) = &mut out
-            && let Some(mut rec) = this.record.take()
-        {
+        });
+        if let Some(mut rec) = this.record.take() {
             rec.status = Some(resp.status().as_u16());
             if rec.grpc {
                 rec.grpc_status = grpc::status(resp.headers());
@@ -163,7 +159,7 @@ where
             }
             resp.body_mut().guards().record = Some(rec);
         }
-        out
+        Poll::Ready(Ok(resp))
     }
 }
 
