@@ -344,8 +344,22 @@ impl Client {
         Context::background(timeout)
     }
 
-    /// One call: admission, attempts, retries.
+    /// One call, its time counted in `ctx` as waiting on an upstream (the caller's overload
+    /// control leaves it out of the caller's own service time).
     async fn send(
+        &self,
+        ctx: &Context,
+        parts: Parts,
+        body: Bytes,
+    ) -> Result<Response<Body>, ClientError> {
+        let started = tokio::time::Instant::now();
+        let out = self.send_attempts(ctx, parts, body).await;
+        ctx.add_upstream_wait(started.elapsed());
+        out
+    }
+
+    /// One call: admission, attempts, retries.
+    async fn send_attempts(
         &self,
         ctx: &Context,
         parts: Parts,
@@ -512,7 +526,14 @@ impl Client {
                     }
                     Some((f, retry_after)) => {
                         call.failure(balance, retry_after);
-                        self.upstream.report(addr, false, retry_after);
+                        // A `Retry-After` is an endpoint shedding load, alive and protecting
+                        // itself: the balancer's penalty above steers calls elsewhere while a
+                        // peer exists, but the run of failures that ejects a dead endpoint is
+                        // not fed, so a lone endpoint (or every endpoint shedding at once)
+                        // stays in rotation.
+                        if retry_after.is_none() {
+                            self.upstream.report(addr, false, None);
+                        }
                         Outcome::Refused(resp, f, addr)
                     }
                 });
@@ -777,9 +798,16 @@ pub fn keep_alive_timeout(h: &HeaderMap) -> Option<Duration> {
 /// For gRPC, a *trailers-only* response (the usual shape of an error) carries `grpc-status`
 /// in its headers and is classified here; a status in trailers after a body is not seen yet.
 fn classify_status(s: StatusCode, h: &HeaderMap) -> Option<(Failure, Option<Duration>)> {
+    let retry_after = || {
+        h.get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs)
+    };
     if let Some(code) = keel_core::grpc::status(h) {
         return match code {
-            14 => Some((Failure::GrpcUnavailable, None)),
+            // Keel's server sheds gRPC calls as UNAVAILABLE with a `Retry-After` header.
+            14 => Some((Failure::GrpcUnavailable, retry_after())),
             c if keel_core::grpc::is_server_failure(c) => Some((Failure::GrpcOther(c), None)),
             _ => None,
         };
@@ -787,11 +815,7 @@ fn classify_status(s: StatusCode, h: &HeaderMap) -> Option<(Failure, Option<Dura
     if !s.is_server_error() {
         return None;
     }
-    let retry_after = h
-        .get(http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = retry_after();
     let f = if s == StatusCode::SERVICE_UNAVAILABLE {
         // The body has not been read: a 503 is safe to send elsewhere.
         Failure::Status503NoBody
@@ -833,6 +857,14 @@ mod tests {
         let grpc = |code: &str| classify_status(StatusCode::OK, &headers(&[("grpc-status", code)]));
         assert_eq!(grpc("0"), None);
         assert_eq!(grpc("14"), Some((Failure::GrpcUnavailable, None)));
+        // A shedding Keel server says when to come back, over gRPC too.
+        assert_eq!(
+            classify_status(
+                StatusCode::OK,
+                &headers(&[("grpc-status", "14"), ("retry-after", "1")])
+            ),
+            Some((Failure::GrpcUnavailable, Some(Duration::from_secs(1))))
+        );
         assert_eq!(grpc("4"), Some((Failure::GrpcOther(4), None)));
         assert_eq!(grpc("3"), None, "INVALID_ARGUMENT is the caller's fault");
         assert_eq!(grpc("5"), None, "NOT_FOUND is an answer");

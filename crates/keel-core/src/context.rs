@@ -14,6 +14,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
@@ -116,6 +117,9 @@ struct Inner {
     /// The request is gRPC (by its `content-type`).
     grpc: bool,
     scope: TaskScope,
+    /// Microseconds this request has spent waiting on Keel's client (its upstreams): not the
+    /// service's own time, so the server's overload control leaves it out.
+    upstream_wait_us: AtomicU64,
 }
 
 /// The request context. Cheap to clone.
@@ -213,6 +217,7 @@ impl Context {
                     .content_type
                     .is_some_and(|v| v.starts_with(crate::grpc::CONTENT_TYPE_PREFIX)),
                 scope: TaskScope::new(registry, owner),
+                upstream_wait_us: AtomicU64::new(0),
             }),
         })
     }
@@ -247,6 +252,7 @@ impl Context {
                 retry: false,
                 grpc: false,
                 scope: TaskScope::new(registry, owner),
+                upstream_wait_us: AtomicU64::new(0),
             }),
         }
     }
@@ -286,6 +292,20 @@ impl Context {
         let previous = CURRENT.with(|c| c.replace(Arc::as_ptr(&self.inner)));
         let _restore = Restore(previous);
         f()
+    }
+
+    /// Count `waited` as time this request spent waiting on an upstream (Keel's client does
+    /// this for every call it makes with this context). Overload control subtracts it from
+    /// the service time it learns from: a proxy is not overloaded because its upstream is slow.
+    pub fn add_upstream_wait(&self, waited: Duration) {
+        let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        self.inner.upstream_wait_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Time spent waiting on upstreams so far (the sum over calls; concurrent calls overlap,
+    /// so the sum can exceed the wall-clock time they took).
+    pub fn upstream_wait(&self) -> Duration {
+        Duration::from_micros(self.inner.upstream_wait_us.load(Ordering::Relaxed))
     }
 
     /// Whether the request this context was made for is gRPC (its `content-type`), so a

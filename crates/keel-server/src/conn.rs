@@ -54,6 +54,9 @@ pub(crate) struct ConnTracker {
     /// Set once a request arrived over HTTP/2: frames there (PINGs, window updates) are not
     /// request heads, so the head timer no longer applies.
     h2: AtomicBool,
+    /// When the last bytes read reached the socket, by the kernel's receive timestamp
+    /// (nanoseconds since the Unix epoch; 0 = not known). See [`crate::rxstamp`].
+    rx_stamp_ns: AtomicU64,
 }
 
 impl ConnTracker {
@@ -67,6 +70,16 @@ impl ConnTracker {
             // connects and sends nothing is held to the header timeout, not the idle one.
             head_started: AtomicU64::new(now + 1),
             h2: AtomicBool::new(false),
+            rx_stamp_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// How long the request being dispatched waited since its bytes reached the socket, if
+    /// the kernel dated them.
+    fn queueing_delay_ns(&self) -> Option<u64> {
+        match self.rx_stamp_ns.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(crate::rxstamp::now_ns().saturating_sub(at)),
         }
     }
 
@@ -138,11 +151,13 @@ enum TimerCheck {
 }
 
 pin_project_lite::pin_project! {
-    /// The socket, instrumented to notice when a new request head starts arriving.
+    /// The socket, instrumented to notice when a new request head starts arriving and, with
+    /// `stamped`, to read the kernel's receive timestamps.
     struct TrackedIo {
         #[pin]
         inner: TcpStream,
         tracker: Arc<ConnTracker>,
+        stamped: bool,
     }
 }
 
@@ -154,13 +169,78 @@ impl AsyncRead for TrackedIo {
     ) -> Poll<io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
-        let res = this.inner.poll_read(cx, buf);
+        let res = if *this.stamped {
+            poll_read_stamped(&this.inner, this.tracker, cx, buf)
+        } else {
+            this.inner.poll_read(cx, buf)
+        };
         if let Poll::Ready(Ok(())) = res {
             if buf.filled().len() > before {
                 this.tracker.on_bytes_read();
             }
         }
         res
+    }
+}
+
+/// A read with `recvmsg`, keeping the receive timestamp it returns.
+#[cfg(target_os = "linux")]
+fn poll_read_stamped(
+    stream: &TcpStream,
+    tracker: &ConnTracker,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    use std::os::fd::AsRawFd;
+    loop {
+        ready!(stream.poll_read_ready(cx))?;
+        // SAFETY: the kernel only writes initialised bytes into the unfilled part, and exactly
+        // `n` of them, which is what `assume_init` below claims.
+        let unfilled = unsafe { buf.unfilled_mut() };
+        let fd = stream.as_raw_fd();
+        match stream.try_io(tokio::io::Interest::READABLE, || {
+            crate::rxstamp::recv(fd, unfilled)
+        }) {
+            Ok((n, stamp)) => {
+                // SAFETY: `recv` wrote `n` bytes at the start of the unfilled part.
+                unsafe { buf.assume_init(n) };
+                buf.advance(n);
+                if stamp != 0 {
+                    tracker.rx_stamp_ns.store(stamp, Ordering::Relaxed);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            // Readiness was stale: `try_io` cleared it, so the next poll waits for the socket.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// Never called off Linux: `rxstamp::enable` says no there, so `stamped` stays false.
+#[cfg(not(target_os = "linux"))]
+fn poll_read_stamped(
+    _stream: &TcpStream,
+    _tracker: &ConnTracker,
+    _cx: &mut Context<'_>,
+    _buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    Poll::Ready(Err(io::Error::other("receive timestamps are Linux-only")))
+}
+
+thread_local! {
+    /// The queueing delay (ns) of the request being dispatched on this thread, set by the
+    /// connection around the synchronous `call` of the stack; `u64::MAX` = not known.
+    static QUEUED_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
+}
+
+/// The queueing delay of the request whose `call` is running on this thread: how long its
+/// bytes waited in the socket before Keel dispatched it, when the kernel dated them. Layers
+/// read it in their `call` (the admission layer does); anywhere else it is `None`.
+pub(crate) fn queueing_delay() -> Option<std::time::Duration> {
+    match QUEUED_NS.get() {
+        u64::MAX => None,
+        ns => Some(std::time::Duration::from_nanos(ns)),
     }
 }
 
@@ -238,9 +318,19 @@ pub(crate) async fn serve_connection<T, B>(
     B::Error: Into<BoxError>,
 {
     let tracker = Arc::new(ConnTracker::new(shared.clone()));
+    // Receive timestamps only feed overload control; without it they are not asked for.
+    let stamped = shared
+        .limiter
+        .as_ref()
+        .is_some_and(|l| l.config().rx_timestamps)
+        && {
+            use std::os::fd::AsRawFd;
+            crate::rxstamp::enable(stream.as_raw_fd())
+        };
     let io = TokioIo::new(TrackedIo {
         inner: stream,
         tracker: tracker.clone(),
+        stamped,
     });
     let svc = ConnService {
         stack: RefCell::new(stack),
@@ -349,10 +439,17 @@ where
         });
         let mut stack = self.stack.borrow_mut();
         if crate::layer::ready_now(&mut *stack) {
-            ConnFuture::Direct {
-                fut: stack.call(req),
-                in_flight,
+            // The stack's `call` runs synchronously on this thread: its layers see this
+            // request's queueing delay through `queueing_delay()`, and nothing else does.
+            let queued = self.tracker.queueing_delay_ns();
+            if let Some(ns) = queued {
+                QUEUED_NS.set(ns);
             }
+            let fut = stack.call(req);
+            if queued.is_some() {
+                QUEUED_NS.set(u64::MAX);
+            }
+            ConnFuture::Direct { fut, in_flight }
         } else {
             ConnFuture::Waiting {
                 fut: Oneshot::new(stack.clone(), req),

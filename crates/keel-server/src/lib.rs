@@ -27,6 +27,7 @@ pub mod listener;
 pub mod overload;
 pub mod readiness;
 pub mod refusal;
+mod rxstamp;
 mod server;
 mod shared;
 mod stats;

@@ -272,7 +272,7 @@ pub(crate) fn overload_families(
     e: &mut keel_telemetry::metrics::Exposition,
     o: &keel_server::overload::OverloadStats,
 ) {
-    let gauges: [(&str, &str, f64); 6] = [
+    let gauges: [(&str, &str, f64); 11] = [
         (
             "keel_overload_limit",
             "The adaptive concurrency limit now.",
@@ -304,8 +304,33 @@ pub(crate) fn overload_families(
         ),
         (
             "keel_overload_baseline_service_seconds",
-            "Service time when not overloaded.",
+            "The service's own time (upstream waits left out) when not overloaded.",
             o.baseline.as_secs_f64(),
+        ),
+        (
+            "keel_overload_queue_delay_seconds",
+            "Queueing delay of the last request: from its bytes reaching the socket to admission.",
+            o.queue_delay.as_secs_f64(),
+        ),
+        (
+            "keel_overload_min_queue_delay_seconds",
+            "Least queueing delay over the last CoDel interval: over the target means a standing queue.",
+            o.min_queue_delay.as_secs_f64(),
+        ),
+        (
+            "keel_overload_standing_queue",
+            "1 while a standing queue is being shed (CoDel), else 0.",
+            f64::from(u8::from(o.standing_queue)),
+        ),
+        (
+            "keel_overload_cpu_usage",
+            "Process CPU usage over the cores it may use, as last sampled.",
+            o.cpu,
+        ),
+        (
+            "keel_overload_cpu_hot",
+            "1 while CPU usage is over the threshold or within its cool-off, else 0.",
+            f64::from(u8::from(o.cpu_hot)),
         ),
     ];
     for (name, help, v) in gauges {
@@ -320,17 +345,16 @@ pub(crate) fn overload_families(
     e.sample("keel_overload_admitted_total", &[], o.admitted as f64);
     e.family(
         "keel_overload_shed_total",
-        "Requests shed, by reason: queue_full, queue_timeout, deadline (too little time left), cpu.",
+        "Requests shed, by reason: queue_full, queue_timeout (over the concurrency limit), \
+         deadline (too little time left), cpu and queue_delay (a standing queue, with the CPU \
+         hot or not).",
         "counter",
     );
-    for (i, reason) in ["queue_full", "queue_timeout", "deadline", "cpu"]
-        .iter()
-        .enumerate()
-    {
+    for (why, n) in keel_server::overload::Shed::ALL.iter().zip(o.shed) {
         e.sample(
             "keel_overload_shed_total",
-            &[("reason", reason)],
-            o.shed[i] as f64,
+            &[("reason", why.as_str())],
+            n as f64,
         );
     }
 }

@@ -74,25 +74,31 @@ where
             };
         };
         // Without a context (a stack reordered without one) the request has all the time in
-        // the world as far as admission is concerned.
-        let ctx = req.extensions().get::<Context>();
+        // the world as far as admission is concerned. Kept until the answer, for the time the
+        // handler spent waiting on upstreams.
+        let ctx = req.extensions().get::<Context>().cloned();
         // Time left as of arrival, microseconds ago: close enough to decide admission, and it
         // saves reading the clock again.
-        let remaining = ctx.map_or(Duration::MAX, |c| {
+        let remaining = ctx.as_ref().map_or(Duration::MAX, |c| {
             c.deadline().saturating_duration_since(c.arrived())
         });
-        let arrived = ctx.map_or_else(tokio::time::Instant::now, Context::arrived);
+        let arrived = ctx
+            .as_ref()
+            .map_or_else(tokio::time::Instant::now, Context::arrived);
         let critical = limiter.is_critical(req.uri().path());
+        // The time the request's bytes waited in the socket, when the connection knows it.
+        let queued = crate::conn::queueing_delay();
         // Whether to answer a refusal as gRPC is looked up only when there is one to give.
-        match limiter.admit_since(remaining, critical, arrived) {
+        match limiter.admit_since(remaining, critical, arrived, queued) {
             Decision::Now(permit) => AdmissionFuture::Now {
                 fut: self.inner.call(req),
-                slot: Some(Slot(permit)),
+                slot: Some(Slot(permit, ctx)),
             },
             // Only a request that has to wait pays for a clone of the service it will call.
             Decision::Wait(wait) => AdmissionFuture::Queued {
                 wait: Some(wait),
                 slot: None,
+                ctx,
                 grpc: grpc::is_grpc(req.headers()),
                 call: Oneshot::new(self.inner.clone(), req),
                 retry_after: self.layer.retry_after.clone(),
@@ -125,6 +131,7 @@ pin_project_lite::pin_project! {
             #[pin]
             call: Oneshot<S, R>,
             slot: Option<Slot>,
+            ctx: Option<Context>,
             grpc: bool,
             retry_after: HeaderValue,
         },
@@ -156,6 +163,7 @@ where
                 wait,
                 call,
                 slot,
+                ctx,
                 grpc,
                 retry_after,
             } => {
@@ -163,7 +171,7 @@ where
                     match ready!(w.as_mut().poll(cx)) {
                         Ok(permit) => {
                             *wait = None;
-                            *slot = Some(Slot(permit));
+                            *slot = Some(Slot(permit, ctx.take()));
                         }
                         Err(why) => {
                             *wait = None;
@@ -182,17 +190,20 @@ where
         };
         let mut resp = resp;
         if let Some(mut s) = slot {
-            // The handler's service time (admission to response head) feeds the limit.
-            s.0.answered();
+            // The handler's own service time (admission to response head, less its time
+            // waiting on upstreams) feeds the limit.
+            let upstream = s.1.take().map_or(Duration::ZERO, |c| c.upstream_wait());
+            s.0.answered_waiting(upstream);
             resp.body_mut().guards().slot = Some(s);
         }
         Poll::Ready(Ok(resp))
     }
 }
 
-/// A request's slot under the limit, released when its response ends.
+/// A request's slot under the limit, released when its response ends (with the request's
+/// context until the answer, for its time spent on upstreams).
 #[derive(Debug)]
-pub struct Slot(Permit);
+pub struct Slot(Permit, Option<Context>);
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
