@@ -33,30 +33,34 @@
 //! otherwise as `queue_delay`.
 //!
 //! **3. A concurrency limit on the service's own time**, for queues Keel cannot see: a handler
-//! waiting on a pool of eight connections queues *inside* the handler. After every answer the
-//! limit learns from the service time (admission to response head) **minus the time the
-//! request spent waiting on Keel's client** ([`keel_core::Context::upstream_wait`]): a proxy
-//! is not overloaded because its upstream is slow — the upstream's own limiter and the
-//! client's breaker and balancer handle that. The limit shrinks only when the recent service
-//! time (an average over about ten answers) has stayed above *both* `tolerance` × baseline
-//! and baseline + `slack` for a whole `interval`:
+//! waiting on a pool of eight connections queues *inside* the handler. The limit learns from
+//! each answer's service time (admission to response head) **minus the time the request spent
+//! waiting on Keel's client** ([`keel_core::Context::upstream_wait`]): a proxy is not
+//! overloaded because its upstream is slow — the upstream's own limiter and the client's
+//! breaker and balancer handle that. It applies CoDel's idea to service time: every
+//! `interval` (100 ms, and at least eight answers), the **least** own time of the interval is
+//! compared with the baseline (the least of a healthy interval):
 //!
 //! ```text
 //! threshold = max(tolerance × baseline, baseline + slack)
-//! over      = recent > threshold, continuously for ≥ interval
-//! over:     limit ← limit × clamp(threshold / recent, 0.5, 1)      (smoothed)
-//! otherwise limit ← limit + √limit                                  (smoothed; only while
-//!                                                                     ≥ half the limit is used)
+//! least > threshold  →  limit ← limit × clamp(threshold / least, 0.5, 1)
+//! otherwise          →  limit ← limit + √limit
 //! ```
 //!
-//! The slack is what keeps a fast service (tens of microseconds of its own) from reading a
-//! scheduler's millisecond as a 30× slowdown; the persistence is what keeps single slow
-//! answers from moving anything (Envoy's adaptive concurrency filter needed a 25 % buffer on a
-//! p50 for the same reason). The baseline is not the fastest sample, which Netflix's javadoc
-//! warns biases towards "an impractically low base RTT": it falls at once to the recent
-//! average when that is lower, follows it up over ~10 s while the service is healthy, and
-//! only over `baseline_window` (60 s) while it is over its threshold — so an overload is shed
-//! for its length, and a release that really made the service slower becomes normal.
+//! each step taken `smoothing` of the way, and only after an interval in which half the limit
+//! was in use (light load says nothing about capacity). When even the fastest answer of an
+//! interval was slow, every request queued; one fast answer shows the service can still be
+//! fast, so a service whose time varies (1 to 30 ms, say), a slow answer or a scheduler's
+//! stall moves nothing. Comparing an average with a minimum is what made Gradient2 throttle
+//! services with varied answers (its javadoc warns of "an impractically low base RTT"; a first
+//! version of this module, which compared a ten-answer average with a falling baseline,
+//! throttled such an upstream in this crate's tests); a least with a least is like with like.
+//! The slack keeps a fast service (tens of microseconds of its own) from reading a scheduler's
+//! millisecond as a thirtyfold slowdown. The baseline falls at once to a lower healthy least,
+//! rises towards a higher one over ~10 s while healthy, and only over `baseline_window` (60 s)
+//! while over the threshold — so an overload is shed for its length, and a release that
+//! really made the service slower becomes normal. A service that starts overloaded still
+//! finds its baseline: the first requests, admitted into an empty service, are fast.
 //!
 //! **Over the limit**, a request waits in a LIFO queue for at most `queue_timeout`, twice the
 //! recent service time (but at least 5 ms, a few scheduler slices), and a quarter of its
@@ -90,9 +94,12 @@ use tokio::time::Instant;
 /// deadline is shorter): see `admit`.
 const MIN_QUEUE_WAIT: Duration = Duration::from_millis(5);
 
-/// While the service is healthy the baseline follows a higher recent service time over this
-/// long (weight `elapsed / HEALTHY_BASELINE_WINDOW` per answer).
+/// While the service is healthy, a higher least service time becomes the baseline over this
+/// long (weight `interval / HEALTHY_BASELINE_WINDOW` per interval).
 const HEALTHY_BASELINE_WINDOW: Duration = Duration::from_secs(10);
+
+/// Answers an interval needs before it gives a verdict on the limit.
+const MIN_INTERVAL_ANSWERS: u32 = 8;
 
 /// `[overload]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,17 +116,17 @@ pub struct OverloadConfig {
     /// The limit never rises above this. 2000: far above what one instance should hold in
     /// flight; a bound on memory, not a tuning knob.
     pub max_limit: u32,
-    /// The service's own time may grow to this multiple of its baseline (and by `slack`)
-    /// before the limit shrinks. 1.5 (Netflix's default).
+    /// The least own service time of an interval may grow to this multiple of its baseline
+    /// (and by `slack`) before the limit shrinks. 1.5 (Netflix's default).
     pub tolerance: f64,
-    /// The service's own time may grow by this much over its baseline (and to `tolerance` ×
-    /// it) before the limit shrinks. 5 ms: a few scheduler time slices, so a fast service on
-    /// a shared core is not throttled by being descheduled.
+    /// The least own service time of an interval may grow by this much over its baseline
+    /// (and to `tolerance` × it) before the limit shrinks. 5 ms: a few scheduler time slices,
+    /// so a fast service on a shared core is not throttled by being descheduled.
     pub slack: keel_config::Duration,
-    /// How long a signal must persist before it counts: the CoDel window for queueing delay,
-    /// and how long the service time must stay over its threshold before the limit shrinks.
-    /// 100 ms (CoDel's interval): longer than any scheduler stall, short enough that a real
-    /// overload is shed within a tenth of a second.
+    /// How long a signal must persist before it counts: the window whose least queueing
+    /// delay, and whose least own service time, are judged. 100 ms (CoDel's interval): longer
+    /// than any scheduler stall, short enough that a real overload is shed within a tenth of
+    /// a second.
     pub interval: keel_config::Duration,
     /// Queueing delay that, when even the fastest request of an `interval` waited longer,
     /// means a standing queue; while it stands, requests that waited longer are shed. 5 ms
@@ -129,10 +136,12 @@ pub struct OverloadConfig {
     /// buffer while the workers were busy counts as queueing delay. On by default: its cost is
     /// a `recvmsg` instead of a `read` and one clock read per request (see BENCH.md).
     pub rx_timestamps: bool,
-    /// How fast the limit follows its target: 0.2 moves a fifth of the way per answer.
+    /// How far the limit moves towards its target per interval. 1.0 (all the way): decisions
+    /// are already one per interval on a persistent signal, and a slower descent would let a
+    /// real overload queue for longer.
     pub smoothing: f64,
-    /// How long a higher service time must persist, while over its threshold, to become the
-    /// new baseline. 60 s: an overload is shed for its whole length, while a deploy that
+    /// How long a higher least service time must persist, while over its threshold, to
+    /// become the new baseline. 60 s: an overload is shed for its whole length, while a deploy that
     /// really made the service slower is accepted within a minute or two.
     pub baseline_window: keel_config::Duration,
     /// Requests waiting for a slot before new ones are shed at once. 64 bounds memory and
@@ -172,7 +181,7 @@ impl Default for OverloadConfig {
             interval: keel_config::Duration::from_millis(100),
             target_delay: keel_config::Duration::from_millis(5),
             rx_timestamps: true,
-            smoothing: 0.2,
+            smoothing: 1.0,
             baseline_window: keel_config::Duration::from_secs(60),
             max_queue: 64,
             queue_timeout: keel_config::Duration::from_millis(50),
@@ -342,13 +351,16 @@ pub struct OverloadStats {
 #[derive(Debug, Clone)]
 pub struct ConcurrencyLimit {
     limit: f64,
-    /// Seconds; the no-overload service time.
+    /// Seconds; the least own service time of a healthy interval.
     baseline: Option<f64>,
-    /// Seconds; a short average of recent service times.
+    /// Seconds; a short average of recent service times (the expected service time).
     recent: Option<f64>,
-    last: Option<Instant>,
-    /// Since when the recent service time has been over its threshold.
-    over_since: Option<Instant>,
+    /// The interval being measured: when it ends, its least service time, how many answers
+    /// it saw, and whether half the limit was in use at any of them.
+    interval_end: Option<Instant>,
+    interval_min: f64,
+    interval_answers: u32,
+    interval_busy: bool,
     cfg: OverloadConfig,
 }
 
@@ -359,8 +371,10 @@ impl ConcurrencyLimit {
             limit: f64::from(cfg.initial_limit),
             baseline: None,
             recent: None,
-            last: None,
-            over_since: None,
+            interval_end: None,
+            interval_min: f64::INFINITY,
+            interval_answers: 0,
+            interval_busy: false,
             cfg: cfg.clone(),
         }
     }
@@ -375,7 +389,7 @@ impl ConcurrencyLimit {
         self.recent.map(Duration::from_secs_f64)
     }
 
-    /// The no-overload service time.
+    /// The no-overload service time (the least of a healthy interval).
     pub fn baseline(&self) -> Option<Duration> {
         self.baseline.map(Duration::from_secs_f64)
     }
@@ -384,49 +398,50 @@ impl ConcurrencyLimit {
     /// requests holding slots.
     pub fn update(&mut self, own: Duration, now: Instant, in_flight: usize) {
         let sample = own.as_secs_f64();
-        let recent = self.recent.map_or(sample, |r| r + (sample - r) * 0.1);
-        self.recent = Some(recent);
-        let dt = self
-            .last
-            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
-        self.last = Some(now);
-        let baseline = self.baseline.unwrap_or(recent);
+        self.recent = Some(self.recent.map_or(sample, |r| r + (sample - r) * 0.1));
+        self.interval_min = self.interval_min.min(sample);
+        self.interval_answers = self.interval_answers.saturating_add(1);
+        // Light load says nothing about capacity: the limit moves only after an interval in
+        // which at least half of it was in use.
+        self.interval_busy |= in_flight as f64 >= self.limit / 2.0;
+        let interval = self.cfg.interval.get();
+        let end = *self.interval_end.get_or_insert(now + interval);
+        // A verdict needs a few answers: at a handful per interval the least of them says
+        // little, so a slow trickle stretches the interval instead.
+        if now < end || self.interval_answers < MIN_INTERVAL_ANSWERS {
+            return;
+        }
+        let least = self.interval_min;
+        let baseline = self.baseline.unwrap_or(least);
         let threshold =
             (self.cfg.tolerance * baseline).max(baseline + self.cfg.slack.get().as_secs_f64());
-        let over = recent > threshold;
-        let baseline = if recent <= baseline {
-            recent
+        // Even the fastest answer of the interval was slow: every request queued somewhere
+        // inside the service.
+        let over = least > threshold;
+        self.baseline = Some(if least <= baseline {
+            least
         } else {
             let window = if over {
                 self.cfg.baseline_window.get()
             } else {
                 HEALTHY_BASELINE_WINDOW
             };
-            let w = (dt / window.as_secs_f64().max(1e-3)).min(1.0);
-            baseline + (recent - baseline) * w
-        };
-        self.baseline = Some(baseline);
-        let persistent = if over {
-            let since = *self.over_since.get_or_insert(now);
-            now.saturating_duration_since(since) >= self.cfg.interval.get()
-        } else {
-            self.over_since = None;
-            false
-        };
-        if (in_flight as f64) < self.limit / 2.0 {
-            // Light load says nothing about capacity.
-            return;
+            let w = (interval.as_secs_f64() / window.as_secs_f64().max(1e-3)).min(1.0);
+            baseline + (least - baseline) * w
+        });
+        if self.interval_busy {
+            let target = if over {
+                self.limit * (threshold / least).clamp(0.5, 1.0)
+            } else {
+                self.limit + self.limit.sqrt()
+            };
+            let next = self.limit + (target - self.limit) * self.cfg.smoothing;
+            self.limit = next.clamp(f64::from(self.cfg.min_limit), f64::from(self.cfg.max_limit));
         }
-        let target = if persistent {
-            self.limit * (threshold / recent).clamp(0.5, 1.0)
-        } else if over {
-            // Over, not yet for long: hold still.
-            self.limit
-        } else {
-            self.limit + self.limit.sqrt()
-        };
-        let next = (1.0 - self.cfg.smoothing) * self.limit + self.cfg.smoothing * target;
-        self.limit = next.clamp(f64::from(self.cfg.min_limit), f64::from(self.cfg.max_limit));
+        self.interval_end = Some(now + interval);
+        self.interval_min = f64::INFINITY;
+        self.interval_answers = 0;
+        self.interval_busy = false;
     }
 }
 

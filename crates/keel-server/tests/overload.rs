@@ -16,7 +16,7 @@ use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use keel_core::Shutdown;
-use keel_server::overload::OverloadConfig;
+use keel_server::overload::{OverloadConfig, Shed};
 use keel_server::{HttpSettings, Readiness, Server, ServerConfig, ServerHandle};
 use keel_test_support as ts;
 use tokio::sync::Semaphore;
@@ -216,4 +216,101 @@ async fn probes_are_never_shed() {
         .unwrap();
     assert_eq!(status, 200, "liveness is never shed");
     assert_eq!(hold.await.unwrap().unwrap().0, 200);
+}
+
+/// A server whose one runtime worker burns `cpu` of CPU per request on the worker itself, the
+/// way a handler that hashes, compresses or renders does: no `.await` point, so the backlog
+/// forms in the kernel's socket buffers, never in a queue of Keel's.
+fn start_cpu_bound(cpu: Duration) -> (SocketAddr, ServerHandle) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let router = Router::new().route(
+                "/cpu",
+                get(move || async move {
+                    let until = std::time::Instant::now() + cpu;
+                    let mut x = 0u64;
+                    while std::time::Instant::now() < until {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                    }
+                    "done"
+                }),
+            );
+            let settings = HttpSettings {
+                server: ServerConfig {
+                    addr: "127.0.0.1:0".parse().unwrap(),
+                    ..ServerConfig::default()
+                },
+                // The defaults: nothing tuned for the test.
+                overload: OverloadConfig::default(),
+                ..HttpSettings::default()
+            };
+            let shutdown = Shutdown::new();
+            let readiness = Readiness::new(Default::default(), shutdown.clone());
+            let server = Server::bind(&settings, 1, readiness, shutdown).unwrap();
+            tx.send((server.local_addr(), server.handle())).unwrap();
+            server.serve(router).await.unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_bound_handler_offered_more_than_it_can_do_sheds_and_admitted_requests_succeed() {
+    // 5 ms of CPU per request on one worker: 200 requests a second at most. 48 callers in a
+    // closed loop keep ~48 requests waiting, ~240 ms each, in the socket buffers: an overload
+    // by construction, however slow or busy the machine is.
+    let (addr, handle) = start_cpu_bound(Duration::from_millis(5));
+    let client = ts::http1_client();
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for _ in 0..48 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut shed, mut other) = (0u64, 0u64, Vec::new());
+            while tokio::time::Instant::now() < until {
+                let req = http::Request::get(format!("http://{addr}/cpu"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let resp = client.request(req).await.unwrap();
+                let status = resp.status().as_u16();
+                let retry_after = resp.headers().get("retry-after").cloned();
+                resp.into_body().collect().await.unwrap();
+                match status {
+                    200 => ok += 1,
+                    503 => {
+                        assert_eq!(retry_after.unwrap(), "1", "a shed says when to retry");
+                        shed += 1;
+                    }
+                    s => other.push(s),
+                }
+            }
+            (ok, shed, other)
+        }));
+    }
+    let (mut ok, mut shed) = (0, 0);
+    for t in tasks {
+        let (o, s, other) = t.await.unwrap();
+        assert!(other.is_empty(), "admitted requests all succeed: {other:?}");
+        ok += o;
+        shed += s;
+    }
+    let s = handle.overload().unwrap();
+    eprintln!("cpu-bound: {ok} ok, {shed} shed, stats {s:?}");
+    assert!(ok > 0, "the service kept serving");
+    assert!(
+        shed > 0,
+        "the backlog in the socket buffers was seen and shed"
+    );
+    let standing = s.shed[Shed::Cpu as usize] + s.shed[Shed::QueueDelay as usize];
+    assert_eq!(
+        standing, shed,
+        "shed for queueing delay (CPU hot or not), nothing else"
+    );
+    assert_eq!(ok, s.admitted, "every admitted request answered 200");
 }
