@@ -150,8 +150,9 @@ pub struct OverloadConfig {
     pub max_queue: usize,
     /// Longest wait for a slot. The wait is also capped at twice the recent service time, or
     /// 5 ms if that is more (a longer wait means the queue is not draining), and a quarter of
-    /// the request's remaining time. 50 ms: bursts of slow requests are smoothed, sustained
-    /// overload answers fast.
+    /// the request's remaining time. 5 ms: a shed answer comes within a few milliseconds
+    /// (measured with 50 ms, rejections under three times capacity took 53 ms at p99; with
+    /// 5 ms, 9 ms), and a queue that has not moved in 5 ms is not a burst being smoothed.
     pub queue_timeout: keel_config::Duration,
     /// `Retry-After` on shed responses, in seconds. 1: callers back off briefly; Keel's
     /// client penalises this endpoint in its balancer for that long.
@@ -185,7 +186,7 @@ impl Default for OverloadConfig {
             smoothing: 1.0,
             baseline_window: keel_config::Duration::from_secs(60),
             max_queue: 64,
-            queue_timeout: keel_config::Duration::from_millis(50),
+            queue_timeout: keel_config::Duration::from_millis(5),
             retry_after_secs: 1,
             critical_routes: Vec::new(),
             critical_headroom: 0.25,
