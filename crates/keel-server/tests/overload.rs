@@ -63,6 +63,50 @@ async fn start(cfg: OverloadConfig) -> (SocketAddr, Arc<Service>, ServerHandle) 
     (addr, svc, handle)
 }
 
+/// `callers` clients, each sending its next `GET path` as soon as the last is answered, until
+/// `until`. Every answer must be 200, or 503 with `Retry-After: 1`; returns (200s, 503s).
+async fn closed_loop(
+    addr: SocketAddr,
+    path: &'static str,
+    callers: usize,
+    until: tokio::time::Instant,
+) -> (u64, u64) {
+    let client = ts::http1_client();
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut shed, mut other) = (0u64, 0u64, Vec::new());
+            while tokio::time::Instant::now() < until {
+                let req = http::Request::get(format!("http://{addr}{path}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let resp = client.request(req).await.unwrap();
+                let status = resp.status().as_u16();
+                let retry_after = resp.headers().get("retry-after").cloned();
+                resp.into_body().collect().await.unwrap();
+                match status {
+                    200 => ok += 1,
+                    503 => {
+                        assert_eq!(retry_after.unwrap(), "1", "a shed says when to retry");
+                        shed += 1;
+                    }
+                    s => other.push(s),
+                }
+            }
+            (ok, shed, other)
+        }));
+    }
+    let (mut ok, mut shed) = (0, 0);
+    for t in tasks {
+        let (o, s, other) = t.await.unwrap();
+        assert!(other.is_empty(), "admitted requests all succeed: {other:?}");
+        ok += o;
+        shed += s;
+    }
+    (ok, shed)
+}
+
 fn config() -> OverloadConfig {
     OverloadConfig {
         initial_limit: 16,
@@ -85,38 +129,8 @@ async fn three_times_capacity_is_shed_fast_and_admitted_requests_succeed() {
         ..config()
     };
     let (addr, _svc, handle) = start(cfg.clone()).await;
-    let client = ts::http1_client();
-    let callers = CAPACITY * 3;
     let until = tokio::time::Instant::now() + Duration::from_secs(3);
-    let mut tasks = Vec::new();
-    for _ in 0..callers {
-        let client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            let (mut ok, mut shed, mut other) = (0u32, 0u32, Vec::new());
-            while tokio::time::Instant::now() < until {
-                let req = http::Request::get(format!("http://{addr}/work"))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap();
-                let resp = client.request(req).await.unwrap();
-                let status = resp.status().as_u16();
-                let retry_after = resp.headers().get("retry-after").cloned();
-                resp.into_body().collect().await.unwrap();
-                match status {
-                    200 => ok += 1,
-                    503 => {
-                        assert_eq!(
-                            retry_after.unwrap(),
-                            "1",
-                            "a shed answer says when to retry"
-                        );
-                        shed += 1;
-                    }
-                    s => other.push(s),
-                }
-            }
-            (ok, shed, other)
-        }));
-    }
+    let load = tokio::spawn(closed_loop(addr, "/work", CAPACITY * 3, until));
     // Watch the limiter while the load runs: the queue never grows past its bound.
     let mut max_queued = 0;
     let mut min_limit_seen = f64::MAX;
@@ -126,13 +140,7 @@ async fn three_times_capacity_is_shed_fast_and_admitted_requests_succeed() {
         min_limit_seen = min_limit_seen.min(s.limit);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let (mut ok, mut shed) = (0, 0);
-    for t in tasks {
-        let (o, s, other) = t.await.unwrap();
-        assert!(other.is_empty(), "admitted requests all succeed: {other:?}");
-        ok += o;
-        shed += s;
-    }
+    let (ok, shed) = load.await.unwrap();
     let s = handle.overload().unwrap();
     eprintln!("overload: {ok} ok, {shed} shed, limit fell to {min_limit_seen:.1}, stats {s:?}");
     assert!(ok > 0, "the service kept serving");
@@ -152,11 +160,7 @@ async fn three_times_capacity_is_shed_fast_and_admitted_requests_succeed() {
         "{:?}",
         s.max_queue_wait
     );
-    assert_eq!(
-        u64::from(ok),
-        s.admitted,
-        "every admitted request answered 200"
-    );
+    assert_eq!(ok, s.admitted, "every admitted request answered 200");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,40 +270,8 @@ async fn a_cpu_bound_handler_offered_more_than_it_can_do_sheds_and_admitted_requ
     // closed loop keep ~48 requests waiting, ~240 ms each, in the socket buffers: an overload
     // by construction, however slow or busy the machine is.
     let (addr, handle) = start_cpu_bound(Duration::from_millis(5));
-    let client = ts::http1_client();
     let until = tokio::time::Instant::now() + Duration::from_secs(3);
-    let mut tasks = Vec::new();
-    for _ in 0..48 {
-        let client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            let (mut ok, mut shed, mut other) = (0u64, 0u64, Vec::new());
-            while tokio::time::Instant::now() < until {
-                let req = http::Request::get(format!("http://{addr}/cpu"))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap();
-                let resp = client.request(req).await.unwrap();
-                let status = resp.status().as_u16();
-                let retry_after = resp.headers().get("retry-after").cloned();
-                resp.into_body().collect().await.unwrap();
-                match status {
-                    200 => ok += 1,
-                    503 => {
-                        assert_eq!(retry_after.unwrap(), "1", "a shed says when to retry");
-                        shed += 1;
-                    }
-                    s => other.push(s),
-                }
-            }
-            (ok, shed, other)
-        }));
-    }
-    let (mut ok, mut shed) = (0, 0);
-    for t in tasks {
-        let (o, s, other) = t.await.unwrap();
-        assert!(other.is_empty(), "admitted requests all succeed: {other:?}");
-        ok += o;
-        shed += s;
-    }
+    let (ok, shed) = closed_loop(addr, "/cpu", 48, until).await;
     let s = handle.overload().unwrap();
     eprintln!("cpu-bound: {ok} ok, {shed} shed, stats {s:?}");
     assert!(ok > 0, "the service kept serving");

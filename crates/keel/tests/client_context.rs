@@ -4,9 +4,12 @@
 //! that has lost the task-local one; a call with no context shows in `/metrics`.
 #![allow(clippy::unwrap_used)]
 
+mod apps_from_config;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use apps_from_config::app_from;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
@@ -14,24 +17,12 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body_util::{BodyExt, Full};
 use keel::client::client::{Client, Service, tonic_request};
-use keel::{App, Context, Sources};
+use keel::{App, Context};
 use keel_test_support::{self as ts, recorder::HeaderRecorder};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-
-fn app_from(toml: &str, dir: &std::path::Path) -> App {
-    let file = dir.join(format!("{}.toml", ts::free_addr().port()));
-    std::fs::write(&file, toml).unwrap();
-    let sources = Sources {
-        file: Some(file),
-        sets: vec![],
-    };
-    let loaded = sources.load_with_env(Vec::new()).unwrap();
-    let sizing = keel::runtime::detect(&loaded.value.runtime);
-    App::new("t", loaded, sizing)
-}
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).map(|v| v.to_str().unwrap())

@@ -1,9 +1,12 @@
 //! `app.client(name)`: built from `[clients.<name>]`, shared, and a clear error for a typo.
 #![allow(clippy::unwrap_used)]
 
+mod apps_from_config;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use apps_from_config::{app_from, start};
 use keel::{App, Error, Sources};
 use keel_test_support as ts;
 
@@ -35,31 +38,6 @@ fn clients_come_from_config_by_name() {
         msg.contains("inventroy") && msg.contains("inventory"),
         "{msg}"
     );
-}
-
-async fn start(app: App, router: axum::Router, addrs: &[std::net::SocketAddr]) {
-    tokio::spawn(app.serve_until(router, std::future::pending(), std::future::pending()));
-    let addrs = addrs.to_vec();
-    let up = tokio::task::spawn_blocking(move || {
-        ts::wait_until(Duration::from_secs(10), || {
-            addrs.iter().all(|a| ts::port_open(*a))
-        })
-    })
-    .await
-    .unwrap();
-    assert!(up);
-}
-
-fn app_from(toml: &str, dir: &std::path::Path) -> App {
-    let file = dir.join(format!("{}.toml", ts::free_addr().port()));
-    std::fs::write(&file, toml).unwrap();
-    let sources = Sources {
-        file: Some(file),
-        sets: vec![],
-    };
-    let loaded = sources.load_with_env(Vec::new()).unwrap();
-    let sizing = keel::runtime::detect(&loaded.value.runtime);
-    App::new("t", loaded, sizing)
 }
 
 #[tokio::test]

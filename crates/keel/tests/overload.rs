@@ -4,41 +4,19 @@
 //! side of a shed: an endpoint answering 503 + `Retry-After` stays in rotation.
 #![allow(clippy::unwrap_used)]
 
+mod apps_from_config;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use apps_from_config::{app_from, start};
 use axum::Router;
 use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use keel::{App, Context, Sources};
+use keel::Context;
 use keel_test_support as ts;
-
-fn app_from(toml: &str, dir: &std::path::Path) -> App {
-    let file = dir.join(format!("{}.toml", ts::free_addr().port()));
-    std::fs::write(&file, toml).unwrap();
-    let sources = Sources {
-        file: Some(file),
-        sets: vec![],
-    };
-    let loaded = sources.load_with_env(Vec::new()).unwrap();
-    let sizing = keel::runtime::detect(&loaded.value.runtime);
-    App::new("t", loaded, sizing)
-}
-
-async fn start(app: App, router: Router, addrs: &[std::net::SocketAddr]) {
-    tokio::spawn(app.serve_until(router, std::future::pending(), std::future::pending()));
-    let addrs = addrs.to_vec();
-    let up = tokio::task::spawn_blocking(move || {
-        ts::wait_until(Duration::from_secs(10), || {
-            addrs.iter().all(|a| ts::port_open(*a))
-        })
-    })
-    .await
-    .unwrap();
-    assert!(up);
-}
 
 async fn json(url: String) -> serde_json::Value {
     let (status, body) = ts::get(&ts::http1_client(), &url).await.unwrap();
