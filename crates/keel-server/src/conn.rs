@@ -284,6 +284,10 @@ impl AsyncWrite for TrackedIo {
     }
 }
 
+/// How long a connection with nothing in flight may keep writing once the server has stopped
+/// (its last frames, its close), and how long `serve` waits for that.
+pub(crate) const FLUSH_AFTER_STOP: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// hyper's built-in HTTP/1 header-count limit.
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
@@ -367,7 +371,15 @@ pub(crate) async fn serve_connection<T, B>(
             conn.as_mut().graceful_shutdown();
         }
         if *phase_rx.borrow() >= Phase::Stopped {
-            // Grace period over: dropping the connection cancels its in-flight work.
+            if tracker.in_flight.load(Ordering::Acquire) == 0 {
+                // A clean drain reaches `Stopped` the moment the last response body ends —
+                // which can be before this connection wrote that body's last frame (seen as
+                // an HTTP/2 client's stream cut off mid-response under load). Nothing is in
+                // flight here, so let it finish writing, briefly.
+                let _ = tokio::time::timeout(FLUSH_AFTER_STOP, conn.as_mut()).await;
+            }
+            // Otherwise the grace period is over: dropping the connection cancels its
+            // in-flight work.
             return;
         }
         let changed = phase_rx.changed();

@@ -189,7 +189,12 @@ impl Server {
         }
         tokio::select! {
             _ = handle.closed() => {}
-            _ = shutdown.reached(Phase::Stopped) => {}
+            _ = shutdown.reached(Phase::Stopped) => {
+                // Connections with nothing left in flight are finishing their last writes
+                // (see `conn::serve_connection`): give them that moment before returning, as
+                // the process usually exits right after.
+                let _ = tokio::time::timeout(crate::conn::FLUSH_AFTER_STOP, handle.closed()).await;
+            }
         }
         Ok(())
     }
@@ -239,7 +244,9 @@ impl ShardServer {
         // Keep this runtime alive while its connections drain: dropping it would cancel them.
         tokio::select! {
             _ = tracker.wait() => {}
-            _ = shutdown.reached(Phase::Stopped) => {}
+            _ = shutdown.reached(Phase::Stopped) => {
+                let _ = tokio::time::timeout(crate::conn::FLUSH_AFTER_STOP, tracker.wait()).await;
+            }
         }
         Ok(())
     }
