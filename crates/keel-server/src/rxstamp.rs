@@ -8,6 +8,12 @@
 //! BENCH.md, is a `recvmsg` in place of a `read` (the same one system call) plus one clock
 //! read per request to turn the date into a delay. Elsewhere, or if the option is refused,
 //! reads are plain reads and no delay is known.
+//!
+//! Linux switches dating on for the whole system lazily: the first socket to ask schedules
+//! the switch on a kernel work queue and segments arriving before it runs carry no date. A
+//! server therefore asks on its listening sockets (accepted sockets inherit the option, and
+//! the listeners keep the switch on while it serves); an undated read counts as "delay
+//! unknown", never as a delay.
 
 use std::io;
 
@@ -95,12 +101,33 @@ mod tests {
     use std::io::Write;
     use std::os::fd::AsRawFd;
 
+    /// Enable dating on a listener and wait until the kernel has switched it on: a probe
+    /// connection writes until a read comes back dated (the switch is deferred to a kernel
+    /// work queue when no other socket in the system holds it).
+    fn dated_listener() -> std::net::TcpListener {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(enable(listener.as_raw_fd()));
+        let mut probe = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+        for _ in 0..500 {
+            probe.write_all(b"x").unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            if let Ok((1, stamp)) = recv(accepted.as_raw_fd(), &mut buf) {
+                if stamp != 0 {
+                    return listener;
+                }
+            }
+        }
+        panic!("the kernel never dated a segment within a second of SO_TIMESTAMPNS");
+    }
+
     #[test]
     fn a_segment_that_waited_in_the_buffer_is_dated_when_it_arrived() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = dated_listener();
         let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        // No option set on the accepted socket: it inherits the listener's.
         let (server, _) = listener.accept().unwrap();
-        assert!(enable(server.as_raw_fd()));
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
         // The bytes sit in the receive buffer while "every worker is busy".
         std::thread::sleep(std::time::Duration::from_millis(30));
@@ -116,5 +143,21 @@ mod tests {
         // Nothing left: the non-blocking read says so instead of waiting.
         let err = recv(server.as_raw_fd(), &mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn a_socket_that_never_asked_gets_no_dates() {
+        // Dating is on in the system (the listener above holds it), yet a listener that did
+        // not ask passes no date to its connections: the option, not the system switch,
+        // decides.
+        let _held = dated_listener();
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(plain.local_addr().unwrap()).unwrap();
+        let (server, _) = plain.accept().unwrap();
+        client.write_all(b"ping").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+        let (n, stamp) = recv(server.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!((n, stamp), (4, 0));
     }
 }
