@@ -446,37 +446,13 @@ async fn readiness_follows_a_dependency_that_fails_and_recovers() {
     wait_for(503).await;
 }
 
-/// A response body of `len` bytes that, once it has handed over its last byte, moves the
-/// server to `Stopped` — the way a clean drain does the moment the last in-flight response
-/// ends.
-struct StopsWhenDone {
-    data: Option<Bytes>,
-    shutdown: Shutdown,
-}
-
-impl http_body::Body for StopsWhenDone {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        match self.data.take() {
-            Some(d) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(d)))),
-            None => {
-                self.shutdown.advance(Phase::Stopped);
-                std::task::Poll::Ready(None)
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_that_ended_before_the_server_stopped_still_reaches_the_client_whole() {
-    // 200 KB: more than HTTP/2's initial 64 KiB window, so most of it is still in the
-    // server's send buffer, waiting for the client's window updates, when the body ends and
-    // the server stops. Dropping the connection then would cut the response short.
+    // The client opens a 64 KiB HTTP/2 window and reads nothing yet: the handler's 200 KB
+    // body is handed over whole and ends (nothing in flight), but most of it still waits in
+    // the server's send buffer when the server stops — as when a drain's grace period ends
+    // on a connection that finished its work but not its writes. Dropping the connection
+    // then would cut the response short.
     const LEN: usize = 200_000;
     let shutdown = Shutdown::new();
     let readiness = Readiness::new(ReadinessConfig::default(), shutdown.clone());
@@ -489,21 +465,18 @@ async fn a_response_that_ended_before_the_server_stopped_still_reaches_the_clien
     };
     let server = Server::bind(&settings, 1, readiness, shutdown.clone()).unwrap();
     let addr = server.local_addr();
-    let stopper = shutdown.clone();
+    let handle = server.handle();
     let router = Router::new().route(
         "/big",
-        get(move || {
-            let shutdown = stopper.clone();
-            async move {
-                axum::body::Body::new(StopsWhenDone {
-                    data: Some(Bytes::from(vec![b'x'; LEN])),
-                    shutdown,
-                })
-            }
-        }),
+        get(|| async { axum::body::Body::new(Full::new(Bytes::from(vec![b'x'; LEN]))) }),
     );
     let serving = tokio::spawn(server.serve(router));
-    let resp = ts::h2c_client()
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .http2_initial_stream_window_size(65_535)
+        .http2_initial_connection_window_size(65_535)
+        .build_http::<Full<Bytes>>();
+    let resp = client
         .request(
             http::Request::get(format!("http://{addr}/big"))
                 .body(Full::new(Bytes::new()))
@@ -512,6 +485,13 @@ async fn a_response_that_ended_before_the_server_stopped_still_reaches_the_clien
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    // The response has ended on the server's side: its body was handed over whole.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while handle.stats().in_flight.load(Ordering::SeqCst) != 0 {
+        assert!(Instant::now() < deadline, "the response never ended");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    shutdown.advance(Phase::Stopped);
     let body = resp
         .into_body()
         .collect()
@@ -519,6 +499,5 @@ async fn a_response_that_ended_before_the_server_stopped_still_reaches_the_clien
         .expect("the whole body, not a stream cut off by the stop")
         .to_bytes();
     assert_eq!(body.len(), LEN);
-    assert!(shutdown.phase() >= Phase::Stopped);
     serving.await.unwrap().unwrap();
 }
