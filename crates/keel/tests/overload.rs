@@ -1,7 +1,16 @@
 //! Overload control in front of a proxy, on real sockets: a service whose handler waits on a
 //! slow, jittery upstream through Keel's client is not overloaded, and sheds nothing under a
-//! closed loop (there is no overload to find, so the assertion cannot flake); and the client's
-//! side of a shed: an endpoint answering 503 + `Retry-After` stays in rotation.
+//! closed loop; and the client's side of a shed: an endpoint answering 503 + `Retry-After`
+//! stays in rotation.
+//!
+//! The proxy test is about service time (the concurrency limit must not mistake the
+//! upstream's latency for the proxy's own). Its caller, proxy and upstream share one debug
+//! build process, on two cores shared with the rest of the suite: requests there wait a few
+//! milliseconds to be read (2 to 4.5 ms seen with a build running beside it), close to the
+//! 5 ms queueing-delay target, and a busier machine *is* a standing queue that the delay
+//! detector rightly sheds. So the target is raised here, and the detector is tested where the
+//! queue is made on purpose (`keel-server`'s overload tests); the release benchmark
+//! (`bench/overload.sh`) measures the defaults shedding nothing below saturation.
 #![allow(clippy::unwrap_used)]
 
 mod apps_from_config;
@@ -18,6 +27,9 @@ use http_body_util::BodyExt;
 use keel::Context;
 use keel_test_support as ts;
 
+/// See the module doc: a shared, busy test machine is not the overload under test here.
+const SLOW_MACHINE: &str = "[overload]\ntarget_delay = \"50ms\"\n";
+
 async fn json(url: String) -> serde_json::Value {
     let (status, body) = ts::get(&ts::http1_client(), &url).await.unwrap();
     assert_eq!(status, 200, "{url}");
@@ -31,7 +43,7 @@ async fn a_proxy_in_front_of_a_slow_jittery_upstream_sheds_nothing_under_a_close
     // latency swings thirtyfold while its own work stays tiny.
     let (up, up_admin) = (ts::free_addr(), ts::free_addr());
     let upstream = app_from(
-        &format!("[server]\naddr = \"{up}\"\n[admin]\naddr = \"{up_admin}\"\n"),
+        &format!("[server]\naddr = \"{up}\"\n[admin]\naddr = \"{up_admin}\"\n{SLOW_MACHINE}"),
         dir.path(),
     );
     let n = Arc::new(AtomicU64::new(0));
@@ -51,7 +63,7 @@ async fn a_proxy_in_front_of_a_slow_jittery_upstream_sheds_nothing_under_a_close
     let proxy = app_from(
         &format!(
             "[server]\naddr = \"{edge}\"\n[admin]\naddr = \"{admin}\"\n\
-             [clients.up]\nendpoints = [\"{up}\"]\n"
+             [clients.up]\nendpoints = [\"{up}\"]\n{SLOW_MACHINE}"
         ),
         dir.path(),
     );
