@@ -126,11 +126,12 @@ mod tests {
     fn a_segment_that_waited_in_the_buffer_is_dated_when_it_arrived() {
         let listener = dated_listener();
         let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        // No option set on the accepted socket: it inherits the listener's.
-        let (server, _) = listener.accept().unwrap();
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-        // The bytes sit in the receive buffer while "every worker is busy".
+        // The connection and its bytes wait, not yet accepted, while "every worker is busy".
         std::thread::sleep(std::time::Duration::from_millis(30));
+        // No option set on the accepted socket: it inherits the listener's, from before
+        // `accept`.
+        let (server, _) = listener.accept().unwrap();
         let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
         let (n, stamp) = recv(server.as_raw_fd(), &mut buf).unwrap();
         assert_eq!(n, 18);
