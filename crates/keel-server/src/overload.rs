@@ -355,7 +355,7 @@ pub struct OverloadStats {
 
 /// The concurrency limit's arithmetic: one verdict per interval, from the interval's least
 /// own service time (unit-tested on its own; the module doc gives the rule). The answers
-/// themselves are counted lock-free by [`Answers`]; only the verdict takes the limiter's lock.
+/// themselves are counted lock-free (the limiter's `Answers`); only the verdict takes its lock.
 #[derive(Debug, Clone)]
 pub struct ConcurrencyLimit {
     limit: f64,
