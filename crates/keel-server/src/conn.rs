@@ -336,15 +336,9 @@ pub(crate) async fn serve_connection<T, B>(
     B::Error: Into<BoxError>,
 {
     let tracker = Arc::new(ConnTracker::new(shared.clone()));
-    // Receive timestamps only feed overload control; without it they are not asked for.
-    let stamped = shared
-        .limiter
-        .as_ref()
-        .is_some_and(|l| l.config().rx_timestamps)
-        && {
-            use std::os::fd::AsRawFd;
-            crate::rxstamp::enable(stream.as_raw_fd())
-        };
+    // Receive timestamps only feed overload control; the listener asked for them (see
+    // `Server::bind_with`) and this socket inherited the option.
+    let stamped = shared.rx_stamped;
     let io = TokioIo::new(TrackedIo {
         inner: stream,
         tracker: tracker.clone(),

@@ -102,21 +102,20 @@ impl Server {
         )
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cfg.addr)))?;
         let local_addr = socks[0].local_addr()?;
-        let shared = Shared::new(settings, readiness, shutdown, registry, observer);
-        if shared
-            .limiter
-            .as_ref()
-            .is_some_and(|l| l.config().rx_timestamps)
-        {
-            // Dating asked for on the listeners is inherited by every accepted socket, and
-            // it keeps the kernel's dating switched on for as long as the server listens:
-            // Linux turns it on lazily, from a work queue, when the first socket in the
-            // system asks, so a socket that asks alone has its first segments undated.
-            for l in &socks {
+        // Dating asked for on the listeners is inherited by every accepted socket, and it
+        // keeps the kernel's dating switched on for as long as the server listens: Linux turns
+        // it on lazily, from a work queue, when the first socket in the system asks, so a
+        // socket that asks alone has its first segments undated.
+        let o = &settings.overload;
+        let rx_stamped = o.enabled
+            && o.rx_timestamps
+            && socks.iter().fold(true, |all, l| {
                 use std::os::fd::AsRawFd;
-                crate::rxstamp::enable(l.as_raw_fd());
-            }
-        }
+                crate::rxstamp::enable(l.as_raw_fd()) && all
+            });
+        let shared = Shared::new(
+            settings, readiness, shutdown, registry, observer, rx_stamped,
+        );
         Ok(Server {
             shared,
             listeners: socks,

@@ -57,6 +57,9 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<Stats>,
     /// The adaptive concurrency limit; `None` when `[overload]` is disabled.
     pub(crate) limiter: Option<crate::overload::Limiter>,
+    /// The listening sockets ask the kernel to date received segments, so every accepted
+    /// connection's reads carry receive timestamps (`crate::rxstamp`).
+    pub(crate) rx_stamped: bool,
     /// The request path's layers, composed around the user's service once per listener.
     pub(crate) layers: Layers,
 }
@@ -68,6 +71,7 @@ impl Shared {
         shutdown: Shutdown,
         registry: &'static Registry,
         observer: Option<SharedObserver>,
+        rx_stamped: bool,
     ) -> Arc<Self> {
         let stats = Arc::new(Stats::default());
         let limiter = settings
@@ -89,6 +93,7 @@ impl Shared {
             shutdown,
             stats,
             limiter,
+            rx_stamped,
             layers,
         })
     }
@@ -124,6 +129,13 @@ impl Shared {
             server: cfg.clone(),
             ..HttpSettings::default()
         };
-        Shared::new(&settings, readiness, shutdown, Registry::global(), None)
+        Shared::new(
+            &settings,
+            readiness,
+            shutdown,
+            Registry::global(),
+            None,
+            false,
+        )
     }
 }
