@@ -64,12 +64,26 @@ pub struct ServerRecord<'a> {
     pub grpc_status: Option<i32>,
     /// How it ended.
     pub outcome: Outcome,
-    /// Wall-clock start (span timestamps).
-    pub start: SystemTime,
+    /// Wall-clock start (span timestamps), when the record is made after the fact. `None`:
+    /// the request ends as the record is made, and [`ServerRecord::start_time`] derives the
+    /// start from the clock and `duration` — only when something asks, so a service that
+    /// exports no spans reads no wall clock per request.
+    pub start: Option<SystemTime>,
     /// Duration from arrival to the end of the response body (or to the cut-off).
     pub duration: Duration,
     /// The peer's address.
     pub peer: Option<SocketAddr>,
+}
+
+impl ServerRecord<'_> {
+    /// When the request arrived, by the wall clock.
+    pub fn start_time(&self) -> SystemTime {
+        self.start.unwrap_or_else(|| {
+            SystemTime::now()
+                .checked_sub(self.duration)
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        })
+    }
 }
 
 /// One outbound attempt, at its end.

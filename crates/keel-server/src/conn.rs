@@ -454,8 +454,7 @@ where
         self.tracker
             .request_started(req.version() == Version::HTTP_2);
         let in_flight = Some(InFlight {
-            tracker: self.tracker.clone(),
-            ended: None,
+            tracker: Some(self.tracker.clone()),
         });
         let mut stack = self.stack.borrow_mut();
         if crate::layer::ready_now(&mut *stack) {
@@ -513,25 +512,24 @@ where
 /// response future is dropped: the caller went away).
 #[derive(Debug)]
 pub struct InFlight {
-    tracker: Arc<ConnTracker>,
-    /// When the response ended, if a clock read was shared for it.
-    ended: Option<Instant>,
+    /// `None` once the end has been counted.
+    tracker: Option<Arc<ConnTracker>>,
 }
 
 impl InFlight {
-    /// The response ended at `now`.
-    pub(crate) fn ended_at(&mut self, now: Instant) {
-        self.ended = Some(now);
+    /// The response ended at `now` (a clock read the other guards share).
+    pub(crate) fn finish(mut self, now: Instant) {
+        if let Some(t) = self.tracker.take() {
+            t.request_finished(t.shared.ms_at(now));
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let now_ms = match self.ended {
-            Some(at) => self.tracker.shared.ms_at(at),
-            None => self.tracker.shared.now_ms(),
-        };
-        self.tracker.request_finished(now_ms);
+        if let Some(t) = self.tracker.take() {
+            t.request_finished(t.shared.now_ms());
+        }
     }
 }
 

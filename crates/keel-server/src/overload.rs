@@ -652,10 +652,14 @@ impl std::fmt::Debug for Limiter {
 #[must_use = "dropping the permit frees the slot at once"]
 pub struct Permit {
     limiter: Limiter,
-    /// When the request was admitted, microseconds since the limiter's epoch.
+    /// When the request was admitted, microseconds since the limiter's epoch; [`ANSWERED`]
+    /// once its service time has been reported (a flag of its own would make the permit,
+    /// and every response that carries it, a word bigger).
     started_us: u64,
-    done: bool,
 }
+
+/// [`Permit::started_us`] of a permit whose answer has been counted.
+const ANSWERED: u64 = u64::MAX;
 
 impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -672,14 +676,20 @@ impl Permit {
     /// The handler answered after spending `upstream` of its time waiting on upstreams: the
     /// rest is the service's own time, which updates the limit.
     pub fn answered_waiting(&mut self, upstream: Duration) {
-        if self.done {
+        self.answered_at(upstream, Instant::now());
+    }
+
+    /// [`Permit::answered_waiting`] with the answer's time read by the caller, who shares
+    /// the clock read.
+    pub fn answered_at(&mut self, upstream: Duration, now: Instant) {
+        if self.started_us == ANSWERED {
             return;
         }
-        self.done = true;
+        let started_us = std::mem::replace(&mut self.started_us, ANSWERED);
         let inner = &*self.limiter.inner;
-        let now_us = inner.now_us(Instant::now());
+        let now_us = inner.now_us(now);
         let own_us = now_us
-            .saturating_sub(self.started_us)
+            .saturating_sub(started_us)
             .saturating_sub(micros(upstream));
         let busy = half_in_use(inner.in_flight.load(Ordering::Relaxed), inner.cap(false));
         if let Some((least, busy)) = inner.answers.answer(own_us, now_us, busy) {
@@ -902,7 +912,6 @@ impl Limiter {
         Permit {
             limiter: self.clone(),
             started_us,
-            done: false,
         }
     }
 

@@ -57,7 +57,7 @@ fn server_record<'a>(ctx: Option<&'a Context>, method: &'a http::Method) -> Serv
         status: Some(200),
         grpc_status: None,
         outcome: Outcome::Answered,
-        start: SystemTime::now(),
+        start: Some(SystemTime::now()),
         duration: Duration::from_millis(12),
         peer: Some(SocketAddr::from(([127, 0, 0, 1], 40000))),
     }

@@ -189,19 +189,19 @@ where
             }
         };
         let mut resp = resp;
-        if let Some(mut s) = slot {
+        if let Some(Slot(mut permit, ctx)) = slot {
             // The handler's own service time (admission to response head, less its time
             // waiting on upstreams) feeds the limit.
-            let upstream = s.1.take().map_or(Duration::ZERO, |c| c.upstream_wait());
-            s.0.answered_waiting(upstream);
-            resp.body_mut().guards().slot = Some(s);
+            let upstream = ctx.map_or(Duration::ZERO, |c| c.upstream_wait());
+            permit.answered_waiting(upstream);
+            resp.body_mut().guards().slot = Some(permit);
         }
         Poll::Ready(Ok(resp))
     }
 }
 
-/// A request's slot under the limit, released when its response ends (with the request's
-/// context until the answer, for its time spent on upstreams).
+/// A request's slot under the limit, with the request's context until the answer (for its
+/// time spent on upstreams); the permit alone then stays with the response until it ends.
 #[derive(Debug)]
 pub struct Slot(Permit, Option<Context>);
 

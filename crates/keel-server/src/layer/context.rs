@@ -134,11 +134,8 @@ where
         let fut = ctx.enter(|| self.inner.call(req));
         ContextFuture::Inner {
             fut,
-            end: Some(RequestEnd {
-                ctx,
-                registry: st.registry,
-                task: None,
-            }),
+            end: Some(RequestEnd { ctx, task: None }),
+            registry: st.registry,
             span,
         }
     }
@@ -153,6 +150,7 @@ pin_project_lite::pin_project! {
             #[pin]
             fut: F,
             end: Option<RequestEnd>,
+            registry: &'static Registry,
             span: tracing::Span,
         },
         /// Refused before a context could be made.
@@ -190,7 +188,7 @@ impl<F> ContextFuture<F> {
                 status: Some(resp.status().as_u16()),
                 grpc_status: grpc::status(resp.headers()),
                 outcome: Outcome::Refused,
-                start: std::time::SystemTime::now(),
+                start: None,
                 duration: Duration::ZERO,
                 peer: None,
             });
@@ -208,7 +206,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            ContextProj::Inner { fut, end, span } => {
+            ContextProj::Inner {
+                fut,
+                end,
+                registry,
+                span,
+            } => {
                 let entered = span.enter();
                 let polled = match end.as_ref() {
                     Some(e) => e.ctx.enter(|| fut.poll(cx)),
@@ -218,7 +221,7 @@ where
                 if polled.is_pending()
                     && let Some(e) = end.as_mut()
                 {
-                    e.listed();
+                    e.listed(registry);
                 }
                 let Ok(mut resp) = ready!(polled);
                 if let Some(e) = end.take() {
@@ -270,16 +273,15 @@ const ID_BLOCK: usize = 4096;
 #[derive(Debug)]
 pub struct RequestEnd {
     ctx: Context,
-    registry: &'static Registry,
     task: Option<TaskGuard>,
 }
 
 impl RequestEnd {
     /// List the request in the task dump (once), as alive since it arrived.
-    fn listed(&mut self) {
+    fn listed(&mut self, registry: &'static Registry) {
         if self.task.is_none() {
             let ctx = &self.ctx;
-            self.task = Some(self.registry.register_since(
+            self.task = Some(registry.register_since(
                 "request",
                 TaskKind::Request,
                 &Owner {

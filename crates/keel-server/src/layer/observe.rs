@@ -11,7 +11,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Poll, ready};
-use std::time::SystemTime;
 
 use http::{HeaderMap, Method, Request, Response};
 use keel_core::observe::{
@@ -90,23 +89,25 @@ where
                 .as_ref()
                 .map_or_else(|| grpc::is_grpc(req.headers()), Context::is_grpc);
             Record {
-                // The first poll is timed from the request's arrival: the clock read that made
-                // its context serves here too (what runs in between takes microseconds, far
-                // below the long-poll threshold).
-                poll_started: ctx.as_ref().map(Context::arrived),
-                observer: observer.clone(),
+                observer: Some(observer.clone()),
                 ctx,
                 method: req.method().clone(),
                 grpc,
                 status: None,
                 grpc_status: None,
                 outcome: None,
-                end: None,
             }
         });
+        // The first poll is timed from the request's arrival: the clock read that made its
+        // context serves here too (what runs in between takes microseconds, far below the
+        // long-poll threshold).
+        let poll_started = record
+            .as_ref()
+            .and_then(|r| r.ctx.as_ref().map(Context::arrived));
         ObserveFuture {
             fut: self.inner.call(req),
             record,
+            poll_started,
         }
     }
 }
@@ -117,6 +118,8 @@ pin_project_lite::pin_project! {
         #[pin]
         fut: F,
         record: Option<Record>,
+        // When the next poll of the handler starts, if already known (the first one: arrival).
+        poll_started: Option<Instant>,
     }
 }
 
@@ -138,11 +141,13 @@ where
         let Ok(mut resp) = ready!(match this.record.as_mut() {
             None => this.fut.poll(cx),
             Some(rec) => {
-                let started = rec.poll_started.take().unwrap_or_else(Instant::now);
+                let started = this.poll_started.take().unwrap_or_else(Instant::now);
                 let res = this.fut.poll(cx);
                 let held = Instant::now().saturating_duration_since(started);
-                if held > LONG_POLL_THRESHOLD {
-                    rec.observer.long_poll(rec.route(), held);
+                if held > LONG_POLL_THRESHOLD
+                    && let Some(observer) = &rec.observer
+                {
+                    observer.long_poll(rec.route(), held);
                 }
                 res
             }
@@ -163,19 +168,18 @@ where
     }
 }
 
-/// One request's telemetry, handed over when its response ends (in `Drop`, so on every path).
+/// One request's telemetry, handed over when its response ends (or in `Drop`, so on every
+/// path). It rides in the response's [`crate::body::Guards`], so it holds only what the
+/// report needs.
 pub struct Record {
-    observer: SharedObserver,
-    /// When the next poll of the handler starts, if already known (the first one: arrival).
-    poll_started: Option<Instant>,
+    /// `None` once reported.
+    observer: Option<SharedObserver>,
     ctx: Option<Context>,
     method: Method,
     grpc: bool,
     status: Option<u16>,
     grpc_status: Option<i32>,
     outcome: Option<Outcome>,
-    /// When the body ended, if a clock read was shared for it.
-    end: Option<Instant>,
 }
 
 impl std::fmt::Debug for Record {
@@ -205,10 +209,10 @@ impl Record {
     }
 
     /// The body reached its end at `now` (the clock read the other guards share), cleanly or
-    /// not.
+    /// not: the record is reported now.
     pub(crate) fn ended_at(&mut self, clean: bool, now: Instant) {
-        self.end = Some(now);
         self.ended(clean);
+        self.report(now);
     }
 
     /// The body reached its end, cleanly or not.
@@ -223,25 +227,18 @@ impl Record {
     }
 }
 
-impl Drop for Record {
-    fn drop(&mut self) {
-        let ctx = self.ctx.as_ref();
-        let duration = ctx
-            .map(|c| {
-                let end = self.end.unwrap_or_else(Instant::now);
-                end.saturating_duration_since(c.arrived())
-            })
-            .unwrap_or_default();
-        // Wall-clock time is for spans only: an unsampled request becomes none, so it does
-        // not pay for a second clock read.
-        let start = if ctx.is_none_or(|c| c.trace().sampled) {
-            SystemTime::now()
-                .checked_sub(duration)
-                .unwrap_or(SystemTime::UNIX_EPOCH)
-        } else {
-            SystemTime::UNIX_EPOCH
+impl Record {
+    /// Hand the record to the observer, once, as ended at `end`.
+    fn report(&mut self, end: Instant) {
+        let Some(observer) = self.observer.take() else {
+            return;
         };
-        self.observer.server(&ServerRecord {
+        let duration = self
+            .ctx
+            .as_ref()
+            .map(|c| end.saturating_duration_since(c.arrived()))
+            .unwrap_or_default();
+        observer.server(&ServerRecord {
             ctx: self.ctx.as_ref(),
             route: self.route(),
             route_is_template: self.ctx.as_ref().and_then(Context::route).is_some(),
@@ -251,10 +248,19 @@ impl Drop for Record {
             grpc_status: self.grpc_status,
             // Dropped before the body ended and with nothing recorded: the caller left.
             outcome: self.outcome.unwrap_or(Outcome::Cancelled),
-            start,
+            // Ends now: the span recorder (if any) reads the wall clock for its start.
+            start: None,
             duration,
             peer: None,
         });
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        if self.observer.is_some() {
+            self.report(Instant::now());
+        }
     }
 }
 
@@ -282,15 +288,13 @@ pub(crate) mod tests {
     /// A record of a plain GET for `seen`.
     pub(crate) fn record(seen: &Arc<Seen>) -> Record {
         Record {
-            observer: seen.clone(),
-            poll_started: None,
+            observer: Some(seen.clone()),
             ctx: None,
             method: Method::GET,
             grpc: false,
             status: Some(200),
             grpc_status: None,
             outcome: None,
-            end: None,
         }
     }
 

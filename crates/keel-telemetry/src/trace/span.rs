@@ -27,6 +27,7 @@ pub(crate) fn server_span(r: &ServerRecord<'_>) -> Option<Span> {
     if !trace.sampled {
         return None;
     }
+    let start = r.start_time();
     let mut attrs = Vec::with_capacity(12);
     let method = Method::of(r.method);
     method.push_attrs(&mut attrs);
@@ -80,8 +81,8 @@ pub(crate) fn server_span(r: &ServerRecord<'_>) -> Option<Span> {
         flags: FLAG_SAMPLED | FLAG_HAS_IS_REMOTE | remote,
         name,
         kind: SpanKind::Server as i32,
-        start_time_unix_nano: unix_nanos(r.start),
-        end_time_unix_nano: unix_nanos(r.start).saturating_add(nanos(r.duration)),
+        start_time_unix_nano: unix_nanos(start),
+        end_time_unix_nano: unix_nanos(start).saturating_add(nanos(r.duration)),
         attributes: attrs,
         status,
         ..Span::default()
@@ -389,7 +390,7 @@ mod tests {
             status: Some(200),
             grpc_status: None,
             outcome: Outcome::Answered,
-            start: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            start: Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
             duration: Duration::from_millis(15),
             peer: Some(SocketAddr::from(([10, 0, 0, 7], 51000))),
         }
