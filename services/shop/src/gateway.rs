@@ -12,6 +12,9 @@
 //! - Traffic colour: a `keel-color: canary` header (or the baggage entry) sends the request
 //!   to instances labelled `keel.color=canary`; `subsets = { canary = N }` on a client sends
 //!   N % of uncoloured requests there.
+//! - Paths are normalised first (`keel_gateway::path`): dot-segments resolved, escaped
+//!   separators, escaped dot-segments, control bytes and the like refused with 400 — the
+//!   normalised path is the one authorised, routed and forwarded.
 //! - Request ids, trace context and the remaining deadline are Keel's, on every hop.
 
 use std::collections::HashMap;
@@ -26,6 +29,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use keel::BoxError;
 use keel::client::client::Client;
+use keel_gateway::path::{PathPolicy, normalize};
 
 use crate::http::error;
 
@@ -49,6 +53,9 @@ pub struct Settings {
     pub burst: f64,
     /// Largest request body forwarded.
     pub max_body: usize,
+    /// How request paths are normalised before anything else (`SHOP_MERGE_SLASHES=false`
+    /// keeps empty segments).
+    pub path: PathPolicy,
 }
 
 impl Settings {
@@ -101,11 +108,17 @@ impl Settings {
                 Err(_) => Ok(default),
             }
         };
+        let merge_slashes = match std::env::var("SHOP_MERGE_SLASHES").as_deref() {
+            Err(_) | Ok("true") => true,
+            Ok("false") => false,
+            Ok(v) => return Err(format!("SHOP_MERGE_SLASHES={v:?}: must be true or false")),
+        };
         Ok(Settings {
             keys: Self::parse_keys(&keys)?,
             rate: number("SHOP_RATE", 100.0)?,
             burst: number("SHOP_BURST", 200.0)?,
             max_body: 1 << 20,
+            path: PathPolicy { merge_slashes },
         })
     }
 }
@@ -208,7 +221,24 @@ async fn forward(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let path = uri.path();
+    // Before anything else: the path that is authorised, routed and forwarded is this one.
+    let path = match normalize(uri.path(), &gw.settings.path) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed path: {e}")),
+    };
+    if let Some(authority) = uri.authority()
+        && let Some(host) = headers.get(http::header::HOST)
+        && !host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+    {
+        // An absolute-form target naming another host than `Host`: which one was meant
+        // depends on who reads it (RFC 9112 §3.2.2 says the target; caches have said Host).
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the request target's authority and the Host header differ",
+        );
+    }
     let Some(rest) = path.strip_prefix("/api/") else {
         return error(StatusCode::NOT_FOUND, "the shop's API is under /api/");
     };

@@ -50,6 +50,7 @@ impl Options {
                 rate: 1_000.0,
                 burst: 2_000.0,
                 max_body: 1 << 20,
+                path: Default::default(),
             },
             canary_user: false,
             canary_weight: 0,

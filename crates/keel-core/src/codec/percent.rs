@@ -26,29 +26,33 @@ pub fn decode(v: &[u8], opts: Options) -> Result<Vec<u8>, Malformed> {
     let mut i = 0;
     while i < v.len() {
         match v[i] {
-            b'%' => {
-                let escaped = match v.get(i + 1..i + 3) {
-                    Some([h, l]) => hex::nibble_any_case(*h)
-                        .zip(hex::nibble_any_case(*l))
-                        .map(|(h, l)| (h << 4) | l),
-                    _ => None,
-                };
-                match escaped {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None if opts.keep_malformed => out.push(b'%'),
-                    None => return Err(Malformed(i)),
+            b'%' => match escape_at(v, i) {
+                Some(b) => {
+                    out.push(b);
+                    i += 3;
+                    continue;
                 }
-            }
+                None if opts.keep_malformed => out.push(b'%'),
+                None => return Err(Malformed(i)),
+            },
             b'+' if opts.plus_as_space => out.push(b' '),
             b => out.push(b),
         }
         i += 1;
     }
     Ok(out)
+}
+
+/// The byte that the escape starting at `v[i]` (a `%`) stands for; `None` when `v[i..]` is
+/// not `%` followed by two hex digits (either case).
+#[inline]
+pub fn escape_at(v: &[u8], i: usize) -> Option<u8> {
+    match v.get(i..i + 3) {
+        Some([b'%', h, l]) => hex::nibble_any_case(*h)
+            .zip(hex::nibble_any_case(*l))
+            .map(|(h, l)| (h << 4) | l),
+        _ => None,
+    }
 }
 
 /// Decode into a `String`, replacing bytes that are not UTF-8 with U+FFFD.

@@ -1,0 +1,9 @@
+//! Keel's gateway: the decisions a proxy at the edge takes before anything is forwarded.
+//!
+//! - [`path`]: the request path made safe — dot-segments resolved, escapes that would change
+//!   routing refused — so that the path that is authorised, routed and forwarded is one and
+//!   the same string.
+//!
+//! The shop's gateway (`services/shop`) is built on it.
+
+pub mod path;

@@ -1,0 +1,248 @@
+//! The gateway's path safety, end to end: a corpus of hostile request targets, sent as raw
+//! bytes (an HTTP client would clean them up first), through the real gateway to recording
+//! upstreams. A key scoped to `inventory:read` must reach nothing but inventory's `/stock`
+//! paths, and the upstream must never find a dot-segment or a separator the gateway did
+//! not see.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::Uri;
+use keel::{App, Sources};
+use keel_shop::gateway::{self, Settings};
+
+const INVENTORY_ONLY: &str = "inventory-only-key";
+
+/// An upstream that answers 200 to everything and records each path it was asked for.
+async fn recording_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let app = Router::new().fallback(move |uri: Uri| {
+        let log = log.clone();
+        async move {
+            log.lock().unwrap().push(uri.path().to_string());
+            "ok"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, seen)
+}
+
+/// The segments an upstream that percent-decodes the path once acts on.
+fn decoded_segments(path: &str) -> Vec<Vec<u8>> {
+    let bytes = keel::codec::percent::decode(path.as_bytes(), Default::default()).unwrap();
+    bytes.split(|&b| b == b'/').map(<[u8]>::to_vec).collect()
+}
+
+/// What follows a route prefix in the corpus: dot-segments plain, escaped, double-escaped and
+/// overlong; escaped and backslash separators; parameters; control bytes; bad escapes.
+const TAILS: &[&str] = &[
+    "sku-1",
+    "..",
+    "../",
+    "../users/usr_1",
+    "../../admin",
+    "../../../../etc/passwd",
+    "./../users/usr_1",
+    "sku-1/../../users/usr_1",
+    "sku-1/../sku-2",
+    "sku-1/.",
+    "sku-1/./..",
+    "..%2f..%2fadmin",
+    "..%2F..%2Fusers",
+    "%2e%2e/%2e%2e/admin",
+    "%2E%2E%2Fadmin",
+    ".%2e/users/usr_1",
+    "%2e./users/usr_1",
+    "%2e/users",
+    "%252e%252e/%252e%252e/admin",
+    "%%32%65%%32%65/admin",
+    "..;/users/usr_1",
+    "..;x=1/users",
+    ".;/users",
+    "sku-1;/../../users",
+    "..%5cadmin",
+    "%5c..%5cusers",
+    "..\\users",
+    "%c0%ae%c0%ae/users",
+    "%c0%af..%c0%afusers",
+    "%e0%80%ae%e0%80%ae/users",
+    "%f0%80%80%ae%f0%80%80%ae/users",
+    "%u002e%u002e/users",
+    "%00/../users",
+    "sku%00",
+    "%0d%0aX-Injected:%201",
+    "%09",
+    "%7f",
+    "%",
+    "%2",
+    "%zz",
+    "....//users",
+    ".../users",
+    "//users",
+    "///../users",
+    "sku-1?next=../../users",
+    "%73ku-1",
+    "%2e%2e%3b/users",
+];
+
+/// The ways a client might spell the route prefix `/api/inventory/`.
+const PREFIXES: &[&str] = &[
+    "/api/inventory/",
+    "/api//inventory/",
+    "/api/./inventory/",
+    "/api/%69nventory/",
+    "//api/inventory/",
+    "/api/users/../inventory/",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_hostile_path_reaches_beyond_the_route_it_was_authorised_for() {
+    let (users, users_seen) = recording_upstream().await;
+    let (orders, orders_seen) = recording_upstream().await;
+    let (inventory, inventory_seen) = recording_upstream().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let addr = keel_test_support::free_addr();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\naddr = \"{addr}\"\n\n[admin]\naddr = \"{}\"\n\n\
+             [clients.user]\nendpoints = [\"{users}\"]\n\n\
+             [clients.order]\nendpoints = [\"{orders}\"]\n\n\
+             [clients.inventory]\nendpoints = [\"{inventory}\"]\n",
+            keel_test_support::free_addr()
+        ),
+    )
+    .unwrap();
+    let loaded = Sources {
+        file: Some(file),
+        sets: Vec::new(),
+    }
+    .load_with_env(Vec::new())
+    .unwrap();
+    let sizing = keel::runtime::detect(&loaded.value.runtime);
+    let app = App::new("gateway", loaded, sizing);
+    let settings = Settings {
+        keys: Settings::parse_keys(&format!(
+            "inv:{INVENTORY_ONLY}=inventory:read;{}",
+            gateway::DEMO_KEYS
+        ))
+        .unwrap(),
+        rate: 1_000_000.0,
+        burst: 1_000_000.0,
+        max_body: 1 << 20,
+        path: Default::default(),
+    };
+    let router = gateway::router(&app, settings).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(app.serve_until(
+        router,
+        async move {
+            let _ = stopped.await;
+        },
+        std::future::pending(),
+    ));
+    assert!(
+        keel_test_support::wait_until(Duration::from_secs(20), || {
+            keel_test_support::port_open(addr)
+        }),
+        "the gateway did not start"
+    );
+
+    let send = |target: String| async move {
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nhost: shop\r\nx-api-key: {INVENTORY_ONLY}\r\nconnection: close\r\n\r\n"
+        );
+        let raw = tokio::task::spawn_blocking(move || {
+            keel_test_support::raw_exchange(addr, request.as_bytes(), Duration::from_secs(5))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        keel_test_support::status_of(&raw)
+    };
+
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let mut sent = 0;
+    for prefix in PREFIXES {
+        for tail in TAILS {
+            let target = format!("{prefix}{tail}");
+            let status = send(target.clone()).await;
+            let status = status.unwrap_or_else(|| panic!("{target:?}: no HTTP answer"));
+            assert!(
+                status < 500,
+                "{target:?}: answered {status}, a hostile path is the client's error"
+            );
+            *statuses.entry(status).or_default() += 1;
+            sent += 1;
+        }
+    }
+
+    // The key may read inventory only: nothing else was reached, however the path was spelled.
+    assert_eq!(*users_seen.lock().unwrap(), Vec::<String>::new());
+    assert_eq!(*orders_seen.lock().unwrap(), Vec::<String>::new());
+    let reached = inventory_seen.lock().unwrap().clone();
+    assert!(!reached.is_empty(), "the clean paths must get through");
+    for path in &reached {
+        assert!(
+            path == "/stock" || path.starts_with("/stock/"),
+            "inventory was asked for {path:?}"
+        );
+        let segments = decoded_segments(path);
+        for seg in &segments {
+            let name = seg.split(|&b| b == b';').next().unwrap_or(seg);
+            assert!(
+                name != b"." && name != b"..",
+                "after one decoding, {path:?} still holds a dot-segment"
+            );
+        }
+        assert_eq!(
+            segments.len(),
+            path.split('/').count(),
+            "decoding {path:?} made new separators"
+        );
+    }
+
+    // And the answers were the right ones for a few that matter.
+    for (target, want) in [
+        ("/api/inventory/sku-1", 200),
+        ("/api/%69nventory/sku-1", 200),
+        // Normalised to /api/users/…: authorised as users, which this key may not read.
+        ("/api/inventory/../users/usr_1", 403),
+        ("/api/inventory/%2e%2e/%2e%2e/admin", 400),
+        ("/api/inventory/..%2fusers", 400),
+        ("/api/inventory/..;/users", 400),
+        ("/api/../../admin", 400),
+        ("/api/inventory/%c0%ae%c0%ae/users", 400),
+    ] {
+        assert_eq!(send(target.to_string()).await, Some(want), "{target}");
+    }
+    assert!(reached.iter().any(|p| p == "/stock/sku-1"), "{reached:?}");
+
+    // An absolute-form target naming another host than Host is refused.
+    let raw = tokio::task::spawn_blocking(move || {
+        keel_test_support::raw_exchange(
+            addr,
+            format!(
+                "GET http://elsewhere/api/inventory/sku-1 HTTP/1.1\r\nhost: shop\r\nx-api-key: {INVENTORY_ONLY}\r\nconnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+            Duration::from_secs(5),
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(keel_test_support::status_of(&raw), Some(400));
+
+    eprintln!("{sent} hostile targets, answers by status: {statuses:?}");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), served).await;
+}
