@@ -24,7 +24,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 use keel::BoxError;
@@ -40,6 +40,23 @@ pub struct Key {
     pub name: String,
     /// `service:read`, `service:write` or `service:*`.
     pub scopes: Vec<String>,
+    /// The `x-shop-key` and `x-shop-scopes` values, made once when the key is read rather
+    /// than on every request (`None`: the name is not a valid header value).
+    identity: Option<(HeaderValue, HeaderValue)>,
+}
+
+impl Key {
+    /// A key named `name` with `scopes`.
+    pub fn new(name: String, scopes: Vec<String>) -> Key {
+        let identity = HeaderValue::from_str(&name)
+            .ok()
+            .zip(HeaderValue::from_str(&scopes.join(",")).ok());
+        Key {
+            name,
+            scopes,
+            identity,
+        }
+    }
 }
 
 /// The gateway's settings.
@@ -83,13 +100,7 @@ impl Settings {
                     "API key {name:?}: scope {bad:?} must be service:read, service:write or service:*"
                 ));
             }
-            keys.insert(
-                secret.to_string(),
-                Key {
-                    name: name.to_string(),
-                    scopes,
-                },
-            );
+            keys.insert(secret.to_string(), Key::new(name.to_string(), scopes));
         }
         Ok(keys)
     }
@@ -129,7 +140,11 @@ pub const DEMO_KEYS: &str = "demo:demo-secret-key=users:*,orders:*,inventory:*;r
 /// Headers a client may not set: the gateway vouches for identity, nobody else.
 const IDENTITY: [&str; 3] = ["x-shop-key", "x-shop-scopes", "x-shop-user"];
 
-/// Hop-by-hop headers: about one connection, never forwarded either way.
+static SHOP_KEY: HeaderName = HeaderName::from_static("x-shop-key");
+static SHOP_SCOPES: HeaderName = HeaderName::from_static("x-shop-scopes");
+
+/// Hop-by-hop request headers: about one connection, never forwarded (responses are
+/// scrubbed by Keel's headers layer).
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
@@ -175,19 +190,26 @@ impl Inner {
     fn admit(&self, key: &str) -> Result<(), u64> {
         let now = Instant::now();
         let (rate, burst) = (self.settings.rate, self.settings.burst);
+        let take = |b: &mut Bucket| {
+            b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
+            b.at = now;
+            if b.tokens >= 1.0 {
+                b.tokens -= 1.0;
+                Ok(())
+            } else {
+                Err(((1.0 - b.tokens) / rate).ceil().max(1.0) as u64)
+            }
+        };
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let b = buckets.entry(key.to_string()).or_insert(Bucket {
+        // Looked up by `&str`: the key's name is copied once, into its new bucket, not on
+        // every request.
+        if let Some(b) = buckets.get_mut(key) {
+            return take(b);
+        }
+        take(buckets.entry(key.to_string()).or_insert(Bucket {
             tokens: burst,
             at: now,
-        });
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(((1.0 - b.tokens) / rate).ceil().max(1.0) as u64)
-        }
+        }))
     }
 }
 
@@ -203,6 +225,13 @@ fn allowed(key: &Key, service: &str, method: &Method) -> bool {
     })
 }
 
+/// Whether a request header goes on to the upstream: not hop-by-hop, not credentials or the
+/// target's `host`, not an identity header only the gateway may set.
+fn forwarded(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    !(HOP_BY_HOP.contains(&n) || NOT_FORWARDED.contains(&n) || IDENTITY.contains(&n))
+}
+
 fn presented_secret(h: &HeaderMap) -> Option<&str> {
     if let Some(k) = h.get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(k.trim());
@@ -216,11 +245,16 @@ fn presented_secret(h: &HeaderMap) -> Option<&str> {
 async fn forward(
     State(gw): State<Arc<Inner>>,
     ctx: keel::Context,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    req: axum::extract::Request,
 ) -> Response {
+    // Taken apart, not extracted piece by piece: axum's `HeaderMap` extractor clones the map.
+    let (parts, body) = req.into_parts();
+    let http::request::Parts {
+        method,
+        uri,
+        mut headers,
+        ..
+    } = parts;
     // Before anything else: the path that is authorised, routed and forwarded is this one.
     let path = match normalize(uri.path(), &gw.settings.path) {
         Ok(p) => p,
@@ -291,27 +325,29 @@ async fn forward(
         Ok(r) => r,
         Err(_) => return error(StatusCode::BAD_REQUEST, "malformed request target"),
     };
-    for (name, value) in &headers {
-        let n = name.as_str();
-        if HOP_BY_HOP.contains(&n) || NOT_FORWARDED.contains(&n) || IDENTITY.contains(&n) {
-            continue;
+    // The caller's headers move across (no copies), less those that stay here.
+    let out = req.headers_mut();
+    out.reserve(headers.len() + 2);
+    let mut name: Option<HeaderName> = None;
+    for (n, value) in headers.drain() {
+        if n.is_some() {
+            name = n;
         }
-        req.headers_mut().append(name.clone(), value.clone());
+        if let Some(n) = &name
+            && forwarded(n)
+        {
+            out.append(n.clone(), value);
+        }
     }
-    if let Ok(v) = HeaderValue::from_str(&key.name) {
-        req.headers_mut().insert("x-shop-key", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&key.scopes.join(",")) {
-        req.headers_mut().insert("x-shop-scopes", v);
+    if let Some((name, scopes)) = &key.identity {
+        req.headers_mut().insert(SHOP_KEY.clone(), name.clone());
+        req.headers_mut()
+            .insert(SHOP_SCOPES.clone(), scopes.clone());
     }
     match client.call(&ctx, req).await {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            for h in HOP_BY_HOP {
-                parts.headers.remove(h);
-            }
-            Response::from_parts(parts, Body::new(body))
-        }
+        // The upstream's hop-by-hop headers are scrubbed from every response by Keel's
+        // headers layer (`keel_server::layer::headers`), in one pass.
+        Ok(resp) => resp.map(Body::new),
         Err(e) => {
             tracing::warn!(upstream = service, error = %e, "gateway: upstream call failed");
             error(
