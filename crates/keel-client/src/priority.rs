@@ -113,6 +113,29 @@ pub struct Distribution {
 /// Computes the traffic split over `levels` (index 0 = highest priority) as described in the
 /// [module documentation](self).
 pub fn distribute(cfg: &PriorityConfig, levels: &[LevelHealth]) -> Distribution {
+    if let [only] = levels {
+        return Distribution {
+            percent: vec![if only.total > 0 { 100 } else { 0 }],
+            panic: vec![one_level_in_panic(cfg, only)],
+        };
+    }
+    let (overprovisioning, panic_threshold) = settings(cfg);
+    distribute_levels(levels, overprovisioning, panic_threshold)
+}
+
+/// Whether `only` — the one level there is, which takes all the traffic — is in panic: the
+/// common case (every endpoint at one priority), answered without [`distribute`]'s vectors,
+/// so a pick allocates nothing for it. Same answer as the general path (a test compares
+/// them).
+pub fn one_level_in_panic(cfg: &PriorityConfig, only: &LevelHealth) -> bool {
+    let (overprovisioning, panic_threshold) = settings(cfg);
+    only.total > 0
+        && level_health(only, overprovisioning) < 100.0 - EPSILON
+        && healthy_share(only) < panic_threshold
+}
+
+/// The overprovisioning factor and panic threshold of `cfg`, defaults where unusable.
+fn settings(cfg: &PriorityConfig) -> (f64, f64) {
     let overprovisioning = if cfg.overprovisioning.is_finite() && cfg.overprovisioning > 0.0 {
         cfg.overprovisioning
     } else {
@@ -123,20 +146,7 @@ pub fn distribute(cfg: &PriorityConfig, levels: &[LevelHealth]) -> Distribution 
     } else {
         cfg.panic_threshold.clamp(0.0, 1.0)
     };
-
-    // One level, the common case, always takes everything; only its panic flag needs work.
-    // Same answer as the general path below (a test compares them), without its float
-    // vectors on every pick.
-    if let [only] = levels {
-        let in_panic = only.total > 0
-            && level_health(only, overprovisioning) < 100.0 - EPSILON
-            && healthy_share(only) < panic_threshold;
-        return Distribution {
-            percent: vec![if only.total > 0 { 100 } else { 0 }],
-            panic: vec![in_panic],
-        };
-    }
-    distribute_levels(levels, overprovisioning, panic_threshold)
+    (overprovisioning, panic_threshold)
 }
 
 fn distribute_levels(

@@ -16,7 +16,7 @@ use std::time::Duration;
 use crate::balance::{self, BalanceConfig, Load};
 use crate::endpoint::{Endpoint, EndpointSet, Endpoints, level_health_of};
 use crate::outlier::{OutlierConfig, OutlierDetector};
-use crate::priority::{self, PriorityConfig};
+use crate::priority::{self, LevelHealth, PriorityConfig};
 
 /// Policy settings of one upstream.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -120,7 +120,7 @@ impl Upstream {
     ///
     /// On the hot path of every call: one pass over the endpoints with one outlier lookup
     /// each, one lock of the load table, loads found by index, one small allocation (plus
-    /// the priority split's).
+    /// the priority split's when the endpoints have more than one priority).
     pub fn pick_with(&self, color: Option<&str>, draw: u64) -> Option<Picked> {
         let color = color.or_else(|| self.weighted_color(draw.rotate_left(29)));
         let set = self.endpoints.snapshot();
@@ -133,10 +133,24 @@ impl Upstream {
             .filter(|(_, e)| filter.admits(e))
             .map(|(i, e)| (i, e, !self.outlier.is_ejected(&e.addr)))
             .collect();
-        let levels = level_health_of(candidates.iter().map(|(_, e, h)| (e.priority, *h)));
-        let dist = priority::distribute(&self.cfg.priority, &levels);
-        let level = priority::pick_level(&dist, (draw % 100) as u32)?;
-        let panic = dist.panic.get(level).copied().unwrap_or(false);
+        let first = candidates.first()?.1.priority;
+        let (level, panic) = if candidates.iter().all(|(_, e, _)| e.priority == first) {
+            // One priority (the common case): it takes everything, and no split is built.
+            let only = LevelHealth {
+                total: candidates.len(),
+                healthy: candidates.iter().filter(|(_, _, h)| *h).count(),
+            };
+            let level = first as usize;
+            (
+                level,
+                priority::one_level_in_panic(&self.cfg.priority, &only),
+            )
+        } else {
+            let levels = level_health_of(candidates.iter().map(|(_, e, h)| (e.priority, *h)));
+            let dist = priority::distribute(&self.cfg.priority, &levels);
+            let level = priority::pick_level(&dist, (draw % 100) as u32)?;
+            (level, dist.panic.get(level).copied().unwrap_or(false))
+        };
         candidates.retain(|(_, e, healthy)| e.priority as usize == level && (panic || *healthy));
         let t = self.lock_loads();
         // Another caller may have synced a newer set since this snapshot: then indexes do

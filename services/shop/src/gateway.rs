@@ -143,22 +143,11 @@ const IDENTITY: [&str; 3] = ["x-shop-key", "x-shop-scopes", "x-shop-user"];
 static SHOP_KEY: HeaderName = HeaderName::from_static("x-shop-key");
 static SHOP_SCOPES: HeaderName = HeaderName::from_static("x-shop-scopes");
 
-/// Hop-by-hop request headers: about one connection, never forwarded (responses are
-/// scrubbed by Keel's headers layer).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// Request headers not forwarded besides those: the target's own `host`, and the
-/// credentials (upstreams get the key's name instead).
-const NOT_FORWARDED: [&str; 3] = ["host", "authorization", "x-api-key"];
+/// Request headers not forwarded besides the hop-by-hop ones (removed by
+/// `keel_server`'s catalogue, with those `Connection` names): the target's own `host`,
+/// and the credentials — the client's to this gateway (`proxy-authorization` is one
+/// hop's), and the key (upstreams get its name instead).
+const NOT_FORWARDED: [&str; 4] = ["host", "authorization", "proxy-authorization", "x-api-key"];
 
 struct Bucket {
     tokens: f64,
@@ -225,11 +214,11 @@ fn allowed(key: &Key, service: &str, method: &Method) -> bool {
     })
 }
 
-/// Whether a request header goes on to the upstream: not hop-by-hop, not credentials or the
-/// target's `host`, not an identity header only the gateway may set.
+/// Whether a request header (hop-by-hop ones already gone) goes on to the upstream: not
+/// credentials or the target's `host`, not an identity header only the gateway may set.
 fn forwarded(name: &HeaderName) -> bool {
     let n = name.as_str();
-    !(HOP_BY_HOP.contains(&n) || NOT_FORWARDED.contains(&n) || IDENTITY.contains(&n))
+    !(NOT_FORWARDED.contains(&n) || IDENTITY.contains(&n))
 }
 
 fn presented_secret(h: &HeaderMap) -> Option<&str> {
@@ -326,6 +315,7 @@ async fn forward(
         Err(_) => return error(StatusCode::BAD_REQUEST, "malformed request target"),
     };
     // The caller's headers move across (no copies), less those that stay here.
+    keel::server::layer::headers::strip_connection_headers(&mut headers);
     let out = req.headers_mut();
     out.reserve(headers.len() + 2);
     let mut name: Option<HeaderName> = None;

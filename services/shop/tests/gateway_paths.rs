@@ -10,20 +10,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::Uri;
+use axum::http::{HeaderMap, Uri};
 use keel::{App, Sources};
 use keel_shop::gateway::{self, Settings};
 
 const INVENTORY_ONLY: &str = "inventory-only-key";
 
-/// An upstream that answers 200 to everything and records each path it was asked for.
-async fn recording_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
+type Seen = Arc<Mutex<Vec<(String, HeaderMap)>>>;
+
+/// An upstream that answers 200 to everything and records the path and headers of each
+/// request.
+async fn recording_upstream() -> (SocketAddr, Seen) {
+    let seen = Seen::default();
     let log = seen.clone();
-    let app = Router::new().fallback(move |uri: Uri| {
+    let app = Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
         let log = log.clone();
         async move {
-            log.lock().unwrap().push(uri.path().to_string());
+            log.lock().unwrap().push((uri.path().to_string(), headers));
             "ok"
         }
     });
@@ -186,9 +189,16 @@ async fn no_hostile_path_reaches_beyond_the_route_it_was_authorised_for() {
     }
 
     // The key may read inventory only: nothing else was reached, however the path was spelled.
-    assert_eq!(*users_seen.lock().unwrap(), Vec::<String>::new());
-    assert_eq!(*orders_seen.lock().unwrap(), Vec::<String>::new());
-    let reached = inventory_seen.lock().unwrap().clone();
+    let paths = |seen: &Seen| -> Vec<String> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .map(|(p, _)| p.clone())
+            .collect()
+    };
+    assert_eq!(paths(&users_seen), Vec::<String>::new());
+    assert_eq!(paths(&orders_seen), Vec::<String>::new());
+    let reached = paths(&inventory_seen);
     assert!(!reached.is_empty(), "the clean paths must get through");
     for path in &reached {
         assert!(
@@ -241,6 +251,41 @@ async fn no_hostile_path_reaches_beyond_the_route_it_was_authorised_for() {
     .unwrap()
     .unwrap();
     assert_eq!(keel_test_support::status_of(&raw), Some(400));
+
+    // Headers about this hop, credentials and identity stay here; the rest goes on.
+    inventory_seen.lock().unwrap().clear();
+    let raw = tokio::task::spawn_blocking(move || {
+        keel_test_support::raw_exchange(
+            addr,
+            format!(
+                "GET /api/inventory/sku-1 HTTP/1.1\r\nhost: shop\r\nx-api-key: {INVENTORY_ONLY}\r\n\
+                 connection: close, x-this-hop\r\nx-this-hop: 1\r\nte: trailers\r\n\
+                 keep-alive: timeout=5\r\nproxy-authorization: Basic eDp5\r\n\
+                 x-shop-user: usr_admin\r\nx-shop-scopes: users:*\r\nx-end-to-end: kept\r\n\r\n"
+            )
+            .as_bytes(),
+            Duration::from_secs(5),
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(keel_test_support::status_of(&raw), Some(200));
+    let (path, headers) = inventory_seen.lock().unwrap()[0].clone();
+    assert_eq!(path, "/stock/sku-1");
+    assert_eq!(headers["x-end-to-end"], "kept");
+    assert_eq!(headers["x-shop-key"], "inv");
+    assert_eq!(headers["x-shop-scopes"], "inventory:read");
+    for gone in [
+        "x-this-hop",
+        "te",
+        "keep-alive",
+        "proxy-authorization",
+        "x-shop-user",
+        "x-api-key",
+    ] {
+        assert!(!headers.contains_key(gone), "{gone} reached the upstream");
+    }
 
     eprintln!("{sent} hostile targets, answers by status: {statuses:?}");
     let _ = stop.send(());

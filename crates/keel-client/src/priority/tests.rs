@@ -3,7 +3,7 @@
 
 use super::{
     DEFAULT_OVERPROVISIONING, Distribution, LevelHealth, PriorityConfig, distribute,
-    distribute_levels, pick_level,
+    distribute_levels, one_level_in_panic, pick_level,
 };
 
 fn level(healthy: usize, total: usize) -> LevelHealth {
@@ -299,6 +299,18 @@ fn the_single_level_shortcut_agrees_with_the_general_split() {
                 assert_eq!(
                     distribute(&cfg, &levels),
                     distribute_levels(&levels, over, threshold),
+                    "{healthy}/{total} healthy, overprovisioning {over}, threshold {threshold}"
+                );
+                // The same level behind empty higher-priority ones — what a pick over
+                // endpoints that all have priority 2 asks — takes everything the same way.
+                let behind = [level(0, 0), level(0, 0), level(healthy, total)];
+                let general = distribute_levels(&behind, over, threshold);
+                if total > 0 {
+                    assert_eq!(general.percent, [0, 0, 100], "{healthy}/{total}");
+                }
+                assert_eq!(
+                    general.panic[2],
+                    one_level_in_panic(&cfg, &levels[0]),
                     "{healthy}/{total} healthy, overprovisioning {over}, threshold {threshold}"
                 );
             }

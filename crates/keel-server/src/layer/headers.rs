@@ -143,7 +143,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, status: StatusCode) {
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return;
     }
-    // Nearly every response has none: one pass over its few names beats seven hashed removals.
+    strip_connection_headers(headers);
+}
+
+/// Remove the headers that describe one hop's connection (RFC 9110 §7.6.1) — the fixed
+/// list and any named by `Connection` — from a message about to cross to the next hop: a
+/// response (see [`strip_hop_by_hop`]) or a request a proxy forwards.
+pub fn strip_connection_headers(headers: &mut HeaderMap) {
+    // Nearly every message has none: one pass over its few names beats seven hashed removals.
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
