@@ -13,6 +13,7 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -120,6 +121,8 @@ struct Inner {
     /// Microseconds this request has spent waiting on Keel's client (its upstreams): not the
     /// service's own time, so the server's overload control leaves it out.
     upstream_wait_us: AtomicU64,
+    /// The address the request came from (the TCP peer), when a server made the context.
+    peer: Option<SocketAddr>,
 }
 
 /// The request context. Cheap to clone.
@@ -218,6 +221,7 @@ impl Context {
                     .is_some_and(|v| v.starts_with(crate::grpc::CONTENT_TYPE_PREFIX)),
                 scope: TaskScope::new(registry, owner),
                 upstream_wait_us: AtomicU64::new(0),
+                peer: None,
             }),
         })
     }
@@ -253,6 +257,7 @@ impl Context {
                 grpc: false,
                 scope: TaskScope::new(registry, owner),
                 upstream_wait_us: AtomicU64::new(0),
+                peer: None,
             }),
         }
     }
@@ -313,6 +318,23 @@ impl Context {
     /// looking the header up again.
     pub fn is_grpc(&self) -> bool {
         self.inner.grpc
+    }
+
+    /// The address the request came from: the TCP peer of the connection it arrived on —
+    /// a client, or the proxy in front (a gateway decides which to believe; see the shop's
+    /// `X-Forwarded-For` handling). `None` for a context no server made.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.inner.peer
+    }
+
+    /// This context with its peer address set. For the server that makes the context: it
+    /// takes effect only while nobody else holds a clone (which is how a server has it, so
+    /// it costs no copy); on a shared context it is ignored.
+    pub fn with_peer(mut self, peer: Option<SocketAddr>) -> Context {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.peer = peer;
+        }
+        self
     }
 
     /// When the request arrived (or the background context was made).

@@ -6,4 +6,5 @@
 //!
 //! The shop's gateway (`services/shop`) is built on it.
 
+pub mod forwarded;
 pub mod path;

@@ -23,6 +23,7 @@ use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::io;
+use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -246,6 +247,18 @@ thread_local! {
     /// The queueing delay (ns) of the request being dispatched on this thread, set by the
     /// connection around the synchronous `call` of the stack; `u64::MAX` = not known.
     static QUEUED_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
+    /// The peer of the connection whose request is being dispatched on this thread, set
+    /// like `QUEUED_NS`. A thread-local rather than a request extension: an extension
+    /// costs every request a map insert, this costs two stores.
+    static PEER: std::cell::Cell<Option<SocketAddr>> = const { std::cell::Cell::new(None) };
+}
+
+/// The TCP peer of the request whose `call` is running on this thread (the context layer
+/// puts it in the request's [`keel_core::Context`]); `None` anywhere else, and for a
+/// request that had to wait for the stack to be ready (never, with Keel's own layers and a
+/// router, which are always ready).
+pub(crate) fn peer() -> Option<SocketAddr> {
+    PEER.get()
 }
 
 /// The queueing delay of the request whose `call` is running on this thread: how long its
@@ -323,6 +336,7 @@ pub(crate) fn builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
 /// the server's request path (cloned once per connection, not per request).
 pub(crate) async fn serve_connection<T, B>(
     stream: TcpStream,
+    peer: SocketAddr,
     builder: Arc<auto::Builder<TokioExecutor>>,
     shared: Arc<Shared>,
     stack: T,
@@ -347,6 +361,7 @@ pub(crate) async fn serve_connection<T, B>(
     let svc = ConnService {
         stack: RefCell::new(stack),
         tracker: tracker.clone(),
+        peer,
     };
     let conn = builder.serve_connection_with_upgrades(io, svc);
     let mut conn = pin!(conn);
@@ -439,6 +454,8 @@ pub(crate) async fn serve_connection<T, B>(
 struct ConnService<T> {
     stack: RefCell<T>,
     tracker: Arc<ConnTracker>,
+    /// The connection's peer, handed to each request's context (see [`peer`]).
+    peer: SocketAddr,
 }
 
 impl<T, B> hyper::service::Service<Request<Incoming>> for ConnService<T>
@@ -459,12 +476,15 @@ where
         let mut stack = self.stack.borrow_mut();
         if crate::layer::ready_now(&mut *stack) {
             // The stack's `call` runs synchronously on this thread: its layers see this
-            // request's queueing delay through `queueing_delay()`, and nothing else does.
+            // request's queueing delay and peer through `queueing_delay()` and `peer()`, and
+            // nothing else does.
             let queued = self.tracker.queueing_delay_ns();
             if let Some(ns) = queued {
                 QUEUED_NS.set(ns);
             }
+            PEER.set(Some(self.peer));
             let fut = stack.call(req);
+            PEER.set(None);
             if queued.is_some() {
                 QUEUED_NS.set(u64::MAX);
             }

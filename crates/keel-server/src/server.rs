@@ -281,12 +281,12 @@ impl TokioShard {
         let closing = self.shared.shutdown.reached(Phase::Closing);
         tokio::pin!(closing);
         loop {
-            let stream = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 // Checked first: once closing, no new connection is taken even if one is queued.
                 biased;
                 _ = &mut closing => break,
                 r = self.listener.accept() => match r {
-                    Ok((s, _)) => s,
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         // EMFILE/ENFILE/ENOBUFS: back off instead of spinning on a full table.
                         tracing::warn!(error = %e, "accept failed; backing off");
@@ -307,7 +307,7 @@ impl TokioShard {
             let builder = builder.clone();
             let svc = stack.clone();
             self.tracker.spawn(async move {
-                conn::serve_connection(stream, builder, shared.clone(), svc).await;
+                conn::serve_connection(stream, peer, builder, shared.clone(), svc).await;
                 shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
             });
         }

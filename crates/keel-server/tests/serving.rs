@@ -38,6 +38,13 @@ fn router() -> Router {
         .route("/", get(|| async { "hello" }))
         .route("/echo", post(|b: Bytes| async move { b }))
         .route(
+            "/peer",
+            get(|req: axum::extract::Request| async move {
+                let ctx = req.extensions().get::<keel_core::Context>();
+                format!("{:?}", ctx.and_then(keel_core::Context::peer))
+            }),
+        )
+        .route(
             "/hop",
             get(|| async {
                 let mut h = HeaderMap::new();
@@ -78,6 +85,39 @@ async fn start(cfg: ServerConfig, listeners: usize) -> TestServer {
         readiness,
         handle,
     }
+}
+
+#[tokio::test]
+async fn the_request_context_knows_the_address_it_came_from() {
+    let srv = start(config(), 1).await;
+    let addr = srv.addr;
+    let (local, raw) = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let local = s.local_addr().unwrap();
+        s.write_all(b"GET /peer HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        (local, out)
+    })
+    .await
+    .unwrap();
+    assert!(raw.ends_with(&format!("Some({local})")), "{raw}");
+
+    // Over HTTP/2 each stream's context has it too.
+    let resp = ts::h2c_client()
+        .request(
+            http::Request::get(format!("http://{addr}/peer"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.starts_with("Some(127.0.0.1:"), "{body}");
+    srv.shutdown.advance(Phase::Stopped);
 }
 
 #[tokio::test]

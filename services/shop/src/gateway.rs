@@ -12,6 +12,8 @@
 //! - Traffic colour: a `keel-color: canary` header (or the baggage entry) sends the request
 //!   to instances labelled `keel.color=canary`; `subsets = { canary = N }` on a client sends
 //!   N % of uncoloured requests there.
+//! - `X-Forwarded-For`/`-Proto`/`-Host` and `Forwarded` are set from what the gateway saw;
+//!   a client's own are dropped unless it is a trusted proxy (`keel_gateway::forwarded`).
 //! - Paths are normalised first (`keel_gateway::path`): dot-segments resolved, escaped
 //!   separators, escaped dot-segments, control bytes and the like refused with 400 — the
 //!   normalised path is the one authorised, routed and forwarded.
@@ -29,6 +31,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use keel::BoxError;
 use keel::client::client::Client;
+use keel_gateway::forwarded::Forwarding;
 use keel_gateway::path::{PathPolicy, normalize};
 
 use crate::http::error;
@@ -73,6 +76,9 @@ pub struct Settings {
     /// How request paths are normalised before anything else (`SHOP_MERGE_SLASHES=false`
     /// keeps empty segments).
     pub path: PathPolicy,
+    /// Whose `X-Forwarded-*` / `Forwarded` headers are believed (`SHOP_TRUSTED_PROXIES`,
+    /// addresses and ranges, comma-separated; default: nobody's).
+    pub forwarding: Forwarding,
 }
 
 impl Settings {
@@ -124,12 +130,16 @@ impl Settings {
             Ok("false") => false,
             Ok(v) => return Err(format!("SHOP_MERGE_SLASHES={v:?}: must be true or false")),
         };
+        let forwarding =
+            Forwarding::parse(&std::env::var("SHOP_TRUSTED_PROXIES").unwrap_or_default())
+                .map_err(|e| format!("SHOP_TRUSTED_PROXIES: {e}"))?;
         Ok(Settings {
             keys: Self::parse_keys(&keys)?,
             rate: number("SHOP_RATE", 100.0)?,
             burst: number("SHOP_BURST", 200.0)?,
             max_body: 1 << 20,
             path: PathPolicy { merge_slashes },
+            forwarding,
         })
     }
 }
@@ -316,6 +326,10 @@ async fn forward(
     };
     // The caller's headers move across (no copies), less those that stay here.
     keel::server::layer::headers::strip_connection_headers(&mut headers);
+    let host = headers.get(http::header::HOST).cloned();
+    gw.settings
+        .forwarding
+        .apply(&mut headers, ctx.peer(), host.as_ref(), "http");
     let out = req.headers_mut();
     out.reserve(headers.len() + 2);
     let mut name: Option<HeaderName> = None;

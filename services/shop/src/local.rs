@@ -51,6 +51,7 @@ impl Options {
                 burst: 2_000.0,
                 max_body: 1 << 20,
                 path: Default::default(),
+                forwarding: Default::default(),
             },
             canary_user: false,
             canary_weight: 0,

@@ -104,35 +104,70 @@ const PREFIXES: &[&str] = &[
     "/api/users/../inventory/",
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_hostile_path_reaches_beyond_the_route_it_was_authorised_for() {
-    let (users, users_seen) = recording_upstream().await;
-    let (orders, orders_seen) = recording_upstream().await;
-    let (inventory, inventory_seen) = recording_upstream().await;
+/// A gateway in front of the three upstreams, with `settings`.
+struct Gateway {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<Result<(), keel::Error>>,
+    _dir: tempfile::TempDir,
+}
 
-    let dir = tempfile::tempdir().unwrap();
-    let addr = keel_test_support::free_addr();
-    let file = dir.path().join("gateway.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[server]\naddr = \"{addr}\"\n\n[admin]\naddr = \"{}\"\n\n\
-             [clients.user]\nendpoints = [\"{users}\"]\n\n\
-             [clients.order]\nendpoints = [\"{orders}\"]\n\n\
-             [clients.inventory]\nendpoints = [\"{inventory}\"]\n",
-            keel_test_support::free_addr()
-        ),
-    )
-    .unwrap();
-    let loaded = Sources {
-        file: Some(file),
-        sets: Vec::new(),
+impl Gateway {
+    async fn start(settings: Settings, [users, orders, inventory]: [SocketAddr; 3]) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = keel_test_support::free_addr();
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[server]\naddr = \"{addr}\"\n\n[admin]\naddr = \"{}\"\n\n\
+                 [clients.user]\nendpoints = [\"{users}\"]\n\n\
+                 [clients.order]\nendpoints = [\"{orders}\"]\n\n\
+                 [clients.inventory]\nendpoints = [\"{inventory}\"]\n",
+                keel_test_support::free_addr()
+            ),
+        )
+        .unwrap();
+        let loaded = Sources {
+            file: Some(file),
+            sets: Vec::new(),
+        }
+        .load_with_env(Vec::new())
+        .unwrap();
+        let sizing = keel::runtime::detect(&loaded.value.runtime);
+        let app = App::new("gateway", loaded, sizing);
+        let router = gateway::router(&app, settings).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(app.serve_until(
+            router,
+            async move {
+                let _ = stopped.await;
+            },
+            std::future::pending(),
+        ));
+        assert!(
+            keel_test_support::wait_until(Duration::from_secs(20), || {
+                keel_test_support::port_open(addr)
+            }),
+            "the gateway did not start"
+        );
+        Gateway {
+            addr,
+            stop,
+            served,
+            _dir: dir,
+        }
     }
-    .load_with_env(Vec::new())
-    .unwrap();
-    let sizing = keel::runtime::detect(&loaded.value.runtime);
-    let app = App::new("gateway", loaded, sizing);
-    let settings = Settings {
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.served).await;
+    }
+}
+
+/// The demo's keys and one that may only read inventory; no rate limit to speak of.
+fn settings() -> Settings {
+    Settings {
         keys: Settings::parse_keys(&format!(
             "inv:{INVENTORY_ONLY}=inventory:read;{}",
             gateway::DEMO_KEYS
@@ -142,34 +177,34 @@ async fn no_hostile_path_reaches_beyond_the_route_it_was_authorised_for() {
         burst: 1_000_000.0,
         max_body: 1 << 20,
         path: Default::default(),
-    };
-    let router = gateway::router(&app, settings).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(app.serve_until(
-        router,
-        async move {
-            let _ = stopped.await;
-        },
-        std::future::pending(),
-    ));
-    assert!(
-        keel_test_support::wait_until(Duration::from_secs(20), || {
-            keel_test_support::port_open(addr)
-        }),
-        "the gateway did not start"
-    );
+        forwarding: Default::default(),
+    }
+}
+
+/// Send `request` (raw bytes) to `addr` and read the whole answer.
+async fn exchange(addr: SocketAddr, request: String) -> Vec<u8> {
+    tokio::task::spawn_blocking(move || {
+        keel_test_support::raw_exchange(addr, request.as_bytes(), Duration::from_secs(5))
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_hostile_path_reaches_beyond_the_route_it_was_authorised_for() {
+    let (users, users_seen) = recording_upstream().await;
+    let (orders, orders_seen) = recording_upstream().await;
+    let (inventory, inventory_seen) = recording_upstream().await;
+
+    let gw = Gateway::start(settings(), [users, orders, inventory]).await;
+    let addr = gw.addr;
 
     let send = |target: String| async move {
         let request = format!(
             "GET {target} HTTP/1.1\r\nhost: shop\r\nx-api-key: {INVENTORY_ONLY}\r\nconnection: close\r\n\r\n"
         );
-        let raw = tokio::task::spawn_blocking(move || {
-            keel_test_support::raw_exchange(addr, request.as_bytes(), Duration::from_secs(5))
-        })
-        .await
-        .unwrap()
-        .unwrap();
-        keel_test_support::status_of(&raw)
+        keel_test_support::status_of(&exchange(addr, request).await)
     };
 
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
@@ -288,6 +323,56 @@ async fn no_hostile_path_reaches_beyond_the_route_it_was_authorised_for() {
     }
 
     eprintln!("{sent} hostile targets, answers by status: {statuses:?}");
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), served).await;
+    gw.stop().await;
+}
+
+/// A request carrying a spoofed client address and forwarding headers, with the reader key.
+fn spoofing(addr: SocketAddr) -> impl std::future::Future<Output = Vec<u8>> {
+    exchange(
+        addr,
+        format!(
+            "GET /api/inventory/sku-1 HTTP/1.1\r\nhost: shop.example\r\nx-api-key: {INVENTORY_ONLY}\r\n\
+             x-forwarded-for: 6.6.6.6\r\nx-forwarded-host: evil.example\r\n\
+             x-forwarded-proto: https\r\nforwarded: for=6.6.6.6\r\nconnection: close\r\n\r\n"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_learns_who_called_and_only_a_trusted_proxy_is_believed() {
+    let (users, _) = recording_upstream().await;
+    let (orders, _) = recording_upstream().await;
+    let (inventory, seen) = recording_upstream().await;
+
+    // By default nobody is trusted: what the client claims is replaced by what the gateway saw.
+    let gw = Gateway::start(settings(), [users, orders, inventory]).await;
+    assert_eq!(
+        keel_test_support::status_of(&spoofing(gw.addr).await),
+        Some(200)
+    );
+    let (_, h) = seen.lock().unwrap().pop().unwrap();
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    assert_eq!(h["x-forwarded-host"], "shop.example");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["forwarded"], "for=127.0.0.1;host=shop.example;proto=http");
+    gw.stop().await;
+
+    // Behind a trusted proxy (here, loopback), its account is kept and the proxy appended.
+    let mut trusting = settings();
+    trusting.forwarding = keel_gateway::forwarded::Forwarding::parse("127.0.0.0/8").unwrap();
+    let gw = Gateway::start(trusting, [users, orders, inventory]).await;
+    assert_eq!(
+        keel_test_support::status_of(&spoofing(gw.addr).await),
+        Some(200)
+    );
+    let (_, h) = seen.lock().unwrap().pop().unwrap();
+    assert_eq!(h["x-forwarded-for"], "6.6.6.6, 127.0.0.1");
+    assert_eq!(h["x-forwarded-host"], "evil.example");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(
+        h["forwarded"],
+        "for=6.6.6.6, for=127.0.0.1;host=shop.example;proto=http"
+    );
+    gw.stop().await;
 }

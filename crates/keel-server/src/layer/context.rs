@@ -115,7 +115,7 @@ where
         let st = &*self.state;
         let policy = st.deadlines.for_path(req.uri().path());
         let ctx = match Context::from_headers(req.headers(), &policy, None, st.registry) {
-            Ok(ctx) => ctx,
+            Ok(ctx) => ctx.with_peer(crate::conn::peer()),
             Err(e) => return ContextFuture::refused(st, &req, &e),
         };
         req.extensions_mut().insert(ctx.clone());

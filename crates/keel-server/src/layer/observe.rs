@@ -251,7 +251,7 @@ impl Record {
             // Ends now: the span recorder (if any) reads the wall clock for its start.
             start: None,
             duration,
-            peer: None,
+            peer: self.ctx.as_ref().and_then(Context::peer),
         });
     }
 }

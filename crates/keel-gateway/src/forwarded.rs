@@ -1,0 +1,338 @@
+//! Who the request came from, told to the upstream: `X-Forwarded-For`, `X-Forwarded-Proto`,
+//! `X-Forwarded-Host` and RFC 7239 `Forwarded`, believed only from configured proxies.
+//!
+//! Anyone can send `X-Forwarded-For: 10.0.0.1`. A gateway that passes it on lets a client
+//! choose the address an upstream logs, rate-limits or allow-lists. So:
+//!
+//! - the connection's peer is in [`Forwarding`]'s trusted ranges (a load balancer in front):
+//!   what it says is kept, and the peer is appended — `X-Forwarded-For: client, lb`;
+//! - any other peer (the default: nothing is trusted): whatever it sent in those four headers
+//!   is dropped, and they are set afresh from what this gateway saw.
+//!
+//! The rightmost address an upstream reads is therefore always one this gateway vouches for.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// An address range, `10.0.0.0/8` or `2001:db8::/32`; a bare address is a range of one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    /// Parse `addr` or `addr/bits`; the error says what is wrong with `spec`.
+    pub fn parse(spec: &str) -> Result<Cidr, String> {
+        let spec = spec.trim();
+        let (addr, bits) = match spec.split_once('/') {
+            Some((a, b)) => (a, Some(b)),
+            None => (spec, None),
+        };
+        let net: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{spec:?}: not an IP address or range (e.g. 10.0.0.0/8)"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = match bits {
+            None => max,
+            Some(b) => b
+                .parse::<u8>()
+                .ok()
+                .filter(|b| *b <= max)
+                .ok_or_else(|| format!("{spec:?}: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(Cidr { net, bits })
+    }
+
+    /// Whether `ip` is in the range. An IPv4 address seen as IPv6 (`::ffff:a.b.c.d`, as a
+    /// dual-stack listener reports it) matches the IPv4 range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => prefix_eq(
+                u128::from(n.to_bits()),
+                u128::from(a.to_bits()),
+                self.bits,
+                32,
+            ),
+            (IpAddr::V6(n), IpAddr::V6(a)) => prefix_eq(n.to_bits(), a.to_bits(), self.bits, 128),
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(net: u128, addr: u128, bits: u8, width: u32) -> bool {
+    let shift = width - u32::from(bits);
+    if shift >= 128 {
+        return true;
+    }
+    net >> shift == addr >> shift
+}
+
+/// How a gateway tells upstreams where requests came from (see the module doc).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Forwarding {
+    trusted: Vec<Cidr>,
+}
+
+impl Forwarding {
+    /// Trust the proxies in `ranges`.
+    pub fn trusting(ranges: Vec<Cidr>) -> Forwarding {
+        Forwarding { trusted: ranges }
+    }
+
+    /// Parse a comma-separated list of addresses and ranges (empty: trust nobody).
+    pub fn parse(spec: &str) -> Result<Forwarding, String> {
+        let trusted = spec
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(Cidr::parse)
+            .collect::<Result<_, _>>()?;
+        Ok(Forwarding { trusted })
+    }
+
+    /// Whether what `peer` says about earlier hops is believed.
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        self.trusted.iter().any(|c| c.contains(peer))
+    }
+
+    /// Set the forwarding headers of a request from `peer` (the connection's; `None` when
+    /// unknown, then nothing is claimed for it) that arrived for `host` over `proto`.
+    pub fn apply(
+        &self,
+        headers: &mut HeaderMap,
+        peer: Option<SocketAddr>,
+        host: Option<&HeaderValue>,
+        proto: &'static str,
+    ) {
+        let trusted = peer.is_some_and(|p| self.trusts(p.ip()));
+        let earlier_for = if trusted {
+            joined(headers, &X_FORWARDED_FOR)
+        } else {
+            None
+        };
+        let earlier_fwd = if trusted {
+            joined(headers, &FORWARDED)
+        } else {
+            None
+        };
+        if !trusted {
+            headers.remove(&X_FORWARDED_PROTO);
+            headers.remove(&X_FORWARDED_HOST);
+        }
+        headers.remove(&X_FORWARDED_FOR);
+        headers.remove(&FORWARDED);
+        // Only the visible ASCII a `Host` should be is repeated; anything else is left out.
+        let host = host
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic() && b != b'"'));
+
+        let mut xff = earlier_for.unwrap_or_default();
+        let mut element = String::new();
+        if let Some(p) = peer {
+            let ip = canonical(p.ip());
+            if !xff.is_empty() {
+                xff.push_str(", ");
+            }
+            xff.push_str(&ip.to_string());
+            element.push_str("for=");
+            match ip {
+                IpAddr::V4(v4) => element.push_str(&v4.to_string()),
+                IpAddr::V6(v6) => element.push_str(&format!("\"[{v6}]\"")),
+            }
+        }
+        if let Some(h) = host {
+            if !element.is_empty() {
+                element.push(';');
+            }
+            element.push_str("host=");
+            if h.bytes().all(is_token) {
+                element.push_str(h);
+            } else {
+                element.push_str(&format!("\"{h}\""));
+            }
+        }
+        if !element.is_empty() {
+            element.push(';');
+        }
+        element.push_str("proto=");
+        element.push_str(proto);
+        let forwarded = match earlier_fwd {
+            Some(earlier) => format!("{earlier}, {element}"),
+            None => element,
+        };
+
+        set(headers, &X_FORWARDED_FOR, xff);
+        set(headers, &FORWARDED, forwarded);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+        }
+        if let Some(h) = host
+            && !headers.contains_key(&X_FORWARDED_HOST)
+            && let Ok(v) = HeaderValue::from_str(h)
+        {
+            headers.insert(X_FORWARDED_HOST.clone(), v);
+        }
+    }
+}
+
+/// An IPv4 peer seen through a dual-stack socket, as the IPv4 address it is.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// RFC 9110 `tchar`: a `Forwarded` value made of these needs no quotes.
+fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Every value of `name`, joined with `, ` (how repeated list headers combine).
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let parts: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: String) {
+    if value.is_empty() {
+        return;
+    }
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(name.clone(), v);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn cidr(s: &str) -> Cidr {
+        Cidr::parse(s).unwrap()
+    }
+
+    #[test]
+    fn ranges_parse_and_match_by_prefix() {
+        let lan = cidr("10.0.0.0/8");
+        assert!(lan.contains("10.255.1.2".parse().unwrap()));
+        assert!(!lan.contains("11.0.0.1".parse().unwrap()));
+        assert!(
+            lan.contains("::ffff:10.1.2.3".parse().unwrap()),
+            "IPv4-mapped"
+        );
+        let one = cidr("192.0.2.7");
+        assert!(one.contains("192.0.2.7".parse().unwrap()));
+        assert!(!one.contains("192.0.2.8".parse().unwrap()));
+        let v6 = cidr("2001:db8::/32");
+        assert!(v6.contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+        assert!(cidr("0.0.0.0/0").contains("203.0.113.9".parse().unwrap()));
+        assert!(cidr("::/0").contains("2001:db8::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn bad_ranges_are_refused_with_the_reason() {
+        for (spec, says) in [
+            ("10.0.0.0/33", "0 to 32"),
+            ("::/129", "0 to 128"),
+            ("10.0.0.0/x", "prefix length"),
+            ("ten.zero", "not an IP"),
+            ("", "not an IP"),
+        ] {
+            let e = Cidr::parse(spec).unwrap_err();
+            assert!(e.contains(says), "{spec:?}: {e}");
+        }
+        let e = Forwarding::parse("10.0.0.0/8, nope").unwrap_err();
+        assert!(e.contains("\"nope\""), "{e}");
+        assert_eq!(Forwarding::parse(" ").unwrap(), Forwarding::default());
+    }
+
+    fn spoofed() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "6.6.6.6".parse().unwrap());
+        h.append("x-forwarded-for", "7.7.7.7".parse().unwrap());
+        h.insert("x-forwarded-host", "evil.example".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        h.insert("forwarded", "for=6.6.6.6".parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn an_untrusted_peer_cannot_choose_what_the_upstream_is_told() {
+        let mut h = spoofed();
+        let host = HeaderValue::from_static("shop.example:8080");
+        let peer: SocketAddr = "203.0.113.5:5000".parse().unwrap();
+        Forwarding::default().apply(&mut h, Some(peer), Some(&host), "http");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.5");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "shop.example:8080");
+        assert_eq!(
+            h["forwarded"],
+            "for=203.0.113.5;host=\"shop.example:8080\";proto=http"
+        );
+    }
+
+    #[test]
+    fn a_trusted_proxy_is_believed_and_appended() {
+        let mut h = spoofed();
+        let host = HeaderValue::from_static("shop");
+        let lb: SocketAddr = "10.1.2.3:40000".parse().unwrap();
+        let fwd = Forwarding::trusting(vec![cidr("10.0.0.0/8")]);
+        fwd.apply(&mut h, Some(lb), Some(&host), "http");
+        assert_eq!(h["x-forwarded-for"], "6.6.6.6, 7.7.7.7, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "https", "the proxy saw TLS");
+        assert_eq!(h["x-forwarded-host"], "evil.example");
+        assert_eq!(
+            h["forwarded"],
+            "for=6.6.6.6, for=10.1.2.3;host=shop;proto=http"
+        );
+        // The same ranges do not trust anyone else.
+        let mut h = spoofed();
+        let outside: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        fwd.apply(&mut h, Some(outside), Some(&host), "http");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1");
+    }
+
+    #[test]
+    fn ipv6_peers_are_bracketed_and_quoted_in_forwarded() {
+        let mut h = HeaderMap::new();
+        let peer: SocketAddr = "[2001:db8::17]:443".parse().unwrap();
+        Forwarding::default().apply(&mut h, Some(peer), None, "http");
+        assert_eq!(h["x-forwarded-for"], "2001:db8::17");
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::17]\";proto=http");
+        let mut h = HeaderMap::new();
+        let mapped: SocketAddr = "[::ffff:192.0.2.9]:1".parse().unwrap();
+        Forwarding::default().apply(&mut h, Some(mapped), None, "http");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.9");
+    }
+
+    #[test]
+    fn an_unknown_peer_claims_nothing_and_a_strange_host_is_left_out() {
+        let mut h = spoofed();
+        let host = HeaderValue::from_static("a\"b");
+        Forwarding::default().apply(&mut h, None, Some(&host), "http");
+        assert!(!h.contains_key("x-forwarded-for"));
+        assert!(!h.contains_key("x-forwarded-host"));
+        assert_eq!(h["forwarded"], "proto=http");
+    }
+}
