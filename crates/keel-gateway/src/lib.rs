@@ -8,3 +8,4 @@
 
 pub mod forwarded;
 pub mod path;
+pub mod ratelimit;

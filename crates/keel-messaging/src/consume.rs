@@ -147,6 +147,30 @@ where
     Ok(result)
 }
 
+/// Record a dead-lettered message as done in `consumer`'s inbox, in a transaction of its own.
+/// Transports call it after the dead letter was published and before the original is
+/// acknowledged, so a redelivery of the original — its acknowledgement lost to a broken
+/// connection — is a duplicate, not a second dead letter. Never before the publish: a
+/// publish that then failed would leave the message claimed and nowhere. A failure here is
+/// logged and otherwise ignored: the worst it allows is the duplicate dead letter at-least-once
+/// delivery permits.
+pub async fn settle_dead_letter<I: Inbox>(inbox: &I, consumer: &str, message_id: &str) {
+    let settled = async {
+        let mut tx = inbox.begin().await?;
+        match tx.claim(consumer, message_id).await {
+            Ok(_) => tx.commit().await,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
+    }
+    .await;
+    if let Err(e) = settled {
+        tracing::warn!(consumer, message_id, error = %e, "could not record a dead letter in the inbox; a redelivery would dead-letter it again");
+    }
+}
+
 /// Process several deliveries in one transaction: one claim statement for all of them, the
 /// handlers of the new ones in order, one commit — so the store's round trips and its commit
 /// (an fsync) are paid per batch, not per message. Results are in `msgs` order.

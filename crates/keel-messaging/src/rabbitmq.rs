@@ -498,7 +498,16 @@ async fn handle_one<I, H>(
         .as_ref()
         .map(|s| s.as_str().to_string());
     let Some((id, id_source)) = message_id(&headers, native.as_deref()) else {
-        dead_letter(rabbit, cfg, stats, &d, &headers, "message has no usable id").await;
+        dead_letter(
+            rabbit,
+            cfg,
+            stats,
+            &d,
+            &headers,
+            "message has no usable id",
+            None::<(&I, &str)>,
+        )
+        .await;
         return;
     };
     let msg = Message {
@@ -556,7 +565,16 @@ async fn handle_one<I, H>(
             }
         }
         Ok(Processed::DeadLetter(e)) => {
-            dead_letter(rabbit, cfg, stats, &d, &msg.headers, &e.to_string()).await;
+            dead_letter(
+                rabbit,
+                cfg,
+                stats,
+                &d,
+                &msg.headers,
+                &e.to_string(),
+                Some((inbox, msg.id.as_str())),
+            )
+            .await;
         }
         Err(e) => {
             tracing::warn!(id = %msg.id, error = %e, "inbox store failed; delivery requeued");
@@ -567,13 +585,16 @@ async fn handle_one<I, H>(
     }
 }
 
-async fn dead_letter(
+/// Publish to the dead-letter queue with the error; then, when the message has an id, record
+/// it in the inbox (`settle`, see [`crate::consume::settle_dead_letter`]), and acknowledge.
+async fn dead_letter<I: Inbox>(
     rabbit: &Rabbit,
     cfg: &ConsumerConfig,
     stats: &ConsumerStats,
     d: &lapin::message::Delivery,
     headers: &BTreeMap<String, String>,
     error: &str,
+    settle: Option<(&I, &str)>,
 ) {
     let mut headers = headers.clone();
     headers.insert(ERROR_HEADER.to_string(), error.to_string());
@@ -589,6 +610,9 @@ async fn dead_letter(
     {
         Ok(()) => {
             tracing::warn!(queue = %cfg.queue, error, "message dead-lettered");
+            if let Some((inbox, id)) = settle {
+                crate::consume::settle_dead_letter(inbox, &cfg.queue, id).await;
+            }
             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             ack(d).await;
         }

@@ -20,7 +20,7 @@
 //! - Request ids, trace context and the remaining deadline are Keel's, on every hop.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
@@ -33,6 +33,7 @@ use keel::BoxError;
 use keel::client::client::Client;
 use keel_gateway::forwarded::Forwarding;
 use keel_gateway::path::{PathPolicy, normalize};
+use keel_gateway::ratelimit::{LocalLimiter, Rate, RedisLimiter};
 
 use crate::http::error;
 
@@ -79,6 +80,9 @@ pub struct Settings {
     /// Whose `X-Forwarded-*` / `Forwarded` headers are believed (`SHOP_TRUSTED_PROXIES`,
     /// addresses and ranges, comma-separated; default: nobody's).
     pub forwarding: Forwarding,
+    /// Redis URL of a rate limit shared by every replica (`SHOP_RATE_REDIS`); `None`: each
+    /// replica limits on its own.
+    pub shared_rate: Option<String>,
 }
 
 impl Settings {
@@ -140,6 +144,9 @@ impl Settings {
             max_body: 1 << 20,
             path: PathPolicy { merge_slashes },
             forwarding,
+            shared_rate: std::env::var("SHOP_RATE_REDIS")
+                .ok()
+                .filter(|u| !u.is_empty()),
         })
     }
 }
@@ -159,9 +166,12 @@ static SHOP_SCOPES: HeaderName = HeaderName::from_static("x-shop-scopes");
 /// hop's), and the key (upstreams get its name instead).
 const NOT_FORWARDED: [&str; 4] = ["host", "authorization", "proxy-authorization", "x-api-key"];
 
-struct Bucket {
-    tokens: f64,
-    at: Instant,
+/// How the per-key rate is kept.
+enum Limiter {
+    /// In this process.
+    Local(LocalLimiter),
+    /// Shared by every replica, in Redis.
+    Shared(Arc<RedisLimiter>),
 }
 
 struct Inner {
@@ -169,46 +179,73 @@ struct Inner {
     users: Arc<Client>,
     orders: Arc<Client>,
     inventory: Arc<Client>,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    limiter: Limiter,
 }
 
-/// The gateway's routes.
+/// Keys of the shared rate limit in Redis: this prefix, then the API key's name.
+const REDIS_PREFIX: &str = "keel-shop:gateway:rate:";
+
+/// How long a rate-limit call may wait on Redis before the local bucket decides.
+const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The gateway's routes. With [`Settings::shared_rate`] the rate limit lives in Redis: its
+/// fallbacks are counted in `/metrics` (`shop_gateway_rate_limit_fallbacks_total`) and its
+/// state is shown at `/debug/ratelimit` on the admin port.
 pub fn router(app: &keel::App, settings: Settings) -> Result<Router, BoxError> {
+    let rate = Rate {
+        per_second: settings.rate,
+        burst: settings.burst,
+    };
+    let limiter = match &settings.shared_rate {
+        None => Limiter::Local(LocalLimiter::new(rate)),
+        Some(url) => {
+            let shared = Arc::new(RedisLimiter::start(url, REDIS_PREFIX, rate, REDIS_TIMEOUT)?);
+            let seen = shared.clone();
+            app.metrics().add_collector(move |e| {
+                let name = "shop_gateway_rate_limit_fallbacks_total";
+                e.family(
+                    name,
+                    "Rate-limit decisions taken by the local bucket because Redis could not be asked.",
+                    "counter",
+                );
+                e.sample(name, &[], seen.fallbacks() as f64);
+            });
+            let seen = shared.clone();
+            app.admin_route(
+                "/debug/ratelimit",
+                "the gateway's rate limit: who decides (redis or the local fallback), fallbacks",
+                move |_| {
+                    (
+                        "application/json",
+                        format!(
+                            "{{\"state\":\"{}\",\"fallbacks\":{}}}\n",
+                            seen.state(),
+                            seen.fallbacks()
+                        ),
+                    )
+                },
+            );
+            Limiter::Shared(shared)
+        }
+    };
     let inner = Arc::new(Inner {
         settings,
         users: app.client("user")?,
         orders: app.client("order")?,
         inventory: app.client("inventory")?,
-        buckets: Mutex::new(HashMap::new()),
+        limiter,
     });
     Ok(Router::new().fallback(forward).with_state(inner))
 }
 
 impl Inner {
     /// Take a token for `key`; `Err(seconds)` until the next one when there is none.
-    fn admit(&self, key: &str) -> Result<(), u64> {
-        let now = Instant::now();
-        let (rate, burst) = (self.settings.rate, self.settings.burst);
-        let take = |b: &mut Bucket| {
-            b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
-            b.at = now;
-            if b.tokens >= 1.0 {
-                b.tokens -= 1.0;
-                Ok(())
-            } else {
-                Err(((1.0 - b.tokens) / rate).ceil().max(1.0) as u64)
-            }
+    async fn admit(&self, key: &str) -> Result<(), u64> {
+        let verdict = match &self.limiter {
+            Limiter::Local(l) => l.admit(key, Instant::now()),
+            Limiter::Shared(l) => l.admit(key).await,
         };
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        // Looked up by `&str`: the key's name is copied once, into its new bucket, not on
-        // every request.
-        if let Some(b) = buckets.get_mut(key) {
-            return take(b);
-        }
-        take(buckets.entry(key.to_string()).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        }))
+        verdict.retry_after_secs().map_or(Ok(()), Err)
     }
 }
 
@@ -294,7 +331,7 @@ async fn forward(
             format!("key {} may not {method} {service}", key.name),
         );
     }
-    if let Err(wait) = gw.admit(&key.name) {
+    if let Err(wait) = gw.admit(&key.name).await {
         let mut resp = error(
             StatusCode::TOO_MANY_REQUESTS,
             format!("key {} is over its rate", key.name),

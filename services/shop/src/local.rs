@@ -52,6 +52,7 @@ impl Options {
                 max_body: 1 << 20,
                 path: Default::default(),
                 forwarding: Default::default(),
+                shared_rate: None,
             },
             canary_user: false,
             canary_weight: 0,

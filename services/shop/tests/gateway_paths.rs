@@ -1,4 +1,5 @@
-//! The gateway's path safety, end to end: a corpus of hostile request targets, sent as raw
+//! The gateway at the edge, end to end — its path safety, forwarding headers and shared rate
+//! limit. Path safety: a corpus of hostile request targets, sent as raw
 //! bytes (an HTTP client would clean them up first), through the real gateway to recording
 //! upstreams. A key scoped to `inventory:read` must reach nothing but inventory's `/stock`
 //! paths, and the upstream must never find a dot-segment or a separator the gateway did
@@ -107,6 +108,7 @@ const PREFIXES: &[&str] = &[
 /// A gateway in front of the three upstreams, with `settings`.
 struct Gateway {
     addr: SocketAddr,
+    admin: SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
     served: tokio::task::JoinHandle<Result<(), keel::Error>>,
     _dir: tempfile::TempDir,
@@ -116,6 +118,7 @@ impl Gateway {
     async fn start(settings: Settings, [users, orders, inventory]: [SocketAddr; 3]) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let addr = keel_test_support::free_addr();
+        let admin = keel_test_support::free_addr();
         let file = dir.path().join("gateway.toml");
         std::fs::write(
             &file,
@@ -124,7 +127,7 @@ impl Gateway {
                  [clients.user]\nendpoints = [\"{users}\"]\n\n\
                  [clients.order]\nendpoints = [\"{orders}\"]\n\n\
                  [clients.inventory]\nendpoints = [\"{inventory}\"]\n",
-                keel_test_support::free_addr()
+                admin
             ),
         )
         .unwrap();
@@ -153,6 +156,7 @@ impl Gateway {
         );
         Gateway {
             addr,
+            admin,
             stop,
             served,
             _dir: dir,
@@ -178,6 +182,7 @@ fn settings() -> Settings {
         max_body: 1 << 20,
         path: Default::default(),
         forwarding: Default::default(),
+        shared_rate: None,
     }
 }
 
@@ -375,4 +380,87 @@ async fn the_upstream_learns_who_called_and_only_a_trusted_proxy_is_believed() {
         "for=6.6.6.6, for=127.0.0.1;host=shop.example;proto=http"
     );
     gw.stop().await;
+}
+
+/// GET `path` on `addr`, the body as text.
+async fn get_text(addr: SocketAddr, path: &str) -> String {
+    let raw = exchange(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
+    )
+    .await;
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_hold_one_rate_limit_between_them_in_redis() {
+    let (users, _) = recording_upstream().await;
+    let (orders, _) = recording_upstream().await;
+    let (inventory, _) = recording_upstream().await;
+    // A key of its own per run (the limit is kept under the key's name), a burst of 5 and a
+    // refill too slow to matter during the test: the count below is exact.
+    let name = format!("rl{:x}", keel::codec::rand::next_u64());
+    let secret = format!("{name}-secret");
+    let shared = || Settings {
+        keys: Settings::parse_keys(&format!("{name}:{secret}=inventory:read")).unwrap(),
+        rate: 0.01,
+        burst: 5.0,
+        shared_rate: Some("redis://127.0.0.1:6379/".to_string()),
+        ..settings()
+    };
+    let a = Gateway::start(shared(), [users, orders, inventory]).await;
+    let b = Gateway::start(shared(), [users, orders, inventory]).await;
+    for gw in [&a, &b] {
+        let connected = keel_test_support::wait_until(Duration::from_secs(10), || {
+            let admin = gw.admin;
+            std::thread::spawn(move || {
+                let raw = keel_test_support::raw_exchange(
+                    admin,
+                    b"GET /debug/ratelimit HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+                    Duration::from_secs(2),
+                )
+                .unwrap_or_default();
+                String::from_utf8_lossy(&raw).contains("\"state\":\"redis\"")
+            })
+            .join()
+            .unwrap()
+        });
+        assert!(
+            connected,
+            "{}",
+            get_text(gw.admin, "/debug/ratelimit").await
+        );
+    }
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let raw = exchange(
+            gw.addr,
+            format!(
+                "GET /api/inventory/sku-1 HTTP/1.1\r\nhost: shop\r\nx-api-key: {secret}\r\nconnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        statuses.push(keel_test_support::status_of(&raw).unwrap());
+    }
+    // One allowance of 5 between the two (each alone would have allowed 5: 10 in all).
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        7,
+        "{statuses:?}"
+    );
+    for gw in [&a, &b] {
+        let metrics = get_text(gw.admin, "/metrics").await;
+        assert!(
+            metrics.contains("shop_gateway_rate_limit_fallbacks_total 0"),
+            "{metrics}"
+        );
+    }
+    a.stop().await;
+    b.stop().await;
 }
