@@ -693,7 +693,13 @@ where
                 msg.attempt += 1;
             }
             Ok(Processed::DeadLetter(e)) => {
-                return dead_letter(kafka, cfg, stats, msg, &e.to_string(), abandon).await;
+                let sent = dead_letter(kafka, cfg, stats, msg, &e.to_string(), abandon).await;
+                if sent {
+                    // Before the offset is committed: a redelivery after a rebalance is then
+                    // a duplicate, not a second dead letter.
+                    crate::consume::settle_dead_letter(inbox, &cfg.group, &msg.id).await;
+                }
+                return sent;
             }
             Err(e) => {
                 tracing::warn!(id = %msg.id, error = %e, "inbox store failed; retrying the message");

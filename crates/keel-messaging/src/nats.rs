@@ -254,7 +254,7 @@ async fn handle_batch<I, H>(
     {
         Ok(results) => {
             for ((m, msg), result) in deliveries.iter().zip(msgs).zip(results) {
-                settle(nats, cfg, stats, m, msg, result).await;
+                settle(nats, cfg, inbox, stats, m, msg, result).await;
             }
         }
         Err(e) => {
@@ -299,7 +299,16 @@ async fn prepare(
         stats.redelivered.fetch_add(1, Ordering::Relaxed);
     }
     let Some((id, id_source)) = message_id(&headers, Some(&native)) else {
-        dead_letter(nats, cfg, stats, m, &headers, "message has no usable id").await;
+        dead_letter(
+            nats,
+            cfg,
+            stats,
+            m,
+            &headers,
+            "message has no usable id",
+            None,
+        )
+        .await;
         return None;
     };
     Some(Message {
@@ -315,9 +324,10 @@ async fn prepare(
 }
 
 /// Act on one delivery's outcome: ack, nak with the backoff, or dead-letter.
-async fn settle(
+async fn settle<I: Inbox>(
     nats: &Nats,
     cfg: &ConsumerConfig,
+    inbox: &I,
     stats: &ConsumerStats,
     m: &jetstream::Message,
     msg: &Message,
@@ -339,12 +349,31 @@ async fn settle(
             ack(m, AckKind::Nak(Some(delay))).await;
         }
         Processed::DeadLetter(e) => {
-            dead_letter(nats, cfg, stats, m, &msg.headers, &e.to_string()).await;
+            let settle: Settle<'_> = Box::pin(crate::consume::settle_dead_letter(
+                inbox,
+                &cfg.durable,
+                &msg.id,
+            ));
+            dead_letter(
+                nats,
+                cfg,
+                stats,
+                m,
+                &msg.headers,
+                &e.to_string(),
+                Some(settle),
+            )
+            .await;
         }
     }
 }
 
-/// Publish to the dead-letter subject with the error, then stop redelivery. If the
+/// Recording a dead letter in the inbox ([`crate::consume::settle_dead_letter`]), run only
+/// once the dead letter is published. Boxed: it exists only on the dead-letter path.
+type Settle<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// Publish to the dead-letter subject with the error, record it in the inbox when it has an
+/// id (`settle`), then stop redelivery. If the
 /// dead-letter publish fails the message is `nak`ed instead: it is never dropped silently.
 async fn dead_letter(
     nats: &Nats,
@@ -353,6 +382,7 @@ async fn dead_letter(
     m: &jetstream::Message,
     headers: &BTreeMap<String, String>,
     error: &str,
+    settle: Option<Settle<'_>>,
 ) {
     let mut h = async_nats::HeaderMap::new();
     for (k, v) in headers {
@@ -371,6 +401,9 @@ async fn dead_letter(
     match published {
         Ok(()) => {
             tracing::warn!(subject = %m.subject, error, "message dead-lettered");
+            if let Some(settle) = settle {
+                settle.await;
+            }
             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             ack(m, AckKind::Term).await;
         }
