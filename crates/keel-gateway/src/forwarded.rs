@@ -13,6 +13,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -107,7 +108,10 @@ impl Forwarding {
     }
 
     /// Set the forwarding headers of a request from `peer` (the connection's; `None` when
-    /// unknown, then nothing is claimed for it) that arrived for `host` over `proto`.
+    /// unknown, then nothing is claimed for it) that arrived for `host` over `proto`, in
+    /// place. A proxy that copies headers into a new request does better with
+    /// [`Forwarding::capture`], leaving out [`is_forwarding_header`]s, and
+    /// [`Forwarding::write`].
     pub fn apply(
         &self,
         headers: &mut HeaderMap,
@@ -115,74 +119,182 @@ impl Forwarding {
         host: Option<&HeaderValue>,
         proto: &'static str,
     ) {
-        let trusted = peer.is_some_and(|p| self.trusts(p.ip()));
-        let earlier_for = if trusted {
-            joined(headers, &X_FORWARDED_FOR)
-        } else {
-            None
-        };
-        let earlier_fwd = if trusted {
-            joined(headers, &FORWARDED)
-        } else {
-            None
-        };
-        if !trusted {
-            headers.remove(&X_FORWARDED_PROTO);
-            headers.remove(&X_FORWARDED_HOST);
+        let earlier = self.capture(headers, peer);
+        if headers.keys().any(is_forwarding_header) {
+            for name in [
+                &X_FORWARDED_FOR,
+                &X_FORWARDED_PROTO,
+                &X_FORWARDED_HOST,
+                &FORWARDED,
+            ] {
+                headers.remove(name);
+            }
         }
-        headers.remove(&X_FORWARDED_FOR);
-        headers.remove(&FORWARDED);
-        // Only the visible ASCII a `Host` should be is repeated; anything else is left out.
-        let host = host
-            .and_then(|h| h.to_str().ok())
-            .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic() && b != b'"'));
+        self.write(headers, earlier, peer, host, proto);
+    }
 
-        let mut xff = earlier_for.unwrap_or_default();
-        let mut element = String::new();
-        if let Some(p) = peer {
-            let ip = canonical(p.ip());
-            if !xff.is_empty() {
-                xff.push_str(", ");
+    /// What earlier proxies said, when `peer` is trusted to have relayed it and it said
+    /// anything; `None` otherwise (nearly always), at the cost of one pass over the names.
+    pub fn capture(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<Earlier> {
+        if !peer.is_some_and(|p| self.trusts(p.ip())) || !headers.keys().any(is_forwarding_header) {
+            return None;
+        }
+        Some(Earlier {
+            for_: joined(headers, &X_FORWARDED_FOR),
+            forwarded: joined(headers, &FORWARDED),
+            proto: headers.get(&X_FORWARDED_PROTO).cloned(),
+            host: headers.get(&X_FORWARDED_HOST).cloned(),
+        })
+    }
+
+    /// Write the forwarding headers into `out` (which holds none of them): what `earlier`
+    /// proxies said followed by this hop — `peer`, `host`, `proto`.
+    pub fn write(
+        &self,
+        out: &mut HeaderMap,
+        earlier: Option<Earlier>,
+        peer: Option<SocketAddr>,
+        host: Option<&HeaderValue>,
+        proto: &'static str,
+    ) {
+        let earlier = earlier.unwrap_or_default();
+        // Only the visible ASCII a `Host` should be is repeated; anything else is left out.
+        let host = host.filter(|h| {
+            !h.is_empty()
+                && h.as_bytes()
+                    .iter()
+                    .all(|&b| b.is_ascii_graphic() && b != b'"')
+        });
+        let mut ip = IpText::default();
+        let peer_ip = peer.map(|p| ip.of(canonical(p.ip())));
+
+        if let Some(ip) = peer_ip {
+            let value = match earlier.for_ {
+                Some(mut all) => {
+                    all.push_str(", ");
+                    all.push_str(ip);
+                    HeaderValue::from_maybe_shared(Bytes::from(all))
+                }
+                None => HeaderValue::from_str(ip),
+            };
+            if let Ok(v) = value {
+                out.insert(X_FORWARDED_FOR.clone(), v);
             }
-            xff.push_str(&ip.to_string());
+        }
+
+        // Sized for `for=` an IPv6 address, a host and the proto without growing.
+        let mut element = earlier.forwarded.unwrap_or_default();
+        element.reserve(64 + host.map_or(0, HeaderValue::len));
+        if !element.is_empty() {
+            element.push_str(", ");
+        }
+        if let Some(ip) = peer_ip {
             element.push_str("for=");
-            match ip {
-                IpAddr::V4(v4) => element.push_str(&v4.to_string()),
-                IpAddr::V6(v6) => element.push_str(&format!("\"[{v6}]\"")),
+            if ip.contains(':') {
+                element.push_str("\"[");
+                element.push_str(ip);
+                element.push_str("]\"");
+            } else {
+                element.push_str(ip);
             }
+            element.push(';');
         }
         if let Some(h) = host {
-            if !element.is_empty() {
-                element.push(';');
-            }
             element.push_str("host=");
-            if h.bytes().all(is_token) {
-                element.push_str(h);
-            } else {
-                element.push_str(&format!("\"{h}\""));
+            let quote = !h.as_bytes().iter().all(|&b| is_token(b));
+            if quote {
+                element.push('"');
             }
-        }
-        if !element.is_empty() {
+            // Checked above: visible ASCII only.
+            element.push_str(h.to_str().unwrap_or_default());
+            if quote {
+                element.push('"');
+            }
             element.push(';');
         }
         element.push_str("proto=");
         element.push_str(proto);
-        let forwarded = match earlier_fwd {
-            Some(earlier) => format!("{earlier}, {element}"),
-            None => element,
-        };
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(element)) {
+            out.insert(FORWARDED.clone(), v);
+        }
 
-        set(headers, &X_FORWARDED_FOR, xff);
-        set(headers, &FORWARDED, forwarded);
-        if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+        out.insert(
+            X_FORWARDED_PROTO.clone(),
+            earlier.proto.unwrap_or(HeaderValue::from_static(proto)),
+        );
+        if let Some(h) = earlier.host.or_else(|| host.cloned()) {
+            out.insert(X_FORWARDED_HOST.clone(), h);
         }
-        if let Some(h) = host
-            && !headers.contains_key(&X_FORWARDED_HOST)
-            && let Ok(v) = HeaderValue::from_str(h)
-        {
-            headers.insert(X_FORWARDED_HOST.clone(), v);
+    }
+}
+
+/// What earlier proxies said about a request (see [`Forwarding::capture`]).
+#[derive(Debug, Default)]
+pub struct Earlier {
+    for_: Option<String>,
+    forwarded: Option<String>,
+    proto: Option<HeaderValue>,
+    host: Option<HeaderValue>,
+}
+
+/// `x-forwarded-for`, `-proto`, `-host` and `forwarded`: the headers [`Forwarding`] owns. A
+/// proxy copying a request leaves these out and has [`Forwarding::write`] set them.
+pub fn is_forwarding_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "forwarded"
+    )
+}
+
+/// An address as text, IPv4 written by hand: `Display` goes through the formatting
+/// machinery, several hundred instructions for what is a few digits.
+struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl Default for IpText {
+    fn default() -> Self {
+        IpText {
+            buf: [0; 48],
+            len: 0,
         }
+    }
+}
+
+impl IpText {
+    fn of(&mut self, ip: IpAddr) -> &str {
+        self.len = 0;
+        match ip {
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.push(b'.');
+                    }
+                    if octet >= 100 {
+                        self.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        self.push(b'0' + octet / 10 % 10);
+                    }
+                    self.push(b'0' + octet % 10);
+                }
+            }
+            IpAddr::V6(v6) => {
+                use std::io::Write;
+                let mut cursor = std::io::Cursor::new(&mut self.buf[..]);
+                // 39 bytes at most: the buffer always has room.
+                let _ = write!(cursor, "{v6}");
+                self.len = usize::try_from(cursor.position()).unwrap_or(0);
+            }
+        }
+        // Only ASCII digits, dots, hex and colons were written.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
     }
 }
 
@@ -211,15 +323,6 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join(", "))
 }
 
-fn set(headers: &mut HeaderMap, name: &HeaderName, value: String) {
-    if value.is_empty() {
-        return;
-    }
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(name.clone(), v);
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -227,6 +330,22 @@ mod tests {
 
     fn cidr(s: &str) -> Cidr {
         Cidr::parse(s).unwrap()
+    }
+
+    #[test]
+    fn addresses_written_by_hand_read_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.254.1.200",
+            "127.0.0.1",
+            "::1",
+            "2001:db8::17",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(IpText::default().of(ip), ip.to_string());
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use keel::BoxError;
 use keel::client::client::Client;
-use keel_gateway::forwarded::Forwarding;
+use keel_gateway::forwarded::{Forwarding, is_forwarding_header};
 use keel_gateway::path::{PathPolicy, normalize};
 use keel_gateway::ratelimit::{LocalLimiter, Rate, RedisLimiter};
 
@@ -261,11 +261,12 @@ fn allowed(key: &Key, service: &str, method: &Method) -> bool {
     })
 }
 
-/// Whether a request header (hop-by-hop ones already gone) goes on to the upstream: not
-/// credentials or the target's `host`, not an identity header only the gateway may set.
+/// Whether a request header (hop-by-hop ones already gone) goes on to the upstream as it
+/// came: not credentials or the target's `host`, not an identity header only the gateway may
+/// set, not a forwarding header (written afresh, see `keel_gateway::forwarded`).
 fn forwarded(name: &HeaderName) -> bool {
     let n = name.as_str();
-    !(NOT_FORWARDED.contains(&n) || IDENTITY.contains(&n))
+    !(NOT_FORWARDED.contains(&n) || IDENTITY.contains(&n) || is_forwarding_header(name))
 }
 
 fn presented_secret(h: &HeaderMap) -> Option<&str> {
@@ -364,11 +365,10 @@ async fn forward(
     // The caller's headers move across (no copies), less those that stay here.
     keel::server::layer::headers::strip_connection_headers(&mut headers);
     let host = headers.get(http::header::HOST).cloned();
-    gw.settings
-        .forwarding
-        .apply(&mut headers, ctx.peer(), host.as_ref(), "http");
+    let forwarding = &gw.settings.forwarding;
+    let earlier = forwarding.capture(&headers, ctx.peer());
     let out = req.headers_mut();
-    out.reserve(headers.len() + 2);
+    out.reserve(headers.len() + 6);
     let mut name: Option<HeaderName> = None;
     for (n, value) in headers.drain() {
         if n.is_some() {
@@ -380,6 +380,7 @@ async fn forward(
             out.append(n.clone(), value);
         }
     }
+    forwarding.write(out, earlier, ctx.peer(), host.as_ref(), "http");
     if let Some((name, scopes)) = &key.identity {
         req.headers_mut().insert(SHOP_KEY.clone(), name.clone());
         req.headers_mut()
