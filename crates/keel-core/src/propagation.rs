@@ -78,16 +78,38 @@ impl HeaderWriter for http::HeaderMap {
         // Every value Keel writes is produced by its own encoders (visible ASCII), so this
         // only fails on a bug; dropping the header then is better than a panic.
         if let Ok(v) = http::HeaderValue::from_str(value) {
-            self.insert(http::HeaderName::from_static(name), v);
+            self.insert(header_name(name), v);
         }
     }
 
     fn set_owned(&mut self, name: &'static str, value: String) {
         // The encoder's buffer becomes the header value: validated, not copied.
         if let Ok(v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
-            self.insert(http::HeaderName::from_static(name), v);
+            self.insert(header_name(name), v);
         }
     }
+}
+
+/// The `HeaderName` of one of Keel's own header names, made once. `HeaderName::from_static`
+/// called at run time parses and checks its argument every time (it is `const` only for
+/// constant arguments); every outbound call writes half a dozen of these.
+fn header_name(name: &'static str) -> http::HeaderName {
+    use http::HeaderName;
+    static KNOWN: [HeaderName; 8] = [
+        HeaderName::from_static(names::KEEL_TIMEOUT),
+        HeaderName::from_static(names::GRPC_TIMEOUT),
+        HeaderName::from_static(names::DEADLINE),
+        HeaderName::from_static(names::B3),
+        HeaderName::from_static(names::TRACEPARENT),
+        HeaderName::from_static(names::TRACESTATE),
+        HeaderName::from_static(names::BAGGAGE),
+        HeaderName::from_static(names::REQUEST_ID),
+    ];
+    KNOWN
+        .iter()
+        .find(|k| k.as_str() == name)
+        .cloned()
+        .unwrap_or_else(|| HeaderName::from_static(name))
 }
 
 /// Message headers as string maps (AMQP, Kafka and NATS adapters convert to these). Reads

@@ -171,6 +171,21 @@ pub async fn settle_dead_letter<I: Inbox>(inbox: &I, consumer: &str, message_id:
     }
 }
 
+/// Whether `message_id` is already recorded in `consumer`'s inbox — applied, or dead-lettered
+/// and settled. Transports ask before publishing a dead letter: two copies of one message (a
+/// redelivery after a lost acknowledgement) can reach their last attempt in one batch, both
+/// fail, and only the first may be dead-lettered. Asked by claiming and rolling back, so it
+/// needs nothing from a store but [`Tx::claim`]; a store error answers `false` (the dead
+/// letter goes out: a duplicate is better than a loss).
+pub async fn already_done<I: Inbox>(inbox: &I, consumer: &str, message_id: &str) -> bool {
+    let Ok(mut tx) = inbox.begin().await else {
+        return false;
+    };
+    let claimed = tx.claim(consumer, message_id).await;
+    let _ = tx.rollback().await;
+    matches!(claimed, Ok(false))
+}
+
 /// Process several deliveries in one transaction: one claim statement for all of them, the
 /// handlers of the new ones in order, one commit — so the store's round trips and its commit
 /// (an fsync) are paid per batch, not per message. Results are in `msgs` order.
@@ -410,6 +425,46 @@ mod tests {
             store.committed.lock().unwrap().1,
             vec!["effect-m1", "effect-m1"]
         );
+    }
+
+    #[tokio::test]
+    async fn twin_copies_that_both_reach_their_last_attempt_are_dead_lettered_once() {
+        // A redelivery after a lost acknowledgement puts two copies of one message on their
+        // last attempt, processed in one batch: both fail before either is settled.
+        let store = MemStore::default();
+        let p = RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        };
+        let h = handler(true);
+        let twins = [msg("m9", 3), msg("m9", 3)];
+        let results = process_batch(&store, "c", &h, &twins, &p, None)
+            .await
+            .unwrap();
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Processed::DeadLetter(_)))
+        );
+        // What a transport does with each result, in order: ask, publish, settle.
+        let mut published = 0;
+        for m in &twins {
+            if already_done(&store, "c", &m.id).await {
+                continue;
+            }
+            published += 1;
+            settle_dead_letter(&store, "c", &m.id).await;
+        }
+        assert_eq!(published, 1);
+        // Asking left nothing behind for a message never settled.
+        assert!(!already_done(&store, "c", "m10").await);
+        assert!(!already_done(&store, "c", "m10").await);
+        // And a settled message is not applied later by a fixed handler either.
+        let fixed = handler(false);
+        let again = process(&store, "c", &fixed, &msg("m9", 1), &p, None)
+            .await
+            .unwrap();
+        assert!(matches!(again, Processed::Duplicate), "{again:?}");
     }
 
     #[tokio::test]

@@ -55,7 +55,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::{mpsc as tmpsc, watch};
 
-use crate::consume::{Handler, Inbox, Processed, process};
+use crate::consume::{Handler, Inbox, Processed, already_done, process};
 use crate::message::{Message, kafka_id, message_id};
 use crate::retry::RetryPolicy;
 use crate::store::{Outgoing, Publisher};
@@ -691,6 +691,11 @@ where
                     return false;
                 }
                 msg.attempt += 1;
+            }
+            Ok(Processed::DeadLetter(_)) if already_done(inbox, &cfg.group, &msg.id).await => {
+                // A twin of this message was dead-lettered already (see `already_done`).
+                stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                return true;
             }
             Ok(Processed::DeadLetter(e)) => {
                 let sent = dead_letter(kafka, cfg, stats, msg, &e.to_string(), abandon).await;

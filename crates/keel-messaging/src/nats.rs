@@ -23,7 +23,7 @@ use async_nats::jetstream::{self, AckKind, consumer::AckPolicy, consumer::pull};
 use futures_util::StreamExt;
 use keel_core::BoxError;
 
-use crate::consume::{Handler, Inbox, Processed, process_batch};
+use crate::consume::{Handler, Inbox, Processed, already_done, process_batch};
 use crate::message::{Message, message_id};
 use crate::retry::RetryPolicy;
 use crate::store::{Outgoing, Publisher};
@@ -347,6 +347,11 @@ async fn settle<I: Inbox>(
             tracing::debug!(id = %msg.id, attempt = msg.attempt, error = %e, ?delay, "handler failed; will retry");
             stats.retries.fetch_add(1, Ordering::Relaxed);
             ack(m, AckKind::Nak(Some(delay))).await;
+        }
+        Processed::DeadLetter(_) if already_done(inbox, &cfg.durable, &msg.id).await => {
+            // A twin of this message was dead-lettered already (see `already_done`).
+            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            ack(m, AckKind::Ack).await;
         }
         Processed::DeadLetter(e) => {
             let settle: Settle<'_> = Box::pin(crate::consume::settle_dead_letter(

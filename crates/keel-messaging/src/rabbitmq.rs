@@ -28,7 +28,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-use crate::consume::{Handler, Inbox, Processed, process};
+use crate::consume::{Handler, Inbox, Processed, already_done, process};
 use crate::message::{Message, message_id};
 use crate::retry::RetryPolicy;
 use crate::store::{Outgoing, Publisher};
@@ -563,6 +563,11 @@ async fn handle_one<I, H>(
                     nack(&d).await;
                 }
             }
+        }
+        Ok(Processed::DeadLetter(_)) if already_done(inbox, &cfg.queue, &msg.id).await => {
+            // A twin of this message was dead-lettered already (see `already_done`).
+            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            ack(&d).await;
         }
         Ok(Processed::DeadLetter(e)) => {
             dead_letter(
