@@ -155,35 +155,53 @@ where
 /// logged and otherwise ignored: the worst it allows is the duplicate dead letter at-least-once
 /// delivery permits.
 pub async fn settle_dead_letter<I: Inbox>(inbox: &I, consumer: &str, message_id: &str) {
-    let settled = async {
-        let mut tx = inbox.begin().await?;
-        match tx.claim(consumer, message_id).await {
-            Ok(_) => tx.commit().await,
-            Err(e) => {
-                let _ = tx.rollback().await;
-                Err(e)
-            }
-        }
-    }
-    .await;
-    if let Err(e) = settled {
+    if let Err(e) = claim_alone(inbox, consumer, message_id, true).await {
         tracing::warn!(consumer, message_id, error = %e, "could not record a dead letter in the inbox; a redelivery would dead-letter it again");
     }
+}
+
+/// [`settle_dead_letter`] for later: what a transport hands its dead-letter publisher, which
+/// runs it only once the dead letter is out. Boxed: it exists only on the dead-letter path.
+pub type SettleLater<'a> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// [`settle_dead_letter`], run when the returned future is awaited.
+pub fn settle_later<'a, I: Inbox>(
+    inbox: &'a I,
+    consumer: &'a str,
+    message_id: &'a str,
+) -> SettleLater<'a> {
+    Box::pin(settle_dead_letter(inbox, consumer, message_id))
 }
 
 /// Whether `message_id` is already recorded in `consumer`'s inbox — applied, or dead-lettered
 /// and settled. Transports ask before publishing a dead letter: two copies of one message (a
 /// redelivery after a lost acknowledgement) can reach their last attempt in one batch, both
-/// fail, and only the first may be dead-lettered. Asked by claiming and rolling back, so it
-/// needs nothing from a store but [`Tx::claim`]; a store error answers `false` (the dead
+/// fail, and only the first may be dead-lettered. A store error answers `false` (the dead
 /// letter goes out: a duplicate is better than a loss).
 pub async fn already_done<I: Inbox>(inbox: &I, consumer: &str, message_id: &str) -> bool {
-    let Ok(mut tx) = inbox.begin().await else {
-        return false;
-    };
-    let claimed = tx.claim(consumer, message_id).await;
-    let _ = tx.rollback().await;
-    matches!(claimed, Ok(false))
+    matches!(
+        claim_alone(inbox, consumer, message_id, false).await,
+        Ok(false)
+    )
+}
+
+/// Claim `message_id` for `consumer` in a transaction of its own, committed when `keep`,
+/// rolled back otherwise (a question, then: is it claimed already?); whether the claim was new.
+async fn claim_alone<I: Inbox>(
+    inbox: &I,
+    consumer: &str,
+    message_id: &str,
+    keep: bool,
+) -> Result<bool, StoreError> {
+    let mut tx = inbox.begin().await?;
+    match tx.claim(consumer, message_id).await {
+        Ok(new) if keep => tx.commit().await.map(|()| new),
+        Ok(new) => tx.rollback().await.map(|()| new),
+        Err(e) => {
+            let _ = tx.rollback().await;
+            Err(e)
+        }
+    }
 }
 
 /// Process several deliveries in one transaction: one claim statement for all of them, the

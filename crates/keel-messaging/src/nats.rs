@@ -23,7 +23,9 @@ use async_nats::jetstream::{self, AckKind, consumer::AckPolicy, consumer::pull};
 use futures_util::StreamExt;
 use keel_core::BoxError;
 
-use crate::consume::{Handler, Inbox, Processed, already_done, process_batch};
+use crate::consume::{
+    Handler, Inbox, Processed, SettleLater, already_done, process_batch, settle_later,
+};
 use crate::message::{Message, message_id};
 use crate::retry::RetryPolicy;
 use crate::store::{Outgoing, Publisher};
@@ -354,11 +356,7 @@ async fn settle<I: Inbox>(
             ack(m, AckKind::Ack).await;
         }
         Processed::DeadLetter(e) => {
-            let settle: Settle<'_> = Box::pin(crate::consume::settle_dead_letter(
-                inbox,
-                &cfg.durable,
-                &msg.id,
-            ));
+            let settle = settle_later(inbox, &cfg.durable, &msg.id);
             dead_letter(
                 nats,
                 cfg,
@@ -373,13 +371,8 @@ async fn settle<I: Inbox>(
     }
 }
 
-/// Recording a dead letter in the inbox ([`crate::consume::settle_dead_letter`]), run only
-/// once the dead letter is published. Boxed: it exists only on the dead-letter path.
-type Settle<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
-
 /// Publish to the dead-letter subject with the error, record it in the inbox when it has an
-/// id (`settle`), then stop redelivery. If the
-/// dead-letter publish fails the message is `nak`ed instead: it is never dropped silently.
+/// id (`settle`), then stop redelivery. If the dead-letter publish fails the message is `nak`ed instead: it is never dropped silently.
 async fn dead_letter(
     nats: &Nats,
     cfg: &ConsumerConfig,
@@ -387,7 +380,7 @@ async fn dead_letter(
     m: &jetstream::Message,
     headers: &BTreeMap<String, String>,
     error: &str,
-    settle: Option<Settle<'_>>,
+    settle: Option<SettleLater<'_>>,
 ) {
     let mut h = async_nats::HeaderMap::new();
     for (k, v) in headers {

@@ -28,7 +28,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-use crate::consume::{Handler, Inbox, Processed, already_done, process};
+use crate::consume::{Handler, Inbox, Processed, SettleLater, already_done, process, settle_later};
 use crate::message::{Message, message_id};
 use crate::retry::RetryPolicy;
 use crate::store::{Outgoing, Publisher};
@@ -505,7 +505,7 @@ async fn handle_one<I, H>(
             &d,
             &headers,
             "message has no usable id",
-            None::<(&I, &str)>,
+            None,
         )
         .await;
         return;
@@ -577,7 +577,7 @@ async fn handle_one<I, H>(
                 &d,
                 &msg.headers,
                 &e.to_string(),
-                Some((inbox, msg.id.as_str())),
+                Some(settle_later(inbox, &cfg.queue, &msg.id)),
             )
             .await;
         }
@@ -592,14 +592,14 @@ async fn handle_one<I, H>(
 
 /// Publish to the dead-letter queue with the error; then, when the message has an id, record
 /// it in the inbox (`settle`, see [`crate::consume::settle_dead_letter`]), and acknowledge.
-async fn dead_letter<I: Inbox>(
+async fn dead_letter(
     rabbit: &Rabbit,
     cfg: &ConsumerConfig,
     stats: &ConsumerStats,
     d: &lapin::message::Delivery,
     headers: &BTreeMap<String, String>,
     error: &str,
-    settle: Option<(&I, &str)>,
+    settle: Option<SettleLater<'_>>,
 ) {
     let mut headers = headers.clone();
     headers.insert(ERROR_HEADER.to_string(), error.to_string());
@@ -615,8 +615,8 @@ async fn dead_letter<I: Inbox>(
     {
         Ok(()) => {
             tracing::warn!(queue = %cfg.queue, error, "message dead-lettered");
-            if let Some((inbox, id)) = settle {
-                crate::consume::settle_dead_letter(inbox, &cfg.queue, id).await;
+            if let Some(settle) = settle {
+                settle.await;
             }
             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             ack(d).await;

@@ -676,18 +676,12 @@ impl Permit {
     /// The handler answered after spending `upstream` of its time waiting on upstreams: the
     /// rest is the service's own time, which updates the limit.
     pub fn answered_waiting(&mut self, upstream: Duration) {
-        self.answered_at(upstream, Instant::now());
-    }
-
-    /// [`Permit::answered_waiting`] with the answer's time read by the caller, who shares
-    /// the clock read.
-    pub fn answered_at(&mut self, upstream: Duration, now: Instant) {
         if self.started_us == ANSWERED {
             return;
         }
         let started_us = std::mem::replace(&mut self.started_us, ANSWERED);
         let inner = &*self.limiter.inner;
-        let now_us = inner.now_us(now);
+        let now_us = inner.now_us(Instant::now());
         let own_us = now_us
             .saturating_sub(started_us)
             .saturating_sub(micros(upstream));
