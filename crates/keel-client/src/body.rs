@@ -50,6 +50,15 @@ impl Body {
         body
     }
 
+    /// A body whose connection is not the pool's any more (a `101 Switching Protocols`).
+    pub(crate) fn detached(inner: Incoming) -> Body {
+        Body {
+            inner,
+            lease: None,
+            trailers: None,
+        }
+    }
+
     pub(crate) fn report_trailers_to(&mut self, outcome: GrpcOutcome) {
         self.trailers = Some(outcome);
     }
@@ -123,4 +132,107 @@ impl http_body::Body for Body {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A streaming request body, boxed once per call.
+pub(crate) type BoxedBody =
+    Pin<Box<dyn http_body::Body<Data = Bytes, Error = keel_core::BoxError> + Send>>;
+
+/// The body of an outgoing request as the connection sees it: the whole thing at once (the
+/// usual case, cheap to resend) or a stream read as it is written.
+pub(crate) enum OutBody {
+    /// `None` once sent (or when empty from the start).
+    Full(Option<Bytes>),
+    Stream(BoxedBody),
+}
+
+impl std::fmt::Debug for OutBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OutBody::Full(b) => write!(f, "Full({} bytes)", b.as_ref().map_or(0, Bytes::len)),
+            OutBody::Stream(_) => f.write_str("Stream"),
+        }
+    }
+}
+
+impl OutBody {
+    pub(crate) fn full(bytes: Bytes) -> OutBody {
+        OutBody::Full((!bytes.is_empty()).then_some(bytes))
+    }
+}
+
+impl http_body::Body for OutBody {
+    type Data = Bytes;
+    type Error = keel_core::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskCx<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            OutBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            OutBody::Stream(body) => body.as_mut().poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OutBody::Full(bytes) => bytes.is_none(),
+            OutBody::Stream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            OutBody::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            OutBody::Stream(body) => body.size_hint(),
+        }
+    }
+}
+
+/// What a call sends, attempt after attempt.
+pub(crate) enum Payload {
+    /// Held whole: every attempt sends a copy (a reference count, not the bytes).
+    Whole(Bytes),
+    /// A stream, which can be sent once. It sits here until an attempt takes it, and comes
+    /// back when the attempt failed before reading any of it (no connection, or hyper
+    /// handing the request back), so such failures may still be retried.
+    Stream(std::sync::Mutex<Option<BoxedBody>>),
+}
+
+impl Payload {
+    /// The body for the next attempt; `None`: a stream already taken by an earlier one.
+    pub(crate) fn take(&self) -> Option<OutBody> {
+        match self {
+            Payload::Whole(b) => Some(OutBody::full(b.clone())),
+            Payload::Stream(slot) => lock(slot).take().map(OutBody::Stream),
+        }
+    }
+
+    /// An attempt's body that was never read: the next attempt may send it.
+    pub(crate) fn put_back(&self, body: OutBody) {
+        if let (Payload::Stream(slot), OutBody::Stream(b)) = (self, body) {
+            *lock(slot) = Some(b);
+        }
+    }
+
+    /// Whether another attempt has something to send.
+    pub(crate) fn replayable(&self) -> bool {
+        match self {
+            Payload::Whole(_) => true,
+            Payload::Stream(slot) => lock(slot).is_some(),
+        }
+    }
+
+    pub(crate) fn is_stream(&self) -> bool {
+        matches!(self, Payload::Stream(_))
+    }
+}
+
+fn lock(
+    slot: &std::sync::Mutex<Option<BoxedBody>>,
+) -> std::sync::MutexGuard<'_, Option<BoxedBody>> {
+    slot.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -31,13 +31,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::Full;
 use keel_core::Context;
 use keel_core::grpc::is_grpc;
 use keel_core::observe;
 use keel_core::propagation::{self, Carrier, Outbound};
 
-use crate::body::{Body, GrpcOutcome};
+use crate::body::{Body, GrpcOutcome, OutBody, Payload};
 use crate::breaker::{Breaker, BreakerConfig, BreakerOpen, BreakerStats};
 pub use crate::pool::Protocol;
 use crate::pool::{ConnectError, Pool, PoolConfig, PoolSnapshot};
@@ -291,13 +290,45 @@ impl Client {
     ///
     /// In a handler, pass the handler's `keel::Context`. For work no request started, name
     /// it: `client.call(&Context::background(timeout), req)`.
+    ///
+    /// **Upgrades** (WebSocket): a request with `Connection: upgrade` and `Upgrade` headers,
+    /// sent over HTTP/1.1, may be answered `101 Switching Protocols`; that connection then
+    /// leaves the pool and is the caller's through `hyper::upgrade::on(&mut response)`.
     pub async fn call(
         &self,
         ctx: &Context,
         req: Request<Bytes>,
     ) -> Result<Response<Body>, ClientError> {
         let (parts, body) = req.into_parts();
-        self.send(ctx, parts, body).await
+        self.send(ctx, parts, &Payload::Whole(body)).await
+    }
+
+    /// [`Client::call`] with a body that streams: it is read as it is written to the
+    /// upstream, never held whole, with hyper's backpressure both ways (a proxy forwarding
+    /// an upload of any size holds a few frames of it at a time).
+    ///
+    /// A stream can be sent once, so a call that has started sending it is not retried or
+    /// hedged: its failure (or the upstream's error answer) is the caller's. Failures before
+    /// any of it was read — no connection, a refused stream, hyper handing the request back
+    /// unsent — are retried as usual. A body that is already at its end (a `GET`) is sent as
+    /// [`Client::call`] sends one.
+    pub async fn call_streaming<B>(
+        &self,
+        ctx: &Context,
+        req: Request<B>,
+    ) -> Result<Response<Body>, ClientError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<keel_core::BoxError>,
+    {
+        let (parts, body) = req.into_parts();
+        let payload = if body.is_end_stream() {
+            Payload::Whole(Bytes::new())
+        } else {
+            let body = http_body_util::BodyExt::map_err(body, Into::into);
+            Payload::Stream(Mutex::new(Some(Box::pin(body))))
+        };
+        self.send(ctx, parts, &payload).await
     }
 
     /// [`Client::call`] with the context found in `req`'s extensions (Keel's server puts it
@@ -319,7 +350,7 @@ impl Client {
             Some(ctx) => ctx,
             None => self.without_context(),
         };
-        self.send(&ctx, parts, body).await
+        self.send(&ctx, parts, &Payload::Whole(body)).await
     }
 
     /// The context of a call that found none: counted, logged once, and bounded.
@@ -350,7 +381,7 @@ impl Client {
         &self,
         ctx: &Context,
         parts: Parts,
-        body: Bytes,
+        body: &Payload,
     ) -> Result<Response<Body>, ClientError> {
         let started = tokio::time::Instant::now();
         let out = self.send_attempts(ctx, parts, body).await;
@@ -363,14 +394,14 @@ impl Client {
         &self,
         ctx: &Context,
         parts: Parts,
-        body: Bytes,
+        body: &Payload,
     ) -> Result<Response<Body>, ClientError> {
         let admitted = self.breaker_for(parts.uri.path()).admit()?;
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.budget.deposit();
         let mut attempt: u32 = 0;
         loop {
-            let (failure, addr) = match self.attempt_hedged(ctx, &parts, &body, attempt).await? {
+            let (failure, addr) = match self.attempt_hedged(ctx, &parts, body, attempt).await? {
                 Outcome::Answer(mut resp, addr) => {
                     if status_in_trailers(resp.headers()) {
                         resp.body_mut().report_trailers_to(GrpcOutcome {
@@ -384,7 +415,7 @@ impl Client {
                     return Ok(resp);
                 }
                 Outcome::Refused(resp, failure, addr) => {
-                    if !self.may_retry(failure, ctx, attempt).await {
+                    if !body.replayable() || !self.may_retry(failure, ctx, attempt).await {
                         admitted.failure();
                         // An answer is an answer: hand the 5xx (or gRPC error) to the caller.
                         return Ok(resp);
@@ -392,7 +423,7 @@ impl Client {
                     (failure, addr)
                 }
                 Outcome::Error(failure, addr) => {
-                    if !self.may_retry(failure, ctx, attempt).await {
+                    if !body.replayable() || !self.may_retry(failure, ctx, attempt).await {
                         admitted.failure();
                         return Err(ClientError::Failed {
                             upstream: self.name.clone(),
@@ -415,11 +446,18 @@ impl Client {
         &self,
         ctx: &Context,
         parts: &Parts,
-        body: &Bytes,
+        body: &Payload,
         attempt: u32,
     ) -> Result<Outcome, ClientError> {
         match self.cfg.hedge_after {
-            Some(d) if self.cfg.idempotent && !ctx.is_retry() && d < ctx.remaining() => {
+            // A stream cannot be sent twice at once, nor should one upgrade open two tunnels.
+            Some(d)
+                if self.cfg.idempotent
+                    && !ctx.is_retry()
+                    && !body.is_stream()
+                    && !parts.headers.contains_key(http::header::UPGRADE)
+                    && d < ctx.remaining() =>
+            {
                 // Boxed: two attempts in flight would double the size of every call's future.
                 Box::pin(self.hedged(ctx, parts, body, attempt, d)).await
             }
@@ -431,7 +469,7 @@ impl Client {
         &self,
         ctx: &Context,
         parts: &Parts,
-        body: &Bytes,
+        body: &Payload,
         attempt: u32,
         hedge_after: Duration,
     ) -> Result<Outcome, ClientError> {
@@ -468,7 +506,7 @@ impl Client {
         &self,
         ctx: &Context,
         parts: &Parts,
-        body: &Bytes,
+        body: &Payload,
         attempt: u32,
         hedge: bool,
     ) -> Result<Outcome, ClientError> {
@@ -498,10 +536,21 @@ impl Client {
             .map_or(ctx.remaining(), |t| t.min(ctx.remaining()));
         let call = picked.load.start();
         let sent = tokio::time::timeout(budget, async {
-            let mut lease = pool.checkout().await.map_err(Sent::Connect)?;
+            let mut lease = match pool.checkout().await {
+                Ok(lease) => lease,
+                Err(e) => {
+                    body.put_back(out.into_body());
+                    return Err(Sent::Connect(e));
+                }
+            };
             match lease.send(out).await {
                 Ok(resp) => Ok((resp, lease)),
-                Err(e) => Err(Sent::Send(e.maybe_sent, e.error)),
+                Err(e) => {
+                    if let Some(unsent) = e.returned {
+                        body.put_back(unsent);
+                    }
+                    Err(Sent::Send(e.maybe_sent, e.error))
+                }
             }
         })
         .await;
@@ -515,7 +564,15 @@ impl Client {
                 if let Some(o) = obs.as_mut() {
                     o.answered(resp.status(), resp.headers());
                 }
-                let resp = resp.map(|b| Body::new(b, lease));
+                let resp = if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    // The connection now belongs to whoever takes the upgrade from the
+                    // response's extensions (`hyper::upgrade::on`); hyper has handed it over
+                    // already, so dropping the lease unfinished keeps it out of the pool.
+                    drop(lease);
+                    resp.map(Body::detached)
+                } else {
+                    resp.map(|b| Body::new(b, lease))
+                };
                 return Ok(match classified {
                     None => {
                         call.success(balance);
@@ -590,11 +647,11 @@ impl Client {
         &self,
         ctx: &Context,
         parts: &Parts,
-        body: &Bytes,
+        body: &Payload,
         pool: &Pool,
         is_retry: bool,
         span_id: Option<keel_core::codec::SpanId>,
-    ) -> Result<Request<Full<Bytes>>, ClientError> {
+    ) -> Result<Request<OutBody>, ClientError> {
         let mut headers = parts.headers.clone();
         let opts = Outbound {
             retry: is_retry,
@@ -608,10 +665,15 @@ impl Client {
         };
         propagation::inject(ctx, carrier, &opts, &mut headers)?;
         let uri = pool.target(parts.uri.path_and_query(), &mut headers);
+        // Callers check `replayable` before another attempt, so a stream is still here.
+        let body = body.take().ok_or_else(|| ClientError::InvalidRequest {
+            upstream: self.name.clone(),
+            reason: "the streaming body was already sent".to_string(),
+        })?;
         let mut out = Request::builder()
             .method(parts.method.clone())
             .uri(uri)
-            .body(Full::new(body.clone()))
+            .body(body)
             .map_err(|e| ClientError::InvalidRequest {
                 upstream: self.name.clone(),
                 reason: e.to_string(),

@@ -27,9 +27,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context as TaskCx, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use crate::body::OutBody;
 use http::{Request, Response};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -173,6 +172,8 @@ pub(crate) struct SendError {
     pub error: keel_core::BoxError,
     /// Some of the request may have been written: the server may have acted on it.
     pub maybe_sent: bool,
+    /// The request's body, when hyper handed the request back unsent.
+    pub returned: Option<OutBody>,
 }
 
 /// A decaying maximum: jumps to any higher observation, otherwise halves every half-life.
@@ -196,13 +197,13 @@ impl Peak {
 }
 
 struct Idle {
-    tx: http1::SendRequest<Full<Bytes>>,
+    tx: http1::SendRequest<OutBody>,
     since: Instant,
 }
 
 struct H2Slot {
     id: u64,
-    tx: http2::SendRequest<Full<Bytes>>,
+    tx: http2::SendRequest<OutBody>,
     streams: usize,
     /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS`; `u32::MAX` until seen (or if absent).
     server_limit: Arc<AtomicU32>,
@@ -486,7 +487,9 @@ impl Pool {
                     .handshake(TokioIo::new(stream))
                     .await
                     .map_err(|source| ConnectError::Handshake { addr, source })?;
-                spawn_driver(conn, stats);
+                // With upgrades: a `101 Switching Protocols` hands the connection over to
+                // whoever asked for it (`Client::upgrade`); other requests see no change.
+                spawn_driver(conn.with_upgrades(), stats);
                 NewConn::H1(tx)
             }
             Protocol::H2c => {
@@ -593,15 +596,15 @@ impl Drop for Connecting<'_> {
 }
 
 enum NewConn {
-    H1(http1::SendRequest<Full<Bytes>>),
-    H2(http2::SendRequest<Full<Bytes>>, Arc<AtomicU32>),
+    H1(http1::SendRequest<OutBody>),
+    H2(http2::SendRequest<OutBody>, Arc<AtomicU32>),
 }
 
 enum Conn {
-    H1(Option<http1::SendRequest<Full<Bytes>>>),
+    H1(Option<http1::SendRequest<OutBody>>),
     H2 {
         id: u64,
-        tx: http2::SendRequest<Full<Bytes>>,
+        tx: http2::SendRequest<OutBody>,
     },
 }
 
@@ -627,7 +630,7 @@ impl Lease {
     /// Send `req`.
     pub(crate) async fn send(
         &mut self,
-        req: Request<Full<Bytes>>,
+        req: Request<OutBody>,
     ) -> Result<Response<Incoming>, SendError> {
         let result = match &mut self.conn {
             Conn::H1(Some(tx)) => tx.try_send_request(req).await,
@@ -637,6 +640,7 @@ impl Lease {
                 return Err(SendError {
                     error: "connection already released".into(),
                     maybe_sent: false,
+                    returned: Some(req.into_body()),
                 });
             }
         };
@@ -644,10 +648,12 @@ impl Lease {
             // hyper hands the request back when it never reached the connection; an HTTP/2
             // server that refuses a stream (over its limit, or draining after GOAWAY) promises
             // it did not process it.
-            let maybe_sent = e.take_message().is_none() && !refused_stream(e.error());
+            let returned = e.take_message().map(Request::into_body);
+            let maybe_sent = returned.is_none() && !refused_stream(e.error());
             SendError {
                 error: Box::new(e.into_error()),
                 maybe_sent,
+                returned,
             }
         })
     }

@@ -17,6 +17,10 @@
 //! - Paths are normalised first (`keel_gateway::path`): dot-segments resolved, escaped
 //!   separators, escaped dot-segments, control bytes and the like refused with 400 — the
 //!   normalised path is the one authorised, routed and forwarded.
+//! - Bodies stream both ways, never held whole (`Client::call_streaming`): a request body
+//!   is capped by `server.max_body_bytes` (413), and a call whose body has started going out
+//!   is not retried. A WebSocket handshake (HTTP/1.1 `Upgrade: websocket`) is forwarded and,
+//!   once the upstream answers 101, tunnelled byte for byte (`keel_gateway::stream`).
 //! - Request ids, trace context and the remaining deadline are Keel's, on every hop.
 
 use std::collections::HashMap;
@@ -28,12 +32,14 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::Response;
-use bytes::Bytes;
+use hyper::upgrade::OnUpgrade;
 use keel::BoxError;
 use keel::client::client::Client;
 use keel_gateway::forwarded::{Forwarding, is_forwarding_header};
 use keel_gateway::path::{PathPolicy, normalize};
 use keel_gateway::ratelimit::{LocalLimiter, Rate, RedisLimiter};
+use keel_gateway::stream::{Capped, tunnel, websocket_upgrade};
+use std::sync::atomic::Ordering;
 
 use crate::http::error;
 
@@ -72,8 +78,6 @@ pub struct Settings {
     pub rate: f64,
     /// Requests a key may send at once above the rate.
     pub burst: f64,
-    /// Largest request body forwarded.
-    pub max_body: usize,
     /// How request paths are normalised before anything else (`SHOP_MERGE_SLASHES=false`
     /// keeps empty segments).
     pub path: PathPolicy,
@@ -141,7 +145,6 @@ impl Settings {
             keys: Self::parse_keys(&keys)?,
             rate: number("SHOP_RATE", 100.0)?,
             burst: number("SHOP_BURST", 200.0)?,
-            max_body: 1 << 20,
             path: PathPolicy { merge_slashes },
             forwarding,
             shared_rate: std::env::var("SHOP_RATE_REDIS")
@@ -180,6 +183,8 @@ struct Inner {
     orders: Arc<Client>,
     inventory: Arc<Client>,
     limiter: Limiter,
+    /// `server.max_body_bytes`.
+    max_body: u64,
 }
 
 /// Keys of the shared rate limit in Redis: this prefix, then the API key's name.
@@ -234,6 +239,7 @@ pub fn router(app: &keel::App, settings: Settings) -> Result<Router, BoxError> {
         orders: app.client("order")?,
         inventory: app.client("inventory")?,
         limiter,
+        max_body: app.config().server.max_body_bytes.get(),
     });
     Ok(Router::new().fallback(forward).with_state(inner))
 }
@@ -279,6 +285,13 @@ fn presented_secret(h: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+fn too_large(limit: u64) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body larger than {limit} bytes"),
+    )
+}
+
 async fn forward(
     State(gw): State<Arc<Inner>>,
     ctx: keel::Context,
@@ -289,7 +302,9 @@ async fn forward(
     let http::request::Parts {
         method,
         uri,
+        version,
         mut headers,
+        mut extensions,
         ..
     } = parts;
     // Before anything else: the path that is authorised, routed and forwarded is this one.
@@ -341,11 +356,15 @@ async fn forward(
             .insert(http::header::RETRY_AFTER, HeaderValue::from(wait));
         return resp;
     }
-    let limited = http_body_util::Limited::new(body, gw.settings.max_body);
-    let body: Bytes = match http_body_util::BodyExt::collect(limited).await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
-    };
+    // A WebSocket handshake keeps the two headers that ask for it; every other hop-by-hop
+    // header (and any other `Upgrade`) stays here.
+    let upgrade = websocket_upgrade(version, &method, &headers)
+        .and_then(|proto| Some((proto, extensions.remove::<OnUpgrade>()?)));
+    // The body streams through. Its cap is the server's `server.max_body_bytes`: a larger
+    // declared length was refused with 413 before this handler ran; an undeclared one is cut
+    // off as it passes the cap, failing the upstream call, and answered 413 below.
+    let body = Capped::new(body, gw.max_body);
+    let exceeded = body.exceeded();
     let mut target = format!(
         "{upstream_prefix}{}{tail}",
         if tail.is_empty() { "" } else { "/" }
@@ -386,10 +405,44 @@ async fn forward(
         req.headers_mut()
             .insert(SHOP_SCOPES.clone(), scopes.clone());
     }
-    match client.call(&ctx, req).await {
+    let client_side = upgrade.map(|(proto, on_upgrade)| {
+        let h = req.headers_mut();
+        h.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+        h.insert(http::header::UPGRADE, proto);
+        on_upgrade
+    });
+    match client.call_streaming(&ctx, req).await {
         // The upstream's hop-by-hop headers are scrubbed from every response by Keel's
-        // headers layer (`keel_server::layer::headers`), in one pass.
-        Ok(resp) => resp.map(Body::new),
+        // headers layer (`keel_server::layer::headers`), in one pass — except a 101's
+        // `Connection` and `Upgrade`, which the client needs.
+        Ok(mut resp) => {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let Some(client_side) = client_side else {
+                    // Switching without being asked to is the upstream's error.
+                    return error(
+                        StatusCode::BAD_GATEWAY,
+                        format!("{service} switched protocols unasked"),
+                    );
+                };
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                let service = service.to_string();
+                tokio::spawn(async move {
+                    match tunnel(client_side, upstream_side).await {
+                        Ok((up, down)) => {
+                            tracing::debug!(upstream = service, up, down, "gateway: tunnel closed")
+                        }
+                        Err(e) => {
+                            tracing::debug!(upstream = service, error = %e, "gateway: tunnel ended with an error")
+                        }
+                    }
+                });
+            }
+            resp.map(Body::new)
+        }
+        Err(_) if exceeded.load(Ordering::Relaxed) => too_large(gw.max_body),
         Err(e) => {
             tracing::warn!(upstream = service, error = %e, "gateway: upstream call failed");
             error(

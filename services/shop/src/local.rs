@@ -49,7 +49,6 @@ impl Options {
                 keys: gateway::Settings::parse_keys(gateway::DEMO_KEYS).unwrap_or_default(),
                 rate: 1_000.0,
                 burst: 2_000.0,
-                max_body: 1 << 20,
                 path: Default::default(),
                 forwarding: Default::default(),
                 shared_rate: None,

@@ -12,8 +12,12 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::http::{HeaderMap, Uri};
-use keel::{App, Sources};
+
 use keel_shop::gateway::{self, Settings};
+
+mod support;
+
+use support::Gateway;
 
 const INVENTORY_ONLY: &str = "inventory-only-key";
 
@@ -105,70 +109,6 @@ const PREFIXES: &[&str] = &[
     "/api/users/../inventory/",
 ];
 
-/// A gateway in front of the three upstreams, with `settings`.
-struct Gateway {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    served: tokio::task::JoinHandle<Result<(), keel::Error>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Gateway {
-    async fn start(settings: Settings, [users, orders, inventory]: [SocketAddr; 3]) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let addr = keel_test_support::free_addr();
-        let admin = keel_test_support::free_addr();
-        let file = dir.path().join("gateway.toml");
-        std::fs::write(
-            &file,
-            format!(
-                "[server]\naddr = \"{addr}\"\n\n[admin]\naddr = \"{}\"\n\n\
-                 [clients.user]\nendpoints = [\"{users}\"]\n\n\
-                 [clients.order]\nendpoints = [\"{orders}\"]\n\n\
-                 [clients.inventory]\nendpoints = [\"{inventory}\"]\n",
-                admin
-            ),
-        )
-        .unwrap();
-        let loaded = Sources {
-            file: Some(file),
-            sets: Vec::new(),
-        }
-        .load_with_env(Vec::new())
-        .unwrap();
-        let sizing = keel::runtime::detect(&loaded.value.runtime);
-        let app = App::new("gateway", loaded, sizing);
-        let router = gateway::router(&app, settings).unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let served = tokio::spawn(app.serve_until(
-            router,
-            async move {
-                let _ = stopped.await;
-            },
-            std::future::pending(),
-        ));
-        assert!(
-            keel_test_support::wait_until(Duration::from_secs(20), || {
-                keel_test_support::port_open(addr)
-            }),
-            "the gateway did not start"
-        );
-        Gateway {
-            addr,
-            admin,
-            stop,
-            served,
-            _dir: dir,
-        }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.served).await;
-    }
-}
-
 /// The demo's keys and one that may only read inventory; no rate limit to speak of.
 fn settings() -> Settings {
     Settings {
@@ -179,7 +119,6 @@ fn settings() -> Settings {
         .unwrap(),
         rate: 1_000_000.0,
         burst: 1_000_000.0,
-        max_body: 1 << 20,
         path: Default::default(),
         forwarding: Default::default(),
         shared_rate: None,

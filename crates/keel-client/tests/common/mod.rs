@@ -98,6 +98,20 @@ async fn grpc(State(s): State<Arc<Upstreamish>>) -> Response {
         .into_response()
 }
 
+/// Reads the body frame by frame and answers how many bytes came (400 if it broke off).
+async fn count(body: axum::body::Body) -> (StatusCode, String) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+            Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()),
+        }
+    }
+    (StatusCode::OK, n.to_string())
+}
+
 /// A body of ready-made frames.
 struct Frames(std::collections::VecDeque<http_body::Frame<Bytes>>);
 
@@ -136,6 +150,7 @@ pub async fn serve_with(
             }),
         )
         .route("/grpc", get(grpc).post(grpc))
+        .route("/count", axum::routing::post(count))
         .with_state(state.clone());
     let mut server = ServerConfig {
         addr: "127.0.0.1:0".parse().unwrap(),

@@ -1,0 +1,200 @@
+//! Bodies and connections passed through rather than held: a request body capped as it
+//! streams ([`Capped`]), and an HTTP/1.1 `Upgrade` (WebSocket) tunnelled byte for byte
+//! ([`websocket_upgrade`], [`tunnel`]).
+//!
+//! A proxy that collects a body before forwarding it holds the whole upload in memory, makes
+//! the upstream wait for the last byte before it sees the first, and needs a size cap far
+//! below what users upload. Streamed, a transfer of any size costs a few frames in flight:
+//! hyper reads the next frame from the client only when the upstream connection took the
+//! last one, and the same holds for the answer, so a slow reader slows the upstream instead
+//! of filling the proxy's memory.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::header::{CONNECTION, UPGRADE};
+use http::{HeaderMap, HeaderValue, Method, Version};
+use http_body::{Body, Frame, SizeHint};
+
+/// The error a [`Capped`] body ends with when its limit is passed.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than {limit} bytes")]
+pub struct TooLarge {
+    /// The cap.
+    pub limit: u64,
+}
+
+/// A request body that fails once more than `limit` bytes have passed through it, and
+/// raises a flag the proxy reads afterwards to answer `413` rather than a gateway error
+/// (the upstream call fails as the body does, and the failure alone does not say why). The
+/// flag is raised too when the body it wraps was already capped and fails with
+/// `http_body_util::LengthLimitError`.
+#[derive(Debug)]
+pub struct Capped<B> {
+    inner: B,
+    left: u64,
+    limit: u64,
+    exceeded: Arc<AtomicBool>,
+}
+
+impl<B> Capped<B> {
+    /// `inner`, cut off after `limit` bytes.
+    pub fn new(inner: B, limit: u64) -> Capped<B> {
+        Capped {
+            inner,
+            left: limit,
+            limit,
+            exceeded: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Set once the body went over its limit; read it after the body is gone.
+    pub fn exceeded(&self) -> Arc<AtomicBool> {
+        self.exceeded.clone()
+    }
+}
+
+impl<B> Body for Capped<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<keel_core::BoxError>,
+{
+    type Data = Bytes;
+    type Error = keel_core::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            None => return Poll::Ready(None),
+            Some(Err(e)) => {
+                let e = e.into();
+                // The same cap put on earlier (Keel's server caps every request body).
+                if is_length_limit(&*e) {
+                    this.exceeded.store(true, Ordering::Relaxed);
+                }
+                return Poll::Ready(Some(Err(e)));
+            }
+            Some(Ok(frame)) => frame,
+        };
+        if let Some(data) = frame.data_ref() {
+            let n = data.len() as u64;
+            if n > this.left {
+                this.left = 0;
+                this.exceeded.store(true, Ordering::Relaxed);
+                return Poll::Ready(Some(Err(Box::new(TooLarge { limit: this.limit }))));
+            }
+            this.left -= n;
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() || err.is::<TooLarge>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// The protocol a request asks to upgrade to, when it is a WebSocket handshake this proxy
+/// may tunnel: HTTP/1.1, `GET`, `Connection` listing `upgrade`, and `Upgrade: websocket`.
+/// Any other `Upgrade` (`h2c` above all, which would hand the proxy's connection to a
+/// protocol it does not speak) is `None`, and the header is dropped with the other
+/// hop-by-hop ones.
+pub fn websocket_upgrade(
+    version: Version,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 || method != Method::GET {
+        return None;
+    }
+    let asks = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let upgrade = headers.get(UPGRADE)?;
+    // `websocket`, possibly with a version (`websocket/13` is not registered, but harmless).
+    let proto = upgrade.to_str().ok()?.trim();
+    let websocket = proto
+        .split('/')
+        .next()
+        .is_some_and(|p| p.eq_ignore_ascii_case("websocket"));
+    (asks && websocket).then(|| upgrade.clone())
+}
+
+/// Copy bytes both ways between the two upgraded connections until both sides are done;
+/// each direction's end is passed on as a half-close. Returns the bytes copied
+/// (client → upstream, upstream → client).
+pub async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) -> Result<(u64, u64), keel_core::BoxError> {
+    let (client, upstream) = tokio::try_join!(client, upstream)?;
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    Ok(tokio::io::copy_bidirectional(&mut client, &mut upstream).await?)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    #[tokio::test]
+    async fn a_body_within_its_cap_passes_whole() {
+        let body = Capped::new(Full::new(Bytes::from_static(b"hello")), 5);
+        let flag = body.exceeded();
+        let got = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], b"hello");
+        assert!(!flag.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn a_body_past_its_cap_fails_and_says_so() {
+        let chunks =
+            (0..4).map(|_| Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"abcd"))));
+        let body = Capped::new(StreamBody::new(futures_util::stream::iter(chunks)), 10);
+        let flag = body.exceeded();
+        let err = body.collect().await.unwrap_err();
+        assert!(err.downcast_ref::<TooLarge>().is_some(), "{err}");
+        assert!(flag.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn only_websocket_handshakes_over_http1_get_are_tunnelled() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        h.insert(UPGRADE, HeaderValue::from_static("WebSocket"));
+        assert!(websocket_upgrade(Version::HTTP_11, &Method::GET, &h).is_some());
+        assert!(websocket_upgrade(Version::HTTP_11, &Method::POST, &h).is_none());
+        assert!(websocket_upgrade(Version::HTTP_10, &Method::GET, &h).is_none());
+        assert!(websocket_upgrade(Version::HTTP_2, &Method::GET, &h).is_none());
+        h.insert(UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(websocket_upgrade(Version::HTTP_11, &Method::GET, &h).is_none());
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
+        assert!(websocket_upgrade(Version::HTTP_11, &Method::GET, &h).is_none());
+    }
+}
