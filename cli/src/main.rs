@@ -56,6 +56,18 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Run Keel's proxy (`keel_gateway::proxy`) as configured: `[gateway]` routes,
+    /// credentials and rate; `[clients.<name>]` for each route's cluster; `[server]`,
+    /// `[admin]` and the rest as for any Keel service. `KEEL_CONFIG` names the file when
+    /// `--config` does not.
+    Gateway {
+        /// Config file (TOML or YAML).
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+        /// Override one key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -118,6 +130,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Bench { quick } => bench(quick),
+        Cmd::Gateway { config, sets } => gateway(Sources { file: config, sets }.with_env_file()),
         Cmd::Config {
             cmd: ConfigCmd::Check { file, sets },
         } => config_check(Sources {
@@ -125,6 +138,25 @@ fn main() -> ExitCode {
             sets,
         }),
     }
+}
+
+/// `keel gateway`: the configured proxy as a process of its own.
+fn gateway(sources: Sources) -> ExitCode {
+    keel::run_with("gateway", &sources, |app| async move {
+        let cfg = app.config().gateway.clone();
+        if cfg.routes.is_empty() {
+            return Err(keel::Error::Other(
+                "gateway.routes is empty: there is nothing to proxy (add [[gateway.routes]] \
+                 tables to the config)"
+                    .into(),
+            ));
+        }
+        let max_body = app.config().server.max_body_bytes.get();
+        let gw = keel_gateway::proxy::Gateway::new(&cfg, |name| app.client(name), max_body)
+            .await
+            .map_err(|e| keel::Error::Other(e.into()))?;
+        app.serve(gw.router()).await
+    })
 }
 
 /// Run the suite's scripts in order; the first failure stops it.

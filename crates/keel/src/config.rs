@@ -52,6 +52,9 @@ pub struct Config {
     pub overload: keel_server::overload::OverloadConfig,
     /// `[messaging]` — broker, outbox relay, consumers and retention.
     pub messaging: keel_messaging::config::MessagingConfig,
+    /// `[gateway]` — routes, credentials and rate of a service run as Keel's proxy
+    /// (`keel_gateway::proxy`); unused by other services.
+    pub gateway: keel_gateway::proxy::GatewayConfig,
 }
 
 /// `[tasks]`: the task registry behind `/debug/tasks`.
@@ -118,6 +121,7 @@ impl Validate for Config {
         v.nested("tracing", &self.tracing);
         v.nested("overload", &self.overload);
         v.nested("messaging", &self.messaging);
+        v.nested("gateway", &self.gateway);
         for (name, c) in &self.clients {
             v.nested(&format!("clients.{name}"), c);
         }

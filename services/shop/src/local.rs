@@ -45,14 +45,7 @@ impl Options {
     pub fn new(dir: &Path) -> Options {
         Options {
             dir: dir.to_path_buf(),
-            gateway: gateway::Settings {
-                keys: gateway::Settings::parse_keys(gateway::DEMO_KEYS).unwrap_or_default(),
-                rate: 1_000.0,
-                burst: 2_000.0,
-                path: Default::default(),
-                forwarding: Default::default(),
-                shared_rate: None,
-            },
+            gateway: gateway::settings(&Default::default(), gateway::DEMO_KEYS, 1_000.0, 2_000.0),
             canary_user: false,
             canary_weight: 0,
             extra_config: String::new(),
@@ -261,7 +254,7 @@ impl LocalShop {
         );
 
         let a = app("gateway", gateway)?;
-        let r = gateway::router(&a, opts.gateway.clone())?;
+        let r = gateway::router(&a, opts.gateway.clone()).await?;
         serve(
             a,
             crate::http::tag_instance(r, "gateway".into()),

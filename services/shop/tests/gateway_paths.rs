@@ -111,18 +111,12 @@ const PREFIXES: &[&str] = &[
 
 /// The demo's keys and one that may only read inventory; no rate limit to speak of.
 fn settings() -> Settings {
-    Settings {
-        keys: Settings::parse_keys(&format!(
-            "inv:{INVENTORY_ONLY}=inventory:read;{}",
-            gateway::DEMO_KEYS
-        ))
-        .unwrap(),
-        rate: 1_000_000.0,
-        burst: 1_000_000.0,
-        path: Default::default(),
-        forwarding: Default::default(),
-        shared_rate: None,
-    }
+    gateway::settings(
+        &Settings::default(),
+        &format!("inv:{INVENTORY_ONLY}=inventory:read;{}", gateway::DEMO_KEYS),
+        1_000_000.0,
+        1_000_000.0,
+    )
 }
 
 /// Send `request` (raw bytes) to `addr` and read the whole answer.
@@ -304,7 +298,7 @@ async fn the_upstream_learns_who_called_and_only_a_trusted_proxy_is_believed() {
 
     // Behind a trusted proxy (here, loopback), its account is kept and the proxy appended.
     let mut trusting = settings();
-    trusting.forwarding = keel_gateway::forwarded::Forwarding::parse("127.0.0.0/8").unwrap();
+    trusting.trusted_proxies = vec!["127.0.0.0/8".to_string()];
     let gw = Gateway::start(trusting, [users, orders, inventory]).await;
     assert_eq!(
         keel_test_support::status_of(&spoofing(gw.addr).await),
@@ -341,11 +335,13 @@ async fn two_gateways_hold_one_rate_limit_between_them_in_redis() {
     let name = format!("rl{:x}", keel::codec::rand::next_u64());
     let secret = format!("{name}-secret");
     let shared = || Settings {
-        keys: Settings::parse_keys(&format!("{name}:{secret}=inventory:read")).unwrap(),
-        rate: 0.01,
-        burst: 5.0,
-        shared_rate: Some("redis://127.0.0.1:6379/".to_string()),
-        ..settings()
+        rate_redis: "redis://127.0.0.1:6379/".to_string(),
+        ..gateway::settings(
+            &Settings::default(),
+            &format!("{name}:{secret}=inventory:read"),
+            0.01,
+            5.0,
+        )
     };
     let a = Gateway::start(shared(), [users, orders, inventory]).await;
     let b = Gateway::start(shared(), [users, orders, inventory]).await;

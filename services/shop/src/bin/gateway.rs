@@ -1,10 +1,13 @@
-//! The gateway. `SHOP_API_KEYS`, `SHOP_RATE`, `SHOP_BURST`, `SHOP_INSTANCE`;
-//! `[clients.user]`, `[clients.order]`, `[clients.inventory]` in its config.
+//! The gateway: Keel's configured proxy with the shop's routes (`[gateway]` in its config,
+//! `SHOP_*` overrides; see `keel_shop::gateway`), `[clients.user]`, `[clients.order]`,
+//! `[clients.inventory]`. `SHOP_INSTANCE` tags its answers.
 fn main() -> std::process::ExitCode {
     keel::run("gateway", |app| async move {
-        let settings =
-            keel_shop::gateway::Settings::from_env().map_err(|e| keel::Error::Other(e.into()))?;
-        let routes = keel_shop::gateway::router(&app, settings).map_err(keel::Error::Other)?;
+        let settings = keel_shop::gateway::from_env(&app.config().gateway)
+            .map_err(|e| keel::Error::Other(e.into()))?;
+        let routes = keel_shop::gateway::router(&app, settings)
+            .await
+            .map_err(keel::Error::Other)?;
         app.serve(keel_shop::http::tag_instance(
             routes,
             keel_shop::instance("gateway"),

@@ -51,7 +51,7 @@ impl Gateway {
         .unwrap();
         let sizing = keel::runtime::detect(&loaded.value.runtime);
         let app = App::new("gateway", loaded, sizing);
-        let router = gateway::router(&app, settings).unwrap();
+        let router = gateway::router(&app, settings).await.unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(app.serve_until(
             router,

@@ -1,0 +1,140 @@
+//! `keel gateway` as a user runs it: a config file with routes, the proxy in front of an
+//! upstream, and a config mistake refused at start with the key that is wrong.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::process::Command;
+use std::time::Duration;
+
+use keel_test_support::{ChildGuard, raw_exchange, status_of};
+
+const KEEL: &str = env!("CARGO_BIN_EXE_keel");
+
+/// An upstream that answers every request with its request line, on its own thread.
+fn echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut first = String::new();
+            if reader.read_line(&mut first).is_err() {
+                continue;
+            }
+            let mut headers = Vec::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                headers.push(line.trim().to_ascii_lowercase());
+            }
+            let key = headers
+                .iter()
+                .find_map(|h| h.strip_prefix("x-gateway-key: "))
+                .unwrap_or("-")
+                .to_string();
+            let body = format!("{} key={key}", first.trim());
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+fn config(addr: SocketAddr, admin: SocketAddr, upstream: SocketAddr, routes: &str) -> String {
+    format!(
+        "[server]\naddr = \"{addr}\"\n\n[admin]\naddr = \"{admin}\"\n\n\
+         [clients.echo]\nendpoints = [\"{upstream}\"]\n\n\
+         [gateway]\napi_keys = \"ops:ops-secret-key=echo:read\"\n\n{routes}"
+    )
+}
+
+fn get(addr: SocketAddr, path: &str, key: Option<&str>) -> (u16, String) {
+    let key = key.map_or(String::new(), |k| format!("x-api-key: {k}\r\n"));
+    let req = format!("GET {path} HTTP/1.1\r\nhost: gw\r\n{key}connection: close\r\n\r\n");
+    let raw = raw_exchange(addr, req.as_bytes(), Duration::from_secs(5)).unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status_of(&raw).unwrap(), body)
+}
+
+#[test]
+fn the_gateway_proxies_what_its_config_routes_and_nothing_else() {
+    let upstream = echo_upstream();
+    let addr = keel_test_support::free_addr();
+    let admin = keel_test_support::free_addr();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        config(
+            addr,
+            admin,
+            upstream,
+            "[[gateway.routes]]\nprefix = \"/echo\"\nrewrite = \"/v1\"\ncluster = \"echo\"\nscope = \"echo\"\n\n\
+             [[gateway.routes]]\nexact = \"/open\"\ncluster = \"echo\"\npublic = true\n",
+        ),
+    )
+    .unwrap();
+    let _gw = ChildGuard::spawn(KEEL, &["gateway", "--config", file.to_str().unwrap()], &[]);
+    assert!(
+        keel_test_support::wait_until(Duration::from_secs(20), || keel_test_support::port_open(
+            addr
+        )),
+        "keel gateway did not start"
+    );
+    assert_eq!(
+        get(addr, "/echo/a/../b?x=1", Some("ops-secret-key")),
+        (200, "GET /v1/b?x=1 HTTP/1.1 key=ops".to_string())
+    );
+    assert_eq!(get(addr, "/echo/b", None).0, 401);
+    assert_eq!(get(addr, "/echo/b", Some("wrong-secret-key")).0, 401);
+    assert_eq!(get(addr, "/echoes", Some("ops-secret-key")).0, 404);
+    assert_eq!(
+        get(addr, "/open", None),
+        (200, "GET /open HTTP/1.1 key=-".to_string())
+    );
+    assert_eq!(get(addr, "/echo/%2e%2e/x", Some("ops-secret-key")).0, 400);
+}
+
+#[test]
+fn a_bad_route_stops_the_gateway_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    let free = keel_test_support::free_addr;
+    std::fs::write(
+        &file,
+        config(
+            free(),
+            free(),
+            free(),
+            "[[gateway.routes]]\nprefix = \"/a/../b\"\ncluster = \"echo\"\n",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(KEEL)
+        .args(["gateway", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("gateway.routes[0].prefix"), "{stderr}");
+    assert!(stderr.contains("normalised"), "{stderr}");
+
+    std::fs::write(&file, config(free(), free(), free(), "")).unwrap();
+    let out = Command::new(KEEL)
+        .args(["gateway", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("gateway.routes is empty"), "{stderr}");
+}
