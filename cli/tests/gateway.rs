@@ -138,3 +138,83 @@ fn a_bad_route_stops_the_gateway_at_start_naming_the_key() {
     assert!(!out.status.success());
     assert!(stderr.contains("gateway.routes is empty"), "{stderr}");
 }
+
+/// gRPC through the gateway over HTTP/2 both ways: a unary call, and a server stream whose
+/// messages arrive one by one as the upstream sends them (nothing waits for the stream's
+/// end), trailers and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_and_server_streams_pass_through_the_gateway() {
+    use tonic_health::ServingStatus;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus as Status;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop.Orders", ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let addr = keel_test_support::free_addr();
+    let admin = keel_test_support::free_addr();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\naddr = \"{addr}\"\n\n[admin]\naddr = \"{admin}\"\n\n\
+             [clients.health]\nendpoints = [\"{upstream}\"]\nprotocol = \"h2c\"\n\n\
+             [deadline.routes]\n\"/grpc.health.v1.Health/Watch\" = \"0s\"\n\n\
+             [[gateway.routes]]\nprefix = \"/grpc.health.v1.Health\"\ncluster = \"health\"\n\
+             public = true\nheaders = {{ \"content-type\" = \"application/grpc\" }}\n"
+        ),
+    )
+    .unwrap();
+    let _gw = ChildGuard::spawn(KEEL, &["gateway", "--config", file.to_str().unwrap()], &[]);
+    assert!(
+        keel_test_support::wait_until(Duration::from_secs(20), || keel_test_support::port_open(
+            addr
+        )),
+        "keel gateway did not start"
+    );
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = HealthClient::new(channel);
+    let asked = |service: &str| HealthCheckRequest {
+        service: service.to_string(),
+    };
+    let status = grpc
+        .check(asked("shop.Orders"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, Status::Serving as i32);
+    // A gRPC error travels in trailers, through the gateway untouched.
+    let err = grpc.check(asked("shop.Nothing")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    let mut watch = grpc.watch(asked("shop.Orders")).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, Status::Serving as i32);
+    // The next message exists only after this change: it can only arrive if the gateway
+    // passes the stream on as it flows.
+    reporter
+        .set_service_status("shop.Orders", ServingStatus::NotServing)
+        .await;
+    let second = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("the second message came through while the stream was open")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.status, Status::NotServing as i32);
+}
