@@ -58,7 +58,11 @@ def name(s):
         names[m.group(1)] = m.group(2)
     return names.get(m.group(1), s)
 for line in open(path):
-    if line.startswith('cfn='):
+    # Names are compressed: `(id) name` the first time, `(id)` after; the first may be on
+    # an fn= line as well as a cfn= one.
+    if line.startswith('fn='):
+        name(line[3:].strip())
+    elif line.startswith('cfn='):
         fn = name(line[4:].strip())
     elif line.startswith('calls=') and fn == 'malloc':
         mallocs += int(line[6:].split()[0])

@@ -36,7 +36,12 @@ fn echo_upstream() -> SocketAddr {
                 .find_map(|h| h.strip_prefix("x-gateway-key: "))
                 .unwrap_or("-")
                 .to_string();
-            let body = format!("{} key={key}", first.trim());
+            let timeout = headers
+                .iter()
+                .find_map(|h| h.strip_prefix("keel-timeout: "))
+                .unwrap_or("-")
+                .to_string();
+            let body = format!("{} key={key} timeout={timeout}", first.trim());
             let _ = write!(
                 stream,
                 "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -47,11 +52,36 @@ fn echo_upstream() -> SocketAddr {
     addr
 }
 
+/// A listener that accepts and never answers (the backlog holds its connections).
+fn stuck_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::mem::forget(listener);
+    addr
+}
+
+/// The time in a `keel-timeout` value echoed back (`timeout=249000u`), in milliseconds.
+fn millis(body: &str) -> u64 {
+    let v = body.rsplit("timeout=").next().unwrap().trim();
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().unwrap();
+    match unit {
+        "n" => n / 1_000_000,
+        "u" => n / 1_000,
+        "m" => n,
+        "S" => n * 1_000,
+        "M" => n * 60_000,
+        other => panic!("unit {other} in {body}"),
+    }
+}
+
 fn config(addr: SocketAddr, admin: SocketAddr, upstream: SocketAddr, routes: &str) -> String {
     format!(
         "[server]\naddr = \"{addr}\"\n\n[admin]\naddr = \"{admin}\"\n\n\
          [clients.echo]\nendpoints = [\"{upstream}\"]\n\n\
-         [gateway]\napi_keys = \"ops:ops-secret-key=echo:read\"\n\n{routes}"
+         [clients.stuck]\nendpoints = [\"{}\"]\n\n\
+         [gateway]\napi_keys = \"ops:ops-secret-key=echo:read\"\n\n{routes}",
+        stuck_upstream()
     )
 }
 
@@ -78,7 +108,9 @@ fn the_gateway_proxies_what_its_config_routes_and_nothing_else() {
             admin,
             upstream,
             "[[gateway.routes]]\nprefix = \"/echo\"\nrewrite = \"/v1\"\ncluster = \"echo\"\nscope = \"echo\"\n\n\
-             [[gateway.routes]]\nexact = \"/open\"\ncluster = \"echo\"\npublic = true\n",
+             [[gateway.routes]]\nexact = \"/open\"\ncluster = \"echo\"\npublic = true\n\n\
+             [[gateway.routes]]\nexact = \"/quick\"\ncluster = \"echo\"\npublic = true\ntimeout = \"250ms\"\n\n\
+             [[gateway.routes]]\nexact = \"/stuck\"\ncluster = \"stuck\"\npublic = true\ntimeout = \"300ms\"\n",
         ),
     )
     .unwrap();
@@ -89,17 +121,29 @@ fn the_gateway_proxies_what_its_config_routes_and_nothing_else() {
         )),
         "keel gateway did not start"
     );
-    assert_eq!(
-        get(addr, "/echo/a/../b?x=1", Some("ops-secret-key")),
-        (200, "GET /v1/b?x=1 HTTP/1.1 key=ops".to_string())
+    let (status, body) = get(addr, "/echo/a/../b?x=1", Some("ops-secret-key"));
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with("GET /v1/b?x=1 HTTP/1.1 key=ops timeout="),
+        "{body}"
     );
+    // Without a route timeout the request's own deadline (30 s by default) travels on.
+    assert!(millis(&body) > 25_000, "{body}");
     assert_eq!(get(addr, "/echo/b", None).0, 401);
     assert_eq!(get(addr, "/echo/b", Some("wrong-secret-key")).0, 401);
     assert_eq!(get(addr, "/echoes", Some("ops-secret-key")).0, 404);
-    assert_eq!(
-        get(addr, "/open", None),
-        (200, "GET /open HTTP/1.1 key=-".to_string())
+    let (status, body) = get(addr, "/open", None);
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with("GET /open HTTP/1.1 key=- timeout="),
+        "{body}"
     );
+    // A route's timeout is the deadline the upstream is told of...
+    let (status, body) = get(addr, "/quick", None);
+    assert_eq!(status, 200);
+    assert!(millis(&body) <= 250, "{body}");
+    // ...and the gateway's own: an upstream that never answers gets 504 at it.
+    assert_eq!(get(addr, "/stuck", None).0, 504);
     assert_eq!(get(addr, "/echo/%2e%2e/x", Some("ops-secret-key")).0, 400);
 }
 

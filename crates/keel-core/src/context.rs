@@ -123,6 +123,9 @@ struct Inner {
     upstream_wait_us: AtomicU64,
     /// The address the request came from (the TCP peer), when a server made the context.
     peer: Option<SocketAddr>,
+    /// The request's own context, for one narrowed by [`Context::within`]: its upstream
+    /// waits are the request's.
+    parent: Option<Arc<Inner>>,
 }
 
 /// The request context. Cheap to clone.
@@ -222,6 +225,7 @@ impl Context {
                 scope: TaskScope::new(registry, owner),
                 upstream_wait_us: AtomicU64::new(0),
                 peer: None,
+                parent: None,
             }),
         })
     }
@@ -258,6 +262,7 @@ impl Context {
                 scope: TaskScope::new(registry, owner),
                 upstream_wait_us: AtomicU64::new(0),
                 peer: None,
+                parent: None,
             }),
         }
     }
@@ -304,13 +309,48 @@ impl Context {
     /// the service time it learns from: a proxy is not overloaded because its upstream is slow.
     pub fn add_upstream_wait(&self, waited: Duration) {
         let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
-        self.inner.upstream_wait_us.fetch_add(us, Ordering::Relaxed);
+        let own = self.inner.parent.as_ref().unwrap_or(&self.inner);
+        own.upstream_wait_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// This context with its deadline brought forward to at most `limit` from now: the same
+    /// request (id, trace, baggage, tasks, upstream waits), less time. A proxy's per-route
+    /// timeout, or a call that must not take the whole of the caller's budget. A limit that
+    /// leaves more time than the deadline already does changes nothing.
+    pub fn within(&self, limit: Duration) -> Context {
+        let deadline = Instant::now() + limit;
+        if deadline >= self.inner.deadline {
+            return self.clone();
+        }
+        let i = &self.inner;
+        let route = OnceLock::new();
+        if let Some(r) = i.route.get() {
+            let _ = route.set(r.clone());
+        }
+        Context {
+            inner: Arc::new(Inner {
+                arrived: i.arrived,
+                deadline,
+                deadline_source: DeadlineSource::Route,
+                request_id: i.request_id.clone(),
+                route,
+                trace: i.trace.clone(),
+                baggage: i.baggage.clone(),
+                retry: i.retry,
+                grpc: i.grpc,
+                scope: i.scope.clone(),
+                upstream_wait_us: AtomicU64::new(0),
+                peer: i.peer,
+                parent: Some(i.parent.clone().unwrap_or_else(|| self.inner.clone())),
+            }),
+        }
     }
 
     /// Time spent waiting on upstreams so far (the sum over calls; concurrent calls overlap,
     /// so the sum can exceed the wall-clock time they took).
     pub fn upstream_wait(&self) -> Duration {
-        Duration::from_micros(self.inner.upstream_wait_us.load(Ordering::Relaxed))
+        let own = self.inner.parent.as_ref().unwrap_or(&self.inner);
+        Duration::from_micros(own.upstream_wait_us.load(Ordering::Relaxed))
     }
 
     /// Whether the request this context was made for is gRPC (its `content-type`), so a
@@ -645,5 +685,36 @@ impl<F: Future> Future for Scoped<F> {
         let this = self.project();
         let fut = this.fut;
         this.ctx.enter(|| fut.poll(cx))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod within_tests {
+    use super::*;
+
+    #[test]
+    fn a_narrowed_context_is_the_same_request_with_less_time() {
+        let ctx = Context::background(Duration::from_secs(30));
+        let narrow = ctx.within(Duration::from_secs(2));
+        assert!(narrow.remaining() <= Duration::from_secs(2));
+        assert!(ctx.remaining() > Duration::from_secs(29));
+        assert_eq!(narrow.request_id(), ctx.request_id());
+        assert_eq!(narrow.trace(), ctx.trace());
+        assert_eq!(narrow.deadline_source(), DeadlineSource::Route);
+        // Waits on upstreams are the request's, whichever context the call was made with.
+        narrow.add_upstream_wait(Duration::from_millis(7));
+        narrow
+            .within(Duration::from_secs(1))
+            .add_upstream_wait(Duration::from_millis(3));
+        assert_eq!(ctx.upstream_wait(), Duration::from_millis(10));
+        assert_eq!(narrow.upstream_wait(), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn a_limit_beyond_the_deadline_changes_nothing() {
+        let ctx = Context::background(Duration::from_secs(1));
+        let same = ctx.within(Duration::from_secs(60));
+        assert!(Arc::ptr_eq(&same.inner, &ctx.inner));
     }
 }

@@ -26,7 +26,7 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use hyper::upgrade::OnUpgrade;
-use keel_client::client::Client;
+use keel_client::client::{Client, ClientError};
 use keel_core::Context;
 use serde::{Deserialize, Serialize};
 
@@ -533,6 +533,11 @@ impl Gateway {
             return error(StatusCode::NOT_FOUND, "no route");
         };
         let route = matched.route;
+        // A route's own limit narrows the request's deadline for everything from here on.
+        let ctx = match route.timeout() {
+            Some(limit) => ctx.within(limit),
+            None => ctx,
+        };
         let caller = if route.is_public() {
             Caller::Anonymous
         } else {
@@ -588,10 +593,10 @@ impl Gateway {
             // Every route's cluster was made in `new`.
             return error(StatusCode::BAD_GATEWAY, "no client for the route's cluster");
         };
-        let mut target =
-            String::with_capacity(matched.path.len() + uri.query().map_or(0, |q| q.len() + 1));
-        target.push_str(&matched.path);
+        // The rewritten path, when the route made one, becomes the target without a copy.
+        let mut target = matched.path.into_owned();
         if let Some(q) = uri.query() {
+            target.reserve(q.len() + 1);
             target.push(if target.contains('?') { '&' } else { '?' });
             target.push_str(q);
         }
@@ -599,15 +604,7 @@ impl Gateway {
         // header (and any other `Upgrade`) stays here.
         let upgrade = websocket_upgrade(version, &method, &headers)
             .and_then(|proto| Some((proto, extensions.remove::<OnUpgrade>()?)));
-        // The body streams through under the cap (a larger declared length was refused with
-        // 413 by the server before this ran; an undeclared one is cut off, answered below).
-        let body = Capped::new(body, self.max_body);
-        let exceeded = body.exceeded();
-        let mut req = match http::Request::builder()
-            .method(method)
-            .uri(&target)
-            .body(body)
-        {
+        let mut req = match http::Request::builder().method(method).uri(target).body(()) {
             Ok(r) => r,
             Err(_) => return error(StatusCode::BAD_REQUEST, "malformed request target"),
         };
@@ -648,7 +645,19 @@ impl Gateway {
             out.insert(http::header::UPGRADE, proto);
             on_upgrade
         });
-        match client.call_streaming(&ctx, req).await {
+        // The body streams through under the cap (a larger declared length was refused with
+        // 413 by the server before this ran; an undeclared one is cut off, answered below).
+        // A request without one (a GET) is sent as it is, without the cap's flag.
+        let exceeded;
+        let answer = if http_body::Body::is_end_stream(&body) {
+            exceeded = None;
+            client.call(&ctx, req.map(|()| bytes::Bytes::new())).await
+        } else {
+            let body = Capped::new(body, self.max_body);
+            exceeded = Some(body.exceeded());
+            client.call_streaming(&ctx, req.map(|()| body)).await
+        };
+        match answer {
             // The upstream's hop-by-hop headers are scrubbed from every response by Keel's
             // headers layer, in one pass — except a 101's `Connection` and `Upgrade`.
             Ok(mut resp) => {
@@ -674,10 +683,19 @@ impl Gateway {
                 }
                 resp.map(Body::new)
             }
-            Err(_) if exceeded.load(Ordering::Relaxed) => error(
+            Err(_) if exceeded.is_some_and(|e| e.load(Ordering::Relaxed)) => error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body larger than {} bytes", self.max_body),
             ),
+            Err(e)
+                if ctx.remaining().is_zero() || matches!(e, ClientError::DeadlineExceeded(_)) =>
+            {
+                tracing::debug!(route = route.name(), cluster = route.cluster(), error = %e, "gateway: deadline passed upstream");
+                error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("{} did not answer in time", route.cluster()),
+                )
+            }
             Err(e) => {
                 tracing::warn!(route = route.name(), cluster = route.cluster(), error = %e, "gateway: upstream call failed");
                 error(

@@ -52,6 +52,11 @@ pub struct RouteConfig {
     pub scope: String,
     /// No credential needed at all (health pages, public assets).
     pub public: bool,
+    /// Most time a request on this route may take upstream (`"2s"`): the request's
+    /// deadline is brought forward to it, travels to the upstream as such, and when it
+    /// passes the gateway answers 504. None: the request's own deadline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<keel_config::Duration>,
 }
 
 /// A config that does not make a route.
@@ -108,6 +113,7 @@ pub struct Route {
     rewrite: Option<String>,
     scope: Option<String>,
     public: bool,
+    timeout: Option<std::time::Duration>,
 }
 
 impl Route {
@@ -124,6 +130,11 @@ impl Route {
     /// The scope family it needs, if any.
     pub fn scope(&self) -> Option<&str> {
         self.scope.as_deref()
+    }
+
+    /// Its own time limit, if it has one.
+    pub fn timeout(&self) -> Option<std::time::Duration> {
+        self.timeout
     }
 
     /// Whether it needs no credential.
@@ -279,6 +290,15 @@ impl Route {
                 "every route names the client (a [clients.<name>]) it sends to",
             ));
         }
+        if let Some(t) = c.timeout
+            && std::time::Duration::from(t).is_zero()
+        {
+            return Err(err(
+                "timeout",
+                "0s",
+                "must be longer than zero (leave it out for the request's own deadline)",
+            ));
+        }
         if c.public && !c.scope.is_empty() {
             return Err(err(
                 "scope",
@@ -296,6 +316,7 @@ impl Route {
             rewrite: (!c.rewrite.is_empty()).then(|| c.rewrite.clone()),
             scope: (!c.scope.is_empty()).then(|| c.scope.clone()),
             public: c.public,
+            timeout: c.timeout.map(Into::into),
         })
     }
 
