@@ -44,6 +44,19 @@ use crate::retry::{self, BackoffConfig, BudgetConfig, Failure, RetryBudget};
 use crate::upstream::Upstream;
 use keel_core::fasthash::FastMap;
 
+/// How one call may be retried, over the client's own settings: a gateway route's policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetryPolicy {
+    /// As the client is configured (`idempotent`, the backoff and the budget).
+    #[default]
+    Client,
+    /// As if the upstream were idempotent: any failure may be retried (and hedged, when
+    /// the client hedges), still within the backoff's time and the budget.
+    Idempotent,
+    /// One attempt only (no retry, no hedge).
+    Never,
+}
+
 /// Client settings for one upstream.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ClientConfig {
@@ -300,7 +313,8 @@ impl Client {
         req: Request<Bytes>,
     ) -> Result<Response<Body>, ClientError> {
         let (parts, body) = req.into_parts();
-        self.send(ctx, parts, &Payload::Whole(body)).await
+        self.send(ctx, parts, &Payload::Whole(body), RetryPolicy::Client)
+            .await
     }
 
     /// [`Client::call`] with a body that streams: it is read as it is written to the
@@ -321,6 +335,22 @@ impl Client {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<keel_core::BoxError>,
     {
+        self.call_streaming_with(ctx, req, RetryPolicy::Client)
+            .await
+    }
+
+    /// [`Client::call_streaming`] retried as `retry` says rather than as the client's
+    /// settings do (a gateway route's own policy).
+    pub async fn call_streaming_with<B>(
+        &self,
+        ctx: &Context,
+        req: Request<B>,
+        retry: RetryPolicy,
+    ) -> Result<Response<Body>, ClientError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<keel_core::BoxError>,
+    {
         let (parts, body) = req.into_parts();
         let payload = if body.is_end_stream() {
             Payload::Whole(Bytes::new())
@@ -328,7 +358,7 @@ impl Client {
             let body = http_body_util::BodyExt::map_err(body, Into::into);
             Payload::Stream(Mutex::new(Some(Box::pin(body))))
         };
-        self.send(ctx, parts, &payload).await
+        self.send(ctx, parts, &payload, retry).await
     }
 
     /// [`Client::call`] with the context found in `req`'s extensions (Keel's server puts it
@@ -350,7 +380,8 @@ impl Client {
             Some(ctx) => ctx,
             None => self.without_context(),
         };
-        self.send(&ctx, parts, &Payload::Whole(body)).await
+        self.send(&ctx, parts, &Payload::Whole(body), RetryPolicy::Client)
+            .await
     }
 
     /// The context of a call that found none: counted, logged once, and bounded.
@@ -382,9 +413,10 @@ impl Client {
         ctx: &Context,
         parts: Parts,
         body: &Payload,
+        retry: RetryPolicy,
     ) -> Result<Response<Body>, ClientError> {
         let started = tokio::time::Instant::now();
-        let out = self.send_attempts(ctx, parts, body).await;
+        let out = self.send_attempts(ctx, parts, body, retry).await;
         ctx.add_upstream_wait(started.elapsed());
         out
     }
@@ -395,13 +427,25 @@ impl Client {
         ctx: &Context,
         parts: Parts,
         body: &Payload,
+        retry: RetryPolicy,
     ) -> Result<Response<Body>, ClientError> {
+        let idempotent = match retry {
+            RetryPolicy::Client => self.cfg.idempotent,
+            RetryPolicy::Idempotent => true,
+            RetryPolicy::Never => false,
+        };
+        // Whether another attempt may follow a failure, and then only if its time and the
+        // budget allow.
+        let again = retry != RetryPolicy::Never;
         let admitted = self.breaker_for(parts.uri.path()).admit()?;
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.budget.deposit();
         let mut attempt: u32 = 0;
         loop {
-            let (failure, addr) = match self.attempt_hedged(ctx, &parts, body, attempt).await? {
+            let (failure, addr) = match self
+                .attempt_hedged(ctx, &parts, body, attempt, idempotent && again)
+                .await?
+            {
                 Outcome::Answer(mut resp, addr) => {
                     if status_in_trailers(resp.headers()) {
                         resp.body_mut().report_trailers_to(GrpcOutcome {
@@ -415,7 +459,10 @@ impl Client {
                     return Ok(resp);
                 }
                 Outcome::Refused(resp, failure, addr) => {
-                    if !body.replayable() || !self.may_retry(failure, ctx, attempt).await {
+                    if !again
+                        || !body.replayable()
+                        || !self.may_retry(failure, ctx, attempt, idempotent).await
+                    {
                         admitted.failure();
                         // An answer is an answer: hand the 5xx (or gRPC error) to the caller.
                         return Ok(resp);
@@ -423,7 +470,10 @@ impl Client {
                     (failure, addr)
                 }
                 Outcome::Error(failure, addr) => {
-                    if !body.replayable() || !self.may_retry(failure, ctx, attempt).await {
+                    if !again
+                        || !body.replayable()
+                        || !self.may_retry(failure, ctx, attempt, idempotent).await
+                    {
                         admitted.failure();
                         return Err(ClientError::Failed {
                             upstream: self.name.clone(),
@@ -448,11 +498,12 @@ impl Client {
         parts: &Parts,
         body: &Payload,
         attempt: u32,
+        may_hedge: bool,
     ) -> Result<Outcome, ClientError> {
         match self.cfg.hedge_after {
             // A stream cannot be sent twice at once, nor should one upgrade open two tunnels.
             Some(d)
-                if self.cfg.idempotent
+                if may_hedge
                     && !ctx.is_retry()
                     && !body.is_stream()
                     && !parts.headers.contains_key(http::header::UPGRADE)
@@ -683,8 +734,8 @@ impl Client {
     }
 
     /// Decide on a retry and sleep its backoff. False: give up.
-    async fn may_retry(&self, f: Failure, ctx: &Context, attempt: u32) -> bool {
-        if !retry::retryable(f, self.cfg.idempotent, ctx.is_retry()) {
+    async fn may_retry(&self, f: Failure, ctx: &Context, attempt: u32, idempotent: bool) -> bool {
+        if !retry::retryable(f, idempotent, ctx.is_retry()) {
             return false;
         }
         let min_try = self.cfg.outbound.margin * 2;

@@ -99,3 +99,42 @@ async fn an_empty_stream_is_sent_like_a_whole_body_and_may_be_retried() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "0");
 }
+
+/// A call's own retry policy (`call_streaming_with`) over the client's settings.
+#[tokio::test]
+async fn a_call_may_ask_for_one_attempt_or_for_idempotent_retries() {
+    use keel_client::client::RetryPolicy;
+    let (up, _, _) = serve(Duration::from_secs(75)).await;
+    let proxy = FaultProxy::start(up).await.unwrap();
+    let c = client(&[proxy.addr()], ClientConfig::default());
+    let get = || {
+        http::Request::get("/")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let attempts = |r: Result<_, ClientError>| match r {
+        Err(ClientError::Failed { attempts, .. }) => attempts,
+        other => panic!("expected a failure, got {other:?}"),
+    };
+
+    // A refused connection is safe to retry on any upstream: the client's policy does,
+    // `Never` does not.
+    proxy.set(Fault::Refuse);
+    let n = attempts(c.call_streaming(&ctx(), get()).await);
+    assert!(n > 1, "{n}");
+    let n = attempts(
+        c.call_streaming_with(&ctx(), get(), RetryPolicy::Never)
+            .await,
+    );
+    assert_eq!(n, 1);
+
+    // A reset after the request went out is retried only on an idempotent call.
+    proxy.set(Fault::ResetAfterBytes(10));
+    let n = attempts(c.call_streaming(&ctx(), get()).await);
+    assert_eq!(n, 1);
+    let n = attempts(
+        c.call_streaming_with(&ctx(), get(), RetryPolicy::Idempotent)
+            .await,
+    );
+    assert!(n > 1, "{n}");
+}

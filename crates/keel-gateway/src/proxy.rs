@@ -26,14 +26,14 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use hyper::upgrade::OnUpgrade;
-use keel_client::client::{Client, ClientError};
+use keel_client::client::{Client, ClientError, RetryPolicy};
 use keel_core::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::forwarded::{Forwarding, is_forwarding_header};
 use crate::path::{PathPolicy, normalize};
 use crate::ratelimit::{LocalLimiter, Rate, Verdict};
-use crate::route::{RouteConfig, Routes};
+use crate::route::{RouteConfig, RouteRetry, Routes};
 use crate::stream::{Capped, tunnel, websocket_upgrade};
 
 /// `[gateway]`: routes, credentials, the rate per credential and whom to believe.
@@ -648,14 +648,27 @@ impl Gateway {
         // The body streams through under the cap (a larger declared length was refused with
         // 413 by the server before this ran; an undeclared one is cut off, answered below).
         // A request without one (a GET) is sent as it is, without the cap's flag.
+        let retry = match route.retry() {
+            RouteRetry::Client => RetryPolicy::Client,
+            RouteRetry::Idempotent => RetryPolicy::Idempotent,
+            RouteRetry::Never => RetryPolicy::Never,
+        };
         let exceeded;
         let answer = if http_body::Body::is_end_stream(&body) {
             exceeded = None;
-            client.call(&ctx, req.map(|()| bytes::Bytes::new())).await
+            client
+                .call_streaming_with(
+                    &ctx,
+                    req.map(|()| http_body_util::Empty::<bytes::Bytes>::new()),
+                    retry,
+                )
+                .await
         } else {
             let body = Capped::new(body, self.max_body);
             exceeded = Some(body.exceeded());
-            client.call_streaming(&ctx, req.map(|()| body)).await
+            client
+                .call_streaming_with(&ctx, req.map(|()| body), retry)
+                .await
         };
         match answer {
             // The upstream's hop-by-hop headers are scrubbed from every response by Keel's

@@ -57,6 +57,24 @@ pub struct RouteConfig {
     /// passes the gateway answers 504. None: the request's own deadline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<keel_config::Duration>,
+    /// How failed calls on this route are retried: `"client"` (the cluster's settings),
+    /// `"idempotent"` (any failure, as for an idempotent upstream — for read routes of a
+    /// cluster that also takes writes) or `"never"` (one attempt). Retries stay within the
+    /// deadline and the cluster's retry budget either way.
+    pub retry: RouteRetry,
+}
+
+/// `retry` of a route.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteRetry {
+    /// The cluster's own settings.
+    #[default]
+    Client,
+    /// Any failure may be retried.
+    Idempotent,
+    /// One attempt only.
+    Never,
 }
 
 /// A config that does not make a route.
@@ -114,6 +132,7 @@ pub struct Route {
     scope: Option<String>,
     public: bool,
     timeout: Option<std::time::Duration>,
+    retry: RouteRetry,
 }
 
 impl Route {
@@ -135,6 +154,11 @@ impl Route {
     /// Its own time limit, if it has one.
     pub fn timeout(&self) -> Option<std::time::Duration> {
         self.timeout
+    }
+
+    /// How its calls are retried.
+    pub fn retry(&self) -> RouteRetry {
+        self.retry
     }
 
     /// Whether it needs no credential.
@@ -317,6 +341,7 @@ impl Route {
             scope: (!c.scope.is_empty()).then(|| c.scope.clone()),
             public: c.public,
             timeout: c.timeout.map(Into::into),
+            retry: c.retry,
         })
     }
 

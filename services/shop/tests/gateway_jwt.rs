@@ -7,17 +7,14 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::Router;
-use axum::http::{HeaderMap, Uri};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use keel_shop::gateway::{self, Settings};
 use serde_json::{Value, json};
-use support::Gateway;
+use support::{Gateway, recording_upstream};
 
 const ISSUER: &str = "https://issuer.example";
 const AUDIENCE: &str = "shop";
@@ -49,24 +46,6 @@ fn sign(kid: &str, claims: &Value, key: &str) -> String {
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(kid.to_owned());
     jsonwebtoken::encode(&header, claims, &rsa_key(key)).unwrap()
-}
-
-type Seen = Arc<Mutex<Vec<(String, HeaderMap)>>>;
-
-async fn recording_upstream() -> (SocketAddr, Seen) {
-    let seen = Seen::default();
-    let log = seen.clone();
-    let app = Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
-        let log = log.clone();
-        async move {
-            log.lock().unwrap().push((uri.path().to_string(), headers));
-            "ok"
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, seen)
 }
 
 /// `method path` with `Authorization: Bearer token`: the status and `WWW-Authenticate`.

@@ -7,39 +7,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use axum::Router;
-use axum::http::{HeaderMap, Uri};
 
 use keel_shop::gateway::{self, Settings};
 
 mod support;
 
-use support::Gateway;
+use support::{Gateway, Seen, recording_upstream};
 
 const INVENTORY_ONLY: &str = "inventory-only-key";
-
-type Seen = Arc<Mutex<Vec<(String, HeaderMap)>>>;
-
-/// An upstream that answers 200 to everything and records the path and headers of each
-/// request.
-async fn recording_upstream() -> (SocketAddr, Seen) {
-    let seen = Seen::default();
-    let log = seen.clone();
-    let app = Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
-        let log = log.clone();
-        async move {
-            log.lock().unwrap().push((uri.path().to_string(), headers));
-            "ok"
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, seen)
-}
 
 /// The segments an upstream that percent-decodes the path once acts on.
 fn decoded_segments(path: &str) -> Vec<Vec<u8>> {

@@ -5,6 +5,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::http::{HeaderMap, Uri};
 use keel::{App, Sources};
 use keel_shop::gateway::{self, Settings};
 
@@ -79,4 +83,25 @@ impl Gateway {
         let _ = self.stop.send(());
         let _ = tokio::time::timeout(Duration::from_secs(10), self.served).await;
     }
+}
+
+/// What a recording upstream saw: each request's path and headers.
+pub(crate) type Seen = Arc<Mutex<Vec<(String, HeaderMap)>>>;
+
+/// An upstream that answers 200 to everything and records the path and headers of each
+/// request.
+pub(crate) async fn recording_upstream() -> (SocketAddr, Seen) {
+    let seen = Seen::default();
+    let log = seen.clone();
+    let app = Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
+        let log = log.clone();
+        async move {
+            log.lock().unwrap().push((uri.path().to_string(), headers));
+            "ok"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, seen)
 }
