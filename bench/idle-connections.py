@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Memory per idle keep-alive connection at the proxy (issue 16's target: <= 4 KiB at the
+gateway; nginx about 0.5 KiB): N connections (default 10,000) each send one proxied
+`GET /api/users/x` and then sit idle; the proxy's RSS before and after, divided by N. The
+shop's gateway and nginx, each in front of the same bare hyper upstream.
+
+Needs release builds (`cargo build --release -p keel-shop --bin gateway`,
+`cargo build --release -p keel-server --example bare_hyper`), nginx, and a hard limit of
+open files above N (`ulimit -Hn`).
+Usage: bench/idle-connections.py [N]"""
+import asyncio, os, socket, subprocess, sys, tempfile, time, resource
+h = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; resource.setrlimit(resource.RLIMIT_NOFILE, (h, h))
+T = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/keel-target")), "release")
+def free():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+def rss(pids):
+    t = 0
+    for pid in pids:
+        for l in open(f"/proc/{pid}/status"):
+            if l.startswith("VmRSS:"): t += int(l.split()[1])
+    return t
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 10000
+d = tempfile.mkdtemp(); up = free()
+upstream = subprocess.Popen([f"{T}/examples/bare_hyper", f"127.0.0.1:{up}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+async def hold(port, path, hdr):
+    conns = []
+    for i in range(N):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(f"GET {path} HTTP/1.1\r\nhost: x\r\n{hdr}\r\n".encode()); await w.drain()
+        await r.readuntil(b"\r\n\r\n")
+        conns.append((r, w))
+    await asyncio.sleep(3)
+    return conns
+def run(name, start):
+    p, port, pids_fn = start()
+    for _ in range(100):
+        try: socket.create_connection(("127.0.0.1", port), 0.2).close(); break
+        except OSError: time.sleep(0.1)
+    time.sleep(1)
+    pids = pids_fn(p)
+    before = rss(pids)
+    loop = asyncio.new_event_loop()
+    conns = loop.run_until_complete(hold(port, "/api/users/x", "x-api-key: demo-secret-key\r\n"))
+    after = rss(pids)
+    print(f"{name:8} idle conns {N}: RSS {before} -> {after} KiB = {(after-before)/N:.2f} KiB each")
+    for r, w in conns: w.close()
+    p.terminate(); p.wait()
+def keel():
+    port = free(); cfg = f"{d}/gw.toml"
+    open(cfg, "w").write(f'[server]\naddr = "127.0.0.1:{port}"\n\n[admin]\naddr = "127.0.0.1:{free()}"\n\n[runtime]\nworker_threads = 1\n\n[log]\nlevel = "warn"\n\n' + "".join(f'[clients.{n}]\nendpoints = ["127.0.0.1:{up}"]\n\n' for n in ("user","order","inventory")))
+    env = dict(os.environ, KEEL_CONFIG=cfg, SHOP_RATE="1000000000", SHOP_BURST="1000000000")
+    return subprocess.Popen([f"{T}/gateway"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, lambda p: [p.pid]
+def nginx():
+    port = free(); conf = f"{d}/nginx.conf"
+    open(conf, "w").write(f"""worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/nginx.err; worker_rlimit_nofile 65536;
+events {{ worker_connections 20000; }}
+http {{ access_log off; keepalive_timeout 300s; keepalive_requests 100000; upstream u {{ server 127.0.0.1:{up}; keepalive 64; }}
+ server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}""")
+    def pids(p):
+        out = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        return [p.pid] + [int(x) for x in out]
+    return subprocess.Popen(["nginx", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, pids
+run("keel", keel); run("nginx", nginx)
+upstream.terminate()
