@@ -61,6 +61,10 @@ pub struct GatewayConfig {
     pub merge_slashes: bool,
     /// Addresses and ranges whose `Forwarded`/`X-Forwarded-*` are believed (default: none).
     pub trusted_proxies: Vec<String>,
+    /// A WebSocket tunnel in which no byte moved either way for this long is closed. 5 min,
+    /// Envoy's stream idle timeout: longer than any sane ping interval, short enough that
+    /// vanished peers do not pile up.
+    pub tunnel_idle_timeout: keel_config::Duration,
 }
 
 impl Default for GatewayConfig {
@@ -77,6 +81,7 @@ impl Default for GatewayConfig {
             rate_redis: String::new(),
             merge_slashes: true,
             trusted_proxies: Vec::new(),
+            tunnel_idle_timeout: keel_config::Duration::from(std::time::Duration::from_secs(300)),
         }
     }
 }
@@ -120,6 +125,12 @@ impl keel_config::Validate for GatewayConfig {
                 "must be a header name",
             );
         }
+        v.check(
+            !std::time::Duration::from(self.tunnel_idle_timeout).is_zero(),
+            "tunnel_idle_timeout",
+            self.tunnel_idle_timeout,
+            "must be longer than zero",
+        );
         if !self.jwt.jwks.is_empty() && !cfg!(feature = "jwt") {
             v.invalid(
                 "jwt.jwks",
@@ -323,6 +334,7 @@ pub struct Gateway {
     path: PathPolicy,
     forwarding: Forwarding,
     max_body: u64,
+    tunnel_idle: std::time::Duration,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -429,6 +441,7 @@ impl Gateway {
             },
             forwarding,
             max_body,
+            tunnel_idle: cfg.tunnel_idle_timeout.into(),
         })
     }
 
@@ -683,8 +696,9 @@ impl Gateway {
                     };
                     let upstream_side = hyper::upgrade::on(&mut resp);
                     let cluster = route.cluster().to_string();
+                    let idle = self.tunnel_idle;
                     tokio::spawn(async move {
-                        match tunnel(client_side, upstream_side).await {
+                        match tunnel(client_side, upstream_side, idle).await {
                             Ok((up, down)) => {
                                 tracing::debug!(%cluster, up, down, "gateway: tunnel closed")
                             }

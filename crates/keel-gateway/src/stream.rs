@@ -144,16 +144,101 @@ pub fn websocket_upgrade(
 }
 
 /// Copy bytes both ways between the two upgraded connections until both sides are done;
-/// each direction's end is passed on as a half-close. Returns the bytes copied
-/// (client → upstream, upstream → client).
+/// each direction's end is passed on as a half-close. A tunnel in which no byte moved either
+/// way for `idle` is closed (an `io::ErrorKind::TimedOut` error): a peer that vanished
+/// without a FIN, or a client that stopped reading, holds the proxy's two connections no
+/// longer than that. Returns the bytes copied (client → upstream, upstream → client).
 pub async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
+    idle: std::time::Duration,
 ) -> Result<(u64, u64), keel_core::BoxError> {
     let (client, upstream) = tokio::try_join!(client, upstream)?;
-    let mut client = hyper_util::rt::TokioIo::new(client);
-    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-    Ok(tokio::io::copy_bidirectional(&mut client, &mut upstream).await?)
+    let started = tokio::time::Instant::now();
+    let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut client = Active::new(hyper_util::rt::TokioIo::new(client), started, &last);
+    let mut upstream = Active::new(hyper_util::rt::TokioIo::new(upstream), started, &last);
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    loop {
+        // Sleep until `idle` after the last movement seen, then look again: a timer per
+        // tunnel, re-armed only as often as the tunnel is quiet, not per byte.
+        let moved = started + std::time::Duration::from_millis(last.load(Ordering::Relaxed));
+        tokio::select! {
+            done = &mut copy => return Ok(done?),
+            () = tokio::time::sleep_until(moved + idle) => {
+                let now_ms = started.elapsed().as_millis() as u64;
+                if now_ms.saturating_sub(last.load(Ordering::Relaxed)) >= idle.as_millis() as u64 {
+                    return Err(Box::new(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("tunnel idle for {idle:?}"),
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// An upgraded connection that notes when bytes last moved through it (milliseconds since
+/// the tunnel began, shared by both sides).
+struct Active<T> {
+    io: T,
+    started: tokio::time::Instant,
+    last: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<T> Active<T> {
+    fn new(io: T, started: tokio::time::Instant, last: &Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Active {
+            io,
+            started,
+            last: last.clone(),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Active<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let out = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.touch();
+        }
+        out
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Active<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let out = Pin::new(&mut this.io).poll_write(cx, data);
+        if matches!(out, Poll::Ready(Ok(n)) if n > 0) {
+            this.touch();
+        }
+        out
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

@@ -304,3 +304,32 @@ async fn a_websocket_conversation_is_tunnelled_to_the_upstream() {
     assert_eq!(handshakes.lock().unwrap().len(), 1);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_where_nothing_moves_is_closed_after_its_idle_timeout() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let (orders, _) = echo_upstream().await;
+    let mut s = settings();
+    s.tunnel_idle_timeout = keel::conf::Duration::from(std::time::Duration::from_secs(1));
+    let gw = Gateway::start(s, [unused(), orders, unused()]).await;
+    let mut req = format!("ws://{}/api/orders/live", gw.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("x-api-key", KEY.parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    // Traffic keeps it open past the timeout...
+    for _ in 0..4 {
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        ws.send(Message::text("tick")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("tick"));
+    }
+    // ...silence closes it: the next read ends instead of waiting forever.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+        .await
+        .expect("the idle tunnel was closed");
+    assert!(!matches!(ended, Some(Ok(Message::Text(_)))), "{ended:?}");
+    gw.stop().await;
+}
