@@ -11,6 +11,8 @@
 //!    without the route's scope (`<scope>:read` on GET/HEAD/OPTIONS, `<scope>:write`
 //!    otherwise, `<scope>:*` for both) → 403.
 //! 4. **Rate** per credential (key name, or `jwt:<sub>`): past it → 429 with `Retry-After`.
+//!    Public routes have no credential to count by and are left to the server's overload
+//!    control.
 //! 5. **Forward** through the route's cluster (Keel's client: balancing, retries with a
 //!    budget, breaking, deadlines and trace propagation), the body streamed both ways, a
 //!    WebSocket upgrade tunnelled. Hop-by-hop headers, credentials and the identity headers a
@@ -277,8 +279,8 @@ pub fn parse_keys(spec: &str) -> Result<HashMap<String, Key>, String> {
 }
 
 /// Whether `scopes` grant `family:what`.
-fn grants<'a>(mut scopes: impl Iterator<Item = &'a str>, (family, what): (&str, &str)) -> bool {
-    scopes.any(|s| {
+fn grants(scopes: &[String], (family, what): (&str, &str)) -> bool {
+    scopes.iter().any(|s| {
         s.split_once(':')
             .is_some_and(|(f, w)| f == family && (w == what || w == "*"))
     })
@@ -320,6 +322,18 @@ enum Caller<'a> {
     Key(&'a Key),
     #[cfg(feature = "jwt")]
     Token(crate::jwt::Claims),
+}
+
+impl Caller<'_> {
+    /// What the credential grants; nothing without one.
+    fn scopes(&self) -> &[String] {
+        match self {
+            Caller::Anonymous => &[],
+            Caller::Key(k) => &k.scopes,
+            #[cfg(feature = "jwt")]
+            Caller::Token(c) => &c.scopes,
+        }
+    }
 }
 
 /// The configured proxy. Build it once, then [`Gateway::router`].
@@ -559,21 +573,17 @@ impl Gateway {
                 Err(resp) => return resp,
             }
         };
-        if let Some(need) = route.needs(&method) {
-            let ok = match &caller {
-                Caller::Anonymous => true,
-                Caller::Key(k) => grants(k.scopes.iter().map(String::as_str), need),
-                #[cfg(feature = "jwt")]
-                Caller::Token(c) => grants(c.scopes.iter().map(String::as_str), need),
-            };
-            if !ok {
-                return error(
-                    StatusCode::FORBIDDEN,
-                    format!("the credential lacks {}:{}", need.0, need.1),
-                );
-            }
+        if let Some(need) = route.needs(&method)
+            && !grants(caller.scopes(), need)
+        {
+            return error(
+                StatusCode::FORBIDDEN,
+                format!("the credential lacks {}:{}", need.0, need.1),
+            );
         }
-        // The rate is kept per credential; anonymous callers of public routes share one.
+        // The rate is kept per credential. Public routes have none to keep it by: they are
+        // left to the server's overload control (one shared bucket would throttle every
+        // caller of a public route together, a sidecar's whole inbound traffic among them).
         let (who, identity): (std::borrow::Cow<'_, str>, [Option<HeaderValue>; 3]) = match &caller {
             Caller::Anonymous => ("".into(), [None, None, None]),
             Caller::Key(k) => {
@@ -593,7 +603,9 @@ impl Gateway {
                 )
             }
         };
-        if let Some(wait) = self.limiter.admit(&who).await.retry_after_secs() {
+        if !matches!(caller, Caller::Anonymous)
+            && let Some(wait) = self.limiter.admit(&who).await.retry_after_secs()
+        {
             let mut resp = error(
                 StatusCode::TOO_MANY_REQUESTS,
                 format!("{who} is over its rate"),
