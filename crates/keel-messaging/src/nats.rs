@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::AckPolicy, consumer::pull};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use keel_core::BoxError;
 
 use crate::consume::{
@@ -168,7 +168,10 @@ impl ConsumerConfig {
 
 /// Consume until `stop` resolves, then finish the messages in flight (commit and ack them)
 /// and return: nothing a clean stop applied is delivered again. Messages the client had
-/// fetched but not started are returned by JetStream after `ack_wait`, unapplied.
+/// fetched but not started are handed back with a `nak`, so another instance takes them at
+/// once rather than after `ack_wait` (counted in [`ConsumerStats::returned`]); the few still
+/// on the wire when the subscription closes come back after `ack_wait`. Either way the
+/// redelivery counts as an attempt, as JetStream counts deliveries, not handler runs.
 pub async fn run<I, H>(
     nats: &Nats,
     cfg: &ConsumerConfig,
@@ -196,11 +199,12 @@ where
             },
         )
         .await?;
-    let messages = consumer.messages().await?;
+    let mut messages = consumer.messages().await?;
     let batch = cfg.batch.clamp(1, cfg.max_in_flight.max(1));
     // `max_in_flight` messages at once: that many / `batch` transactions of up to `batch`.
     let transactions = (cfg.max_in_flight.max(1) / batch).max(1);
     messages
+        .by_ref()
         .take_until(stop)
         .ready_chunks(batch)
         .for_each_concurrent(transactions, |deliveries| {
@@ -225,6 +229,14 @@ where
             }
         })
         .await;
+    // What the client prefetched and never started goes back now: left alone it would wait
+    // out `ack_wait` (30 s by default) in a drained instance before anyone else could run it.
+    // Only what is already buffered is taken; an error ends the hand-back (the rest returns
+    // after `ack_wait`, as a crash's would).
+    while let Some(Some(Ok(m))) = messages.next().now_or_never() {
+        ack(&m, AckKind::Nak(None)).await;
+        stats.returned.fetch_add(1, Ordering::Relaxed);
+    }
     Ok(())
 }
 

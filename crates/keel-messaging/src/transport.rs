@@ -45,6 +45,9 @@ pub struct ConsumerStats {
     pub dead_lettered: AtomicU64,
     /// Store failures (delivery returned to the broker).
     pub store_errors: AtomicU64,
+    /// Fetched deliveries handed back unstarted when the consumer stopped (NATS: `nak`ed at
+    /// the drain, so another instance runs them without waiting out `ack_wait`).
+    pub returned: AtomicU64,
     /// Partition assignments received (Kafka: one per rebalance that gave this member
     /// partitions).
     pub assignments: AtomicU64,
@@ -63,6 +66,7 @@ impl Default for ConsumerStats {
             retries: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
+            returned: AtomicU64::new(0),
             assignments: AtomicU64::new(0),
             lag: AtomicI64::new(-1),
         }

@@ -231,8 +231,11 @@ async fn a_consumer_in_the_lifecycle_stops_at_the_drain_and_nothing_it_applied_c
 
     let mut cfg = ConsumerConfig::new(&stream, "drained");
     cfg.filter_subject = subject.clone();
-    // Messages the stopped consumer had fetched but not started come back after ack_wait.
-    cfg.ack_wait = Duration::from_secs(1);
+    // Messages the stopped consumer had fetched but not started are handed back at the drain;
+    // only those still on the wire wait out ack_wait. It must stay well above the time from
+    // delivery to ack on a loaded machine: at 1 s a slow commit let an applied message's ack
+    // land after its redelivery had been scheduled, and the next instance saw it again.
+    cfg.ack_wait = Duration::from_secs(10);
     let shutdown = Shutdown::new();
     let stats = Arc::new(ConsumerStats::default());
     {
@@ -259,6 +262,11 @@ async fn a_consumer_in_the_lifecycle_stops_at_the_drain_and_nothing_it_applied_c
     }
     let applied = stats.applied.load(Ordering::SeqCst);
     assert!(applied < n as u64, "stopped mid-stream: {applied}");
+    let returned = stats.returned.load(Ordering::SeqCst);
+    assert!(
+        returned > 0,
+        "prefetched messages were handed back: {stats:?}"
+    );
     assert_eq!(
         Ledger::totals(&store).await.1,
         applied as i64,
@@ -288,6 +296,11 @@ async fn a_consumer_in_the_lifecycle_stops_at_the_drain_and_nothing_it_applied_c
     let _ = stop_tx.send(());
     next.await.unwrap().unwrap();
     assert_eq!(again.duplicates.load(Ordering::SeqCst), 0, "{again:?}");
+    // Each handed-back message reached the next instance as a redelivery.
+    assert!(
+        again.redelivered.load(Ordering::SeqCst) >= returned,
+        "{again:?}"
+    );
     assert_eq!(
         again.applied.load(Ordering::SeqCst),
         n as u64 - applied,

@@ -33,7 +33,7 @@ impl App {
 }
 
 fn consumer_families(e: &mut Exposition, name: &str, s: &ConsumerStats) {
-    let counters: [(&str, &str, u64); 7] = [
+    let counters: [(&str, &str, u64); 8] = [
         (
             "keel_messaging_consumer_applied_total",
             "Deliveries whose handler ran and committed.",
@@ -63,6 +63,11 @@ fn consumer_families(e: &mut Exposition, name: &str, s: &ConsumerStats) {
             "keel_messaging_consumer_store_errors_total",
             "Store failures; the delivery went back to the broker without using an attempt.",
             s.store_errors.load(Ordering::Relaxed),
+        ),
+        (
+            "keel_messaging_consumer_returned_total",
+            "Fetched deliveries handed back unstarted when the consumer stopped.",
+            s.returned.load(Ordering::Relaxed),
         ),
         (
             "keel_messaging_consumer_assignments_total",
