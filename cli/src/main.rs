@@ -152,9 +152,14 @@ fn gateway(sources: Sources) -> ExitCode {
             ));
         }
         let max_body = app.config().server.max_body_bytes.get();
-        let gw = keel_gateway::proxy::Gateway::new(&cfg, |name| app.client(name), max_body)
-            .await
-            .map_err(|e| keel::Error::Other(e.into()))?;
+        let gw = keel_gateway::proxy::Gateway::new(
+            &cfg,
+            |name| app.client(name),
+            max_body,
+            app.shutdown(),
+        )
+        .await
+        .map_err(|e| keel::Error::Other(e.into()))?;
         app.serve(gw.router()).await
     })
 }

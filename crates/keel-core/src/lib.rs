@@ -30,7 +30,7 @@ pub mod tasks;
 #[cfg(feature = "axum")]
 pub use axum::MissingContext;
 pub use context::Context;
-pub use shutdown::{Phase, Shutdown, ShutdownHook};
+pub use shutdown::{Held, Phase, Shutdown, ShutdownHook};
 
 /// The boxed error used at crate boundaries, compatible with hyper, tower and tonic.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

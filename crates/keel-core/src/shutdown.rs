@@ -7,7 +7,12 @@
 //! ```
 //!
 //! Phases only move forward (a latch): once readiness has been withdrawn it is never re-offered
-//! by a racing task. Observers read the current phase without locking and await changes through
+//! by a racing task.
+//!
+//! Work that outlives the request that started it but is still part of serving — a WebSocket
+//! tunnel after its `101`, a long stream handed to a task — takes a [`Held`] guard with
+//! [`Shutdown::hold`]: the drain waits for it as it waits for in-flight requests (up to the
+//! grace period), and the work ends itself at [`Phase::Stopped`]. Observers read the current phase without locking and await changes through
 //! a `tokio::sync::watch` channel, which works across runtimes — sharded servers run one runtime
 //! per shard and all of them follow the same signal.
 
@@ -82,6 +87,16 @@ pub struct Shutdown {
     /// a load instead of the watch channel's lock.
     now: Arc<std::sync::atomic::AtomicU8>,
     hooks: Arc<Mutex<Vec<ShutdownHook>>>,
+    /// Work held open past its request ([`Shutdown::hold`]). Closed from the start, so
+    /// `wait` resolves whenever nothing is held.
+    held: tokio_util::task::TaskTracker,
+}
+
+/// A piece of work the drain waits for; see [`Shutdown::hold`]. Released when dropped.
+#[derive(Debug)]
+#[must_use = "the work is held only while the guard lives"]
+pub struct Held {
+    _token: tokio_util::task::task_tracker::TaskTrackerToken,
 }
 
 impl Default for Shutdown {
@@ -98,7 +113,32 @@ impl Shutdown {
             tx: Arc::new(tx),
             now: Arc::new(std::sync::atomic::AtomicU8::new(Phase::Running as u8)),
             hooks: Arc::new(Mutex::new(Vec::new())),
+            held: {
+                let t = tokio_util::task::TaskTracker::new();
+                t.close();
+                t
+            },
         }
+    }
+
+    /// Hold the drain open for a piece of work until the guard is dropped: after the
+    /// listeners close, the drain waits for held work as for in-flight requests, up to the
+    /// grace period. The holder should end its work once [`Phase::Stopped`] is reached
+    /// (`reached(Phase::Stopped)`), when the process is about to exit.
+    pub fn hold(&self) -> Held {
+        Held {
+            _token: self.held.token(),
+        }
+    }
+
+    /// How many [`Held`] guards are alive.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Resolves once no work is held (at once if none is).
+    pub async fn released(&self) {
+        self.held.wait().await;
     }
 
     /// The current phase.
@@ -203,6 +243,25 @@ mod tests {
         waiter.await.unwrap();
         // Already past: resolves immediately.
         s.reached(Phase::Draining).await;
+    }
+
+    #[tokio::test]
+    async fn released_waits_for_every_held_guard() {
+        let s = Shutdown::new();
+        s.released().await; // nothing held: at once
+        let a = s.hold();
+        let b = s.clone().hold();
+        assert_eq!(s.held(), 2);
+        let waiter = {
+            let s = s.clone();
+            tokio::spawn(async move { s.released().await })
+        };
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one guard is still held");
+        drop(b);
+        waiter.await.unwrap();
+        assert_eq!(s.held(), 0);
     }
 
     #[tokio::test]

@@ -349,6 +349,8 @@ pub struct Gateway {
     forwarding: Forwarding,
     max_body: u64,
     tunnel_idle: std::time::Duration,
+    /// The process's lifecycle: a tunnel holds its drain open, and ends when it stops.
+    lifecycle: keel_core::Shutdown,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -363,11 +365,14 @@ impl std::fmt::Debug for Gateway {
 impl Gateway {
     /// The gateway `cfg` describes. `client` makes the client of a cluster (a service's
     /// `[clients.<name>]`); `max_body` is the request-body cap (the server's
-    /// `server.max_body_bytes`). Every problem with the config names its key.
+    /// `server.max_body_bytes`); `lifecycle` is the process's (`App::shutdown`): the drain
+    /// waits for open WebSocket tunnels up to its grace period, and cuts those still open
+    /// when it ends. Every problem with the config names its key.
     pub async fn new<E: std::fmt::Display>(
         cfg: &GatewayConfig,
         mut client: impl FnMut(&str) -> Result<Arc<Client>, E>,
         max_body: u64,
+        lifecycle: &keel_core::Shutdown,
     ) -> Result<Gateway, GatewayError> {
         let invalid = |key: &'static str, value: &str, reason: String| GatewayError::Invalid {
             key,
@@ -456,6 +461,7 @@ impl Gateway {
             forwarding,
             max_body,
             tunnel_idle: cfg.tunnel_idle_timeout.into(),
+            lifecycle: lifecycle.clone(),
         })
     }
 
@@ -709,13 +715,25 @@ impl Gateway {
                     let upstream_side = hyper::upgrade::on(&mut resp);
                     let cluster = route.cluster().to_string();
                     let idle = self.tunnel_idle;
+                    // The tunnel outlives this request, and its connection has left the
+                    // server: it holds the drain open itself, and is cut when the grace
+                    // period ends (a WebSocket cannot be closed cleanly by a proxy that does
+                    // not speak it; the peers see the connection end, as on any restart).
+                    let lifecycle = self.lifecycle.clone();
+                    let held = lifecycle.hold();
                     tokio::spawn(async move {
-                        match tunnel(client_side, upstream_side, idle).await {
-                            Ok((up, down)) => {
-                                tracing::debug!(%cluster, up, down, "gateway: tunnel closed")
-                            }
-                            Err(e) => {
-                                tracing::debug!(%cluster, error = %e, "gateway: tunnel ended with an error")
+                        let _held = held;
+                        tokio::select! {
+                            done = tunnel(client_side, upstream_side, idle) => match done {
+                                Ok((up, down)) => {
+                                    tracing::debug!(%cluster, up, down, "gateway: tunnel closed")
+                                }
+                                Err(e) => {
+                                    tracing::debug!(%cluster, error = %e, "gateway: tunnel ended with an error")
+                                }
+                            },
+                            () = lifecycle.reached(keel_core::Phase::Stopped) => {
+                                tracing::info!(%cluster, "gateway: tunnel cut at the end of the drain");
                             }
                         }
                     });

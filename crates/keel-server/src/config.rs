@@ -48,6 +48,13 @@ pub struct ServerConfig {
     /// 75 s is longer than the 60 s idle timeout of common L7 load balancers, so the proxy in
     /// front (the client) always closes first and never reuses a socket we are closing.
     pub idle_timeout: Duration,
+    /// Close a connection whose peer has not taken a single byte of a response for this long
+    /// (the socket stayed unwritable): a client that stopped reading — or a proxy's slow
+    /// reader — holds the connection, its response and whatever feeds it (an upstream
+    /// connection, at a gateway) no longer than this. A reader that is slow but keeps taking
+    /// bytes is never cut. 60 s, nginx's `send_timeout`: long enough for any live peer behind
+    /// a congested link.
+    pub send_timeout: Duration,
     /// Concurrent streams allowed per HTTP/2 connection. 256 keeps one connection from
     /// monopolising the server while leaving clients headroom (Go uses 250, hyper 200).
     pub http2_max_concurrent_streams: u32,
@@ -81,6 +88,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             max_body_bytes: ByteSize::mib(4),
             idle_timeout: Duration::from_secs(75),
+            send_timeout: Duration::from_secs(60),
             http2_max_concurrent_streams: 256,
             http2_keepalive_interval: Duration::from_secs(20),
             http2_keepalive_timeout: Duration::from_secs(10),
@@ -137,6 +145,12 @@ impl Validate for ServerConfig {
             "idle_timeout",
             self.idle_timeout,
             "must be at least 1s (it is advertised in whole seconds)",
+        );
+        v.check(
+            !self.send_timeout.get().is_zero(),
+            "send_timeout",
+            self.send_timeout,
+            "must be greater than 0",
         );
         v.check(
             self.http2_max_concurrent_streams >= 1,

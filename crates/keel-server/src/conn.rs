@@ -8,7 +8,12 @@
 //!   `header_read_timeout` (slowloris defence, HTTP/1 only);
 //! - *idle* (no request in flight) — closed gracefully after `idle_timeout`, the value
 //!   advertised in `Keep-Alive: timeout=N`;
-//! - *busy* — no timer of ours; request deadlines bound the work.
+//! - *busy* — no timer of ours; request deadlines bound the work;
+//! - *blocked on a write* (the socket stayed unwritable: the peer stopped reading) — closed
+//!   after `send_timeout`, whatever else the connection is doing. The socket wrapper notes
+//!   when a write first returned `Pending` and clears it when one goes through; the driver,
+//!   polled in the same task, pulls its timer in to that deadline — so the hot path pays a
+//!   load and a branch per write, and a clock read only when a write blocks.
 //!
 //! State lives in a few atomics shared with the request path (`ConnTracker`). The timer is
 //! never touched by the request path: when it fires it recomputes the real deadline from the
@@ -58,6 +63,9 @@ pub(crate) struct ConnTracker {
     /// When the last bytes read reached the socket, by the kernel's receive timestamp
     /// (nanoseconds since the Unix epoch; 0 = not known). See [`crate::rxstamp`].
     rx_stamp_ns: AtomicU64,
+    /// Milliseconds since `shared.epoch` + 1 when a write first found the socket full and
+    /// no write has gone through since; 0 = not blocked.
+    write_blocked: AtomicU64,
 }
 
 impl ConnTracker {
@@ -72,6 +80,31 @@ impl ConnTracker {
             head_started: AtomicU64::new(now + 1),
             h2: AtomicBool::new(false),
             rx_stamp_ns: AtomicU64::new(0),
+            write_blocked: AtomicU64::new(0),
+        }
+    }
+
+    /// A write returned `Pending`: the peer is not taking bytes (from now, if it was).
+    fn write_pending(&self) {
+        if self.write_blocked.load(Ordering::Relaxed) == 0 {
+            self.write_blocked
+                .store(self.shared.now_ms() + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// A write went through (or failed): the peer is not blocking us.
+    #[inline]
+    fn write_done(&self) {
+        if self.write_blocked.load(Ordering::Relaxed) != 0 {
+            self.write_blocked.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// When a blocked write runs out of `send_timeout`, if one is blocked.
+    fn send_deadline(&self) -> Option<u64> {
+        match self.write_blocked.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(since - 1 + self.shared.limits.send_timeout_ms),
         }
     }
 
@@ -115,6 +148,19 @@ impl ConnTracker {
 
     /// What the timer should do now.
     fn check(&self, now_ms: u64) -> TimerCheck {
+        let reads = self.check_reads(now_ms);
+        match self.send_deadline() {
+            None => reads,
+            Some(deadline) if now_ms >= deadline => TimerCheck::SendTimeout,
+            Some(deadline) => match reads {
+                TimerCheck::Wait(ms) => TimerCheck::Wait(ms.min(deadline)),
+                other => other,
+            },
+        }
+    }
+
+    /// What the timer should do about the read side (heads and idleness).
+    fn check_reads(&self, now_ms: u64) -> TimerCheck {
         let header_ms = self.shared.limits.header_read_timeout_ms;
         let idle_ms = self.shared.limits.idle_timeout_ms;
         if self.in_flight.load(Ordering::Acquire) > 0 {
@@ -148,6 +194,7 @@ impl ConnTracker {
 enum TimerCheck {
     Wait(u64),
     HeadTimeout,
+    SendTimeout,
     Idle,
 }
 
@@ -271,13 +318,26 @@ pub(crate) fn queueing_delay() -> Option<std::time::Duration> {
     }
 }
 
+impl TrackedIo {
+    /// Note whether a write got through, for `send_timeout`.
+    #[inline]
+    fn wrote<T>(tracker: &ConnTracker, out: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match out {
+            Poll::Pending => tracker.write_pending(),
+            Poll::Ready(_) => tracker.write_done(),
+        }
+        out
+    }
+}
+
 impl AsyncWrite for TrackedIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        let this = self.project();
+        TrackedIo::wrote(this.tracker, this.inner.poll_write(cx, buf))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_flush(cx)
@@ -290,7 +350,8 @@ impl AsyncWrite for TrackedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        TrackedIo::wrote(this.tracker, this.inner.poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -397,6 +458,14 @@ pub(crate) async fn serve_connection<T, B>(
             if let Poll::Ready(res) = conn.as_mut().poll(cx) {
                 return Poll::Ready(Event::Done(res.err()));
             }
+            // A write that just blocked may run out before the timer's deadline: pull the
+            // timer in (only while blocked; a load otherwise).
+            if let Some(deadline) = tracker.send_deadline() {
+                let at = shared.instant_at(deadline);
+                if at < timer.deadline() {
+                    timer.as_mut().reset(at);
+                }
+            }
             if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Timer);
             }
@@ -425,6 +494,13 @@ pub(crate) async fn serve_connection<T, B>(
                         "closing connection: request head not received within header_read_timeout"
                     );
                     shared.stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                TimerCheck::SendTimeout => {
+                    tracing::debug!(
+                        "closing connection: the peer took no byte of a response within send_timeout"
+                    );
+                    shared.stats.send_timeouts.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 TimerCheck::Idle => {
@@ -597,6 +673,31 @@ mod tests {
         assert_eq!(t.check(idle + 20_000), TimerCheck::Wait(idle + 30_000));
         assert_eq!(t.check(idle + 70_000), TimerCheck::Wait(idle + 75_000));
         assert_eq!(t.check(idle + 75_000), TimerCheck::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_blocked_for_the_send_timeout_closes_a_busy_connection() {
+        let t = tracker(); // send_timeout: the default 60 s
+        t.request_started(false);
+        let start = t.shared.now_ms();
+        // Writes that go through leave the busy connection alone.
+        t.write_done();
+        assert_eq!(t.check(start), TimerCheck::Wait(start + 75_000));
+        // A write blocks: the timer comes in to its deadline; a later block does not move it.
+        t.write_pending();
+        assert_eq!(t.check(start), TimerCheck::Wait(start + 60_000));
+        tokio::time::advance(std::time::Duration::from_secs(30)).await;
+        t.write_pending();
+        assert_eq!(t.check(start + 30_000), TimerCheck::Wait(start + 60_000));
+        // One byte taken restarts the clock: a slow reader is never cut.
+        t.write_done();
+        t.write_pending();
+        assert_eq!(
+            t.check(start + 30_000),
+            TimerCheck::Wait(start + 90_000),
+            "re-armed from the new block"
+        );
+        assert_eq!(t.check(start + 90_000), TimerCheck::SendTimeout);
     }
 
     #[tokio::test(start_paused = true)]

@@ -322,9 +322,10 @@ impl TokioShard {
 pub enum DrainOutcome {
     /// Every in-flight request finished within the grace period.
     Clean,
-    /// The grace period ran out; this many requests were still running and are cancelled.
+    /// The grace period ran out; this many requests (and held work, such as tunnels) were
+    /// still running and are cancelled.
     GraceExpired {
-        /// Requests still in flight when the grace period ended.
+        /// Requests in flight and held work when the grace period ended.
         cancelled: usize,
     },
     /// A second stop signal arrived: exit now.
@@ -391,19 +392,28 @@ async fn drain_steps(
     tokio::time::sleep_until(delay_end).await;
 
     shutdown.advance(Phase::Closing);
-    let in_flight: usize = servers
-        .iter()
-        .map(|s| s.stats.in_flight.load(Ordering::Relaxed))
-        .sum();
-    tracing::info!(in_flight, grace_period = %cfg.grace_period, "listeners closed; finishing in-flight requests");
-    let all_closed = futures_util::future::join_all(servers.iter().map(|s| s.closed()));
+    let in_flight = || -> usize {
+        servers
+            .iter()
+            .map(|s| s.stats.in_flight.load(Ordering::Relaxed))
+            .sum()
+    };
+    tracing::info!(
+        in_flight = in_flight(),
+        held = shutdown.held(),
+        grace_period = %cfg.grace_period,
+        "listeners closed; finishing in-flight requests"
+    );
+    // A connection that was upgraded (a WebSocket tunnel) has left its server: its work is
+    // counted by the guard its tunnel holds, not by the server's connections.
+    let all_closed = futures_util::future::join(
+        futures_util::future::join_all(servers.iter().map(|s| s.closed())),
+        shutdown.released(),
+    );
     match tokio::time::timeout(cfg.grace_period.get(), all_closed).await {
         Ok(_) => DrainOutcome::Clean,
         Err(_) => DrainOutcome::GraceExpired {
-            cancelled: servers
-                .iter()
-                .map(|s| s.stats.in_flight.load(Ordering::Relaxed))
-                .sum(),
+            cancelled: in_flight() + shutdown.held(),
         },
     }
 }

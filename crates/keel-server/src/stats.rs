@@ -13,6 +13,8 @@ pub struct Stats {
     pub accepted: AtomicU64,
     /// Connections closed because a request head did not arrive within `header_read_timeout`.
     pub header_timeouts: AtomicU64,
+    /// Connections closed because their peer took no byte of a response for `send_timeout`.
+    pub send_timeouts: AtomicU64,
     /// Requests refused with 413 before reaching the handler.
     pub body_too_large: AtomicU64,
     /// Requests refused on arrival: malformed propagation headers (400) or an already

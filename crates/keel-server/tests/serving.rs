@@ -56,6 +56,19 @@ fn router() -> Router {
                 (h, "hop")
             }),
         )
+        .route(
+            "/big/{mib}",
+            get(
+                |axum::extract::Path(mib): axum::extract::Path<usize>| async move {
+                    // Streamed, never whole: made only as fast as the connection takes it.
+                    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                    let frames = futures_util::stream::iter((0..mib * 16).map(move |_| {
+                        Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk.clone()))
+                    }));
+                    axum::body::Body::new(StreamBody::new(frames))
+                },
+            ),
+        )
         .merge(tonic::service::Routes::new(health).into_axum_router())
 }
 
@@ -307,6 +320,86 @@ async fn slow_header_client_is_disconnected_after_header_read_timeout() {
         "not closed within the timeout plus margin: {elapsed:?}"
     );
     assert_eq!(s.handle.stats().header_timeouts.load(Ordering::Relaxed), 1);
+}
+
+/// GET `/big/{mib}` on a fresh connection, then `read` the response with the socket; returns
+/// the bytes read.
+async fn download(
+    addr: SocketAddr,
+    mib: usize,
+    read: impl FnOnce(&mut std::net::TcpStream) -> usize + Send + 'static,
+) -> usize {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut sock = std::net::TcpStream::connect(addr).unwrap();
+        let head = format!("GET /big/{mib} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        sock.write_all(head.as_bytes()).unwrap();
+        read(&mut sock)
+    })
+    .await
+    .unwrap()
+}
+
+/// Read until the end of the stream or an error, `pause` after each read; the bytes read.
+fn read_all(sock: &mut std::net::TcpStream, pause: Duration) -> usize {
+    use std::io::Read;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    while let Ok(n @ 1..) = sock.read(&mut buf) {
+        total += n;
+        std::thread::sleep(pause);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_after_send_timeout() {
+    let mut cfg = config();
+    cfg.send_timeout = keel_config::Duration::from_secs(1);
+    let s = start(cfg, 1).await;
+    let stats = s.handle.clone();
+    let closed = Arc::new(AtomicBool::new(false));
+    let seen = closed.clone();
+    let read = download(s.addr, 64, move |sock| {
+        // Take nothing until the server has given up on us (the kernel's buffers hold a few
+        // MiB of the 64; the rest waits on us)...
+        let _ = ts::wait_until(Duration::from_secs(30), || seen.load(Ordering::Relaxed));
+        // ...then what is left is what the buffers held before the connection was closed.
+        read_all(sock, Duration::ZERO)
+    });
+    let watch = tokio::task::spawn_blocking(move || {
+        let timed_out = ts::wait_until(Duration::from_secs(20), || {
+            stats.stats().send_timeouts.load(Ordering::Relaxed) == 1
+        });
+        closed.store(true, Ordering::Relaxed);
+        timed_out
+    });
+    let read = read.await;
+    assert!(
+        watch.await.unwrap(),
+        "the stalled connection was not closed"
+    );
+    assert!(
+        read < 64 << 20,
+        "the whole body arrived ({read} bytes): nothing was cut"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_that_keeps_reading_is_never_cut() {
+    let mut cfg = config();
+    cfg.send_timeout = keel_config::Duration::from_secs(2);
+    let s = start(cfg, 1).await;
+    let started = Instant::now();
+    // 256 KiB every 50 ms: 16 MiB take over 3 s, longer than send_timeout in total, but no
+    // write ever waits near it.
+    let read = download(s.addr, 16, |sock| read_all(sock, Duration::from_millis(50))).await;
+    assert!(read > 16 << 20, "only {read} bytes arrived");
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "the download outlasted send_timeout (else this proves nothing)"
+    );
+    assert_eq!(s.handle.stats().send_timeouts.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test]

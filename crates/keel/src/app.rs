@@ -148,10 +148,11 @@ impl App {
             }
             metrics.add_collector(move |e| {
                 let s = server.stats();
-                let fams: [(&str, &str, &str, u64); 6] = [
+                let fams: [(&str, &str, &str, u64); 7] = [
                     ("keel_server_connections", "Open connections on the main port.", "gauge", s.connections.load(Ordering::Relaxed) as u64),
                     ("keel_server_connections_accepted_total", "Connections accepted since start.", "counter", s.accepted.load(Ordering::Relaxed)),
                     ("keel_server_header_timeouts_total", "Connections closed for sending a request head too slowly.", "counter", s.header_timeouts.load(Ordering::Relaxed)),
+                    ("keel_server_send_timeouts_total", "Connections closed because the peer took no byte of a response for server.send_timeout.", "counter", s.send_timeouts.load(Ordering::Relaxed)),
                     ("keel_server_body_too_large_total", "Requests refused with 413 before reaching the handler.", "counter", s.body_too_large.load(Ordering::Relaxed)),
                     ("keel_server_refused_on_arrival_total", "Requests refused on arrival: malformed propagation header (400) or deadline already passed (504).", "counter", s.refused_on_arrival.load(Ordering::Relaxed)),
                     ("keel_server_deadline_exceeded_total", "Handlers cut off by their request's deadline.", "counter", s.deadline_exceeded.load(Ordering::Relaxed)),
@@ -458,6 +459,7 @@ impl App {
         self.register_collectors(&handle);
         let stats = handle.clone();
         let registry = inner.registry;
+        let lifecycle = inner.shutdown.clone();
         self.admin_route(
             "/debug/server",
             "connections and requests in flight, limit counters",
@@ -465,9 +467,11 @@ impl App {
                 let s = stats.stats();
                 let v = serde_json::json!({
                     "in_flight": s.in_flight.load(Ordering::Relaxed),
+                    "held": lifecycle.held(),
                     "connections": s.connections.load(Ordering::Relaxed),
                     "accepted": s.accepted.load(Ordering::Relaxed),
                     "header_timeouts": s.header_timeouts.load(Ordering::Relaxed),
+                    "send_timeouts": s.send_timeouts.load(Ordering::Relaxed),
                     "body_too_large": s.body_too_large.load(Ordering::Relaxed),
                     "refused_on_arrival": s.refused_on_arrival.load(Ordering::Relaxed),
                     "deadline_exceeded": s.deadline_exceeded.load(Ordering::Relaxed),

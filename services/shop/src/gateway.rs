@@ -125,7 +125,8 @@ pub fn from_env(base: &Settings) -> Result<Settings, String> {
 /// `/debug/ratelimit` on the admin port.
 pub async fn router(app: &keel::App, settings: Settings) -> Result<Router, BoxError> {
     let max_body = app.config().server.max_body_bytes.get();
-    let gateway = Gateway::new(&settings, |name| app.client(name), max_body).await?;
+    let gateway =
+        Gateway::new(&settings, |name| app.client(name), max_body, app.shutdown()).await?;
     if let Limiter::Shared(shared) = gateway.limiter() {
         let seen = Arc::clone(shared);
         app.metrics().add_collector(move |e| {

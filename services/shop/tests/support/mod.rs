@@ -16,7 +16,7 @@ use keel_shop::gateway::{self, Settings};
 pub(crate) struct Gateway {
     pub(crate) addr: SocketAddr,
     pub(crate) admin: SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     served: tokio::task::JoinHandle<Result<(), keel::Error>>,
     _dir: tempfile::TempDir,
 }
@@ -73,15 +73,35 @@ impl Gateway {
         Gateway {
             addr,
             admin,
-            stop,
+            stop: Some(stop),
             served,
             _dir: dir,
         }
     }
 
-    pub(crate) async fn stop(self) {
-        let _ = self.stop.send(());
+    pub(crate) async fn stop(mut self) {
+        self.signal_stop();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.served).await;
+    }
+
+    /// Start the drain (as a SIGTERM would) without waiting for it.
+    pub(crate) fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Whether the App has returned from its drain.
+    pub(crate) fn drained(&self) -> bool {
+        self.served.is_finished()
+    }
+
+    /// Wait (at most `within`) for the App to return from its drain.
+    pub(crate) async fn wait_drained(self, within: Duration) -> Result<(), keel::Error> {
+        tokio::time::timeout(within, self.served)
+            .await
+            .expect("the drain ended in time")
+            .expect("the App's task did not panic")
     }
 }
 
