@@ -98,7 +98,9 @@ fn hop(
             file: Some(file),
             sets: vec![],
         };
-        let loaded = sources.load_with_env(Vec::new()).unwrap();
+        // KEEL_* variables apply to every hop, to try a setting across the whole set
+        // (e.g. KEEL_OVERLOAD__MIN_LIMIT=3 bench/overload.sh 5 async).
+        let loaded = sources.load().unwrap();
         let sizing = keel::runtime::detect(&loaded.value.runtime);
         let app = App::new("bench", loaded, sizing);
         rt.block_on(async move {
