@@ -12,7 +12,8 @@ different network namespaces joined by veth pairs, as BENCH.md asks:
 
 Each namespace has its own TCP counters: the upstream namespace's `PassiveOpens` is the number
 of upstream connections the proxy opened, whoever the proxy is. Sockets in TIME_WAIT and
-ESTABLISHED are counted on each side at the end of every window. The proxy's CPU time per
+ESTABLISHED are counted on each side at the end of every window, with the proxy's peak
+resident memory (VmHWM, summed over its processes: nginx's master and worker). The proxy's CPU time per
 request comes from /proc (all its threads, utime + stime). Wall-clock figures: compare only
 within one run.
 
@@ -107,6 +108,16 @@ def cpu(pids):
     return t / os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss_kib(pids):
+    """Peak resident memory (VmHWM) summed over the proxy's processes, KiB."""
+    total = 0
+    for pid in pids:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total
+
+
 def children(pid):
     out = sh("pgrep", "-P", str(pid), check=False).stdout.split()
     return [int(p) for p in out]
@@ -180,6 +191,7 @@ def main():
                 opened, c0 = tcp_counter(UP_NS, "PassiveOpens"), cpu(pids)
                 out = sh(*wrk, f"-d{SECS}s", url).stdout
                 opened, c1 = tcp_counter(UP_NS, "PassiveOpens") - opened, cpu(pids)
+                rss = peak_rss_kib(pids)
                 tw_proxy, est_proxy = states()
                 tw_client, _ = states(CLIENT_NS)
                 tw_up, est_up = states(UP_NS)
@@ -198,16 +210,16 @@ def main():
                     rps=n / SECS, n=n, opened=opened, us=(c1 - c0) / max(n, 1) * 1e6,
                     non2xx=int(bad.group(1)) if bad else 0,
                     errors=sum(int(x) for x in errs.groups()) if errs else 0,
-                    tw_proxy=tw_proxy, tw_client=tw_client, tw_up=tw_up, est_up=est_up))
+                    rss=rss, tw_proxy=tw_proxy, tw_client=tw_client, tw_up=tw_up, est_up=est_up))
         print(f"# S3 churn: a new client connection per request, {ROUNDS} rounds x {SECS} s, wrk -c64 on CPU 0, proxy on CPU 1")
         print(f"load average: {open('/proc/loadavg').read().split()[:3]}")
         print()
-        print("| proxy | req/s | CPU µs/req | upstream connections opened | upstream reuse | TIME_WAIT proxy / client / upstream | upstream ESTABLISHED | non-2xx | socket errors |")
-        print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
+        print("| proxy | req/s | CPU µs/req | peak RSS | upstream connections opened | upstream reuse | TIME_WAIT proxy / client / upstream | upstream ESTABLISHED | non-2xx | socket errors |")
+        print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
         for name, rs in rows.items():
             for r in rs:
                 reuse = 1 - r["opened"] / max(r["n"], 1)
-                print(f"| {name} | {r['rps']:.0f} | {r['us']:.2f} | {r['opened']} of {r['n']} requests | {reuse * 100:.3f} % | "
+                print(f"| {name} | {r['rps']:.0f} | {r['us']:.2f} | {r['rss'] / 1024:.1f} MiB | {r['opened']} of {r['n']} requests | {reuse * 100:.3f} % | "
                       f"{r['tw_proxy']} / {r['tw_client']} / {r['tw_up']} | {r['est_up']} | {r['non2xx']} | {r['errors']} |")
         k = [r["us"] for r in rows["keel"]]
         for peer in ("nginx", "haproxy"):
