@@ -142,14 +142,16 @@ impl App {
         let weak = Arc::downgrade(&self.inner);
         let server = handle.clone();
         let overload = handle.clone();
+        let lifecycle = self.inner.shutdown.clone();
         {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 keel_telemetry::collectors::runtime(metrics, rt);
             }
             metrics.add_collector(move |e| {
                 let s = server.stats();
-                let fams: [(&str, &str, &str, u64); 7] = [
+                let fams: [(&str, &str, &str, u64); 8] = [
                     ("keel_server_connections", "Open connections on the main port.", "gauge", s.connections.load(Ordering::Relaxed) as u64),
+                    ("keel_server_held", "Work held open past its request that a drain waits for (the gateway's WebSocket tunnels).", "gauge", lifecycle.held() as u64),
                     ("keel_server_connections_accepted_total", "Connections accepted since start.", "counter", s.accepted.load(Ordering::Relaxed)),
                     ("keel_server_header_timeouts_total", "Connections closed for sending a request head too slowly.", "counter", s.header_timeouts.load(Ordering::Relaxed)),
                     ("keel_server_send_timeouts_total", "Connections closed because the peer took no byte of a response for server.send_timeout.", "counter", s.send_timeouts.load(Ordering::Relaxed)),

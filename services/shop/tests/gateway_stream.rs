@@ -396,6 +396,21 @@ async fn a_drain_waits_for_an_open_tunnel_and_ends_when_it_closes() {
     assert_eq!(status, 200);
     let server: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(server["held"], 1, "{server}");
+    let (_, metrics) = keel_test_support::get(
+        &keel_test_support::http1_client(),
+        &format!("http://{}/metrics", gw.admin),
+    )
+    .await
+    .unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "keel_server_held 1"),
+        "the open tunnel is the held gauge's: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("held"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     // The client closes and goes: the drain ends well inside its 60 s grace period.
     ws.close(None).await.unwrap();
     drop(ws);
