@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """BENCH.md's S0 quick check for the proxy: `GET /api/users/x` through the shop's gateway,
-nginx and haproxy, each pinned to CPU 1 with one worker and in front of the same bare hyper
-upstream (on CPU 0 with wrk), wrk -t1 -c64 on CPU 0; three alternating rounds of a 2 s warm-up
-and a 5 s window. Prints throughput, the proxy's CPU time per request (its threads' utime +
-stime from /proc) and the ratios. Wall-clock numbers: compare only within one run.
+nginx, haproxy and (when built) pingora, each pinned to CPU 1 with one worker and in front of
+the same bare hyper upstream (on CPU 0 with wrk), wrk -t1 -c64 on CPU 0; three alternating
+rounds of a 2 s warm-up and a 5 s window. Prints throughput, the proxy's CPU time per request
+(its threads' utime + stime from /proc) and the ratios. Wall-clock numbers: compare only within
+one run.
 
 Needs release builds (`cargo build --release -p keel-shop --bin gateway` and
 `cargo build --release -p keel-server --example bare_hyper`), wrk, nginx, haproxy.
+The pingora peer is optional, skipped with a note when its binary is missing; it is a standalone
+crate (bench/peers/pingora, outside the workspace), built once into a cache outside the clone:
+`cd bench/peers/pingora && CARGO_TARGET_DIR=~/.cache/pingora-peer-target cargo build --release`
 Usage: bench/s0-gateway.py"""
 import os, re, socket, subprocess, sys, tempfile, time
 T = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/keel-target")), "release")
@@ -69,9 +73,18 @@ backend b
 """)
     p = subprocess.Popen(["taskset", "-c", "1", "haproxy", "-f", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return p, port, [p.pid]
+PINGORA = os.path.expanduser("~/.cache/pingora-peer-target/release/pingora-proxy-peer")
+def pingora():
+    # One process; its `threads = 1` worker, main and timer threads all count in cpu().
+    port = free()
+    p = subprocess.Popen(["taskset", "-c", "1", PINGORA, f"127.0.0.1:{port}", f"127.0.0.1:{up}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return p, port, [p.pid]
+peers = [("keel", keel), ("nginx", nginx), ("haproxy", haproxy)]
+if os.path.exists(PINGORA): peers.append(("pingora", pingora))
+else: print(f"pingora skipped: no {PINGORA} (build: see bench/peers/pingora/README.md)")
 res = {}
 for rnd in range(3):
-    for name, start in (("keel", keel), ("nginx", nginx), ("haproxy", haproxy)):
+    for name, start in peers:
         p, port, pids = start()
         wait(port)
         if pids is None:
@@ -94,4 +107,5 @@ upstream.terminate()
 for name, rows in res.items():
     rps = sum(r[0] for r in rows) / len(rows); us = sum(r[1] for r in rows) / len(rows); bad = sum(r[2] for r in rows)
     print(f"{name:8} {rps:10.0f} req/s {us:6.2f} us CPU/req  non-2xx {bad}")
-k = sum(r[1] for r in res["keel"]); print(f"keel/nginx CPU {k/sum(r[1] for r in res['nginx']):.2f}x  keel/haproxy CPU {k/sum(r[1] for r in res['haproxy']):.2f}x")
+k = sum(r[1] for r in res["keel"]); print(f"keel/nginx CPU {k/sum(r[1] for r in res['nginx']):.2f}x  keel/haproxy CPU {k/sum(r[1] for r in res['haproxy']):.2f}x"
+    + (f"  keel/pingora CPU {k/sum(r[1] for r in res['pingora']):.2f}x" if "pingora" in res else ""))
