@@ -494,6 +494,7 @@ impl App {
                         "queue_delay_ms": o.queue_delay.as_secs_f64() * 1e3,
                         "min_queue_delay_ms": o.min_queue_delay.as_secs_f64() * 1e3,
                         "standing_queue": o.standing_queue,
+                        "queue_stalled": o.queue_stalled,
                         "max_queue_wait_ms": o.max_queue_wait.as_secs_f64() * 1e3,
                         "cpu": o.cpu,
                     })),

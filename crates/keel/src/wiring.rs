@@ -272,7 +272,7 @@ pub(crate) fn overload_families(
     e: &mut keel_telemetry::metrics::Exposition,
     o: &keel_server::overload::OverloadStats,
 ) {
-    let gauges: [(&str, &str, f64); 11] = [
+    let gauges: [(&str, &str, f64); 12] = [
         (
             "keel_overload_limit",
             "The adaptive concurrency limit now.",
@@ -321,6 +321,11 @@ pub(crate) fn overload_families(
             "keel_overload_standing_queue",
             "1 while a standing queue is being shed (CoDel), else 0.",
             f64::from(u8::from(o.standing_queue)),
+        ),
+        (
+            "keel_overload_queue_stalled",
+            "1 while more waiters for a slot time out than are served (they then wait 1 ms, not queue_timeout), else 0.",
+            f64::from(u8::from(o.queue_stalled)),
         ),
         (
             "keel_overload_cpu_usage",
