@@ -19,12 +19,14 @@
 //! issuers write it). **Whether the scopes suffice is the caller's decision**: answer 403
 //! (`insufficient_scope`) there; everything this module rejects is a 401.
 //!
-//! **Keys.** A JWKS (RFC 7517, `{"keys": [...]}`) from a file or an `http://` URL, indexed by
-//! `kid`. Keys this module cannot use (HMAC, RS384, encryption keys, P-384, short RSA moduli,
-//! keys without `kid`) are skipped with a warning; a JWKS left with no usable key is an error.
-//! `https://` is refused at construction: fetch-and-verify over TLS would need a TLS stack and
-//! a trust store here, so use a file (kept fresh by a sidecar or a mounted secret) or a plain
-//! `http://` URL on a trusted network.
+//! **Keys.** A JWKS (RFC 7517, `{"keys": [...]}`) from a file or an `https://` or `http://` URL,
+//! indexed by `kid`. Keys this module cannot use (HMAC, RS384, encryption keys, P-384, short
+//! RSA moduli, keys without `kid`) are skipped with a warning; a JWKS left with no usable key
+//! is an error. Over `https://` the server's certificate is verified (rustls with ring, TLS 1.2
+//! and 1.3) against the system's trust store — plus [`JwtConfig::ca_file`], for an issuer
+//! behind a private CA — and must name the URL's host; a certificate that does not verify
+//! fails the fetch like an unreachable server. Plain `http://` is only for a trusted network:
+//! whoever can change the keys in flight can mint tokens.
 //!
 //! **Refresh.** The key set lives behind an [`ArcSwap`]: `verify` reads it without a lock and
 //! never waits on the network for a known `kid`. The JWKS is reloaded every
@@ -125,7 +127,7 @@ const LENIENT_B64URL: GeneralPurpose = GeneralPurpose::new(
 pub enum JwksLocation {
     /// A file, re-read on each refresh (so a replaced file is picked up).
     File(PathBuf),
-    /// An `http://` URL. `https://` is refused by [`Verifier::new`].
+    /// An `https://` URL (the certificate verified; see [`JwtConfig::ca_file`]) or an `http://` one.
     Url(String),
 }
 
@@ -166,6 +168,9 @@ pub struct JwtConfig {
     pub refresh: Duration,
     /// The least time between two loads, for loads caused by a token naming an unknown `kid`.
     pub min_refetch: Duration,
+    /// PEM certificates trusted for an `https://` JWKS besides the system's roots (a private
+    /// CA); `None`: the system's roots alone.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl JwtConfig {
@@ -178,6 +183,7 @@ impl JwtConfig {
             leeway: DEFAULT_LEEWAY,
             refresh: DEFAULT_REFRESH,
             min_refetch: DEFAULT_MIN_REFETCH,
+            ca_file: None,
         }
     }
 }
@@ -379,7 +385,23 @@ enum Source {
         host: String,
         port: u16,
         path: String,
+        /// For `https://`: the TLS client and the name the certificate must carry.
+        tls: Option<Tls>,
     },
+}
+
+/// The TLS side of an `https://` source.
+struct Tls {
+    connector: tokio_rustls::TlsConnector,
+    name: rustls_pki_types::ServerName<'static>,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Aborts the HTTP connection task when the fetch ends (done, failed or timed out).
@@ -455,7 +477,7 @@ impl Verifier {
                 "empty; leave it unset to accept any issuer",
             ));
         }
-        let source = Source::new(&cfg.jwks)?;
+        let source = Source::new(&cfg.jwks, cfg.ca_file.as_deref())?;
         let (keys, skipped) = match source.load().await {
             Ok(keys) => keys,
             Err(reason) => return Err(JwtError::new("jwks", &cfg.jwks, reason)),
@@ -620,36 +642,50 @@ fn warn_skipped(source: &Source, skipped: &[String]) {
 }
 
 impl Source {
-    fn new(location: &JwksLocation) -> Result<Source, JwtError> {
+    fn new(location: &JwksLocation, ca_file: Option<&std::path::Path>) -> Result<Source, JwtError> {
         let url = match location {
             JwksLocation::File(path) => return Ok(Source::File(path.clone())),
             JwksLocation::Url(url) => url,
         };
         let err = |reason: &str| JwtError::new("jwks", url, reason);
         let uri: Uri = url.parse().map_err(|e| err(&format!("not a URL: {e}")))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
                 return Err(err(
-                    "https is not supported (the gateway has no TLS client for JWKS); \
-                     use a file kept fresh by a sidecar, or an http:// URL",
+                    "only https:// or http:// URLs or file paths are supported",
                 ));
             }
-            _ => return Err(err("only http:// URLs or file paths are supported")),
-        }
+        };
         let (Some(authority), Some(host)) = (uri.authority(), uri.host()) else {
             return Err(err("the URL has no host"));
+        };
+        // `Uri::host` keeps an IPv6 literal's brackets, which a socket address has not.
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let tls = if https {
+            let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+                err(&format!(
+                    "the host is not a name a certificate can carry: {e}"
+                ))
+            })?;
+            Some(Tls {
+                connector: tls_connector(ca_file)?,
+                name,
+            })
+        } else {
+            None
         };
         Ok(Source::Http {
             url: url.clone(),
             authority: authority.as_str().to_owned(),
-            // `Uri::host` keeps an IPv6 literal's brackets, which a socket address has not.
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
-            port: uri.port_u16().unwrap_or(80),
+            port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
+            host,
             path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+            tls,
         })
     }
 
@@ -670,6 +706,7 @@ impl Source {
             host,
             port,
             path,
+            tls,
             ..
         } = self
         else {
@@ -678,10 +715,16 @@ impl Source {
         let stream = TcpStream::connect((host.as_str(), *port))
             .await
             .map_err(|e| format!("cannot connect: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("HTTP handshake failed: {e}"))?;
-        let _conn = AbortOnDrop(tokio::spawn(conn).abort_handle());
+        let (mut sender, _conn) = match tls {
+            None => handshake(stream).await?,
+            Some(Tls { connector, name }) => {
+                let stream = connector
+                    .connect(name.clone(), stream)
+                    .await
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                handshake(stream).await?
+            }
+        };
         let request = Request::get(path.as_str())
             .header(HOST, authority.as_str())
             .header(ACCEPT, "application/json")
@@ -706,6 +749,69 @@ impl Source {
             })?;
         Ok(body.to_bytes())
     }
+}
+
+/// An HTTP/1.1 client connection over `io`, its task aborted when the guard drops.
+async fn handshake<T>(
+    io: T,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+        AbortOnDrop,
+    ),
+    String,
+>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
+    Ok((sender, AbortOnDrop(tokio::spawn(conn).abort_handle())))
+}
+
+/// The TLS client for an `https://` JWKS: the system's roots plus `ca_file`'s certificates,
+/// ring's algorithms, TLS 1.2 and 1.3 (rustls offers nothing older). Built once, at start.
+fn tls_connector(
+    ca_file: Option<&std::path::Path>,
+) -> Result<tokio_rustls::TlsConnector, JwtError> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system certificates are skipped (rustls-native-certs reports them); the
+    // store must not end up empty, which is checked below.
+    let system = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(system.certs);
+    if let Some(path) = ca_file {
+        let shown = path.display().to_string();
+        let err = |reason: String| JwtError::new("ca_file", &shown, &reason);
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| err(format!("cannot read it: {e}")))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| err(format!("not PEM certificates: {e}")))?;
+        if certs.is_empty() {
+            return Err(err("holds no certificate".into()));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| err(format!("a certificate is not usable as a root: {e}")))?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(JwtError::new(
+            "ca_file",
+            "",
+            "no trusted certificate: the system has no CA bundle (Debian: ca-certificates); \
+             name one with ca_file",
+        ));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| JwtError::new("jwks", "", format!("TLS setup failed: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 impl fmt::Display for Source {

@@ -154,8 +154,11 @@ impl keel_config::Validate for GatewayConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JwtSettings {
-    /// A JWKS file path or `http://` URL; empty: no JWTs.
+    /// A JWKS file path or `https://` (or `http://`) URL; empty: no JWTs.
     pub jwks: String,
+    /// PEM certificates trusted for an `https://` JWKS besides the system's roots (a private
+    /// CA); empty: the system's roots alone.
+    pub ca_file: String,
     /// Required `iss`; empty: not checked.
     pub issuer: String,
     /// Accepted `aud` values; empty: not checked.
@@ -168,6 +171,7 @@ impl Default for JwtSettings {
     fn default() -> Self {
         JwtSettings {
             jwks: String::new(),
+            ca_file: String::new(),
             issuer: String::new(),
             audiences: Vec::new(),
             leeway_secs: 60,
@@ -433,10 +437,16 @@ impl Gateway {
             jc.issuer = (!cfg.jwt.issuer.is_empty()).then(|| cfg.jwt.issuer.clone());
             jc.audiences = cfg.jwt.audiences.clone();
             jc.leeway = std::time::Duration::from_secs(cfg.jwt.leeway_secs);
+            jc.ca_file = (!cfg.jwt.ca_file.is_empty()).then(|| cfg.jwt.ca_file.clone().into());
             Some(
                 crate::jwt::Verifier::new(jc)
                     .await
-                    .map_err(|e| invalid("jwt.jwks", &cfg.jwt.jwks, e.to_string()))?,
+                    .map_err(|e| match e.key() {
+                        "ca_file" => {
+                            invalid("jwt.ca_file", &cfg.jwt.ca_file, e.reason().to_owned())
+                        }
+                        _ => invalid("jwt.jwks", &cfg.jwt.jwks, e.to_string()),
+                    })?,
             )
         };
         #[cfg(not(feature = "jwt"))]

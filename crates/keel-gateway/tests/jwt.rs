@@ -473,22 +473,32 @@ async fn config_errors_name_the_setting_its_value_and_why() {
     }
 
     let err = Verifier::new(JwtConfig::new(JwksLocation::parse(
-        "https://issuer.example/.well-known/jwks.json",
-    )))
-    .await
-    .unwrap_err();
-    assert_eq!(err.key(), "jwks");
-    assert!(
-        err.reason().contains("https is not supported") && err.reason().contains("http://"),
-        "{err}"
-    );
-
-    let err = Verifier::new(JwtConfig::new(JwksLocation::parse(
         "ftp://issuer.example/jwks",
     )))
     .await
     .unwrap_err();
-    assert!(err.reason().contains("only http://"), "{err}");
+    assert!(err.reason().contains("only https:// or http://"), "{err}");
+
+    let no_ca = fixture("no-such-ca.pem");
+    let err = Verifier::new(JwtConfig {
+        ca_file: Some(no_ca.clone()),
+        ..JwtConfig::new(JwksLocation::parse("https://127.0.0.1:1/jwks.json"))
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (err.key(), err.value()),
+        ("ca_file", &*no_ca.display().to_string())
+    );
+    assert!(err.reason().contains("cannot read"), "{err}");
+    let err = Verifier::new(JwtConfig {
+        ca_file: Some(fixture("jwks.json")),
+        ..JwtConfig::new(JwksLocation::parse("https://127.0.0.1:1/jwks.json"))
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.key(), "ca_file");
+    assert!(err.reason().contains("no certificate"), "{err}");
 
     let err = Verifier::new(JwtConfig {
         refresh: Duration::ZERO,
@@ -524,7 +534,37 @@ struct JwksServer {
 
 impl JwksServer {
     async fn start(body: String) -> JwksServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        JwksServer::start_with("127.0.0.1", body, None).await
+    }
+
+    /// Over TLS on `ip`, with the fixture certificate for `localhost` and 127.0.0.1 (signed by
+    /// the fixture CA, `tls-ca.pem`).
+    async fn start_tls(ip: &str, body: String) -> JwksServer {
+        use rustls_pki_types::pem::PemObject as _;
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(fixture("tls-server.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key =
+            rustls_pki_types::PrivateKeyDer::from_pem_file(fixture("tls-server.key")).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        JwksServer::start_with(ip, body, Some(acceptor)).await
+    }
+
+    async fn start_with(
+        ip: &str,
+        body: String,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> JwksServer {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let server = JwksServer {
             addr: listener.local_addr().unwrap(),
             body: Arc::new(Mutex::new(body)),
@@ -548,10 +588,21 @@ impl JwksServer {
                         .unwrap();
                     async move { Ok::<_, Infallible>(response) }
                 });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service),
-                );
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        // A client that refuses the certificate ends the handshake here.
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    }
+                });
             }
         });
         server
@@ -559,6 +610,12 @@ impl JwksServer {
 
     fn url(&self) -> JwksLocation {
         JwksLocation::Url(format!("http://{}/.well-known/jwks.json", self.addr))
+    }
+
+    /// The `https://` URL, by `host` (the certificate names `localhost` and 127.0.0.1).
+    fn https_url(&self, host: &str) -> JwksLocation {
+        let port = self.addr.port();
+        JwksLocation::Url(format!("https://{host}:{port}/.well-known/jwks.json"))
     }
 
     fn hits(&self) -> usize {
@@ -707,4 +764,49 @@ async fn a_jwks_endpoint_that_fails_at_start_up_is_an_error() {
     .await
     .unwrap_err();
     assert!(err.reason().contains("cannot connect"), "{err}");
+}
+
+#[tokio::test]
+async fn an_https_jwks_is_fetched_when_its_certificate_verifies() {
+    let server = JwksServer::start_tls("127.0.0.1", jwks_json()).await;
+    for host in ["127.0.0.1", "localhost"] {
+        let v = Verifier::new(JwtConfig {
+            ca_file: Some(fixture("tls-ca.pem")),
+            ..config(server.https_url(host))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{host}: {e}"));
+        let claims = v.verify(&rs256(&good_claims())).await.unwrap();
+        assert_eq!(claims.subject.as_deref(), Some("user-1"));
+    }
+    assert_eq!(server.hits(), 2);
+}
+
+#[tokio::test]
+async fn an_https_jwks_whose_certificate_does_not_verify_is_never_read() {
+    let server = JwksServer::start_tls("127.0.0.1", jwks_json()).await;
+    // Not signed by anything the system trusts: refused, and no key is read from it.
+    let err = Verifier::new(config(server.https_url("127.0.0.1")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.key(), "jwks");
+    assert!(err.reason().contains("TLS handshake failed"), "{err}");
+    assert!(err.reason().contains("UnknownIssuer"), "{err}");
+    assert_eq!(
+        server.hits(),
+        0,
+        "nothing was fetched over an unverified connection"
+    );
+
+    // Signed by a trusted CA, but for other names than the one asked for (127.0.0.2 is
+    // loopback too; the certificate names localhost and 127.0.0.1): refused as well.
+    let elsewhere = JwksServer::start_tls("127.0.0.2", jwks_json()).await;
+    let err = Verifier::new(JwtConfig {
+        ca_file: Some(fixture("tls-ca.pem")),
+        ..config(elsewhere.https_url("127.0.0.2"))
+    })
+    .await
+    .unwrap_err();
+    assert!(err.reason().contains("not valid for name"), "{err}");
+    assert_eq!(elsewhere.hits(), 0);
 }
