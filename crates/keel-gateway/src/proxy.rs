@@ -36,7 +36,7 @@ use crate::forwarded::{Forwarding, is_forwarding_header};
 use crate::path::{PathPolicy, normalize};
 use crate::ratelimit::{LocalLimiter, Rate, Verdict};
 use crate::route::{RouteConfig, RouteRetry, Routes};
-use crate::stream::{Capped, tunnel, websocket_upgrade};
+use crate::stream::{Capped, h2_websocket_connect, tunnel, websocket_key, websocket_upgrade};
 
 /// `[gateway]`: routes, credentials, the rate per credential and whom to believe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -544,13 +544,19 @@ impl Gateway {
         // Taken apart, not extracted piece by piece: axum's `HeaderMap` extractor clones.
         let (parts, body) = req.into_parts();
         let http::request::Parts {
-            method,
+            mut method,
             uri,
             version,
             mut headers,
             mut extensions,
             ..
         } = parts;
+        // A WebSocket over HTTP/2 (RFC 8441's extended CONNECT) is the same conversation as an
+        // HTTP/1.1 `GET` + `Upgrade`: routed, authorised and forwarded as that.
+        let h2_websocket = h2_websocket_connect(version, &method, &extensions);
+        if h2_websocket {
+            method = http::Method::GET;
+        }
         let path = match normalize(uri.path(), &self.path) {
             Ok(p) => p,
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed path: {e}")),
@@ -643,8 +649,12 @@ impl Gateway {
         }
         // A WebSocket handshake keeps the two headers that ask for it; every other hop-by-hop
         // header (and any other `Upgrade`) stays here.
-        let upgrade = websocket_upgrade(version, &method, &headers)
-            .and_then(|proto| Some((proto, extensions.remove::<OnUpgrade>()?)));
+        let upgrade = if h2_websocket {
+            Some(HeaderValue::from_static("websocket"))
+        } else {
+            websocket_upgrade(version, &method, &headers)
+        }
+        .and_then(|proto| Some((proto, extensions.remove::<OnUpgrade>()?)));
         let mut req = match http::Request::builder().method(method).uri(target).body(()) {
             Ok(r) => r,
             Err(_) => return error(StatusCode::BAD_REQUEST, "malformed request target"),
@@ -684,6 +694,11 @@ impl Gateway {
                 HeaderValue::from_static("upgrade"),
             );
             out.insert(http::header::UPGRADE, proto);
+            // RFC 8441 has no key (the stream is the handshake's proof); an HTTP/1.1 upstream
+            // requires one.
+            if h2_websocket {
+                out.insert(http::header::SEC_WEBSOCKET_KEY, websocket_key());
+            }
             on_upgrade
         });
         // The body streams through under the cap (a larger declared length was refused with
@@ -723,6 +738,19 @@ impl Gateway {
                         );
                     };
                     let upstream_side = hyper::upgrade::on(&mut resp);
+                    if h2_websocket {
+                        // Over HTTP/2 the tunnel opens with a 200 (RFC 8441 §5), without the
+                        // HTTP/1.1 handshake's headers.
+                        *resp.status_mut() = StatusCode::OK;
+                        let h = resp.headers_mut();
+                        for name in [
+                            http::header::CONNECTION,
+                            http::header::UPGRADE,
+                            http::header::SEC_WEBSOCKET_ACCEPT,
+                        ] {
+                            h.remove(name);
+                        }
+                    }
                     let cluster = route.cluster().to_string();
                     let idle = self.tunnel_idle;
                     // The tunnel outlives this request, and its connection has left the

@@ -1,6 +1,7 @@
 //! Bodies and connections passed through rather than held: a request body capped as it
-//! streams ([`Capped`]), and an HTTP/1.1 `Upgrade` (WebSocket) tunnelled byte for byte
-//! ([`websocket_upgrade`], [`tunnel`]).
+//! streams ([`Capped`]), and a WebSocket tunnelled byte for byte ([`tunnel`]) — opened by an
+//! HTTP/1.1 `Upgrade` ([`websocket_upgrade`]) or by HTTP/2's extended CONNECT (RFC 8441,
+//! [`h2_websocket_connect`]; the upstream leg is HTTP/1.1 either way).
 //!
 //! A proxy that collects a body before forwarding it holds the whole upload in memory, makes
 //! the upstream wait for the last byte before it sees the first, and needs a size cap far
@@ -143,6 +144,50 @@ pub fn websocket_upgrade(
     (asks && websocket).then(|| upgrade.clone())
 }
 
+/// Whether a request is RFC 8441's extended CONNECT for a WebSocket: HTTP/2, `CONNECT`, and
+/// `:protocol` = `websocket` (hyper hands the pseudo-header over as [`hyper::ext::Protocol`];
+/// the server must advertise it, `server.http2_extended_connect`).
+pub fn h2_websocket_connect(
+    version: Version,
+    method: &Method,
+    extensions: &http::Extensions,
+) -> bool {
+    version == Version::HTTP_2
+        && method == Method::CONNECT
+        && extensions
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// A fresh `Sec-WebSocket-Key` for the HTTP/1.1 leg of a WebSocket that came over HTTP/2:
+/// 16 bytes, base64 (RFC 6455 §4.1). The key only proves that the upstream speaks WebSocket,
+/// so Keel's non-cryptographic id stream serves.
+pub fn websocket_key() -> HeaderValue {
+    let mut raw = [0u8; 16];
+    raw[..8].copy_from_slice(&keel_core::codec::rand::next_u64().to_le_bytes());
+    raw[8..].copy_from_slice(&keel_core::codec::rand::next_u64().to_le_bytes());
+    let encoded = base64_16(raw);
+    HeaderValue::from_bytes(&encoded)
+        .unwrap_or(HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="))
+}
+
+/// 16 bytes in standard base64: 22 characters and two pads.
+fn base64_16(raw: [u8; 16]) -> [u8; 24] {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut padded = [0u8; 18]; // whole groups of three; the two zero bytes become the pads
+    padded[..16].copy_from_slice(&raw);
+    let mut out = [0u8; 24];
+    for (group, chunk) in padded.chunks(3).enumerate() {
+        let n = (u32::from(chunk[0]) << 16) | (u32::from(chunk[1]) << 8) | u32::from(chunk[2]);
+        for i in 0..4 {
+            out[group * 4 + i] = B64[((n >> (18 - 6 * i)) & 63) as usize];
+        }
+    }
+    out[22] = b'=';
+    out[23] = b'=';
+    out
+}
+
 /// Copy bytes both ways between the two upgraded connections until both sides are done;
 /// each direction's end is passed on as a half-close. A tunnel in which no byte moved either
 /// way for `idle` is closed (an `io::ErrorKind::TimedOut` error): a peer that vanished
@@ -265,6 +310,48 @@ mod tests {
         let err = body.collect().await.unwrap_err();
         assert!(err.downcast_ref::<TooLarge>().is_some(), "{err}");
         assert!(flag.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn websocket_keys_are_sixteen_bytes_of_base64_and_differ() {
+        // RFC 6455 §1.3's sample nonce.
+        assert_eq!(
+            &base64_16(*b"the sample nonce"),
+            b"dGhlIHNhbXBsZSBub25jZQ=="
+        );
+        assert_eq!(&base64_16([0xff; 16]), b"/////////////////////w==");
+        let (a, b) = (websocket_key(), websocket_key());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 24);
+    }
+
+    #[test]
+    fn an_h2_websocket_is_an_extended_connect_for_websocket() {
+        let mut ext = http::Extensions::new();
+        assert!(!h2_websocket_connect(
+            Version::HTTP_2,
+            &Method::CONNECT,
+            &ext
+        ));
+        ext.insert(hyper::ext::Protocol::from_static("websocket"));
+        assert!(h2_websocket_connect(
+            Version::HTTP_2,
+            &Method::CONNECT,
+            &ext
+        ));
+        assert!(!h2_websocket_connect(
+            Version::HTTP_11,
+            &Method::CONNECT,
+            &ext
+        ));
+        assert!(!h2_websocket_connect(Version::HTTP_2, &Method::GET, &ext));
+        let mut other = http::Extensions::new();
+        other.insert(hyper::ext::Protocol::from_static("connect-udp"));
+        assert!(!h2_websocket_connect(
+            Version::HTTP_2,
+            &Method::CONNECT,
+            &other
+        ));
     }
 
     #[test]

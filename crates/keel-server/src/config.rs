@@ -73,6 +73,11 @@ pub struct ServerConfig {
     /// connection before it is closed with ENHANCE_YOUR_CALM. 1024 is hyper's default: far above
     /// what a correct client ever provokes, far below what a flood needs to hurt.
     pub http2_max_local_error_reset_streams: usize,
+    /// Advertise RFC 8441's extended CONNECT (`SETTINGS_ENABLE_CONNECT_PROTOCOL`), so a
+    /// WebSocket can open over an HTTP/2 connection: the gateway tunnels it to an HTTP/1.1
+    /// upstream, and axum's `WebSocketUpgrade` on an `any` route accepts it. On: a service
+    /// that routes no `CONNECT` answers 405 to one, as to any method it does not serve.
+    pub http2_extended_connect: bool,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +99,7 @@ impl Default for ServerConfig {
             http2_keepalive_timeout: Duration::from_secs(10),
             http2_max_pending_accept_reset_streams: 20,
             http2_max_local_error_reset_streams: 1024,
+            http2_extended_connect: true,
         }
     }
 }

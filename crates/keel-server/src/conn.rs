@@ -390,6 +390,9 @@ pub(crate) fn builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
         .keep_alive_timeout(l.h2_keepalive_timeout)
         .max_pending_accept_reset_streams(l.h2_max_pending_accept_reset_streams)
         .max_local_error_reset_streams(l.h2_max_local_error_reset_streams);
+    if l.h2_extended_connect {
+        b.http2().enable_connect_protocol();
+    }
     b
 }
 

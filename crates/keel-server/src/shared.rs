@@ -28,6 +28,7 @@ pub(crate) struct Limits {
     pub(crate) h2_keepalive_timeout: std::time::Duration,
     pub(crate) h2_max_pending_accept_reset_streams: usize,
     pub(crate) h2_max_local_error_reset_streams: usize,
+    pub(crate) h2_extended_connect: bool,
 }
 
 impl Limits {
@@ -43,6 +44,7 @@ impl Limits {
             h2_keepalive_timeout: c.http2_keepalive_timeout.get(),
             h2_max_pending_accept_reset_streams: c.http2_max_pending_accept_reset_streams,
             h2_max_local_error_reset_streams: c.http2_max_local_error_reset_streams,
+            h2_extended_connect: c.http2_extended_connect,
         }
     }
 }

@@ -442,3 +442,76 @@ async fn a_tunnel_still_open_when_the_grace_period_ends_is_cut() {
         "{ended:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_over_http2_is_tunnelled_to_an_http1_upstream() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let (orders, handshakes) = echo_upstream().await;
+    let gw = Gateway::start(settings(), [unused(), orders, unused()]).await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let connect = || {
+        let mut req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("http://{}/api/orders/live", gw.addr))
+            .header("x-api-key", KEY)
+            .header("sec-websocket-version", "13")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        req
+    };
+    // The client may only send `:protocol` once the server's SETTINGS allowed it; they come
+    // with the connection's first exchange.
+    h2.ready().await.unwrap();
+    let mut resp = h2.send_request(connect()).await;
+    for _ in 0..50 {
+        if resp.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        resp = h2.send_request(connect()).await;
+    }
+    let resp = resp.expect("the gateway accepts an extended CONNECT");
+    assert_eq!(resp.status(), 200, "RFC 8441: a 200 opens the tunnel");
+    assert!(resp.headers().get("sec-websocket-accept").is_none());
+    let stream = hyper::upgrade::on(resp).await.unwrap();
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(stream),
+        Role::Client,
+        None,
+    )
+    .await;
+    for i in 0..10 {
+        let text = format!("over h2 {i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text));
+    }
+    ws.close(None).await.unwrap();
+    // The upstream saw an HTTP/1.1 handshake made by the gateway: a key, the version, the
+    // identity it vouches for, and none of the client's credentials.
+    let seen = handshakes.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["sec-websocket-key"].len(), 24);
+    assert_eq!(seen[0]["sec-websocket-version"], "13");
+    assert_eq!(seen[0]["x-shop-key"], "demo");
+    assert!(seen[0].get("x-api-key").is_none());
+
+    // Without a key the CONNECT is refused like any request, and nothing is tunnelled.
+    let mut anonymous = connect();
+    anonymous.headers_mut().remove("x-api-key");
+    let resp = h2.send_request(anonymous).await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(handshakes.lock().unwrap().len(), 1);
+    drop((ws, h2));
+    gw.stop().await;
+}
