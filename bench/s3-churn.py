@@ -13,7 +13,8 @@ different network namespaces joined by veth pairs, as BENCH.md asks:
 Each namespace has its own TCP counters: the upstream namespace's `PassiveOpens` is the number
 of upstream connections the proxy opened, whoever the proxy is. Sockets in TIME_WAIT and
 ESTABLISHED are counted on each side at the end of every window, with the proxy's peak
-resident memory (VmHWM, summed over its processes: nginx's master and worker). The proxy's CPU time per
+resident memory (VmHWM). The proxies run with bench/suite/s3.py's configurations (nginx
+with `keepalive 256` and no master process, haproxy with `http-reuse always`). The proxy's CPU time per
 request comes from /proc (all its threads, utime + stime). Wall-clock figures: compare only
 within one run.
 
@@ -22,7 +23,10 @@ and `cargo build --release -p keel-server --example bare_hyper`), wrk, nginx, ha
 Usage: bench/s3-churn.py [rounds=3] [seconds=5]"""
 import os, re, subprocess, sys, tempfile, time
 
-T = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/keel-target")), "release")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite"))
+import s3  # noqa: E402  (the suite's peer configurations and /proc readers)
+
+T = s3.REL
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 SECS = int(sys.argv[2]) if len(sys.argv) > 2 else 5
 TAG = f"k{os.getpid() % 100000}"  # unique names: other programs may share the machine
@@ -34,13 +38,6 @@ GW_UP_IP, UP_IP = f"10.{NET}.2.1", f"10.{NET}.2.2"
 PROXY_PORT, UP_PORT = 18080, 18081  # on this run's own addresses
 
 
-def free():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def sh(*args, check=True, **kw):
@@ -99,72 +96,12 @@ def wait_port(ip, port, ns=None):
     raise SystemExit(f"{ip}:{port} never opened")
 
 
-def cpu(pids):
-    t = 0
-    for pid in pids:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            f = open(f"/proc/{pid}/task/{task}/stat").read().rsplit(")", 1)[1].split()
-            t += int(f[11]) + int(f[12])
-    return t / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_kib(pids):
-    """Peak resident memory (VmHWM) summed over the proxy's processes, KiB."""
-    total = 0
-    for pid in pids:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
-                total += int(line.split()[1])
-    return total
-
-
-def children(pid):
-    out = sh("pgrep", "-P", str(pid), check=False).stdout.split()
-    return [int(p) for p in out]
-
-
-def keel(d):
-    cfg = f"{d}/gw.toml"
-    clients = "".join(f'[clients.{n}]\nendpoints = ["{UP_IP}:{UP_PORT}"]\n\n' for n in ("user", "order", "inventory"))
-    open(cfg, "w").write(
-        f'[server]\naddr = "{PROXY_IP}:{PROXY_PORT}"\n\n[admin]\naddr = "127.0.0.1:{free()}"\n\n'
-        f'[runtime]\nworker_threads = 1\n\n[log]\nlevel = "warn"\n\n{clients}')
-    env = dict(os.environ, KEEL_CONFIG=cfg, SHOP_RATE="1000000000", SHOP_BURST="1000000000")
-    p = subprocess.Popen(["taskset", "-c", "1", f"{T}/gateway"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return p, [p.pid]
-
-
-def nginx(d):
-    conf = f"{d}/nginx.conf"
-    open(conf, "w").write(f"""worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/nginx.err;
-events {{ worker_connections 8192; }}
-http {{ access_log off; upstream u {{ server {UP_IP}:{UP_PORT}; keepalive 64; }}
- server {{ listen {PROXY_IP}:{PROXY_PORT}; location / {{ proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}""")
-    p = subprocess.Popen(["taskset", "-c", "1", "nginx", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    return p, None
-
-
-def haproxy(d):
-    conf = f"{d}/haproxy.cfg"
-    open(conf, "w").write(f"""global
-  nbthread 1
-  maxconn 8192
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-frontend f
-  bind {PROXY_IP}:{PROXY_PORT}
-  default_backend b
-backend b
-  http-reuse always
-  server s {UP_IP}:{UP_PORT}
-""")
-    p = subprocess.Popen(["taskset", "-c", "1", "haproxy", "-f", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return p, [p.pid]
+def start(name, d):
+    """`name` on CPU 1 in the root namespace, with the suite's own configuration for it
+    (bench/suite/s3.py), in front of the upstream namespace's server."""
+    cmd, env = s3.command(name, f"{PROXY_IP}:{PROXY_PORT}", f"{UP_IP}:{UP_PORT}", d)
+    return subprocess.Popen(["taskset", "-c", "1"] + cmd, env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main():
@@ -179,19 +116,17 @@ def main():
         wait_port(UP_IP, UP_PORT, UP_NS)
         rows = {}
         for _ in range(ROUNDS):
-            for name, start in (("keel", keel), ("nginx", nginx), ("haproxy", haproxy)):
-                p, pids = start(d)
+            for name in ("keel", "nginx", "haproxy"):
+                p = start(name, d)
                 wait_port(PROXY_IP, PROXY_PORT, CLIENT_NS)
-                if pids is None:
-                    pids = [p.pid] + children(p.pid)
                 url = f"http://{PROXY_IP}:{PROXY_PORT}/api/users/x"
                 wrk = in_ns(CLIENT_NS, "taskset", "-c", "0", "wrk", "-t1", "-c64",
                             "-H", "x-api-key: demo-secret-key", "-H", "Connection: close")
                 sh(*wrk, "-d2s", url)  # warm-up
-                opened, c0 = tcp_counter(UP_NS, "PassiveOpens"), cpu(pids)
+                opened, c0 = tcp_counter(UP_NS, "PassiveOpens"), s3.cpu_seconds(p.pid)
                 out = sh(*wrk, f"-d{SECS}s", url).stdout
-                opened, c1 = tcp_counter(UP_NS, "PassiveOpens") - opened, cpu(pids)
-                rss = peak_rss_kib(pids)
+                opened, c1 = tcp_counter(UP_NS, "PassiveOpens") - opened, s3.cpu_seconds(p.pid)
+                rss = s3.peak_rss_kib(p.pid)
                 tw_proxy, est_proxy = states()
                 tw_client, _ = states(CLIENT_NS)
                 tw_up, est_up = states(UP_NS)
@@ -200,11 +135,6 @@ def main():
                 errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
                 p.terminate()
                 p.wait()
-                for c in pids[1:]:
-                    try:
-                        os.kill(c, 15)
-                    except OSError:
-                        pass
                 time.sleep(1.0)
                 rows.setdefault(name, []).append(dict(
                     rps=n / SECS, n=n, opened=opened, us=(c1 - c0) / max(n, 1) * 1e6,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quick S1 (one hop, HTTP/1.1 keep-alive, GET /) comparison: Keel's example service against
-# bare hyper and bare hyper+axum serving the same bytes. Server pinned to CPU 1 with one tokio
+# bare hyper, bare hyper+axum and (when installed) nginx serving the same bytes. Server pinned to CPU 1 with one tokio
 # worker, wrk pinned to CPU 0, systems alternated each round; prints per-round throughput,
 # CPU time per request (utime+stime of the server over the window) and ratios to bare hyper.
 #
@@ -31,11 +31,18 @@ start() { # name port → pid
               taskset -c 1 "$exe" >/dev/null 2>&1 & ;;
         hyper) taskset -c 1 "$bin/examples/bare_hyper" 127.0.0.1:$port >/dev/null 2>&1 & ;;
         axum) taskset -c 1 "$bin/examples/bare_hyper" 127.0.0.1:$port --axum >/dev/null 2>&1 & ;;
+        nginx) # One worker, no master process (the PID measured is the one serving), same bytes.
+              conf=$(mktemp -d)/nginx.conf
+              printf '%s\n' "worker_processes 1; master_process off; daemon off; pid ${conf%.conf}.pid; error_log stderr error;" \
+                  'events { worker_connections 4096; }' \
+                  "http { access_log off; server { listen 127.0.0.1:$port; location / { default_type \"text/plain; charset=utf-8\"; return 200 \"hello from keel\\n\"; } } }" >"$conf"
+              taskset -c 1 nginx -c "$conf" -p "$(dirname "$conf")" >/dev/null 2>&1 & ;;
     esac
     echo $!
 }
 
 systems="hyper axum keel"
+command -v nginx >/dev/null 2>&1 && systems="$systems nginx"
 [ -n "${KEEL_BASELINE_BIN:-}" ] && systems="$systems keel-base"
 declare -A rps cpu
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -72,6 +72,16 @@ def peak_rss_kib(pid):
     return 0
 
 
+def cpu_seconds(pid):
+    """CPU time (utime + stime) of every thread of `pid` so far, in seconds."""
+    ticks = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def ensure(pkg, binary):
     if shutil.which(binary):
         return True
@@ -88,34 +98,37 @@ def loadgen(url, args, headers):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def start(system, port, upstream, tmp):
-    up = f"127.0.0.1:{upstream}"
+def command(system, listen, up, tmp):
+    """The command line and extra environment that run `system` listening on `listen`
+    (host:port) in front of the upstream `up` (host:port), its config written under `tmp`.
+    Shared with bench/s3-churn.py, so both compare the same peer configurations."""
     env = {}
+    tag = listen.replace(":", "-")
     if system == "keel":
-        cfg = os.path.join(tmp, "gateway.toml")
+        cfg = os.path.join(tmp, f"gateway-{tag}.toml")
         with open(cfg, "w") as f:
-            f.write(f'[server]\naddr = "127.0.0.1:{port}"\n\n[admin]\naddr = "127.0.0.1:{free_port()}"\n\n'
+            f.write(f'[server]\naddr = "{listen}"\n\n[admin]\naddr = "127.0.0.1:{free_port()}"\n\n'
                     f'[runtime]\nworker_threads = 1\n\n[log]\nlevel = "warn"\n\n')
             for name in ("user", "order", "inventory"):
                 f.write(f'[clients.{name}]\nendpoints = ["{up}"]\n\n')
         env.update({"KEEL_CONFIG": cfg, "SHOP_RATE": "1000000000", "SHOP_BURST": "1000000000"})
         cmd = [os.path.join(REL, "gateway")]
     elif system == "bare":
-        cmd = [os.path.join(REL, "examples", "bare_proxy"), f"127.0.0.1:{port}", up]
+        cmd = [os.path.join(REL, "examples", "bare_proxy"), listen, up]
     elif system == "nginx":
-        conf = os.path.join(tmp, f"nginx-{port}.conf")
+        conf = os.path.join(tmp, f"nginx-{tag}.conf")
         with open(conf, "w") as f:
             # master_process off: one process, so the PID measured is the one doing the work.
-            f.write(f"""worker_processes 1; master_process off; daemon off; pid {tmp}/nginx-{port}.pid; error_log stderr error;
+            f.write(f"""worker_processes 1; master_process off; daemon off; pid {tmp}/nginx-{tag}.pid; error_log stderr error;
 events {{ worker_connections 4096; }}
 http {{ access_log off;
   upstream up {{ server {up}; keepalive 256; }}
-  server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}
+  server {{ listen {listen}; location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}
 }}
 """)
         cmd = ["nginx", "-c", conf, "-p", tmp]
     elif system == "haproxy":
-        conf = os.path.join(tmp, f"haproxy-{port}.cfg")
+        conf = os.path.join(tmp, f"haproxy-{tag}.cfg")
         with open(conf, "w") as f:
             f.write(f"""global
   nbthread 1
@@ -127,7 +140,7 @@ defaults
   timeout server 30s
   option http-keep-alive
 frontend fe
-  bind 127.0.0.1:{port}
+  bind {listen}
   default_backend be
 backend be
   http-reuse always
@@ -136,6 +149,11 @@ backend be
         cmd = ["haproxy", "-f", conf, "-db"]
     else:
         raise ValueError(system)
+    return cmd, env
+
+
+def start(system, port, upstream, tmp):
+    cmd, env = command(system, f"127.0.0.1:{port}", f"127.0.0.1:{upstream}", tmp)
     return spawn(cmd, port, env)
 
 

@@ -521,6 +521,44 @@ impl Answers {
     }
 }
 
+/// A lock-free interval that rolls over at the first event past its end: of the events
+/// racing there, exactly one wins the roll and judges the interval that ended.
+#[derive(Debug)]
+struct Window {
+    interval_us: u64,
+    /// End of the current interval, microseconds since the limiter's epoch; 0 before the
+    /// first event.
+    end_us: AtomicU64,
+}
+
+impl Window {
+    fn new(interval_us: u64) -> Window {
+        Window {
+            interval_us: interval_us.max(1),
+            end_us: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some` when the event at `now_us` closed the interval and opened the next one; `true`
+    /// inside when the closed interval is the one just before (after a quiet gap, or before
+    /// the first interval, nothing recent was seen, so nothing is known).
+    fn roll(&self, now_us: u64) -> Option<bool> {
+        let end = self.end_us.load(Ordering::Acquire);
+        if now_us < end {
+            return None;
+        }
+        self.end_us
+            .compare_exchange(
+                end,
+                now_us + self.interval_us,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .ok()?;
+        Some(end != 0 && now_us < end.saturating_add(self.interval_us))
+    }
+}
+
 /// CoDel's standing-queue detector over queueing delays, on atomics: every request updates
 /// the current interval's minimum and counts; the first request after an interval ends
 /// decides about the next one.
@@ -535,9 +573,7 @@ impl Answers {
 #[derive(Debug)]
 struct Codel {
     target_us: u64,
-    interval_us: u64,
-    /// End of the current interval, in microseconds since the limiter's epoch.
-    interval_end: AtomicU64,
+    window: Window,
     /// Least delay seen in the current interval.
     min_us: AtomicU64,
     /// Requests seen in the current interval, and those that waited past the target.
@@ -555,8 +591,7 @@ impl Codel {
         let us = |d: keel_config::Duration| u64::try_from(d.get().as_micros()).unwrap_or(u64::MAX);
         Codel {
             target_us: us(cfg.target_delay),
-            interval_us: us(cfg.interval),
-            interval_end: AtomicU64::new(0),
+            window: Window::new(us(cfg.interval)),
             min_us: AtomicU64::new(u64::MAX),
             seen: AtomicU64::new(0),
             late: AtomicU64::new(0),
@@ -571,24 +606,13 @@ impl Codel {
     fn observe(&self, now_us: u64, delay_us: u64) -> bool {
         self.last_us.store(delay_us, Ordering::Relaxed);
         let late = u64::from(delay_us > self.target_us);
-        let end = self.interval_end.load(Ordering::Acquire);
-        let opens = now_us >= end
-            && self
-                .interval_end
-                .compare_exchange(
-                    end,
-                    now_us + self.interval_us,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_ok();
-        if opens {
+        if let Some(recent) = self.window.roll(now_us) {
             // This request opens the next interval and judges the one that ended — if it
             // really was the last one (after a gap with no requests, nothing is known).
             let min = self.min_us.swap(delay_us, Ordering::AcqRel);
             let seen = self.seen.swap(1, Ordering::AcqRel);
             let was_late = self.late.swap(late, Ordering::AcqRel);
-            let fresh = min != u64::MAX && now_us < end.saturating_add(self.interval_us);
+            let fresh = recent && min != u64::MAX;
             self.last_min_us
                 .store(if fresh { min } else { 0 }, Ordering::Relaxed);
             let standing = if !fresh {
@@ -617,9 +641,7 @@ impl Codel {
 /// so it never enters this state: it needs at least one timeout, that is, a shed.
 #[derive(Debug)]
 struct QueueOutcomes {
-    interval_us: u64,
-    /// End of the current interval, microseconds since the limiter's epoch.
-    end_us: AtomicU64,
+    window: Window,
     handed: AtomicU64,
     timed_out: AtomicU64,
     stalled: AtomicBool,
@@ -628,8 +650,7 @@ struct QueueOutcomes {
 impl QueueOutcomes {
     fn new(interval: Duration) -> QueueOutcomes {
         QueueOutcomes {
-            interval_us: micros(interval).max(1),
-            end_us: AtomicU64::new(0),
+            window: Window::new(micros(interval)),
             handed: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
             stalled: AtomicBool::new(false),
@@ -638,25 +659,13 @@ impl QueueOutcomes {
 
     /// A waiter ended at `now_us`, `handed` a slot or not.
     fn record(&self, handed: bool, now_us: u64) {
-        let end = self.end_us.load(Ordering::Acquire);
-        if now_us >= end
-            && self
-                .end_us
-                .compare_exchange(
-                    end,
-                    now_us + self.interval_us,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_ok()
-        {
+        if let Some(recent) = self.window.roll(now_us) {
             // Judge the interval that ended — if it was the last one (after a quiet gap
             // nothing is known about the queue, and it is not stalled).
             let served = self.handed.swap(u64::from(handed), Ordering::AcqRel);
             let late = self.timed_out.swap(u64::from(!handed), Ordering::AcqRel);
-            let fresh = end != 0 && now_us < end.saturating_add(self.interval_us);
             self.stalled
-                .store(fresh && late > served, Ordering::Release);
+                .store(recent && late > served, Ordering::Release);
             return;
         }
         if handed {
