@@ -574,10 +574,14 @@ fn start_leak_sweep(registry: &'static Registry, cfg: &crate::config::TasksConfi
     });
 }
 
-/// Put the route-label layer on an axum `Router` (the one kind of service whose route
-/// templates Keel can read); leave any other service as it is.
+/// Label the requests of a router by its route templates: a [`crate::Router`] matches its
+/// own, a plain axum `Router` gets the route-label layer (the two kinds of service whose
+/// templates Keel can read); any other service is left as it is.
 fn label_if_router<S: 'static>(mut service: S) -> S {
-    if let Some(router) = (&mut service as &mut dyn std::any::Any).downcast_mut::<axum::Router>() {
+    let any = &mut service as &mut dyn std::any::Any;
+    if let Some(router) = any.downcast_mut::<crate::Router>() {
+        *router = router.clone().prepared();
+    } else if let Some(router) = any.downcast_mut::<axum::Router>() {
         *router = crate::routes::label_routes(router.clone());
     }
     service

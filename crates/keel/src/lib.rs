@@ -1,12 +1,14 @@
 //! Keel: a Rust chassis for cloud-native microservices.
 //!
-//! A service is a `tower::Service` (an axum `Router`, tonic routes merged into one); Keel
-//! supplies the rest — layered config, runtime sizing from the cgroup quota, `SO_REUSEPORT`
+//! A service is a `tower::Service` — a [`Router`] (axum's, recording its route templates so
+//! requests are labelled by them without a layer on every route), a plain axum `Router`,
+//! tonic routes merged into one; Keel supplies the rest — layered config, runtime sizing from the cgroup quota, `SO_REUSEPORT`
 //! listeners, HTTP/1 + h2c + gRPC on one port with limits, probes with dependency checks, an
 //! admin port, and a graceful drain.
 //!
 //! ```no_run
-//! use axum::{Router, routing::get};
+//! use axum::routing::get;
+//! use keel::Router;
 //!
 //! fn main() -> std::process::ExitCode {
 //!     keel::run("hello", |app| async move {
@@ -36,6 +38,7 @@ pub use keel_runtime as runtime;
 pub use keel_server as server;
 pub use keel_server::{Readiness, RequestBody};
 pub use keel_telemetry as telemetry;
+pub use routes::Router;
 
 /// `Result` with Keel's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -28,7 +28,17 @@ async fn get_text(url: String, traceparent: Option<&str>) -> (u16, String) {
 
 /// Start `name` serving `router` with `config` (TOML) added; returns its main and admin
 /// addresses.
-async fn start(name: &str, router: Router, config: &str) -> (SocketAddr, SocketAddr) {
+async fn start<S, B>(name: &str, router: S, config: &str) -> (SocketAddr, SocketAddr)
+where
+    S: tower::Service<http::Request<keel::RequestBody>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Error: Into<keel::BoxError>,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<keel::BoxError>,
+{
     let dir = tempfile::tempdir().unwrap();
     let (addr, admin) = (ts::free_addr(), ts::free_addr());
     let file = dir.path().join(format!("{name}.toml"));
@@ -126,7 +136,40 @@ async fn two_apps_in_one_process_keep_their_own_metrics_and_service_names() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_ids_on_one_template_make_one_series_and_strays_share_unmatched() {
+    // A plain axum router: labelled by the route layer `App::serve` puts on it.
     let (addr, admin) = start("labels", routes("x"), "").await;
+    let text = ten_thousand_ids_and_strays(addr, admin).await;
+    assert_eq!(requests_series(&text), [USERS_10K, STRAYS], "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_router_labels_by_its_own_templates_and_a_merged_plain_router_by_its_layer() {
+    // `keel::Router` matches `/users/{id}` itself; `/hello` comes from a plain axum router
+    // merged into it, labelled by the route layer.
+    let router = keel::Router::new()
+        .route("/users/{id}", get(|| async { "x" }))
+        .merge(Router::new().route("/hello", get(|| async { "x" })));
+    assert_eq!(router.templates().collect::<Vec<_>>(), ["/users/{id}"]);
+    let (addr, admin) = start("keel-router", router, "").await;
+    for _ in 0..3 {
+        assert_eq!(
+            get_text(format!("http://{addr}/hello"), None).await,
+            (200, "x".into())
+        );
+    }
+    let text = ten_thousand_ids_and_strays(addr, admin).await;
+    let hello = "keel_server_requests_total{route=\"/hello\",method=\"GET\",class=\"2xx\"} 3";
+    assert_eq!(requests_series(&text), [hello, USERS_10K, STRAYS], "{text}");
+}
+
+const USERS_10K: &str =
+    "keel_server_requests_total{route=\"/users/{id}\",method=\"GET\",class=\"2xx\"} 10000";
+const STRAYS: &str =
+    "keel_server_requests_total{route=\"unmatched\",method=\"GET\",class=\"4xx\"} 3";
+
+/// 10,000 distinct user ids on `/users/{id}` (all answered 200) and three paths no route
+/// matches (404); returns the service's `/metrics` afterwards.
+async fn ten_thousand_ids_and_strays(addr: SocketAddr, admin: SocketAddr) -> String {
     let client = ts::http1_client();
     let mut tasks = tokio::task::JoinSet::new();
     for lane in 0..8u32 {
@@ -149,19 +192,15 @@ async fn ten_thousand_ids_on_one_template_make_one_series_and_strays_share_unmat
     for path in ["/nope", "/users", "/admin/../etc"] {
         assert_eq!(get_text(format!("http://{addr}{path}"), None).await.0, 404);
     }
+    get_text(format!("http://{admin}/metrics"), None).await.1
+}
 
-    let (_, text) = get_text(format!("http://{admin}/metrics"), None).await;
+/// The `keel_server_requests_total` samples of a `/metrics` text, sorted.
+fn requests_series(text: &str) -> Vec<&str> {
     let mut series: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("keel_server_requests_total{"))
         .collect();
     series.sort_unstable();
-    assert_eq!(
-        series,
-        [
-            "keel_server_requests_total{route=\"/users/{id}\",method=\"GET\",class=\"2xx\"} 10000",
-            "keel_server_requests_total{route=\"unmatched\",method=\"GET\",class=\"4xx\"} 3",
-        ],
-        "{text}"
-    );
+    series
 }

@@ -11,10 +11,10 @@
 
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::Query;
 use axum::routing::{get, post};
+use keel::Router;
 use serde::Deserialize;
 
 #[derive(Deserialize)]

@@ -28,15 +28,17 @@ pub async fn get(
 
 /// Tag every answer with `x-shop-instance: name` (which copy of a service answered: the
 /// gateway's colour routing is visible from outside).
-pub fn tag_instance(router: axum::Router, name: String) -> axum::Router {
+pub fn tag_instance(router: impl Into<keel::Router>, name: String) -> keel::Router {
     let value = http::HeaderValue::from_str(&name)
         .unwrap_or_else(|_| http::HeaderValue::from_static("invalid-instance-name"));
-    router.layer(axum::middleware::map_response(move |mut resp: Response| {
-        let value = value.clone();
-        async move {
-            // A proxied answer keeps the upstream's tag: it says who really answered.
-            resp.headers_mut().entry("x-shop-instance").or_insert(value);
-            resp
-        }
-    }))
+    router
+        .into()
+        .layer(axum::middleware::map_response(move |mut resp: Response| {
+            let value = value.clone();
+            async move {
+                // A proxied answer keeps the upstream's tag: it says who really answered.
+                resp.headers_mut().entry("x-shop-instance").or_insert(value);
+                resp
+            }
+        }))
 }

@@ -4,12 +4,12 @@
 //! inbox (exactly once per event).
 
 use axum::Json;
-use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use keel::BoxError;
+use keel::Router;
 use keel::messaging::consume::Handler;
 use keel::messaging::message::Message;
 use keel::messaging::store::{PgStore, PgTx, SqliteStore, SqliteTx};

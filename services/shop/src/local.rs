@@ -188,7 +188,7 @@ impl LocalShop {
             })
         };
 
-        let serve = |app: App, router: axum::Router, tasks: &mut Vec<_>, name: &'static str| {
+        let serve = |app: App, router: keel::Router, tasks: &mut Vec<_>, name: &'static str| {
             let mut rx = stop_rx.clone();
             let stop_fut = async move {
                 let _ = rx.wait_for(|s| *s).await;

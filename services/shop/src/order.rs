@@ -16,12 +16,13 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
 use keel::BoxError;
+use keel::Router;
 use keel::client::client::{Client, Service as ClientService, tonic_request};
 use keel::messaging::consume::{Inbox, Tx};
 use keel::messaging::store::{PgStore, SqliteStore};

@@ -7,12 +7,13 @@
 
 use crate::db::Db;
 use crate::with_db;
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
 use keel::BoxError;
+use keel::Router;
 use serde::{Deserialize, Serialize};
 
 use crate::http::error;

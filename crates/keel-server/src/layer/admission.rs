@@ -66,6 +66,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let Some(limiter) = &self.layer.limiter else {
             return AdmissionFuture::Now {
@@ -95,13 +96,17 @@ where
                 slot: Some(Slot(permit, ctx)),
             },
             // Only a request that has to wait pays for a clone of the service it will call.
+            // Boxed: waiting is the exception, and inline its state (a clone of the service
+            // and the request) would make every admitted request's future larger to move.
             Decision::Wait(wait) => AdmissionFuture::Queued {
-                wait: Some(wait),
-                slot: None,
-                ctx,
-                grpc: grpc::is_grpc(req.headers()),
-                call: Oneshot::new(self.inner.clone(), req),
-                retry_after: self.layer.retry_after.clone(),
+                queued: Box::pin(Queued {
+                    wait: Some(wait),
+                    slot: None,
+                    ctx,
+                    grpc: grpc::is_grpc(req.headers()),
+                    call: Oneshot::new(self.inner.clone(), req),
+                    retry_after: self.layer.retry_after.clone(),
+                }),
             },
             Decision::Shed(why) => AdmissionFuture::Shed {
                 resp: Some(refusal::overloaded(
@@ -126,17 +131,26 @@ pin_project_lite::pin_project! {
         /// Admitted at once (or no limiter).
         Now { #[pin] fut: S::Future, slot: Option<Slot> },
         /// Waiting for a slot, then calling the service.
-        Queued {
-            wait: Option<Waiting>,
-            #[pin]
-            call: Oneshot<S, R>,
-            slot: Option<Slot>,
-            ctx: Option<Context>,
-            grpc: bool,
-            retry_after: HeaderValue,
-        },
+        Queued { queued: Pin<Box<Queued<S, R>>> },
         /// Shed.
         Shed { resp: Option<Response<Fixed>> },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request waiting for a slot, then calling the service.
+    #[project = QueuedProj]
+    pub struct Queued<S, R>
+    where
+        S: tower::Service<R>,
+    {
+        wait: Option<Waiting>,
+        #[pin]
+        call: Oneshot<S, R>,
+        slot: Option<Slot>,
+        ctx: Option<Context>,
+        grpc: bool,
+        retry_after: HeaderValue,
     }
 }
 
@@ -153,20 +167,22 @@ where
 {
     type Output = Result<Response<RB>, Infallible>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let (resp, slot) = match self.project() {
             AdmissionProj::Now { fut, slot } => {
                 let Ok(resp) = ready!(fut.poll(cx));
                 (resp, slot.take())
             }
-            AdmissionProj::Queued {
-                wait,
-                call,
-                slot,
-                ctx,
-                grpc,
-                retry_after,
-            } => {
+            AdmissionProj::Queued { queued } => {
+                let QueuedProj {
+                    wait,
+                    call,
+                    slot,
+                    ctx,
+                    grpc,
+                    retry_after,
+                } = queued.as_mut().project();
                 if let Some(w) = wait.as_mut() {
                     match ready!(w.as_mut().poll(cx)) {
                         Ok(permit) => {

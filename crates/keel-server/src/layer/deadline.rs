@@ -64,6 +64,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let ctx = req.extensions().get::<Context>();
         let deadline = ctx.map(Context::deadline);
@@ -86,8 +87,10 @@ pin_project_lite::pin_project! {
         #[pin]
         fut: Option<F>,
         deadline: Option<Instant>,
-        #[pin]
-        sleep: Option<Sleep>,
+        // Armed at the handler's first `Pending` and boxed: most handlers of a fast service
+        // answer on their first poll, and an inline timer would make every request's future
+        // larger to move for the few that wait.
+        sleep: Option<Pin<Box<Sleep>>>,
         grpc: bool,
         stats: Arc<Stats>,
     }
@@ -100,6 +103,7 @@ where
 {
     type Output = Result<Response<RB>, Infallible>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let Some(fut) = this.fut.as_mut().as_pin_mut() else {
@@ -112,13 +116,12 @@ where
         let Some(deadline) = *this.deadline else {
             return Poll::Pending;
         };
-        if this.sleep.is_none() {
-            this.sleep.set(Some(tokio::time::sleep_until(deadline)));
-        }
         let fired = this
             .sleep
-            .as_pin_mut()
-            .is_some_and(|s| s.poll(cx).is_ready());
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
+            .as_mut()
+            .poll(cx)
+            .is_ready();
         if !fired {
             return Poll::Pending;
         }

@@ -78,6 +78,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         // HTTP/1.0 keep-alive is opt-in and HTTP/2 has no such header.
         let keep_alive = (req.version() == Version::HTTP_11).then(|| self.state.clone());

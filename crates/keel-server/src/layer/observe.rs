@@ -81,6 +81,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let record = self.observer.as_ref().map(|observer| {
             observer.server_started();
@@ -136,6 +137,7 @@ where
 {
     type Output = Result<Response<RB>, Infallible>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Ok(mut resp) = ready!(match this.record.as_mut() {

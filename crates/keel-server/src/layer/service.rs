@@ -50,14 +50,18 @@ where
         Poll::Ready(Ok(()))
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         if super::ready_now(&mut self.inner) {
             UserFuture::Direct {
                 fut: self.inner.call(req),
             }
         } else {
+            // Boxed: a router is always ready, so this is the rare path, and keeping the
+            // clone and the request inline would make every request's future (and each
+            // layer's around it) that much larger to move.
             UserFuture::Waiting {
-                fut: Oneshot::new(self.inner.clone(), req),
+                fut: Box::pin(Oneshot::new(self.inner.clone(), req)),
             }
         }
     }
@@ -73,7 +77,7 @@ pin_project_lite::pin_project! {
         /// The service was ready and has been called.
         Direct { #[pin] fut: S::Future },
         /// Waiting for the service to be ready, then calling it.
-        Waiting { #[pin] fut: Oneshot<S, R> },
+        Waiting { fut: Pin<Box<Oneshot<S, R>>> },
     }
 }
 
@@ -94,7 +98,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let out = match self.project() {
             UserProj::Direct { fut } => ready!(fut.poll(cx)),
-            UserProj::Waiting { fut } => ready!(fut.poll(cx)),
+            UserProj::Waiting { fut } => ready!(fut.as_mut().poll(cx)),
         };
         Poll::Ready(Ok(match out {
             Ok(resp) => resp.map(|b| ResponseBody::new(KeelBody::inner(b))),
