@@ -87,10 +87,8 @@ pin_project_lite::pin_project! {
         #[pin]
         fut: Option<F>,
         deadline: Option<Instant>,
-        // Armed at the handler's first `Pending` and boxed: most handlers of a fast service
-        // answer on their first poll, and an inline timer would make every request's future
-        // larger to move for the few that wait.
-        sleep: Option<Pin<Box<Sleep>>>,
+        #[pin]
+        sleep: Option<Sleep>,
         grpc: bool,
         stats: Arc<Stats>,
     }
@@ -116,12 +114,13 @@ where
         let Some(deadline) = *this.deadline else {
             return Poll::Pending;
         };
+        if this.sleep.is_none() {
+            this.sleep.set(Some(tokio::time::sleep_until(deadline)));
+        }
         let fired = this
             .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
-            .as_mut()
-            .poll(cx)
-            .is_ready();
+            .as_pin_mut()
+            .is_some_and(|s| s.poll(cx).is_ready());
         if !fired {
             return Poll::Pending;
         }
