@@ -78,16 +78,31 @@ impl HeaderWriter for http::HeaderMap {
         // Every value Keel writes is produced by its own encoders (visible ASCII), so this
         // only fails on a bug; dropping the header then is better than a panic.
         if let Ok(v) = http::HeaderValue::from_str(value) {
-            self.insert(header_name(name), v);
+            self.insert(header_name(name), indexing(name, v));
         }
     }
 
     fn set_owned(&mut self, name: &'static str, value: String) {
         // The encoder's buffer becomes the header value: validated, not copied.
         if let Ok(v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
-            self.insert(header_name(name), v);
+            self.insert(header_name(name), indexing(name, v));
         }
     }
+}
+
+/// `value` marked never to be indexed by HPACK when it is new on every call: span ids, the
+/// request id, the time left. Indexed, each would take a slot of the HTTP/2 connection's
+/// dynamic table that no later call can use, push out the entries that do repeat, and make
+/// every later header search the dead ones. What repeats across calls (baggage, trace state,
+/// the retry mark, B3's sampling flags) stays indexable. HTTP/1.1 ignores the mark.
+fn indexing(name: &'static str, mut value: http::HeaderValue) -> http::HeaderValue {
+    let repeats = matches!(name, names::BAGGAGE | names::TRACESTATE | names::RETRY)
+        || name.eq_ignore_ascii_case("x-b3-sampled")
+        || name.eq_ignore_ascii_case("x-b3-flags");
+    if !repeats {
+        value.set_sensitive(true);
+    }
+    value
 }
 
 /// The `HeaderName` of one of Keel's own header names, made once. `HeaderName::from_static`

@@ -160,6 +160,67 @@ async fn b3_multi_headers_are_read() {
     assert!(out.get("b3").is_none());
 }
 
+#[tokio::test]
+async fn values_new_on_every_call_are_never_indexed_by_hpack_and_the_rest_may_be() {
+    let c = ctx(
+        &[
+            ("baggage", "keel-color=canary"),
+            ("tracestate", "vendor=1"),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        ],
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    for b3 in [B3Format::Single, B3Format::Multi] {
+        let mut out = HeaderMap::new();
+        let opts = Outbound {
+            b3,
+            retry: true,
+            ..Outbound::default()
+        };
+        propagation::inject(&c, Carrier::Http, &opts, &mut out).unwrap();
+        let mut never: Vec<&str> = out
+            .iter()
+            .filter(|(_, v)| v.is_sensitive())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        never.sort_unstable();
+        let mut indexable: Vec<&str> = out
+            .iter()
+            .filter(|(_, v)| !v.is_sensitive())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        indexable.sort_unstable();
+        match b3 {
+            B3Format::Single => {
+                assert_eq!(never, ["b3", "keel-timeout", "traceparent", "x-request-id"]);
+            }
+            _ => assert_eq!(
+                never,
+                [
+                    "keel-timeout",
+                    "traceparent",
+                    "x-b3-spanid",
+                    "x-b3-traceid",
+                    "x-request-id"
+                ]
+            ),
+        }
+        let mut repeats = vec!["baggage", "keel-retry", "tracestate"];
+        if b3 == B3Format::Multi {
+            repeats.push("x-b3-sampled");
+            repeats.sort_unstable();
+        }
+        assert_eq!(indexable, repeats, "{b3:?}");
+    }
+    let mut out = HeaderMap::new();
+    propagation::inject(&c, Carrier::Grpc, &Outbound::default(), &mut out).unwrap();
+    assert!(out["grpc-timeout"].is_sensitive());
+}
+
 #[tokio::test(start_paused = true)]
 async fn outbound_sends_remaining_minus_margin_and_fails_fast_below_it() {
     let c = ctx(
