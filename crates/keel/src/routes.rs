@@ -116,9 +116,7 @@ where
         ) && ctx.route().is_none()
         {
             let template = matched.as_str();
-            let grpc_method =
-                template.ends_with("/{*rest}") && keel_core::grpc::is_grpc(req.headers());
-            let label = grpc_method
+            let label = grpc_catch_all(template, &req)
                 .then(|| self.labels.get(req.uri().path(), true))
                 .flatten()
                 .or_else(|| self.labels.get(template, false));
@@ -128,6 +126,12 @@ where
         }
         self.inner.call(req)
     }
+}
+
+/// A gRPC call that reached a service's catch-all route (`/pkg.Service/{*rest}`): labelled
+/// by its method path instead of the template.
+fn grpc_catch_all<B>(template: &str, req: &Request<B>) -> bool {
+    template.ends_with("/{*rest}") && keel_core::grpc::is_grpc(req.headers())
 }
 
 /// `router` with every route labelled (see the module doc). A router of nothing but a
@@ -179,6 +183,8 @@ impl<S: Clone + Send + Sync + 'static> Default for Router<S> {
 struct Table {
     matcher: matchit::Router<Arc<str>>,
     templates: Vec<Arc<str>>,
+    /// gRPC method labels handed out (shared by the clones of one router).
+    methods: Arc<Labels>,
 }
 
 impl std::fmt::Debug for Table {
@@ -208,7 +214,11 @@ impl Table {
             && ctx.route().is_none()
             && let Ok(m) = self.matcher.at(req.uri().path())
         {
-            ctx.set_route(m.value.clone());
+            let template = m.value;
+            let method = grpc_catch_all(template, req)
+                .then(|| self.methods.get(req.uri().path(), true))
+                .flatten();
+            ctx.set_route(method.unwrap_or_else(|| template.clone()));
         }
     }
 }
@@ -250,6 +260,31 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
         self.inner = self.inner.route_service(path, service);
         Arc::make_mut(&mut self.table).insert(path);
         self
+    }
+
+    /// A gRPC service (a tonic server, `FooServer::new(..)`), routed as tonic's
+    /// `Routes::add_service` routes it — at `/pkg.Service/{*rest}` — with its calls labelled by
+    /// method (`/pkg.Service/Method`, at most 256 distinct ones per router, then by the
+    /// service's template). Unlike tonic's `Routes`, no fallback is added: a call to a service
+    /// nobody serves gets the router's 404, which gRPC clients read as `UNIMPLEMENTED`.
+    #[track_caller]
+    pub fn grpc_service<G>(self, service: G) -> Self
+    where
+        G: tower::Service<Request<tonic::body::Body>, Error = Infallible>
+            + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        G::Response: axum::response::IntoResponse,
+        G::Future: Send + 'static,
+    {
+        use tower::ServiceExt;
+        let path = format!("/{}/{{*rest}}", G::NAME);
+        self.route_service(
+            &path,
+            service.map_request(|req: Request<axum::body::Body>| req.map(tonic::body::Body::new)),
+        )
     }
 
     /// `axum::Router::merge`. The templates of a merged [`Router`] join this one's; a plain
@@ -438,6 +473,57 @@ mod tests {
                 "{method} {path}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn grpc_calls_are_labelled_by_method_and_other_requests_by_template() {
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let mut router: Router = Router::new().grpc_service(health).prepared();
+        assert_eq!(
+            router.templates().collect::<Vec<_>>(),
+            ["/grpc.health.v1.Health/{*rest}"]
+        );
+        let label = |grpc: bool, path: &'static str| {
+            let ctx = Context::background(std::time::Duration::from_secs(5));
+            let mut req = Request::post(path);
+            if grpc {
+                req = req.header("content-type", "application/grpc");
+            }
+            let mut req = req.body(axum::body::Body::empty()).unwrap();
+            req.extensions_mut().insert(ctx.clone());
+            let mut router = router.clone();
+            async move {
+                tower::ServiceExt::oneshot(&mut router, req).await.unwrap();
+                ctx.route().map(|r| r.to_string())
+            }
+        };
+        assert_eq!(
+            label(true, "/grpc.health.v1.Health/Check").await.as_deref(),
+            Some("/grpc.health.v1.Health/Check")
+        );
+        assert_eq!(
+            label(true, "/grpc.health.v1.Health/Watch").await.as_deref(),
+            Some("/grpc.health.v1.Health/Watch")
+        );
+        // Not gRPC: the template, so a scan of method names makes no series.
+        assert_eq!(
+            label(false, "/grpc.health.v1.Health/Check")
+                .await
+                .as_deref(),
+            Some("/grpc.health.v1.Health/{*rest}")
+        );
+        // A service nobody serves: no route, no label (and a 404).
+        assert_eq!(label(true, "/pkg.Nope/Call").await, None);
+        let resp = tower::ServiceExt::oneshot(
+            &mut router,
+            Request::post("/pkg.Nope/Call")
+                .header("content-type", "application/grpc")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), 404);
     }
 
     #[tokio::test]

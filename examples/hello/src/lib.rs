@@ -32,14 +32,13 @@ pub fn routes() -> Router {
     let (reporter, health) = tonic_health::server::health_reporter();
     // The overall service ("") reports SERVING; Keel's readiness gates traffic via /readyz.
     drop(reporter);
-    let grpc = tonic::service::Routes::new(health).into_axum_router();
     Router::new()
         .route("/", get(|| async { "hello from keel\n" }))
         .route("/slow", get(slow))
         .route("/cpu", get(cpu))
         .route("/echo", post(|body: Bytes| async move { body }))
         .route("/context", get(context))
-        .merge(grpc)
+        .grpc_service(health)
 }
 
 async fn context(ctx: keel::Context) -> String {

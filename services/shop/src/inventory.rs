@@ -81,12 +81,10 @@ pub async fn router(
             consume(app, store, bus, counters);
         }
     }
-    let grpc = tonic::service::Routes::new(InventoryServer::new(Service { db: db.clone() }))
-        .into_axum_router();
     Ok(Router::new()
         .route("/stock/{sku}", get(stock_json))
-        .with_state(db)
-        .merge(grpc))
+        .with_state(db.clone())
+        .grpc_service(InventoryServer::new(Service { db })))
 }
 
 /// Confirm reservations as `OrderPlaced` events arrive, and give them back to stock as
