@@ -828,7 +828,7 @@ enum Sent {
 /// A gRPC response whose status is not in its headers: it comes in trailers after the
 /// messages, and the body reports it.
 fn status_in_trailers(h: &HeaderMap) -> bool {
-    is_grpc(h) && !h.contains_key(keel_core::grpc::STATUS)
+    is_grpc(h) && !h.contains_key(&keel_core::grpc::STATUS_HEADER)
 }
 
 /// The client as a `tower::Service`, so generated tonic clients run over it
@@ -896,7 +896,9 @@ pub fn tonic_request<T>(ctx: &Context, message: T) -> tonic::Request<T> {
 
 /// `Keep-Alive: timeout=N[, max=M]` → N seconds.
 pub fn keep_alive_timeout(h: &HeaderMap) -> Option<Duration> {
-    let v = h.get("keep-alive")?.to_str().ok()?;
+    // A static name: looked up by `&str`, the name would be parsed on every response.
+    static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+    let v = h.get(&KEEP_ALIVE)?.to_str().ok()?;
     v.split(',').find_map(|p| {
         let (k, n) = p.trim().split_once('=')?;
         if k.trim().eq_ignore_ascii_case("timeout") {

@@ -504,8 +504,10 @@ impl Gateway {
     }
 
     async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller<'_>, Response> {
+        // A static name: looked up by `&str`, the name would be parsed on every request.
+        static API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
         let api_key = headers
-            .get("x-api-key")
+            .get(&API_KEY)
             .and_then(|v| v.to_str().ok())
             .map(str::trim);
         let bearer = headers

@@ -117,9 +117,9 @@ fn grpc_status(code: Code, message: &str) -> Response<Fixed> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    h.insert(grpc::STATUS, HeaderValue::from(code as u16));
+    h.insert(grpc::STATUS_HEADER.clone(), HeaderValue::from(code as u16));
     if let Ok(v) = HeaderValue::from_str(&grpc::encode_message(message)) {
-        h.insert(grpc::MESSAGE, v);
+        h.insert(grpc::MESSAGE_HEADER.clone(), v);
     }
     r
 }
