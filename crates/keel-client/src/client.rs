@@ -564,6 +564,8 @@ impl Client {
         let picked = self.pick(ctx, hedge)?;
         let addr = picked.endpoint.addr;
         let pool = self.pool(addr, picked.version);
+        // One clock read serves the attempt's start and its cut-off.
+        let now = tokio::time::Instant::now();
         // Reported however this attempt ends, including dropped as a losing hedge.
         let mut obs = self.observer.as_deref().map(|observer| AttemptObs {
             observer,
@@ -573,20 +575,19 @@ impl Client {
             parts,
             attempt,
             span_id: keel_core::codec::SpanId::random(),
-            start: std::time::Instant::now(),
-            wall: std::time::SystemTime::now(),
+            start: now.into_std(),
             status: None,
             grpc_status: None,
             outcome: observe::Outcome::Cancelled,
         });
         let span_id = obs.as_ref().map(|o| o.span_id);
         let out = self.build(ctx, parts, body, &pool, attempt > 0, span_id)?;
-        let budget = self
+        let cut_off = self
             .cfg
             .per_try_timeout
-            .map_or(ctx.remaining(), |t| t.min(ctx.remaining()));
+            .map_or(ctx.deadline(), |t| ctx.deadline().min(now + t));
         let call = picked.load.start();
-        let sent = tokio::time::timeout(budget, async {
+        let sent = tokio::time::timeout_at(cut_off, async {
             let mut lease = match pool.checkout().await {
                 Ok(lease) => lease,
                 Err(e) => {
@@ -784,7 +785,6 @@ struct AttemptObs<'a> {
     attempt: u32,
     span_id: keel_core::codec::SpanId,
     start: std::time::Instant,
-    wall: std::time::SystemTime,
     status: Option<u16>,
     grpc_status: Option<i32>,
     outcome: observe::Outcome,
@@ -813,7 +813,9 @@ impl Drop for AttemptObs<'_> {
                 grpc_status: self.grpc_status,
                 attempt: self.attempt,
                 outcome: self.outcome,
-                start: self.wall,
+                // Reported as the attempt ends: the span recorder derives the wall-clock
+                // start from `duration`, and only for a sampled trace.
+                start: None,
                 duration: self.start.elapsed(),
             });
         }

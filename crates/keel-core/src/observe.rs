@@ -111,10 +111,24 @@ pub struct ClientRecord<'a> {
     pub attempt: u32,
     /// How it ended.
     pub outcome: Outcome,
-    /// Wall-clock start.
-    pub start: SystemTime,
+    /// Wall-clock start (span timestamps), when the record is made after the fact. `None`:
+    /// the attempt ends as the record is made, and [`ClientRecord::start_time`] derives the
+    /// start from the clock and `duration` — only when something asks, so a client whose
+    /// calls export no spans reads no wall clock per attempt.
+    pub start: Option<SystemTime>,
     /// Until the response headers (or the failure).
     pub duration: Duration,
+}
+
+impl ClientRecord<'_> {
+    /// When the attempt started, by the wall clock.
+    pub fn start_time(&self) -> SystemTime {
+        self.start.unwrap_or_else(|| {
+            SystemTime::now()
+                .checked_sub(self.duration)
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        })
+    }
 }
 
 /// Which side of a broker a [`MessageRecord`] comes from.

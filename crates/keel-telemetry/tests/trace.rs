@@ -76,7 +76,7 @@ fn client_record<'a>(ctx: &'a Context, method: &'a http::Method) -> ClientRecord
         grpc_status: None,
         attempt: 0,
         outcome: Outcome::Answered,
-        start: SystemTime::now(),
+        start: Some(SystemTime::now()),
         duration: Duration::from_millis(3),
     }
 }

@@ -97,6 +97,7 @@ pub(crate) fn client_span(r: &ClientRecord<'_>) -> Option<Span> {
     if !trace.sampled {
         return None;
     }
+    let start = r.start_time();
     let mut attrs = Vec::with_capacity(14);
     let method = Method::of(r.method);
     method.push_attrs(&mut attrs);
@@ -136,8 +137,8 @@ pub(crate) fn client_span(r: &ClientRecord<'_>) -> Option<Span> {
         flags: FLAG_SAMPLED | FLAG_HAS_IS_REMOTE,
         name,
         kind: SpanKind::Client as i32,
-        start_time_unix_nano: unix_nanos(r.start),
-        end_time_unix_nano: unix_nanos(r.start).saturating_add(nanos(r.duration)),
+        start_time_unix_nano: unix_nanos(start),
+        end_time_unix_nano: unix_nanos(start).saturating_add(nanos(r.duration)),
         attributes: attrs,
         status,
         ..Span::default()
@@ -409,7 +410,7 @@ mod tests {
             grpc_status: None,
             attempt: 0,
             outcome: Outcome::Answered,
-            start: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            start: Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
             duration: Duration::from_millis(4),
         }
     }
