@@ -78,11 +78,7 @@ pub struct ServerRecord<'a> {
 impl ServerRecord<'_> {
     /// When the request arrived, by the wall clock.
     pub fn start_time(&self) -> SystemTime {
-        self.start.unwrap_or_else(|| {
-            SystemTime::now()
-                .checked_sub(self.duration)
-                .unwrap_or(SystemTime::UNIX_EPOCH)
-        })
+        start_time(self.start, self.duration)
     }
 }
 
@@ -123,12 +119,18 @@ pub struct ClientRecord<'a> {
 impl ClientRecord<'_> {
     /// When the attempt started, by the wall clock.
     pub fn start_time(&self) -> SystemTime {
-        self.start.unwrap_or_else(|| {
-            SystemTime::now()
-                .checked_sub(self.duration)
-                .unwrap_or(SystemTime::UNIX_EPOCH)
-        })
+        start_time(self.start, self.duration)
     }
+}
+
+/// `start` if known, else the wall clock now less `duration`: for a record made as its
+/// request or attempt ends.
+fn start_time(start: Option<SystemTime>, duration: Duration) -> SystemTime {
+    start.unwrap_or_else(|| {
+        SystemTime::now()
+            .checked_sub(duration)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    })
 }
 
 /// Which side of a broker a [`MessageRecord`] comes from.
