@@ -898,9 +898,7 @@ pub fn tonic_request<T>(ctx: &Context, message: T) -> tonic::Request<T> {
 
 /// `Keep-Alive: timeout=N[, max=M]` → N seconds.
 pub fn keep_alive_timeout(h: &HeaderMap) -> Option<Duration> {
-    // A static name: looked up by `&str`, the name would be parsed on every response.
-    static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
-    let v = h.get(&KEEP_ALIVE)?.to_str().ok()?;
+    let v = h.get(&keel_core::headers::KEEP_ALIVE)?.to_str().ok()?;
     v.split(',').find_map(|p| {
         let (k, n) = p.trim().split_once('=')?;
         if k.trim().eq_ignore_ascii_case("timeout") {

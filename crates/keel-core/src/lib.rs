@@ -22,6 +22,7 @@ pub mod codec;
 pub mod context;
 pub mod fasthash;
 pub mod grpc;
+pub mod headers;
 pub mod observe;
 pub mod propagation;
 pub mod shutdown;

@@ -1138,6 +1138,16 @@ fn process_cpu_seconds() -> Option<f64> {
 mod tests {
     use super::*;
 
+    /// A limiter of one slot that stays one (`cfg` otherwise as given).
+    fn one_slot(cfg: OverloadConfig) -> Limiter {
+        Limiter::new(&OverloadConfig {
+            initial_limit: 1,
+            min_limit: 1,
+            max_limit: 1,
+            ..cfg
+        })
+    }
+
     fn cfg() -> OverloadConfig {
         OverloadConfig {
             initial_limit: 50,
@@ -1307,13 +1317,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_fast_service_waits_out_a_scheduler_stall_before_shedding() {
-        let c = OverloadConfig {
-            initial_limit: 1,
-            min_limit: 1,
-            max_limit: 1,
-            ..OverloadConfig::default()
-        };
-        let l = Limiter::new(&c);
+        let l = one_slot(OverloadConfig::default());
         let long = Duration::from_secs(10);
         // A service answering in 100 µs: twice its service time would be a 200 µs wait.
         let mut p = l.acquire(long, false).await.unwrap();
@@ -1348,13 +1352,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_queue_whose_waiters_time_out_refuses_within_a_millisecond_until_it_serves_again() {
-        let c = OverloadConfig {
-            initial_limit: 1,
-            min_limit: 1,
-            max_limit: 1,
-            ..OverloadConfig::default()
-        };
-        let l = Limiter::new(&c);
+        let c = OverloadConfig::default();
+        let l = one_slot(c.clone());
         let long = Duration::from_secs(10);
         let wait_of = |l: &Limiter| {
             let l = l.clone();
@@ -1417,15 +1416,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn too_little_time_left_is_refused_at_admission_and_critical_routes_go_first() {
-        let c = OverloadConfig {
-            initial_limit: 1,
-            min_limit: 1,
-            max_limit: 1,
+        let l = one_slot(OverloadConfig {
             critical_routes: vec!["/pay".into()],
             critical_headroom: 0.0,
             ..OverloadConfig::default()
-        };
-        let l = Limiter::new(&c);
+        });
         assert!(l.is_critical("/pay/now") && !l.is_critical("/browse"));
         let mut p = l.acquire(Duration::from_secs(1), false).await.unwrap();
         tokio::time::advance(Duration::from_millis(100)).await;

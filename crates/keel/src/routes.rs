@@ -1,14 +1,13 @@
 //! Route labels from the router, for every handler: the matched route template
-//! (`/users/{id}`, axum's `MatchedPath`) is recorded on the request's [`Context`] by a layer
-//! on each route, so metrics, spans and the task dump are labelled by template whether or
-//! not the handler takes a `Context`. Requests no route matched (the router's fallback) keep
+//! (`/users/{id}`) is recorded on the request's [`Context`], so metrics, spans and the task
+//! dump are labelled by template whether or not the handler takes a `Context`. Requests no route matched (the router's fallback) keep
 //! no template and share the one `unmatched` label, so a scan of random paths cannot grow the
 //! series count.
 //!
-//! gRPC services merged into the router (tonic's `Routes::into_axum_router`) match one
-//! catch-all route per service (`/pkg.Service/{*rest}`); their label is the method path
-//! (`/pkg.Service/Method`) instead — a bounded set, interned here, so labelling a call does
-//! not allocate.
+//! gRPC services (added with [`Router::grpc_service`], or merged as tonic's
+//! `Routes::into_axum_router`) match one catch-all route per service (`/pkg.Service/{*rest}`);
+//! their label is the method path (`/pkg.Service/Method`) instead — a bounded set, interned
+//! here, so labelling a call does not allocate.
 //!
 //! Two ways to get there:
 //!
@@ -207,10 +206,8 @@ impl Table {
     /// Record `template`; its index, unless it was known already.
     fn insert(&mut self, template: &str) -> Option<usize> {
         // axum has accepted the route already, so matchit accepts its template too; the one
-        // refusal left is the same template added again (another method on the path).
-        if self.templates.iter().any(|t| &**t == template) {
-            return None;
-        }
+        // refusal left is the same template added again (another method on the path), which
+        // matchit reports as a conflict.
         let index = self.templates.len();
         self.matcher.insert(template, index).ok()?;
         self.templates.push(Arc::from(template));
@@ -247,8 +244,8 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
 
     /// Record `template`, with the gRPC service to call directly for it, if any.
     fn record(&mut self, template: &str, grpc: Option<GrpcEndpoint>) {
-        if let Some(index) = Arc::make_mut(&mut self.table).insert(template) {
-            self.grpc.resize(index, None);
+        if Arc::make_mut(&mut self.table).insert(template).is_some() {
+            // `grpc` has one entry per template, added here and nowhere else.
             self.grpc.push(grpc);
         }
     }

@@ -66,7 +66,6 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let Some(limiter) = &self.layer.limiter else {
             return AdmissionFuture::Now {
@@ -167,7 +166,6 @@ where
 {
     type Output = Result<Response<RB>, Infallible>;
 
-    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let (resp, slot) = match self.project() {
             AdmissionProj::Now { fut, slot } => {

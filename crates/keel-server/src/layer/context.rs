@@ -111,7 +111,6 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         let st = &*self.state;
         let policy = st.deadlines.for_path(req.uri().path());
@@ -205,7 +204,6 @@ where
 {
     type Output = Result<Response<RB>, Infallible>;
 
-    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             ContextProj::Inner {

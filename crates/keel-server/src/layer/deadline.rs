@@ -64,7 +64,6 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let ctx = req.extensions().get::<Context>();
         let deadline = ctx.map(Context::deadline);
@@ -106,7 +105,6 @@ where
 {
     type Output = Result<Response<RB>, Infallible>;
 
-    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let Some(fut) = this.fut.as_mut().as_pin_mut() else {

@@ -12,12 +12,10 @@ use std::task::{Context, Poll, ready};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
+use keel_core::headers::KEEP_ALIVE;
 use keel_core::{Phase, Shutdown};
 
 use crate::refusal::CloseConnection;
-
-/// `keep-alive`.
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// Scrubs hop-by-hop headers and advertises the keep-alive.
 #[derive(Debug, Clone)]
@@ -78,7 +76,6 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         // HTTP/1.0 keep-alive is opt-in and HTTP/2 has no such header.
         let keep_alive = (req.version() == Version::HTTP_11).then(|| self.state.clone());

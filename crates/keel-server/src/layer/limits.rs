@@ -65,7 +65,6 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let limit = self.layer.max_body_bytes;
         if declared_length(req.headers()).is_some_and(|n| n > limit) {

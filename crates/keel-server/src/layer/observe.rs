@@ -81,7 +81,6 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let record = self.observer.as_ref().map(|observer| {
             observer.server_started();
@@ -137,7 +136,6 @@ where
 {
     type Output = Result<Response<RB>, Infallible>;
 
-    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Ok(mut resp) = ready!(match this.record.as_mut() {

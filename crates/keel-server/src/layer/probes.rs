@@ -74,7 +74,6 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let Some(state) = &self.state else {
             return ProbesFuture::Inner {

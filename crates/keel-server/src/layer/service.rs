@@ -50,7 +50,6 @@ where
         Poll::Ready(Ok(()))
     }
 
-    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         if super::ready_now(&mut self.inner) {
             UserFuture::Direct {
