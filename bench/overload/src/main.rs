@@ -26,6 +26,11 @@
 //! ```text
 //! keel-overload [SECONDS_PER_POINT=3] [SCENARIO…]      prints a markdown report and JSON
 //! ```
+//!
+//! `KEEL_OVERLOAD_SERIES=1` prints each 3× point over time on stderr (250 ms steps, with the
+//! front hop's limit and standing-queue state polled every 50 ms); `KEEL_OVERLOAD_DUMP=DIR`
+//! writes its every request (scheduled µs, status, latency µs, generator lag µs) to
+//! `DIR/SCENARIO-MODE.txt`.
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -249,23 +254,40 @@ async fn send(client: &Http, addr: SocketAddr) -> u16 {
 type Sample = (Duration, u16, Duration, Duration);
 
 /// Offer `rate` requests a second for `secs`, open loop.
+///
+/// The schedule is kept by a thread of its own that sleeps to each instant (`nanosleep`,
+/// tens of microseconds late) and hands the request to the runtime: tokio's timer has a
+/// millisecond's grain and fires up to two ticks late, and that lateness would count in every
+/// latency (they run from the scheduled time) — about 2 ms at p99 even unloaded. Spinning to
+/// the instant instead (yielding to the runtime) halved a CPU-bound hop's throughput on the
+/// other core, measured.
 fn offer(rt: &tokio::runtime::Runtime, addr: SocketAddr, rate: f64, secs: f64) -> Vec<Sample> {
-    rt.block_on(async move {
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let n = (rate * secs) as u32;
+    let handle = rt.handle().clone();
+    let (done, pacer) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        pin(GENERATOR_CPU);
         let client = http_client();
-        let interval = Duration::from_secs_f64(1.0 / rate);
-        let n = (rate * secs) as u32;
-        let start = tokio::time::Instant::now();
+        let start = Instant::now();
         let mut tasks = Vec::with_capacity(n as usize);
         for i in 0..n {
             let at = start + interval * i;
-            tokio::time::sleep_until(at).await;
+            if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
             let client = client.clone();
-            tasks.push(tokio::spawn(async move {
+            tasks.push(handle.spawn(async move {
                 let lag = at.elapsed();
                 let status = send(&client, addr).await;
                 (at - start, status, at.elapsed(), lag)
             }));
         }
+        let _ = done.send(tasks);
+    });
+    // The runtime runs the requests while this thread waits for the schedule's end.
+    rt.block_on(async move {
+        let tasks = pacer.await.unwrap();
         let mut out = Vec::with_capacity(tasks.len());
         for t in tasks {
             out.push(t.await.unwrap());
@@ -398,6 +420,11 @@ fn main() {
                 let sys = build(scenario, mode == "on");
                 offer(&rt, sys.front, sat * 0.25, 0.5);
                 let before: Vec<u64> = sys.hops.iter().map(|h| shed_at(&rt, *h)).collect();
+                let watch = (load == 3.0 && std::env::var_os("KEEL_OVERLOAD_SERIES").is_some())
+                    .then(|| {
+                        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                        (rt.spawn(watch_front(sys.hops[0], stop.clone())), stop)
+                    });
                 let samples = offer(&rt, sys.front, sat * load, secs);
                 let by_hop: Vec<u64> = sys
                     .hops
@@ -405,6 +432,27 @@ fn main() {
                     .zip(&before)
                     .map(|(h, b)| shed_at(&rt, *h) - b)
                     .collect();
+                if let Some(watch) = watch {
+                    watch.1.store(true, Ordering::Relaxed);
+                    let states = rt.block_on(watch.0).unwrap();
+                    series(scenario, mode, &samples, &states);
+                    if let Some(dir) = std::env::var_os("KEEL_OVERLOAD_DUMP") {
+                        let lines: Vec<String> = samples
+                            .iter()
+                            .map(|s| {
+                                format!(
+                                    "{} {} {} {}",
+                                    s.0.as_micros(),
+                                    s.1,
+                                    s.2.as_micros(),
+                                    s.3.as_micros()
+                                )
+                            })
+                            .collect();
+                        let f = std::path::Path::new(&dir).join(format!("{scenario}-{mode}.txt"));
+                        std::fs::write(f, lines.join("\n")).unwrap();
+                    }
+                }
                 let mut p = summarise(&samples, by_hop.iter().sum());
                 let by_hop = by_hop
                     .iter()
@@ -452,6 +500,73 @@ fn main() {
     let out = std::env::var("KEEL_OVERLOAD_JSON").unwrap_or_default();
     if !out.is_empty() {
         std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    }
+}
+
+/// The front hop's overload state, polled every 50 ms: (since the start, limit, in flight,
+/// standing queue).
+type State = (Duration, f64, u64, bool);
+
+async fn watch_front(hop: Hop, stop: Arc<std::sync::atomic::AtomicBool>) -> Vec<State> {
+    let client = http_client();
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let req = http::Request::get(format!("http://{}/debug/server", hop.admin))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        if let Ok(resp) = client.request(req).await {
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let o = &v["overload"];
+            out.push((
+                start.elapsed(),
+                o["limit"].as_f64().unwrap_or(0.0),
+                o["in_flight"].as_u64().unwrap_or(0),
+                o["standing_queue"].as_bool().unwrap_or(false),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    out
+}
+
+/// The 3× point over time, on stderr (`KEEL_OVERLOAD_SERIES=1`): per 250 ms of schedule, the
+/// admitted and refused requests and their p99, and the front hop's limit, in-flight count
+/// and standing-queue share — tells an onset transient from a steady state.
+fn series(scenario: &str, mode: &str, samples: &[Sample], states: &[State]) {
+    let bucket = Duration::from_millis(250);
+    let end = samples.iter().map(|s| s.0).max().unwrap_or_default();
+    let mut at = Duration::ZERO;
+    eprintln!(
+        "{scenario} {mode}: from ms | admitted | p99 ms | refused | p99 ms | late | limit | in flight | standing"
+    );
+    while at <= end {
+        let part: Vec<Sample> = samples
+            .iter()
+            .filter(|s| s.0 >= at && s.0 < at + bucket)
+            .copied()
+            .collect();
+        let p = summarise(&part, 0);
+        let (mut ok, mut refused) = (p.ok, p.refused);
+        let st: Vec<&State> = states
+            .iter()
+            .filter(|s| s.0 >= at && s.0 < at + bucket)
+            .collect();
+        let n = st.len().max(1) as f64;
+        eprintln!(
+            "{scenario} {mode}: {:>6} | {:>5} | {:>7} | {:>5} | {:>7} | {} | {:.1} | {:.1} | {:.0} %",
+            at.as_millis(),
+            ok.len(),
+            ms(pct(&mut ok, 0.99)),
+            refused.len(),
+            ms(pct(&mut refused, 0.99)),
+            p.late,
+            st.iter().map(|s| s.1).sum::<f64>() / n,
+            st.iter().map(|s| s.2 as f64).sum::<f64>() / n,
+            st.iter().filter(|s| s.3).count() as f64 / n * 100.0,
+        );
+        at += bucket;
     }
 }
 
