@@ -504,8 +504,8 @@ fn main() {
 }
 
 /// The front hop's overload state, polled every 50 ms: (since the start, limit, in flight,
-/// standing queue).
-type State = (Duration, f64, u64, bool);
+/// standing queue, baseline ms).
+type State = (Duration, f64, u64, bool, f64);
 
 async fn watch_front(hop: Hop, stop: Arc<std::sync::atomic::AtomicBool>) -> Vec<State> {
     let client = http_client();
@@ -524,6 +524,7 @@ async fn watch_front(hop: Hop, stop: Arc<std::sync::atomic::AtomicBool>) -> Vec<
                 o["limit"].as_f64().unwrap_or(0.0),
                 o["in_flight"].as_u64().unwrap_or(0),
                 o["standing_queue"].as_bool().unwrap_or(false),
+                o["baseline_ms"].as_f64().unwrap_or(0.0),
             ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -539,7 +540,7 @@ fn series(scenario: &str, mode: &str, samples: &[Sample], states: &[State]) {
     let end = samples.iter().map(|s| s.0).max().unwrap_or_default();
     let mut at = Duration::ZERO;
     eprintln!(
-        "{scenario} {mode}: from ms | admitted | p99 ms | refused | p99 ms | late | limit | in flight | standing"
+        "{scenario} {mode}: from ms | admitted | p99 ms | refused | p99 ms | late | limit | in flight | standing | baseline ms"
     );
     while at <= end {
         let part: Vec<Sample> = samples
@@ -555,7 +556,7 @@ fn series(scenario: &str, mode: &str, samples: &[Sample], states: &[State]) {
             .collect();
         let n = st.len().max(1) as f64;
         eprintln!(
-            "{scenario} {mode}: {:>6} | {:>5} | {:>7} | {:>5} | {:>7} | {} | {:.1} | {:.1} | {:.0} %",
+            "{scenario} {mode}: {:>6} | {:>5} | {:>7} | {:>5} | {:>7} | {} | {:.1} | {:.1} | {:.0} % | {:.1}",
             at.as_millis(),
             ok.len(),
             ms(pct(&mut ok, 0.99)),
@@ -565,6 +566,7 @@ fn series(scenario: &str, mode: &str, samples: &[Sample], states: &[State]) {
             st.iter().map(|s| s.1).sum::<f64>() / n,
             st.iter().map(|s| s.2 as f64).sum::<f64>() / n,
             st.iter().filter(|s| s.3).count() as f64 / n * 100.0,
+            st.iter().map(|s| s.4).sum::<f64>() / n,
         );
         at += bucket;
     }
