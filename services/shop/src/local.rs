@@ -91,8 +91,25 @@ pub struct LocalShop {
     created: Option<(String, Vec<String>)>,
 }
 
+/// A loopback address whose port was free a moment ago and was never handed out before in
+/// this process. The kernel may give the port it just released to the next bind, so the
+/// eight (or ten) addresses of one shop could repeat one; Keel's listeners set
+/// `SO_REUSEPORT`, so two services would then both bind it and silently split its
+/// connections. `keel_test_support::free_port` guards against the same repeat, seen under the
+/// full suite.
 fn free_addr() -> Result<SocketAddr, BoxError> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..1000 {
+        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if given.insert(addr.port()) {
+            return Ok(addr);
+        }
+    }
+    Err("no loopback port left that this process has not handed out already".into())
 }
 
 fn ports() -> Result<Ports, BoxError> {
