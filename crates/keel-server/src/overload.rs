@@ -49,12 +49,18 @@
 //!
 //! ```text
 //! threshold = max(tolerance × baseline, baseline + slack)
-//! least > threshold  →  limit ← limit × clamp(threshold / least, 0.5, 1)
+//! least > threshold  →  limit ← min(limit × clamp(threshold / least, 0.5, 1),
+//!                                   answers per second × baseline × tolerance)
 //! otherwise          →  limit ← limit + √limit
 //! ```
 //!
 //! each step taken `smoothing` of the way, and only after an interval in which half the limit
-//! was in use (light load says nothing about capacity). When even the fastest answer of an
+//! was in use (light load says nothing about capacity). The second term of a cut is Little's
+//! law: when every answer queued, the service ran at its capacity, and the interval's answers
+//! needed that many in flight at the healthy time (the tolerance is headroom). Halving alone
+//! took three intervals to bring a fresh limit of 100 down to a pool of eight, admitting into
+//! the pool's queue all the while; at three times that pool's capacity the cut took admitted
+//! p99 over 30 s from 58.8–72.5 ms (two runs) to 46.2 ms (`bench/overload.sh 30 async`). When even the fastest answer of an
 //! interval was slow, every request queued; one fast answer shows the service can still be
 //! fast, so a service whose time varies (1 to 30 ms, say), a slow answer or a scheduler's
 //! stall moves nothing. Comparing an average with a minimum is what made Gradient2 throttle
@@ -403,10 +409,10 @@ impl ConcurrencyLimit {
         self.baseline.map(Duration::from_secs_f64)
     }
 
-    /// Judge an interval whose least own service time was `least`; `busy` when at least half
-    /// the limit was in use at one of its answers (light load says nothing about capacity,
-    /// so only then does the limit move).
-    pub fn judge(&mut self, least: Duration, busy: bool) {
+    /// Judge an interval whose least own service time was `least` and which saw `per_sec`
+    /// answers a second; `busy` when at least half the limit was in use at one of its answers
+    /// (light load says nothing about capacity, so only then does the limit move).
+    pub fn judge(&mut self, least: Duration, per_sec: f64, busy: bool) {
         let least = least.as_secs_f64();
         let interval = self.cfg.interval.get();
         let baseline = self.baseline.unwrap_or(least);
@@ -428,7 +434,17 @@ impl ConcurrencyLimit {
         });
         if busy {
             let target = if over {
-                self.limit * (threshold / least).clamp(0.5, 1.0)
+                // At most what the interval's answers need at the healthy time, with the
+                // tolerance as headroom (Little's law: in flight = rate × time): every answer
+                // queued, so the service was at its capacity and this is the concurrency that
+                // carries it (see the module doc).
+                let carried = per_sec * baseline * self.cfg.tolerance;
+                let proportional = self.limit * (threshold / least).clamp(0.5, 1.0);
+                if carried > 0.0 {
+                    proportional.min(carried)
+                } else {
+                    proportional
+                }
             } else {
                 self.limit + self.limit.sqrt()
             };
@@ -470,9 +486,9 @@ impl Answers {
         }
     }
 
-    /// Count an answer of `own_us` at `now_us`; the interval's least own time and whether it
-    /// was busy, when this answer closes it.
-    fn answer(&self, own_us: u64, now_us: u64, busy: bool) -> Option<(Duration, bool)> {
+    /// Count an answer of `own_us` at `now_us`; the interval's least own time, its answers a
+    /// second and whether it was busy, when this answer closes it.
+    fn answer(&self, own_us: u64, now_us: u64, busy: bool) -> Option<(Duration, f64, bool)> {
         let e = self.expected_us.load(Ordering::Relaxed);
         let next = if e == 0 {
             own_us
@@ -514,9 +530,12 @@ impl Answers {
         // This answer closed the interval (a racing one lost the exchange above). Answers
         // racing with the reset below land in either interval: one answer more or less.
         let least = self.least_us.swap(u64::MAX, Ordering::AcqRel);
-        self.count.store(0, Ordering::Relaxed);
+        let count = self.count.swap(0, Ordering::Relaxed);
         let busy = self.busy.swap(false, Ordering::AcqRel);
-        Some((Duration::from_micros(least), busy))
+        // The interval began where the last one closed (`end` was set then, one interval on).
+        let began_us = end.saturating_sub(self.interval_us);
+        let per_sec = count as f64 / (now_us.saturating_sub(began_us).max(1) as f64 / 1e6);
+        Some((Duration::from_micros(least), per_sec, busy))
     }
 
     /// The expected service time, once an answer has been seen.
@@ -812,9 +831,9 @@ impl Permit {
             .saturating_sub(started_us)
             .saturating_sub(micros(upstream));
         let busy = half_in_use(inner.in_flight.load(Ordering::Relaxed), inner.cap(false));
-        if let Some((least, busy)) = inner.answers.answer(own_us, now_us, busy) {
+        if let Some((least, per_sec, busy)) = inner.answers.answer(own_us, now_us, busy) {
             let mut algo = self.limiter.algo();
-            algo.limit.judge(least, busy);
+            algo.limit.judge(least, per_sec, busy);
             let limit = algo.limit.limit();
             drop(algo);
             inner.publish(limit);
@@ -1219,8 +1238,8 @@ mod tests {
         fn update(&mut self, own: Duration, now: Instant, in_flight: usize) {
             let now_us = micros(now.saturating_duration_since(self.epoch));
             let busy = half_in_use(in_flight, self.limit.limit().floor().max(1.0) as usize);
-            if let Some((least, busy)) = self.answers.answer(micros(own), now_us, busy) {
-                self.limit.judge(least, busy);
+            if let Some((least, per_sec, busy)) = self.answers.answer(micros(own), now_us, busy) {
+                self.limit.judge(least, per_sec, busy);
             }
         }
 
@@ -1280,6 +1299,27 @@ mod tests {
             g.baseline()
         );
         assert_eq!(g.limit(), 200.0, "no longer shedding");
+    }
+
+    #[test]
+    fn an_overloaded_interval_cuts_the_limit_to_what_its_answers_need() {
+        let ms = Duration::from_millis;
+        let mut l = ConcurrencyLimit::new(&cfg());
+        l.judge(ms(10), 800.0, false);
+        assert_eq!(l.limit(), 50.0, "light load moves nothing");
+        // A pool of eight at 10 ms answers 800 a second; every answer waited behind others.
+        l.judge(ms(60), 800.0, true);
+        // 800/s × 10 ms × 1.5 = 12 at once, where halving would have left 25.
+        assert!((l.limit() - 12.0).abs() < 1e-9, "{}", l.limit());
+        // The cut is never deeper than the floor, nor shallower than the proportional one.
+        let mut l = ConcurrencyLimit::new(&cfg());
+        l.judge(ms(10), 100.0, false);
+        l.judge(ms(60), 100.0, true);
+        assert_eq!(l.limit(), 5.0, "down to the floor");
+        let mut l = ConcurrencyLimit::new(&cfg());
+        l.judge(ms(10), 100_000.0, false);
+        l.judge(ms(60), 100_000.0, true);
+        assert_eq!(l.limit(), 25.0, "halved");
     }
 
     #[test]
