@@ -323,13 +323,7 @@ fn saturation(rt: &tokio::runtime::Runtime, addr: SocketAddr, secs: f64) -> f64 
 /// Requests shed so far at `hop`, by its admin page.
 fn shed_at(rt: &tokio::runtime::Runtime, hop: Hop) -> u64 {
     rt.block_on(async move {
-        let req = http::Request::get(format!("http://{}/debug/server", hop.admin))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let resp = http_client().request(req).await.unwrap();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        let o = &v["overload"];
+        let o = overload_state(&http_client(), hop).await.unwrap();
         [
             "shed_queue_full",
             "shed_queue_timeout",
@@ -503,6 +497,20 @@ fn main() {
     }
 }
 
+/// The `overload` object of `hop`'s `/debug/server`.
+async fn overload_state(
+    client: &Http,
+    hop: Hop,
+) -> Result<serde_json::Value, hyper_util::client::legacy::Error> {
+    let req = http::Request::get(format!("http://{}/debug/server", hop.admin))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await?;
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    Ok(v["overload"].take())
+}
+
 /// The front hop's overload state, polled every 50 ms: (since the start, limit, in flight,
 /// standing queue, baseline ms).
 type State = (Duration, f64, u64, bool, f64);
@@ -512,13 +520,7 @@ async fn watch_front(hop: Hop, stop: Arc<std::sync::atomic::AtomicBool>) -> Vec<
     let start = Instant::now();
     let mut out = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let req = http::Request::get(format!("http://{}/debug/server", hop.admin))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        if let Ok(resp) = client.request(req).await {
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            let o = &v["overload"];
+        if let Ok(o) = overload_state(&client, hop).await {
             out.push((
                 start.elapsed(),
                 o["limit"].as_f64().unwrap_or(0.0),
