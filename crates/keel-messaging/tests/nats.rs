@@ -295,7 +295,11 @@ async fn a_consumer_in_the_lifecycle_stops_at_the_drain_and_nothing_it_applied_c
     );
     let _ = stop_tx.send(());
     next.await.unwrap().unwrap();
-    assert_eq!(again.duplicates.load(Ordering::SeqCst), 0, "{again:?}");
+    assert_eq!(
+        again.duplicates.load(Ordering::SeqCst),
+        0,
+        "{again:?}; the drained instance: {stats:?}"
+    );
     // Each handed-back message reached the next instance as a redelivery.
     assert!(
         again.redelivered.load(Ordering::SeqCst) >= returned,

@@ -49,30 +49,48 @@
 //!
 //! ```text
 //! threshold = max(tolerance × baseline, baseline + slack)
+//! queued(t) = max((1 + tolerance) / 2 × t, t + slack / 2)          (halfway there)
 //! least > threshold  →  limit ← min(limit × clamp(threshold / least, 0.5, 1),
-//!                                   answers per second × baseline × tolerance)
-//! otherwise          →  limit ← limit + √limit
+//!                                   answers per second × (queued(baseline) + mean upstream wait))
+//! least > queued(baseline), or mean > queued(light-load mean)  →  limit held
+//! otherwise          →  limit ← limit + 1 after a cut while the load lasts, else + √limit
 //! ```
 //!
 //! each step taken `smoothing` of the way, and only after an interval in which half the limit
 //! was in use (light load says nothing about capacity). The second term of a cut is Little's
 //! law: when every answer queued, the service ran at its capacity, and the interval's answers
-//! needed that many in flight at the healthy time (the tolerance is headroom). Halving alone
-//! took three intervals to bring a fresh limit of 100 down to a pool of eight, admitting into
-//! the pool's queue all the while; at three times that pool's capacity the cut took admitted
-//! p99 over 30 s from 58.8–72.5 ms (two runs) to 46.2 ms (`bench/overload.sh 30 async`). When even the fastest answer of an
-//! interval was slow, every request queued; one fast answer shows the service can still be
-//! fast, so a service whose time varies (1 to 30 ms, say), a slow answer or a scheduler's
+//! needed that many in flight at the time halfway to the threshold (a little queueing as
+//! headroom), plus what their waits on upstreams hold (a proxy's slots are mostly those).
+//! Halving alone took three intervals to bring a fresh limit of 100 down to a pool of eight,
+//! admitting into the pool's queue all the while; at three times that pool's capacity the
+//! cut took admitted p99 over 30 s from 58.8–72.5 ms (two runs) to 46.2 ms
+//! (`bench/overload.sh 30 async`).
+//!
+//! The band in which the limit holds, and the careful probing after a cut, keep a saturated
+//! service where its answers queue a little. Without them the limit grew by √limit whenever
+//! the least was under the threshold, and a pool of eight held 13–16 in flight (the least
+//! stays low while one answer an interval finds a free slot), its admitted p99 at 24–25 ms;
+//! with the hold on the least alone it still crept from 11 to 16 over 30 s. The mean, held
+//! against the mean of light-load intervals (never against the least: a service whose
+//! answers vary has a mean far above its least with nothing queued), keeps that pool at 11 in
+//! flight and its admitted p99 at 22.9 ms, 1.82× unloaded (`bench/overload.sh 30 async`;
+//! the numbers in BENCH.md). The floor of 20 this module once had held twelve requests
+//! queued behind that pool's eight slots.
+//!
+//! The cut rests on the least: when even the fastest answer of an interval was slow, every
+//! request queued; one fast answer shows the service can still be fast, so a service whose time varies (1 to 30 ms, say), a slow answer or a scheduler's
 //! stall moves nothing. Comparing an average with a minimum is what made Gradient2 throttle
 //! services with varied answers (its javadoc warns of "an impractically low base RTT"; a first
 //! version of this module, which compared a ten-answer average with a falling baseline,
 //! throttled such an upstream in this crate's tests); a least with a least is like with like.
 //! The slack keeps a fast service (tens of microseconds of its own) from reading a scheduler's
 //! millisecond as a thirtyfold slowdown. The baseline falls at once to a lower healthy least,
-//! rises towards a higher one over ~10 s while healthy, and only over `baseline_window` (60 s)
-//! while over the threshold — so an overload is shed for its length, and a release that
-//! really made the service slower becomes normal. A service that starts overloaded still
-//! finds its baseline: the first requests, admitted into an empty service, are fast.
+//! rises towards a higher one over ~10 s under light load, and only over `baseline_window`
+//! (60 s) while half the limit is in use or the least is over the threshold (a saturated
+//! service's least holds the queue the limit admits) — so an overload is shed for its
+//! length, and a release that really made the service slower becomes normal. A service
+//! that starts overloaded still finds its baseline: the first requests, admitted into an
+//! empty service, are fast.
 //!
 //! **Over the limit**, a request waits in a LIFO queue for at most `queue_timeout`, twice the
 //! recent service time (but at least 5 ms, a few scheduler slices), and a quarter of its
@@ -123,6 +141,10 @@ const STALLED_QUEUE_WAIT: Duration = Duration::from_millis(1);
 /// long (weight `interval / HEALTHY_BASELINE_WINDOW` per interval).
 const HEALTHY_BASELINE_WINDOW: Duration = Duration::from_secs(10);
 
+/// How far a light-load interval's mean own time moves the healthy mean: a tenth, so one
+/// interval's noise moves it little and a second of them most of the way.
+const HEALTHY_MEAN_WEIGHT: f64 = 0.1;
+
 /// Answers an interval needs before it gives a verdict on the limit, and late requests a run
 /// needs before the queueing-delay test calls the queue standing.
 const MIN_INTERVAL_ANSWERS: u64 = 8;
@@ -136,8 +158,10 @@ pub struct OverloadConfig {
     pub enabled: bool,
     /// The limit at start. 100: no throttling until the service's own time says so.
     pub initial_limit: u32,
-    /// The limit never falls below this. 20: a slow dependency must not throttle a service
-    /// to a handful of requests; Netflix's default.
+    /// The limit never falls below this. 4: the limit learns from the service's own time
+    /// (waits on Keel's client left out), so a slow upstream cannot drag it down, and a
+    /// higher floor would keep requests queued behind a small pool (Netflix's 20 held twelve
+    /// behind a pool of eight).
     pub min_limit: u32,
     /// The limit never rises above this. 2000: far above what one instance should hold in
     /// flight; a bound on memory, not a tuning knob.
@@ -168,8 +192,8 @@ pub struct OverloadConfig {
     /// are already one per interval on a persistent signal, and a slower descent would let a
     /// real overload queue for longer.
     pub smoothing: f64,
-    /// How long a higher least service time must persist, while over its threshold, to
-    /// become the new baseline. 60 s: an overload is shed for its whole length, while a deploy that
+    /// How long a higher least service time must persist, while over its threshold or with
+    /// half the limit in use, to become the new baseline. 60 s: an overload is shed for its whole length, while a deploy that
     /// really made the service slower is accepted within a minute or two.
     pub baseline_window: keel_config::Duration,
     /// Requests waiting for a slot before new ones are shed at once. 64 bounds memory and
@@ -203,7 +227,7 @@ impl Default for OverloadConfig {
         OverloadConfig {
             enabled: true,
             initial_limit: 100,
-            min_limit: 20,
+            min_limit: 4,
             max_limit: 2000,
             tolerance: 1.5,
             slack: keel_config::Duration::from_millis(5),
@@ -378,6 +402,23 @@ pub struct OverloadStats {
     pub queue_stalled: bool,
 }
 
+/// What an interval of answers says to the concurrency limit ([`ConcurrencyLimit::judge`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IntervalSummary {
+    /// The least own service time (upstream waits left out).
+    pub least: Duration,
+    /// The mean own service time.
+    pub mean: Duration,
+    /// The mean time an answer spent waiting on upstreams.
+    pub upstream: Duration,
+    /// Answers a second; 0 when the interval says nothing about a rate (it stretched far
+    /// past its length for want of answers).
+    pub per_sec: f64,
+    /// At least half the limit was in use at one of its answers (light load says nothing
+    /// about capacity, so only then does the limit move).
+    pub busy: bool,
+}
+
 /// The concurrency limit's arithmetic: one verdict per interval, from the interval's least
 /// own service time (unit-tested on its own; the module doc gives the rule). The answers
 /// themselves are counted lock-free (the limiter's `Answers`); only the verdict takes its lock.
@@ -386,6 +427,11 @@ pub struct ConcurrencyLimit {
     limit: f64,
     /// Seconds; the least own service time of a healthy interval.
     baseline: Option<f64>,
+    /// A cut has found the service's capacity and load has not fallen since: the limit
+    /// probes upwards by one a verdict (see [`ConcurrencyLimit::judge`]).
+    careful: bool,
+    /// Seconds; the mean own service time of intervals under light load.
+    healthy_mean: Option<f64>,
     cfg: OverloadConfig,
 }
 
@@ -395,6 +441,8 @@ impl ConcurrencyLimit {
         ConcurrencyLimit {
             limit: f64::from(cfg.initial_limit),
             baseline: None,
+            careful: false,
+            healthy_mean: None,
             cfg: cfg.clone(),
         }
     }
@@ -409,22 +457,39 @@ impl ConcurrencyLimit {
         self.baseline.map(Duration::from_secs_f64)
     }
 
-    /// Judge an interval whose least own service time was `least` and which saw `per_sec`
-    /// answers a second; `busy` when at least half the limit was in use at one of its answers
-    /// (light load says nothing about capacity, so only then does the limit move).
-    pub fn judge(&mut self, least: Duration, per_sec: f64, busy: bool) {
-        let least = least.as_secs_f64();
+    /// Past this, a least (of `baseline`) means every answer queued: `tolerance` × it, or
+    /// `slack` over it, whichever is more.
+    fn threshold(&self, baseline: f64) -> f64 {
+        (self.cfg.tolerance * baseline).max(baseline + self.cfg.slack.get().as_secs_f64())
+    }
+
+    /// Halfway to [`Self::threshold`] on both of its terms: an answer past it already waited
+    /// a little inside the service, so more concurrency would only queue.
+    fn queued(&self, time: f64) -> f64 {
+        (time * (1.0 + self.cfg.tolerance) / 2.0)
+            .max(time + self.cfg.slack.get().as_secs_f64() / 2.0)
+    }
+
+    /// Judge an interval of answers (see the module doc for the rule).
+    pub fn judge(&mut self, summary: &IntervalSummary) {
+        let IntervalSummary { per_sec, busy, .. } = *summary;
+        let least = summary.least.as_secs_f64();
+        let mean = summary.mean.as_secs_f64();
         let interval = self.cfg.interval.get();
         let baseline = self.baseline.unwrap_or(least);
-        let threshold =
-            (self.cfg.tolerance * baseline).max(baseline + self.cfg.slack.get().as_secs_f64());
+        let threshold = self.threshold(baseline);
+        let queued_above = self.queued(baseline);
         // Even the fastest answer of the interval was slow: every request queued somewhere
         // inside the service.
         let over = least > threshold;
         self.baseline = Some(if least <= baseline {
             least
         } else {
-            let window = if over {
+            // While half the limit is in use, a slower least may be the queue the limit
+            // admits — a saturated service holds there — so it rises into the baseline only
+            // as slowly as an overloaded one: a baseline that followed it within seconds
+            // would let the limit ratchet upwards. Light load shows the unqueued time.
+            let window = if over || busy {
                 self.cfg.baseline_window.get()
             } else {
                 HEALTHY_BASELINE_WINDOW
@@ -432,25 +497,54 @@ impl ConcurrencyLimit {
             let w = (interval.as_secs_f64() / window.as_secs_f64().max(1e-3)).min(1.0);
             baseline + (least - baseline) * w
         });
-        if busy {
-            let target = if over {
-                // At most what the interval's answers need at the healthy time, with the
-                // tolerance as headroom (Little's law: in flight = rate × time): every answer
-                // queued, so the service was at its capacity and this is the concurrency that
-                // carries it (see the module doc).
-                let carried = per_sec * baseline * self.cfg.tolerance;
-                let proportional = self.limit * (threshold / least).clamp(0.5, 1.0);
-                if carried > 0.0 {
-                    proportional.min(carried)
-                } else {
-                    proportional
-                }
+        if !busy {
+            // Light load shows what an answer takes on average when nothing queues: a
+            // service whose answers vary (1 to 30 ms, say) has a mean far above its least,
+            // and only its own unloaded mean says whether its mean now holds a queue.
+            if !over {
+                self.healthy_mean = Some(match self.healthy_mean {
+                    None => mean,
+                    Some(m) => m + (mean - m) * HEALTHY_MEAN_WEIGHT,
+                });
+            }
+            // Load fell below half the limit: whatever overload the last cut answered is
+            // over, and the capacity it found may be stale.
+            self.careful = false;
+            return;
+        }
+        let target = if over {
+            self.careful = true;
+            // At most what the interval's answers need in flight (Little's law: in flight =
+            // rate × time) at the time halfway to the threshold, plus their waits on
+            // upstreams, which hold a slot but are not this service's: every answer queued,
+            // so the service ran at its capacity, and this is the concurrency that carries it
+            // with a little queueing as headroom (see the module doc).
+            let carried = per_sec * (queued_above + summary.upstream.as_secs_f64());
+            let proportional = self.limit * (threshold / least).clamp(0.5, 1.0);
+            if carried > 0.0 {
+                proportional.min(carried)
+            } else {
+                proportional
+            }
+        } else if least > queued_above || self.healthy_mean.is_some_and(|m| mean > self.queued(m)) {
+            // Answers queue a little inside the service — the fastest of them did, or on
+            // average they took that much longer than under light load (the least, lenient
+            // by design, can be one lucky answer that found a free slot) — which is where a
+            // saturated service should sit. More concurrency would only lengthen that queue.
+            self.limit
+        } else {
+            // Probe upwards: by one a verdict after a cut, for as long as the load lasts —
+            // the limit sits near the service's capacity, and a √limit step overshoots into
+            // the queue the cut removed (and a least, lenient by design, may hold it there);
+            // by √limit otherwise, to find a large capacity quickly.
+            if self.careful {
+                self.limit + 1.0
             } else {
                 self.limit + self.limit.sqrt()
-            };
-            let next = self.limit + (target - self.limit) * self.cfg.smoothing;
-            self.limit = next.clamp(f64::from(self.cfg.min_limit), f64::from(self.cfg.max_limit));
-        }
+            }
+        };
+        let next = self.limit + (target - self.limit) * self.cfg.smoothing;
+        self.limit = next.clamp(f64::from(self.cfg.min_limit), f64::from(self.cfg.max_limit));
     }
 }
 
@@ -468,6 +562,10 @@ struct Answers {
     end_us: AtomicU64,
     least_us: AtomicU64,
     count: AtomicU64,
+    /// Sums of the answers' own times and of their waits on upstreams, microseconds: the
+    /// interval's means.
+    own_sum_us: AtomicU64,
+    upstream_sum_us: AtomicU64,
     busy: AtomicBool,
     /// Microseconds; each answer moves it a tenth of the way (0: none seen yet). Answers
     /// racing on two threads may each miss the other's step: an average loses nothing by it.
@@ -481,14 +579,22 @@ impl Answers {
             end_us: AtomicU64::new(0),
             least_us: AtomicU64::new(u64::MAX),
             count: AtomicU64::new(0),
+            own_sum_us: AtomicU64::new(0),
+            upstream_sum_us: AtomicU64::new(0),
             busy: AtomicBool::new(false),
             expected_us: AtomicU64::new(0),
         }
     }
 
-    /// Count an answer of `own_us` at `now_us`; the interval's least own time, its answers a
-    /// second and whether it was busy, when this answer closes it.
-    fn answer(&self, own_us: u64, now_us: u64, busy: bool) -> Option<(Duration, f64, bool)> {
+    /// Count an answer of `own_us` (after `upstream_us` spent on upstreams) at `now_us`; the
+    /// interval's summary when this answer closes it.
+    fn answer(
+        &self,
+        own_us: u64,
+        upstream_us: u64,
+        now_us: u64,
+        busy: bool,
+    ) -> Option<IntervalSummary> {
         let e = self.expected_us.load(Ordering::Relaxed);
         let next = if e == 0 {
             own_us
@@ -499,6 +605,11 @@ impl Answers {
         self.expected_us.store(next.max(1), Ordering::Relaxed);
         self.least_us.fetch_min(own_us, Ordering::Relaxed);
         let count = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        self.own_sum_us.fetch_add(own_us, Ordering::Relaxed);
+        if upstream_us > 0 {
+            self.upstream_sum_us
+                .fetch_add(upstream_us, Ordering::Relaxed);
+        }
         if busy {
             self.busy.store(true, Ordering::Relaxed);
         }
@@ -531,11 +642,27 @@ impl Answers {
         // racing with the reset below land in either interval: one answer more or less.
         let least = self.least_us.swap(u64::MAX, Ordering::AcqRel);
         let count = self.count.swap(0, Ordering::Relaxed);
+        let own_sum = self.own_sum_us.swap(0, Ordering::Relaxed);
+        let upstream_sum = self.upstream_sum_us.swap(0, Ordering::Relaxed);
         let busy = self.busy.swap(false, Ordering::AcqRel);
         // The interval began where the last one closed (`end` was set then, one interval on).
         let began_us = end.saturating_sub(self.interval_us);
-        let per_sec = count as f64 / (now_us.saturating_sub(began_us).max(1) as f64 / 1e6);
-        Some((Duration::from_micros(least), per_sec, busy))
+        let took_us = now_us.saturating_sub(began_us).max(1);
+        // An interval stretched far past its length waited for answers through a quiet spell:
+        // its count over its length is no rate at which the service was loaded.
+        let per_sec = if took_us <= 2 * self.interval_us {
+            count as f64 / (took_us as f64 / 1e6)
+        } else {
+            0.0
+        };
+        let n = count.max(1);
+        Some(IntervalSummary {
+            least: Duration::from_micros(least),
+            mean: Duration::from_micros(own_sum / n),
+            upstream: Duration::from_micros(upstream_sum / n),
+            per_sec,
+            busy,
+        })
     }
 
     /// The expected service time, once an answer has been seen.
@@ -831,9 +958,9 @@ impl Permit {
             .saturating_sub(started_us)
             .saturating_sub(micros(upstream));
         let busy = half_in_use(inner.in_flight.load(Ordering::Relaxed), inner.cap(false));
-        if let Some((least, per_sec, busy)) = inner.answers.answer(own_us, now_us, busy) {
+        if let Some(summary) = inner.answers.answer(own_us, micros(upstream), now_us, busy) {
             let mut algo = self.limiter.algo();
-            algo.limit.judge(least, per_sec, busy);
+            algo.limit.judge(&summary);
             let limit = algo.limit.limit();
             drop(algo);
             inner.publish(limit);
@@ -1238,8 +1365,8 @@ mod tests {
         fn update(&mut self, own: Duration, now: Instant, in_flight: usize) {
             let now_us = micros(now.saturating_duration_since(self.epoch));
             let busy = half_in_use(in_flight, self.limit.limit().floor().max(1.0) as usize);
-            if let Some((least, per_sec, busy)) = self.answers.answer(micros(own), now_us, busy) {
-                self.limit.judge(least, per_sec, busy);
+            if let Some(summary) = self.answers.answer(micros(own), 0, now_us, busy) {
+                self.limit.judge(&summary);
             }
         }
 
@@ -1301,25 +1428,135 @@ mod tests {
         assert_eq!(g.limit(), 200.0, "no longer shedding");
     }
 
+    /// An interval whose answers all took `least` (none waiting on upstreams).
+    fn iv(least: Duration, per_sec: f64, busy: bool) -> IntervalSummary {
+        IntervalSummary {
+            least,
+            mean: least,
+            upstream: Duration::ZERO,
+            per_sec,
+            busy,
+        }
+    }
+
     #[test]
     fn an_overloaded_interval_cuts_the_limit_to_what_its_answers_need() {
         let ms = Duration::from_millis;
         let mut l = ConcurrencyLimit::new(&cfg());
-        l.judge(ms(10), 800.0, false);
+        l.judge(&iv(ms(10), 800.0, false));
         assert_eq!(l.limit(), 50.0, "light load moves nothing");
         // A pool of eight at 10 ms answers 800 a second; every answer waited behind others.
-        l.judge(ms(60), 800.0, true);
-        // 800/s × 10 ms × 1.5 = 12 at once, where halving would have left 25.
-        assert!((l.limit() - 12.0).abs() < 1e-9, "{}", l.limit());
+        l.judge(&iv(ms(60), 800.0, true));
+        // 800/s × 12.5 ms (halfway to the 15 ms threshold) = 10 at once, where halving would
+        // have left 25.
+        assert!((l.limit() - 10.0).abs() < 1e-9, "{}", l.limit());
         // The cut is never deeper than the floor, nor shallower than the proportional one.
         let mut l = ConcurrencyLimit::new(&cfg());
-        l.judge(ms(10), 100.0, false);
-        l.judge(ms(60), 100.0, true);
+        l.judge(&iv(ms(10), 100.0, false));
+        l.judge(&iv(ms(60), 100.0, true));
         assert_eq!(l.limit(), 5.0, "down to the floor");
         let mut l = ConcurrencyLimit::new(&cfg());
-        l.judge(ms(10), 100_000.0, false);
-        l.judge(ms(60), 100_000.0, true);
+        l.judge(&iv(ms(10), 100_000.0, false));
+        l.judge(&iv(ms(60), 100_000.0, true));
         assert_eq!(l.limit(), 25.0, "halved");
+    }
+
+    #[test]
+    fn a_saturated_pool_holds_its_limit_where_answers_queue_a_little_and_never_overshoots() {
+        // A handler serving eight at a time, 10 ms each, offered far more than it can do: the
+        // limit is always in use, and an answer's own time is the pool's service time
+        // stretched by the requests queued behind its eight slots (a fluid model of a FIFO
+        // semaphore).
+        let mut g = Sim::new(&cfg());
+        let mut t = Instant::now();
+        // First a second of light load (four in flight, no queue): the healthy baseline.
+        for _ in 0..400 {
+            t += Duration::from_micros(2500);
+            g.update(Duration::from_millis(10), t, 4);
+        }
+        let mut worst_own = Duration::ZERO;
+        let (mut low, mut high) = (f64::MAX, 0.0f64);
+        for step in 0..2000u32 {
+            let n = g.limit().floor().max(1.0);
+            let own = Duration::from_secs_f64(0.010 * (n / 8.0).max(1.0));
+            for i in 0..8u32 {
+                g.update(
+                    own,
+                    t + Duration::from_micros(1250 * u64::from(i)),
+                    n as usize,
+                );
+            }
+            t += Duration::from_millis(10);
+            if step >= 1000 {
+                worst_own = worst_own.max(own);
+                low = low.min(g.limit());
+                high = high.max(g.limit());
+            }
+        }
+        // Over the last 10 s: never past the 15 ms threshold (each crossing is an interval in
+        // which every admitted request queued a full half service time), and at least the
+        // pool itself in flight (less would idle its slots).
+        assert!(worst_own <= Duration::from_millis(15), "{worst_own:?}");
+        assert!(low >= 8.0 && high < 13.0, "limit between {low} and {high}");
+    }
+
+    #[test]
+    fn a_proxys_cut_keeps_the_slots_its_upstream_waits_hold() {
+        let ms = Duration::from_millis;
+        let mut l = ConcurrencyLimit::new(&OverloadConfig {
+            initial_limit: 200,
+            ..cfg()
+        });
+        l.judge(&iv(Duration::from_micros(50), 1000.0, false));
+        // 12,000 answers a second, each 10 ms on its upstream: 120 in flight are upstream
+        // waits. The proxy's own time went from 50 µs to at least 6 ms (its core is busy), so
+        // the limit is cut — but not below what the waits on its upstream hold.
+        l.judge(&IntervalSummary {
+            least: ms(6),
+            mean: ms(7),
+            upstream: ms(10),
+            per_sec: 12_000.0,
+            busy: true,
+        });
+        // 12,000/s × (2.55 ms + 10 ms) = 150.6; without the upstream's share it would be 30.6.
+        assert!((l.limit() - 150.6).abs() < 1e-6, "{}", l.limit());
+    }
+
+    #[test]
+    fn a_mean_past_its_light_load_mean_holds_the_limit_and_a_varied_service_still_grows() {
+        let ms = Duration::from_millis;
+        let interval = |least, mean, busy| IntervalSummary {
+            least,
+            mean,
+            upstream: Duration::ZERO,
+            per_sec: 800.0,
+            busy,
+        };
+        // A service whose answers vary from 1 to 30 ms: its mean is always far above its
+        // least, and that is no queue — under load it still grows.
+        let mut l = ConcurrencyLimit::new(&cfg());
+        for _ in 0..20 {
+            l.judge(&interval(ms(1), ms(15), false));
+        }
+        l.judge(&interval(ms(1), ms(16), true));
+        assert!(l.limit() > 50.0, "{}", l.limit());
+
+        // A pool at 10 ms whose least is one lucky answer that found a free slot while the
+        // rest queued: the mean, 14 ms against 10 under light load, holds the limit.
+        let mut l = ConcurrencyLimit::new(&cfg());
+        for _ in 0..20 {
+            l.judge(&interval(ms(10), ms(10), false));
+        }
+        for _ in 0..10 {
+            l.judge(&interval(ms(10), ms(14), true));
+        }
+        assert_eq!(l.limit(), 50.0, "held");
+        l.judge(&interval(ms(10), ms(11), true));
+        assert!(
+            l.limit() > 50.0,
+            "grows again once answers stop queueing: {}",
+            l.limit()
+        );
     }
 
     #[test]
