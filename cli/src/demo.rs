@@ -123,13 +123,16 @@ pub(crate) async fn run(plan: Plan) -> std::process::ExitCode {
 
 async fn run_inner(plan: Plan) -> Result<bool, keel::BoxError> {
     let collector = Collector::default();
-    let otlp = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    // The collector keeps the listener it bound: a port found free and bound again later
+    // could be taken in between (by the shop's own listeners, or anything else on the host).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let otlp = listener.local_addr()?;
     {
         let svc = TraceServiceServer::new(collector.clone());
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve(otlp),
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
     }
     let dir = std::env::temp_dir().join(format!("keel-demo-{}", std::process::id()));
