@@ -74,10 +74,11 @@
 //! stays low while one answer an interval finds a free slot), its admitted p99 at 24–25 ms;
 //! with the hold on the least alone it still crept from 11 to 16 over 30 s. The mean, held
 //! against the mean of light-load intervals (never against the least: a service whose
-//! answers vary has a mean far above its least with nothing queued), keeps that pool at 11 in
-//! flight and its admitted p99 at 22.9 ms, 1.82× unloaded (`bench/overload.sh 30 async`;
-//! `bench/results/overload-20261207T044228Z.md`). The floor of 20 this module once had held
-//! twelve requests queued behind that pool's eight slots.
+//! answers vary has a mean far above its least with nothing queued), keeps that pool at
+//! 11–12 in flight and its admitted p99 at 22.7–22.9 ms, 1.78–1.91× unloaded, in two runs
+//! (`bench/overload.sh 30`; `bench/results/overload-20261207T053312Z.md`, `…054012Z.md`).
+//! The floor of 20 this module once had held twelve requests queued behind that pool's
+//! eight slots.
 //!
 //! A cut is for a queue; when the answers after one — once what it let in has drained — are
 //! as slow as those that prompted it, there was no queue: the work itself got slower (a
