@@ -45,7 +45,8 @@
 //! overloaded because its upstream is slow — the upstream's own limiter and the client's
 //! breaker and balancer handle that. It applies CoDel's idea to service time: every
 //! `interval` (100 ms, and at least eight answers), the **least** own time of the interval is
-//! compared with the baseline (the least of a healthy interval):
+//! compared with the baseline (the least of a healthy interval), and its mean with the mean
+//! of light-load intervals:
 //!
 //! ```text
 //! threshold = max(tolerance × baseline, baseline + slack)
@@ -86,9 +87,10 @@
 //! a floor of four and no such rule, a pool of eight whose answers went from 10 to 100 ms
 //! was held at four in flight and served half of what it could.
 //!
-//! The cut rests on the least: when even the fastest answer of an interval was slow, every
-//! request queued; one fast answer shows the service can still be fast, so a service whose time varies (1 to 30 ms, say), a slow answer or a scheduler's
-//! stall moves nothing. Comparing an average with a minimum is what made Gradient2 throttle
+//! The cut rests on the least (the gross mean aside, whose bar is far above anything a busy
+//! service's mean reaches): when even the fastest answer of an interval was slow, every
+//! request queued; one fast answer shows the service can still be fast, so a service whose
+//! time varies (1 to 30 ms, say), a slow answer or a scheduler's stall moves nothing. Comparing an average with a minimum is what made Gradient2 throttle
 //! services with varied answers (its javadoc warns of "an impractically low base RTT"; a first
 //! version of this module, which compared a ten-answer average with a falling baseline,
 //! throttled such an upstream in this crate's tests); a least with a least is like with like.
