@@ -199,17 +199,7 @@ where
             },
         )
         .await?;
-    // Pull no more than the consumer works on at once. A delivery's `ack_wait` runs from when
-    // the server sent it, so one buffered behind a deep prefetch (async-nats pulls 200 by
-    // default) spends its ack_wait waiting: on a slow store it can expire before the ack,
-    // and an applied message comes back. A shallow prefetch also leaves little to hand back
-    // at a drain.
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(cfg.max_in_flight.max(1))
-        .heartbeat(Duration::from_secs(15))
-        .messages()
-        .await?;
+    let mut messages = consumer.messages().await?;
     let batch = cfg.batch.clamp(1, cfg.max_in_flight.max(1));
     // `max_in_flight` messages at once: that many / `batch` transactions of up to `batch`.
     let transactions = (cfg.max_in_flight.max(1) / batch).max(1);
