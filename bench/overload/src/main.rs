@@ -65,9 +65,20 @@ fn pin(cpu: usize) {
     }
 }
 
+/// A port nothing listens on, never one this process handed out before: the kernel may give
+/// a just-closed ephemeral port again, and a hop whose admin port equalled its traffic port
+/// (or an earlier hop's) failed to start.
 fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+    }
 }
 
 /// A running hop: where it serves and where its admin port answers.
@@ -302,27 +313,36 @@ fn offer(rt: &tokio::runtime::Runtime, addr: SocketAddr, rate: f64, secs: f64) -
     })
 }
 
-/// Throughput of 64 closed-loop connections for `secs`.
-fn saturation(rt: &tokio::runtime::Runtime, addr: SocketAddr, secs: f64) -> f64 {
+/// Throughput of 64 closed-loop connections for `secs` (answers 200 per second), and how many
+/// other answers they got (refusals, 502s, failures: each comes straight back as a new
+/// request, since this client ignores `Retry-After`).
+fn saturation(rt: &tokio::runtime::Runtime, addr: SocketAddr, secs: f64) -> (f64, u64) {
     rt.block_on(async move {
         let client = http_client();
         let until = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
         let done = Arc::new(AtomicU64::new(0));
+        let other = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for _ in 0..64 {
-            let (client, done) = (client.clone(), done.clone());
+            let (client, done, other) = (client.clone(), done.clone(), other.clone());
             tasks.push(tokio::spawn(async move {
                 while tokio::time::Instant::now() < until {
-                    if send(&client, addr).await == 200 {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
+                    let counter = if send(&client, addr).await == 200 {
+                        &done
+                    } else {
+                        &other
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
                 }
             }));
         }
         for t in tasks {
             t.await.unwrap();
         }
-        done.load(Ordering::Relaxed) as f64 / secs
+        (
+            done.load(Ordering::Relaxed) as f64 / secs,
+            other.load(Ordering::Relaxed),
+        )
     })
 }
 
@@ -411,7 +431,7 @@ fn main() {
         // What "saturated" is, with shedding off (after a second of warming up).
         let probe = build(scenario, false);
         saturation(&rt, probe.front, 1.0);
-        let sat = saturation(&rt, probe.front, secs.max(2.0));
+        let (sat, _) = saturation(&rt, probe.front, secs.max(2.0));
         let mut unloaded_p99 = Duration::ZERO;
         // `KEEL_OVERLOAD_CLOSED=1`: the closed-loop rows only (a quick check of shedding's cost
         // at saturation).
@@ -501,19 +521,31 @@ fn main() {
         // so goodput must stay with shedding off's (the issue's ≥ 0.98×).
         let on = build(scenario, true);
         saturation(&rt, on.front, 1.0);
-        let before: u64 = on.hops.iter().map(|h| shed_at(&rt, *h)).sum();
-        let sat_on = saturation(&rt, on.front, secs.max(2.0));
-        let shed_on = on.hops.iter().map(|h| shed_at(&rt, *h)).sum::<u64>() - before;
+        let before: Vec<u64> = on.hops.iter().map(|h| shed_at(&rt, *h)).collect();
+        let (sat_on, not_ok) = saturation(&rt, on.front, secs.max(2.0));
+        let sheds: Vec<u64> = on
+            .hops
+            .iter()
+            .zip(&before)
+            .map(|(h, b)| shed_at(&rt, *h) - b)
+            .collect();
+        let shed_on: u64 = sheds.iter().sum();
+        let per_hop = sheds
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(" / ");
         println!(
             "|  |  | saturation (64 closed-loop connections), shedding off | {sat:.0} req/s |  |  |  |  |  |  |  |"
         );
         println!(
-            "|  |  | saturation (64 closed-loop connections), shedding on | {sat_on:.0} req/s ({:.3}× off) |  |  |  |  | {shed_on} |  |  |",
+            "|  |  | saturation (64 closed-loop connections), shedding on | {sat_on:.0} req/s ({:.3}× off) |  |  |  | {not_ok} not 200 |  | {per_hop} |  |  |",
             sat_on / sat
         );
         json.push(serde_json::json!({
             "scenario": scenario, "closed_loop": 64, "saturation_rps": sat,
             "saturation_on_rps": sat_on, "closed_loop_sheds": shed_on,
+            "closed_loop_not_ok": not_ok, "closed_loop_hop_sheds": sheds,
         }));
         if scenario == "gateway" && !loads.is_empty() {
             phases(&rt, sat, secs, &mut json);
