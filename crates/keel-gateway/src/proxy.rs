@@ -18,6 +18,9 @@
 //!    WebSocket upgrade tunnelled. Hop-by-hop headers, credentials and the identity headers a
 //!    client sent are dropped; `Forwarded`/`X-Forwarded-*` are written from what the gateway
 //!    saw (see [`crate::forwarded`]); the identity headers are set from the credential.
+//!    An upstream's answer, a shed 503 with its `Retry-After` included, is passed on as it
+//!    came; a call the cluster's breaker sheds is 503 with `Retry-After: 1`; a deadline
+//!    passed is 504; any other failure to get an answer is 503.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -792,6 +795,21 @@ impl Gateway {
                     StatusCode::GATEWAY_TIMEOUT,
                     format!("{} did not answer in time", route.cluster()),
                 )
+            }
+            Err(ClientError::BreakerOpen(e)) => {
+                // The cluster's breaker shed the call to spare an upstream that has been
+                // refusing: an overload, passed on as one — 503 with `Retry-After`, which a
+                // caller backs off for (Keel's client penalises the gateway without ejecting
+                // it), not a failure that feeds ejection. At debug level: under overload this
+                // is most requests, and a warning each would be a log storm.
+                tracing::debug!(route = route.name(), cluster = route.cluster(), error = %e, "gateway: shed by the cluster's breaker");
+                let mut resp = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{} overloaded; retry later", route.cluster()),
+                );
+                resp.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                resp
             }
             Err(e) => {
                 tracing::warn!(route = route.name(), cluster = route.cluster(), error = %e, "gateway: upstream call failed");
