@@ -20,16 +20,18 @@
 //! timestamps (other systems, `rx_timestamps = false`) it starts when Keel
 //! read the bytes and is blind to a backlog of ready connections. As in CoDel (Nichols &
 //! Jacobson, RFC 8289; folly's server-side `Codel`), the service is *overloaded* only when
-//! every request for a whole `interval` (100 ms, and at least eight requests) waited longer
-//! than `target_delay` (5 ms): a queue that never drains below 5 ms is a standing queue, while
+//! every request for a whole `queue_interval` (50 ms, and at least eight requests) waited
+//! longer than `target_delay` (5 ms): a queue that never drains below 5 ms is a standing queue, while
 //! a burst or a process descheduled for a few milliseconds on a shared core leaves a fast
 //! request behind it, which starts the count again. While the queue stands, requests that
 //! waited longer than `target_delay` are shed (they are the backlog); the others run. It stops
 //! standing after an interval in which at most a tenth of the requests waited past the target.
 //! Under a sustained overload the admitted requests' wait settles just under the target, so
-//! it bounds their latency (measured once the onset had passed: about 9 ms at p99 for a 1 ms
-//! CPU-bound handler at three times its capacity with 5 ms, 4.5 ms with 2 ms — see
-//! `target_delay`).
+//! it bounds their latency: a 1 ms CPU-bound handler at three times its capacity answered
+//! admitted requests in 6–10 ms at p99 per 250 ms once the onset had passed
+//! (`KEEL_OVERLOAD_SERIES=1 bench/overload.sh 30 cpu`). The onset costs more: until the
+//! queue has stood for a `queue_interval`, requests are admitted into the backlog, and the
+//! backlog is then refused (a refusal's latency is the time its request already waited).
 //!
 //! **2. CPU, never alone.** The process's CPU usage against the cores it may use (the cgroup
 //! quota counts) is sampled every 250 ms. A sample above `cpu_threshold` keeps the CPU "hot"
@@ -189,12 +191,22 @@ pub struct OverloadConfig {
     /// (and to `tolerance` × it) before the limit shrinks. 5 ms: a few scheduler time slices,
     /// so a fast service on a shared core is not throttled by being descheduled.
     pub slack: keel_config::Duration,
-    /// How long a signal must persist before it counts: how long every request must have
-    /// waited past `target_delay`, and the window whose least own service time is judged.
-    /// 100 ms (CoDel's interval): longer than any scheduler stall, short enough that a real
-    /// overload is shed within a tenth of a second.
+    /// The concurrency limit's window: the answers of one interval are judged together (at
+    /// least eight of them). 100 ms: a pool of eight 10 ms answers gives eighty, enough for a
+    /// least and a mean to mean something. At 50 ms that pool, at three times its capacity,
+    /// was cut sooner at the onset but held a little higher after it (admitted p99 per
+    /// 250 ms 22.5–24.9 ms against 20.5–24.7 ms; `KEEL_OVERLOAD_SERIES=1 bench/overload.sh
+    /// 10 async`, one run each).
     pub interval: keel_config::Duration,
-    /// Queueing delay that, when every request of an `interval` waited longer, means a
+    /// How long every request must have waited past `target_delay` (at least eight of them)
+    /// before the queue counts as standing — CoDel's interval for the queueing-delay signal.
+    /// 50 ms: longer than a scheduler stall (which leaves a fast request behind it and
+    /// restarts the count), and the onset of an overload admits half as much backlog as with
+    /// 100 ms: a CPU-bound handler at three times its capacity answered refusals in 8.0–15.2 ms
+    /// at p99 over 10 s (three runs) instead of 42.6 ms, with nothing shed at 80 % load
+    /// (`bench/overload.sh 10 cpu`).
+    pub queue_interval: keel_config::Duration,
+    /// Queueing delay that, when every request of a `queue_interval` waited longer, means a
     /// standing queue; while it stands, requests that waited longer are shed. 5 ms (CoDel's
     /// target): lower bounds an overloaded service's latency tighter (the admitted requests'
     /// wait settles just under it) but a debug build or a busy shared core waits 2–4.5 ms
@@ -248,6 +260,7 @@ impl Default for OverloadConfig {
             tolerance: 1.5,
             slack: keel_config::Duration::from_millis(5),
             interval: keel_config::Duration::from_millis(100),
+            queue_interval: keel_config::Duration::from_millis(50),
             target_delay: keel_config::Duration::from_millis(5),
             rx_timestamps: true,
             smoothing: 1.0,
@@ -299,6 +312,7 @@ impl Validate for OverloadConfig {
         for (key, d) in [
             ("baseline_window", self.baseline_window),
             ("interval", self.interval),
+            ("queue_interval", self.queue_interval),
             ("target_delay", self.target_delay),
         ] {
             v.check(!d.get().is_zero(), key, d, "must be greater than 0");
@@ -822,7 +836,7 @@ impl Codel {
         let us = |d: keel_config::Duration| u64::try_from(d.get().as_micros()).unwrap_or(u64::MAX);
         Codel {
             target_us: us(cfg.target_delay),
-            window: Window::new(us(cfg.interval)),
+            window: Window::new(us(cfg.queue_interval)),
             above_since_us: AtomicU64::new(0),
             above_count: AtomicU64::new(0),
             min_us: AtomicU64::new(u64::MAX),
@@ -1405,6 +1419,37 @@ mod tests {
             max_limit: 1,
             ..cfg
         })
+    }
+
+    #[test]
+    fn a_zero_interval_of_either_kind_is_refused_by_name() {
+        let mut v = Validator::default();
+        v.nested("overload", &OverloadConfig::default());
+        assert!(v.is_empty(), "{v:?}");
+        for (key, cfg) in [
+            (
+                "overload.queue_interval",
+                OverloadConfig {
+                    queue_interval: keel_config::Duration::from_millis(0),
+                    ..OverloadConfig::default()
+                },
+            ),
+            (
+                "overload.interval",
+                OverloadConfig {
+                    interval: keel_config::Duration::from_millis(0),
+                    ..OverloadConfig::default()
+                },
+            ),
+        ] {
+            let mut v = Validator::default();
+            v.nested("overload", &cfg);
+            let said = format!("{v:?}");
+            assert!(
+                said.contains(key) && said.contains("greater than 0"),
+                "{said}"
+            );
+        }
     }
 
     fn cfg() -> OverloadConfig {
@@ -2029,7 +2074,9 @@ mod tests {
 
     #[test]
     fn codel_sees_a_queue_stand_one_interval_after_it_began_and_not_before() {
-        let c = Codel::new(&OverloadConfig::default());
+        let cfg = OverloadConfig::default();
+        let q = u64::try_from(cfg.queue_interval.get().as_millis()).unwrap();
+        let c = Codel::new(&cfg);
         // Healthy for a while, then from 1000 ms on every request (one per ms) waits 20 ms.
         for t in 0..1000 {
             assert!(!c.observe(at(t), 300));
@@ -2041,27 +2088,27 @@ mod tests {
             }
         }
         // Fixed windows judged by their least delay would have waited for the first whole
-        // window of late requests (1100–1200 ms) to end.
+        // window of late requests to end.
         assert_eq!(
             first_shed,
-            Some(1100),
+            Some(1000 + q),
             "standing one interval after the run began"
         );
         // A run that an on-time request breaks just before the interval is up starts over.
-        let c = Codel::new(&OverloadConfig::default());
+        let c = Codel::new(&cfg);
         for t in 0..1000 {
             c.observe(at(t), 300);
         }
-        for t in 1000..1099 {
+        for t in 1000..1000 + q - 1 {
             assert!(!c.observe(at(t), 20_000));
         }
-        assert!(!c.observe(at(1099), 300));
-        for t in 1100..1199 {
+        assert!(!c.observe(at(1000 + q - 1), 300));
+        for t in 1000 + q..1000 + 2 * q - 1 {
             assert!(!c.observe(at(t), 20_000), "shed at {t} ms");
         }
         // Late requests too few to be a queue: seven over 140 ms (stalls of a sparse service)
         // shed nothing; the eighth makes a run long enough to judge.
-        let c = Codel::new(&OverloadConfig::default());
+        let c = Codel::new(&cfg);
         for t in 0..1000 {
             c.observe(at(t), 300);
         }
