@@ -21,14 +21,14 @@
 //! read the bytes and is blind to a backlog of ready connections. As in CoDel (Nichols &
 //! Jacobson, RFC 8289; folly's server-side `Codel`), the service is *overloaded* only when
 //! every request for a whole `queue_interval` (50 ms, and at least eight requests) waited
-//! longer than `target_delay` (5 ms): a queue that never drains below 5 ms is a standing queue, while
-//! a burst or a process descheduled for a few milliseconds on a shared core leaves a fast
-//! request behind it, which starts the count again. While the queue stands, requests that
+//! longer than `target_delay` (5 ms): a queue that never drains below 5 ms is a standing
+//! queue, while a burst or a process descheduled for a few milliseconds on a shared core
+//! leaves a fast request behind it, which starts the count again. While the queue stands, requests that
 //! waited longer than `target_delay` are shed (they are the backlog); the others run. It stops
 //! standing after an interval in which at most a tenth of the requests waited past the target.
 //! Under a sustained overload the admitted requests' wait settles just under the target, so
 //! it bounds their latency: a 1 ms CPU-bound handler at three times its capacity answered
-//! admitted requests in 6–10 ms at p99 per 250 ms once the onset had passed
+//! admitted requests in 6–11 ms at p99 per 250 ms (once 14 ms) after the onset
 //! (`KEEL_OVERLOAD_SERIES=1 bench/overload.sh 30 cpu`). The onset costs more: until the
 //! queue has stood for a `queue_interval`, requests are admitted into the backlog, and the
 //! backlog is then refused (a refusal's latency is the time its request already waited).
