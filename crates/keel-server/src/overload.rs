@@ -23,9 +23,10 @@
 //! every request for a whole `queue_interval` (50 ms, and at least eight requests) waited
 //! longer than `target_delay` (5 ms): a queue that never drains below 5 ms is a standing
 //! queue, while a burst or a process descheduled for a few milliseconds on a shared core
-//! leaves a fast request behind it, which starts the count again. While the queue stands, requests that
-//! waited longer than `target_delay` are shed (they are the backlog); the others run. It stops
-//! standing after an interval in which at most a tenth of the requests waited past the target.
+//! leaves a fast request behind it, which starts the count again. While the queue stands,
+//! requests that waited longer than `target_delay` are shed (they are the backlog); the others
+//! run. It stops standing after a `queue_interval` in which at most a tenth of the requests
+//! waited past the target.
 //! Under a sustained overload the admitted requests' wait settles just under the target, so
 //! it bounds their latency: a 1 ms CPU-bound handler at three times its capacity answered
 //! admitted requests in 6–11 ms at p99 per 250 ms (once 14 ms) after the onset
@@ -92,8 +93,9 @@
 //! The cut rests on the least (the gross mean aside, whose bar is far above anything a busy
 //! service's mean reaches): when even the fastest answer of an interval was slow, every
 //! request queued; one fast answer shows the service can still be fast, so a service whose
-//! time varies (1 to 30 ms, say), a slow answer or a scheduler's stall moves nothing. Comparing an average with a minimum is what made Gradient2 throttle
-//! services with varied answers (its javadoc warns of "an impractically low base RTT"; a first
+//! time varies (1 to 30 ms, say), a slow answer or a scheduler's stall moves nothing.
+//! Comparing an average with a minimum is what made Gradient2 throttle services with varied
+//! answers (its javadoc warns of "an impractically low base RTT"; a first
 //! version of this module, which compared a ten-answer average with a falling baseline,
 //! throttled such an upstream in this crate's tests); a least with a least is like with like.
 //! The slack keeps a fast service (tens of microseconds of its own) from reading a scheduler's
