@@ -221,8 +221,8 @@ pub struct OverloadConfig {
     /// together — one request per worker thread, and shed the rest, however short their own
     /// wait. Off by default: it trades goodput under a closed loop for latency. Measured on a
     /// handler that computes 1 ms on its one worker at three times its capacity (8 s runs,
-    /// alternated): per 250 ms after the onset, admitted p99 1.5–5 ms and refusals 2.6–7.7 ms
-    /// with it, against 6.2–12.5 ms and 6.4–14.2 ms without; median 1.4 against 6.0 ms. But 64
+    /// alternated): per 250 ms from 500 ms on, admitted p99 1.5–7.8 ms and refusals 2.3–9.3 ms
+    /// with it, against 6.2–13.2 ms and 6.4–14.2 ms without; median 1.4 against 6.0 ms. But 64
     /// connections that resend the moment they are refused get 0.74× the goodput of shedding
     /// off with it, against 0.88× without: each backlog's refusals cost CPU the handler needed
     /// (`KEEL_OVERLOAD__ONE_PER_BACKLOG=true KEEL_OVERLOAD_SERIES=1 bench/overload.sh 8 cpu`).
@@ -941,9 +941,9 @@ impl Codel {
     /// backlog that waited less than `target_delay`. A handler that computes on the worker
     /// holds every other request of its backlog for its whole service time, so a run of them
     /// admitted together makes the next backlog wait longer (1 ms of CPU at three times
-    /// capacity: admitted p99 6.2–12.5 ms per 250 ms against 2.2 ms unloaded). With the rule
+    /// capacity: admitted p99 6.2–13.2 ms per 250 ms against 2.2 ms unloaded). With the rule
     /// each backlog of one worker gets one admission, so the worker always has work and
-    /// nothing waits behind more than one service time (1.5–5 ms). A service that awaits
+    /// nothing waits behind more than one service time (1.5–7.8 ms). A service that awaits
     /// reads its requests as they come, so they seldom share a backlog with an admission.
     ///
     /// Such a request counts as late in its window's verdict on whether the queue still
