@@ -219,14 +219,14 @@ pub struct OverloadConfig {
     pub target_delay: keel_config::Duration,
     /// While a queue stands, admit from each backlog — the requests that were waiting
     /// together — one request per worker thread, and shed the rest, however short their own
-    /// wait. Off by default: it trades goodput under a closed loop for latency. Measured on a
-    /// handler that computes 1 ms on its one worker at three times its capacity (8 s runs,
-    /// alternated): per 250 ms from 500 ms on, admitted p99 1.5–7.8 ms and refusals 2.3–9.3 ms
-    /// with it, against 6.2–13.2 ms and 6.4–14.2 ms without; median 1.4 against 6.0 ms. But 64
-    /// connections that resend the moment they are refused get 0.74× the goodput of shedding
-    /// off with it, against 0.88× without: each backlog's refusals cost CPU the handler needed
-    /// (`KEEL_OVERLOAD__ONE_PER_BACKLOG=true KEEL_OVERLOAD_SERIES=1 bench/overload.sh 8 cpu`).
-    /// Worth it for a CPU-bound service whose callers back off on `Retry-After`.
+    /// wait. Off by default: it trades goodput under a closed loop for latency. A handler that
+    /// computes 1 ms on its one worker, at three times its capacity over 30 s: admitted p99
+    /// 2.2 ms with it against 6.8 ms without, refusals 4.6 against 7.3 ms; but 64 connections
+    /// that resend the moment they are refused get 0.75× the goodput of shedding off with it,
+    /// against 0.89× without — each backlog's refusals cost CPU the handler needed
+    /// (`KEEL_OVERLOAD__ONE_PER_BACKLOG=true bench/overload.sh 30 cpu`; `docs/operations.md`
+    /// has the chain and the per-250 ms figures). Worth it for a CPU-bound service whose
+    /// callers back off on `Retry-After`.
     pub one_per_backlog: bool,
     /// Date requests by the kernel's receive timestamps (Linux), so time spent in the socket
     /// buffer while the workers were busy counts as queueing delay. On by default: its cost is
@@ -937,14 +937,14 @@ impl Codel {
     /// are worker threads were decided after it arrived. Then it queued behind them and its
     /// turn has passed; admitting it too would put its service time behind theirs.
     ///
-    /// Only with `overload.one_per_backlog`. Why: the target alone admits every request of a
-    /// backlog that waited less than `target_delay`. A handler that computes on the worker
-    /// holds every other request of its backlog for its whole service time, so a run of them
-    /// admitted together makes the next backlog wait longer (1 ms of CPU at three times
-    /// capacity: admitted p99 6.2–13.2 ms per 250 ms against 2.2 ms unloaded). With the rule
-    /// each backlog of one worker gets one admission, so the worker always has work and
-    /// nothing waits behind more than one service time (1.5–7.8 ms). A service that awaits
-    /// reads its requests as they come, so they seldom share a backlog with an admission.
+    /// Only with `overload.one_per_backlog` (its doc has the measurements). Why: the target
+    /// alone admits every request of a backlog that waited less than `target_delay`. A
+    /// handler that computes on the worker holds every other request of its backlog for its
+    /// whole service time, so a run of them admitted together makes the next backlog wait
+    /// longer. With the rule each backlog of one worker gets one admission, so the worker
+    /// always has work and nothing waits behind more than one service time. A service that
+    /// awaits reads its requests as they come, so they seldom share a backlog with an
+    /// admission.
     ///
     /// Such a request counts as late in its window's verdict on whether the queue still
     /// stands: it is backlog, whatever its own wait. Counted as on time, the backlog this
