@@ -66,6 +66,18 @@ pub(crate) struct ConnTracker {
     /// Milliseconds since `shared.epoch` + 1 when a write first found the socket full and
     /// no write has gone through since; 0 = not blocked.
     write_blocked: AtomicU64,
+    /// Reads that returned bytes, wrapping: parking checks that none happened while hyper's
+    /// connection was being let go (their bytes would have gone with its buffer).
+    reads: AtomicU32,
+    /// The bytes read so far end where a request head ends (`\r\n\r\n`), or none were read
+    /// yet: hyper's read buffer then holds nothing of a next request (see [`Self::parkable`]).
+    at_boundary: AtomicBool,
+    /// An HTTP/1 request has been served here: the protocol is settled, so a parked
+    /// connection can be handed to a new HTTP/1 state machine.
+    h1: AtomicBool,
+    /// Set while hyper's connection is being let go for parking: its close must leave the
+    /// socket open (see [`TrackedIo`]'s `poll_shutdown`).
+    parking: AtomicBool,
 }
 
 impl ConnTracker {
@@ -81,6 +93,10 @@ impl ConnTracker {
             h2: AtomicBool::new(false),
             rx_stamp_ns: AtomicU64::new(0),
             write_blocked: AtomicU64::new(0),
+            reads: AtomicU32::new(0),
+            at_boundary: AtomicBool::new(true),
+            h1: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
         }
     }
 
@@ -123,6 +139,8 @@ impl ConnTracker {
         self.head_started.store(0, Ordering::Relaxed);
         if is_h2 {
             self.h2.store(true, Ordering::Relaxed);
+        } else if !self.h1.load(Ordering::Relaxed) {
+            self.h1.store(true, Ordering::Relaxed);
         }
         self.shared.request_started();
     }
@@ -146,8 +164,61 @@ impl ConnTracker {
         }
     }
 
-    /// What the timer should do now.
+    /// Whether hyper's connection can be dropped with nothing lost: no request in flight, no
+    /// response bytes waiting for the socket, an HTTP/1 connection (or one that has read
+    /// nothing yet), and no byte of a next request read into hyper's buffer. The last is
+    /// judged by where the bytes read so far end: after a complete head every byte has been
+    /// handed on (hyper dispatches a head the moment it has it), anywhere else — a partial
+    /// pipelined head, or a `Content-Length` body whose end cannot be told from here — the
+    /// connection keeps its buffers.
+    fn parkable(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && !self.h2.load(Ordering::Relaxed)
+            && self.write_blocked.load(Ordering::Relaxed) == 0
+            && self.at_boundary.load(Ordering::Relaxed)
+            && (self.h1.load(Ordering::Relaxed) || self.reads.load(Ordering::Relaxed) == 0)
+    }
+
+    /// What the timer should do now, with hyper's connection running: [`Self::check_parked`],
+    /// and parking once the connection has been parkable for `park_idle_after`.
     fn check(&self, now_ms: u64) -> TimerCheck {
+        let check = self.check_parked(now_ms);
+        let park_ms = self.shared.limits.park_idle_after_ms;
+        let TimerCheck::Wait(ms) = check else {
+            return check;
+        };
+        if park_ms == 0 {
+            return check;
+        }
+        if self.parkable() {
+            let at = self.idle_since.load(Ordering::Relaxed) + park_ms;
+            return if now_ms >= at {
+                TimerCheck::Park
+            } else {
+                TimerCheck::Wait(ms.min(at))
+            };
+        }
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            // It will go idle without waking the timer: come back within one park delay
+            // (one wake-up per `park_idle_after` on a busy connection, never per request).
+            TimerCheck::Wait(ms.min(now_ms + park_ms))
+        } else {
+            // Not parkable until more bytes arrive: the driver watches for it
+            // (`park_deadline`) rather than waking every delay.
+            check
+        }
+    }
+
+    /// When the connection may park, if it can now and parking is on.
+    fn park_deadline(&self) -> Option<u64> {
+        let park_ms = self.shared.limits.park_idle_after_ms;
+        (park_ms != 0 && self.parkable())
+            .then(|| self.idle_since.load(Ordering::Relaxed) + park_ms)
+    }
+
+    /// What the timer should do now about the connection's deadlines (whether or not hyper's
+    /// connection is running).
+    fn check_parked(&self, now_ms: u64) -> TimerCheck {
         let reads = self.check_reads(now_ms);
         match self.send_deadline() {
             None => reads,
@@ -196,16 +267,52 @@ enum TimerCheck {
     HeadTimeout,
     SendTimeout,
     Idle,
+    /// Idle long enough: let hyper's connection go and keep the socket.
+    Park,
 }
 
-pin_project_lite::pin_project! {
-    /// The socket, instrumented to notice when a new request head starts arriving and, with
-    /// `stamped`, to read the kernel's receive timestamps.
-    struct TrackedIo {
-        #[pin]
-        inner: TcpStream,
-        tracker: Arc<ConnTracker>,
-        stamped: bool,
+/// The last four bytes of a complete request head.
+const HEAD_END: u32 = u32::from_be_bytes(*b"\r\n\r\n");
+
+/// The socket as hyper sees it: shared with the connection's driver, so the driver keeps
+/// it when it lets hyper's connection go (parking), and instrumented to notice when a new
+/// request head starts arriving, where the bytes read end, and (with `stamped`) the kernel's
+/// receive timestamps. Reads and writes go through the socket's readiness, as tokio's own
+/// `TcpStream` does.
+struct TrackedIo {
+    inner: Arc<TcpStream>,
+    tracker: Arc<ConnTracker>,
+    stamped: bool,
+    /// The last four bytes read, for [`ConnTracker::at_boundary`]; starts as a head end (a
+    /// fresh state machine has nothing buffered).
+    tail: u32,
+}
+
+impl TrackedIo {
+    fn new(inner: Arc<TcpStream>, tracker: Arc<ConnTracker>, stamped: bool) -> Self {
+        TrackedIo {
+            inner,
+            tracker,
+            stamped,
+            tail: HEAD_END,
+        }
+    }
+
+    /// `bytes` were just read.
+    #[inline]
+    fn note_read(&mut self, bytes: &[u8]) {
+        for &b in &bytes[bytes.len().saturating_sub(4)..] {
+            self.tail = (self.tail << 8) | u32::from(b);
+        }
+        let t = &self.tracker;
+        t.at_boundary
+            .store(self.tail == HEAD_END, Ordering::Relaxed);
+        // This is the only writer: a load and a store, not a locked add.
+        t.reads.store(
+            t.reads.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Relaxed,
+        );
+        t.on_bytes_read();
     }
 }
 
@@ -215,27 +322,24 @@ impl AsyncRead for TrackedIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.project();
+        let this = self.get_mut();
         let before = buf.filled().len();
-        let res = if *this.stamped {
-            poll_read_stamped(&this.inner, this.tracker, cx, buf)
-        } else {
-            this.inner.poll_read(cx, buf)
-        };
+        let res = poll_read_socket(&this.inner, &this.tracker, this.stamped, cx, buf);
         if let Poll::Ready(Ok(())) = res {
             if buf.filled().len() > before {
-                this.tracker.on_bytes_read();
+                this.note_read(&buf.filled()[before..]);
             }
         }
         res
     }
 }
 
-/// A read with `recvmsg`, keeping the receive timestamp it returns.
-#[cfg(target_os = "linux")]
-fn poll_read_stamped(
+/// One read from the socket when it is readable: `read(2)`, or `recvmsg(2)` keeping the
+/// receive timestamp it returns when `stamped`.
+fn poll_read_socket(
     stream: &TcpStream,
     tracker: &ConnTracker,
+    stamped: bool,
     cx: &mut Context<'_>,
     buf: &mut ReadBuf<'_>,
 ) -> Poll<io::Result<()>> {
@@ -249,12 +353,16 @@ fn poll_read_stamped(
         let fd = stream.as_raw_fd();
         let mut got = None;
         let res = stream.try_io(tokio::io::Interest::READABLE, || {
-            let (n, stamp) = crate::rxstamp::recv(fd, unfilled)?;
+            let (n, stamp) = if stamped {
+                recv_stamped(fd, unfilled)?
+            } else {
+                (read_fd(fd, unfilled)?, 0)
+            };
             got = Some((n, stamp));
             // A read that did not fill the buffer drained the socket: say so, as tokio's own
             // read does, so the readiness seen *before* this read is cleared and the next read
             // waits for the next edge instead of spending a system call on EAGAIN (measured:
-            // without this, every request cost a second, failing `recvmsg`).
+            // without this, every request cost a second, failing read).
             if n > 0 && n < room {
                 Err(io::ErrorKind::WouldBlock.into())
             } else {
@@ -262,7 +370,7 @@ fn poll_read_stamped(
             }
         });
         if let Some((n, stamp)) = got {
-            // SAFETY: `recv` wrote `n` bytes at the start of the unfilled part.
+            // SAFETY: the read wrote `n` bytes at the start of the unfilled part.
             unsafe { buf.assume_init(n) };
             buf.advance(n);
             if stamp != 0 {
@@ -279,15 +387,45 @@ fn poll_read_stamped(
     }
 }
 
+/// `read(2)` into `buf` from the non-blocking socket `fd`.
+fn read_fd(fd: std::os::fd::RawFd, buf: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call,
+    // and `fd` is an open socket its owner keeps open across it.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+#[cfg(target_os = "linux")]
+fn recv_stamped(
+    fd: std::os::fd::RawFd,
+    buf: &mut [std::mem::MaybeUninit<u8>],
+) -> io::Result<(usize, u64)> {
+    crate::rxstamp::recv(fd, buf)
+}
+
 /// Never called off Linux: `rxstamp::enable` says no there, so `stamped` stays false.
 #[cfg(not(target_os = "linux"))]
-fn poll_read_stamped(
-    _stream: &TcpStream,
-    _tracker: &ConnTracker,
-    _cx: &mut Context<'_>,
-    _buf: &mut ReadBuf<'_>,
-) -> Poll<io::Result<()>> {
-    Poll::Ready(Err(io::Error::other("receive timestamps are Linux-only")))
+fn recv_stamped(
+    _fd: std::os::fd::RawFd,
+    _buf: &mut [std::mem::MaybeUninit<u8>],
+) -> io::Result<(usize, u64)> {
+    Err(io::Error::other("receive timestamps are Linux-only"))
+}
+
+/// One write to the socket when it is writable.
+fn poll_write_socket<R>(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    mut write: impl FnMut(&TcpStream) -> io::Result<R>,
+) -> Poll<io::Result<R>> {
+    loop {
+        ready!(stream.poll_write_ready(cx))?;
+        // `try_write*` clears the readiness it found stale, so the next round waits.
+        match write(stream) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            res => return Poll::Ready(res),
+        }
+    }
 }
 
 thread_local! {
@@ -336,25 +474,33 @@ impl AsyncWrite for TrackedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        TrackedIo::wrote(this.tracker, this.inner.poll_write(cx, buf))
+        let this = self.get_mut();
+        let out = poll_write_socket(&this.inner, cx, |s| s.try_write(buf));
+        TrackedIo::wrote(&this.tracker, out)
     }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Writes go straight to the socket: nothing to flush.
+        Poll::Ready(Ok(()))
     }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.tracker.parking.load(Ordering::Relaxed) {
+            // hyper is closing its (idle) connection because the driver is parking it: the
+            // socket stays open for the next request.
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Ready(socket2::SockRef::from(&*self.inner).shutdown(std::net::Shutdown::Write))
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        TrackedIo::wrote(this.tracker, this.inner.poll_write_vectored(cx, bufs))
+        let this = self.get_mut();
+        let out = poll_write_socket(&this.inner, cx, |s| s.try_write_vectored(bufs));
+        TrackedIo::wrote(&this.tracker, out)
     }
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        true
     }
 }
 
@@ -397,7 +543,15 @@ pub(crate) fn builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serve one accepted connection until it closes, times out, or shutdown ends it. `stack` is
-/// the server's request path (cloned once per connection, not per request).
+/// the server's request path, cloned for each HTTP state machine the connection gets: once,
+/// and once more each time it wakes from being parked — never per request.
+///
+/// The connection alternates between two states. *Running*: hyper's connection (the HTTP/1
+/// or HTTP/2 state machine with its buffers) serves requests, under the timers of the module
+/// doc. *Parked* (HTTP/1 only, after `park_idle_after` with nothing in flight and nothing
+/// buffered): hyper's connection has been let go — closed with the socket left open — and
+/// only the socket, this task and the tracker remain, waiting for the next request's bytes,
+/// which build a new one. The idle and header timers run the same in both states.
 pub(crate) async fn serve_connection<T, B>(
     stream: TcpStream,
     peer: SocketAddr,
@@ -414,29 +568,80 @@ pub(crate) async fn serve_connection<T, B>(
     B::Error: Into<BoxError>,
 {
     let tracker = Arc::new(ConnTracker::new(shared.clone()));
-    // Receive timestamps only feed overload control; the listener asked for them (see
-    // `Server::bind_with`) and this socket inherited the option.
-    let stamped = shared.rx_stamped;
-    let io = TokioIo::new(TrackedIo {
-        inner: stream,
-        tracker: tracker.clone(),
-        stamped,
-    });
+    let stream = Arc::new(stream);
+    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(Instant::now()));
+    let mut phase_rx = shared.shutdown.subscribe();
+    loop {
+        let first = match tracker.check(shared.now_ms()) {
+            TimerCheck::Wait(ms) => ms,
+            _ => shared.now_ms(),
+        };
+        timer.as_mut().reset(shared.instant_at(first));
+        if !run(
+            &stream,
+            peer,
+            &builder,
+            &shared,
+            &tracker,
+            stack.clone(),
+            &mut timer,
+            &mut phase_rx,
+        )
+        .await
+        {
+            return;
+        }
+        shared.stats.parked.fetch_add(1, Ordering::Relaxed);
+        let woke = parked(&stream, &shared, &tracker, &mut timer, &mut phase_rx).await;
+        shared.stats.parked.fetch_sub(1, Ordering::Relaxed);
+        if !woke {
+            return;
+        }
+    }
+}
+
+/// Run one hyper connection on `stream` until the connection ends (`false`) or has been let
+/// go for parking (`true`).
+#[allow(clippy::too_many_arguments)]
+async fn run<T, B>(
+    stream: &Arc<TcpStream>,
+    peer: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    shared: &Shared,
+    tracker: &Arc<ConnTracker>,
+    stack: T,
+    timer: &mut Pin<Box<Sleep>>,
+    phase_rx: &mut tokio::sync::watch::Receiver<Phase>,
+) -> bool
+where
+    T: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    T::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + GuardedBody + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let io = TokioIo::new(TrackedIo::new(
+        stream.clone(),
+        tracker.clone(),
+        // Receive timestamps only feed overload control; the listener asked for them (see
+        // `Server::bind_with`) and this socket inherited the option.
+        shared.rx_stamped,
+    ));
     let svc = ConnService {
         stack: RefCell::new(stack),
         tracker: tracker.clone(),
         peer,
     };
-    let conn = builder.serve_connection_with_upgrades(io, svc);
-    let mut conn = pin!(conn);
-
-    let first = match tracker.check(shared.now_ms()) {
-        TimerCheck::Wait(ms) => ms,
-        _ => shared.now_ms(),
-    };
-    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(shared.instant_at(first)));
-    let mut phase_rx = shared.shutdown.subscribe();
+    // Boxed, so that what a parked connection keeps (this task) does not include room for
+    // hyper's state: that lives, and goes, with this box.
+    let mut conn = Box::pin(builder.serve_connection_with_upgrades(io, svc));
     let mut closing = false;
+    // While parking: the read count when hyper's connection was asked to close.
+    let mut parking: Option<u32> = None;
+    // See the poll below.
+    let mut watch_park = false;
 
     loop {
         if !closing && *phase_rx.borrow_and_update() >= Phase::Closing {
@@ -453,7 +658,7 @@ pub(crate) async fn serve_connection<T, B>(
             }
             // Otherwise the grace period is over: dropping the connection cancels its
             // in-flight work.
-            return;
+            return false;
         }
         let changed = phase_rx.changed();
         let mut changed = pin!(changed);
@@ -465,6 +670,16 @@ pub(crate) async fn serve_connection<T, B>(
             // timer in (only while blocked; a load otherwise).
             if let Some(deadline) = tracker.send_deadline() {
                 let at = shared.instant_at(deadline);
+                if at < timer.deadline() {
+                    timer.as_mut().reset(at);
+                }
+            }
+            // The timer was left beyond the park delay while the connection could not park
+            // (part of a head, or a body, read): once it can, bring the timer in. A flag
+            // test otherwise.
+            if watch_park && let Some(ms) = tracker.park_deadline() {
+                watch_park = false;
+                let at = shared.instant_at(ms);
                 if at < timer.deadline() {
                     timer.as_mut().reset(at);
                 }
@@ -484,33 +699,67 @@ pub(crate) async fn serve_connection<T, B>(
         .await;
         match event {
             Event::Done(err) => {
-                if let Some(err) = err {
-                    tracing::debug!(error = %err, "connection ended with an error");
-                }
-                return;
+                let Some(reads) = parking else {
+                    if let Some(err) = err {
+                        tracing::debug!(error = %err, "connection ended with an error");
+                    }
+                    return false;
+                };
+                tracker.parking.store(false, Ordering::Relaxed);
+                // Nothing may have been read since the close was asked for: those bytes
+                // went with hyper's buffer. Never seen (the close of an idle HTTP/1
+                // connection reads nothing), but if it happened, closing is the only answer
+                // that cannot misread a request.
+                return if tracker.reads.load(Ordering::Relaxed) == reads
+                    && tracker.at_boundary.load(Ordering::Relaxed)
+                {
+                    true
+                } else {
+                    tracing::debug!("closing connection: bytes arrived while it was parked");
+                    false
+                };
             }
             Event::Phase => {}
             Event::Timer => match tracker.check(shared.now_ms()) {
-                TimerCheck::Wait(ms) => timer.as_mut().reset(shared.instant_at(ms)),
+                TimerCheck::Wait(ms) => {
+                    watch_park = shared.limits.park_idle_after_ms != 0
+                        && !closing
+                        && tracker.in_flight.load(Ordering::Relaxed) == 0
+                        && !tracker.parkable();
+                    timer.as_mut().reset(shared.instant_at(ms));
+                }
                 TimerCheck::HeadTimeout => {
                     tracing::debug!(
                         "closing connection: request head not received within header_read_timeout"
                     );
                     shared.stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
-                    return;
+                    return false;
                 }
                 TimerCheck::SendTimeout => {
                     tracing::debug!(
                         "closing connection: the peer took no byte of a response within send_timeout"
                     );
                     shared.stats.send_timeouts.fetch_add(1, Ordering::Relaxed);
-                    return;
+                    return false;
                 }
+                TimerCheck::Park if !closing && parking.is_none() => {
+                    parking = Some(tracker.reads.load(Ordering::Relaxed));
+                    tracker.parking.store(true, Ordering::Relaxed);
+                    // Idle HTTP/1 closes at once, before reading anything more; a connection
+                    // still reading its protocol's first bytes (none have come) stops. The
+                    // timer stays as a guard.
+                    conn.as_mut().graceful_shutdown();
+                    timer
+                        .as_mut()
+                        .reset(Instant::now() + shared.limits.h2_keepalive_timeout);
+                }
+                // Asked to close or to park and still not done after the wait: drop it.
+                TimerCheck::Park => return false,
                 TimerCheck::Idle => {
                     if closing {
                         // Already asked to close and still idle after the wait: the peer is
                         // not finishing the close handshake; drop it.
-                        return;
+                        return false;
                     }
                     closing = true;
                     conn.as_mut().graceful_shutdown();
@@ -520,6 +769,62 @@ pub(crate) async fn serve_connection<T, B>(
                         .reset(Instant::now() + shared.limits.h2_keepalive_timeout);
                 }
             },
+        }
+    }
+}
+
+/// Wait, parked, until the next request's bytes arrive (`true`: build a new hyper connection)
+/// or the connection ends: the peer closed it, a timer ran out, or the server is closing
+/// (`false`; an idle HTTP/1 connection has nothing to finish).
+async fn parked(
+    stream: &TcpStream,
+    shared: &Shared,
+    tracker: &ConnTracker,
+    timer: &mut Pin<Box<Sleep>>,
+    phase_rx: &mut tokio::sync::watch::Receiver<Phase>,
+) -> bool {
+    // The timer was last set while hyper's connection was closing; from here only the
+    // connection's own deadlines count.
+    match tracker.check_parked(shared.now_ms()) {
+        TimerCheck::Wait(ms) => timer.as_mut().reset(shared.instant_at(ms)),
+        _ => return false,
+    }
+    loop {
+        if *phase_rx.borrow_and_update() >= Phase::Closing {
+            return false;
+        }
+        let changed = phase_rx.changed();
+        let mut changed = pin!(changed);
+        let mut byte = [std::mem::MaybeUninit::uninit(); 1];
+        let event = poll_fn(|cx| {
+            // A peek, not a read: the bytes stay in the socket for the new connection. The
+            // usual end of an idle connection, the peer's close, reads as 0 and costs no
+            // state machine.
+            let mut peek = ReadBuf::uninit(&mut byte);
+            if let Poll::Ready(res) = stream.poll_peek(cx, &mut peek) {
+                return Poll::Ready(Some(matches!(res, Ok(n) if n > 0)));
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            if changed.as_mut().poll(cx).is_ready() {
+                // A phase change (or the lifecycle gone): the loop's check decides.
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        if let Some(woke) = event {
+            return woke;
+        }
+        match tracker.check_parked(shared.now_ms()) {
+            TimerCheck::Wait(ms) => timer.as_mut().reset(shared.instant_at(ms)),
+            TimerCheck::HeadTimeout => {
+                // Parked before its first byte: held to the header timeout from accept.
+                shared.stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            TimerCheck::Idle | TimerCheck::SendTimeout | TimerCheck::Park => return false,
         }
     }
 }
@@ -648,6 +953,8 @@ mod tests {
         let shared = Shared::for_tests(&ServerConfig {
             header_read_timeout: keel_config::Duration::from_secs(10),
             idle_timeout: keel_config::Duration::from_secs(75),
+            // These tests are about the timeouts; parking has its own below.
+            park_idle_after: keel_config::Duration::from_millis(0),
             ..ServerConfig::default()
         });
         ConnTracker::new(shared)
@@ -723,6 +1030,7 @@ mod tests {
         let shared = Shared::for_tests(&ServerConfig {
             header_read_timeout: keel_config::Duration::from_secs(10),
             idle_timeout: keel_config::Duration::from_secs(2),
+            park_idle_after: keel_config::Duration::from_millis(0),
             ..ServerConfig::default()
         });
         let t = ConnTracker::new(shared);
@@ -742,5 +1050,79 @@ mod tests {
         t.on_bytes_read();
         let now = t.shared.now_ms();
         assert_eq!(t.check(now), TimerCheck::Wait(now + 75_000));
+    }
+
+    fn parking_tracker(park_ms: u64) -> ConnTracker {
+        let shared = Shared::for_tests(&ServerConfig {
+            header_read_timeout: keel_config::Duration::from_secs(10),
+            idle_timeout: keel_config::Duration::from_secs(75),
+            park_idle_after: keel_config::Duration::from_millis(park_ms),
+            ..ServerConfig::default()
+        });
+        ConnTracker::new(shared)
+    }
+
+    /// What `TrackedIo::note_read` records, without a socket.
+    fn read(t: &ConnTracker, bytes: &[u8]) {
+        let at_end = bytes.ends_with(b"\r\n\r\n");
+        t.at_boundary.store(at_end, Ordering::Relaxed);
+        t.reads.fetch_add(1, Ordering::Relaxed);
+        t.on_bytes_read();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_http1_connection_parks_after_the_delay_and_a_busy_one_is_checked_once_per_delay()
+     {
+        let t = parking_tracker(250);
+        let now = t.shared.now_ms();
+        // A fresh connection that has read nothing is parkable from accept.
+        assert_eq!(t.check(now), TimerCheck::Wait(now + 250));
+        read(&t, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n");
+        t.request_started(false);
+        // Busy: the timer comes back within one delay, not at the idle timeout.
+        assert_eq!(t.check(now + 100), TimerCheck::Wait(now + 350));
+        t.request_finished(now + 200);
+        assert_eq!(t.check(now + 300), TimerCheck::Wait(now + 450));
+        assert_eq!(t.check(now + 450), TimerCheck::Park);
+        // Parked, only the connection's own deadlines count.
+        assert_eq!(t.check_parked(now + 450), TimerCheck::Wait(now + 10_450));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_that_may_hold_bytes_or_state_parks() {
+        let t = parking_tracker(250);
+        let later = t.shared.now_ms() + 1_000;
+        read(&t, b"GET / HTTP/1.1\r\nhost: x\r\n\r\nGET / HT");
+        t.request_started(false);
+        t.request_finished(t.shared.now_ms());
+        assert!(!t.parkable(), "part of a pipelined head is buffered");
+        assert!(matches!(t.check(later), TimerCheck::Wait(_)));
+        read(&t, b"TP/1.1\r\n\r\n");
+        assert!(t.parkable(), "the head completed");
+        t.write_pending();
+        assert!(!t.parkable(), "response bytes wait for the socket");
+        t.write_done();
+        t.request_started(false);
+        assert!(!t.parkable(), "a request in flight");
+        t.request_finished(t.shared.now_ms());
+        assert!(t.parkable());
+
+        let h2 = parking_tracker(250);
+        read(&h2, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert!(
+            !h2.parkable(),
+            "bytes read, but no HTTP/1 request: the protocol is not settled"
+        );
+        h2.request_started(true);
+        h2.request_finished(h2.shared.now_ms());
+        assert!(!h2.parkable(), "HTTP/2 keeps its connection state");
+
+        let off = parking_tracker(0);
+        let now = off.shared.now_ms();
+        assert_eq!(
+            off.check(now + 5_000),
+            TimerCheck::Wait(now + 10_000),
+            "0s = never park"
+        );
     }
 }

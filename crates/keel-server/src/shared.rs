@@ -22,6 +22,8 @@ pub(crate) struct Limits {
     pub(crate) max_headers: usize,
     pub(crate) header_read_timeout_ms: u64,
     pub(crate) idle_timeout_ms: u64,
+    /// 0 = never park.
+    pub(crate) park_idle_after_ms: u64,
     pub(crate) send_timeout_ms: u64,
     pub(crate) h2_max_concurrent_streams: u32,
     pub(crate) h2_keepalive_interval: std::time::Duration,
@@ -38,6 +40,7 @@ impl Limits {
             max_headers: c.max_headers,
             header_read_timeout_ms: millis(c.header_read_timeout.get()),
             idle_timeout_ms: millis(c.idle_timeout.get()),
+            park_idle_after_ms: millis(c.park_idle_after.get()),
             send_timeout_ms: millis(c.send_timeout.get()),
             h2_max_concurrent_streams: c.http2_max_concurrent_streams,
             h2_keepalive_interval: c.http2_keepalive_interval.get(),

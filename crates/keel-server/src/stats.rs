@@ -9,6 +9,9 @@ pub struct Stats {
     pub in_flight: AtomicUsize,
     /// Connections currently open.
     pub connections: AtomicUsize,
+    /// Open connections that are parked: idle, holding no HTTP/1 buffers
+    /// (`server.park_idle_after`).
+    pub parked: AtomicUsize,
     /// Connections accepted since start.
     pub accepted: AtomicU64,
     /// Connections closed because a request head did not arrive within `header_read_timeout`.

@@ -634,3 +634,154 @@ async fn a_response_that_ended_before_the_server_stopped_still_reaches_the_clien
     assert_eq!(body.len(), LEN);
     serving.await.unwrap().unwrap();
 }
+
+/// Write `bytes`, then read one whole small response (`hello`, `echo`) and return its status.
+fn exchange(sock: &mut std::net::TcpStream, bytes: &[u8]) -> Option<u16> {
+    use std::io::{Read, Write};
+    sock.write_all(bytes).unwrap();
+    let mut buf = [0u8; 1024];
+    let n = sock.read(&mut buf).unwrap();
+    ts::status_of(&buf[..n])
+}
+
+#[tokio::test]
+async fn idle_http1_connections_park_and_wake_without_losing_a_byte() {
+    let mut cfg = config();
+    cfg.park_idle_after = keel_config::Duration::from_millis(100);
+    let s = start(cfg, 1).await;
+    tokio::task::spawn_blocking(move || {
+        let addr = s.addr;
+        let parked = || s.handle.stats().parked.load(Ordering::Relaxed);
+        let settle = || std::thread::sleep(Duration::from_millis(500));
+        let get = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+        let connect = || {
+            let sock = std::net::TcpStream::connect(addr).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            sock
+        };
+        // A keep-alive connection parks once idle, and its next request wakes it.
+        let mut a = connect();
+        assert_eq!(exchange(&mut a, get), Some(200));
+        settle();
+        assert_eq!(parked(), 1, "idle connection parked");
+        assert_eq!(
+            exchange(&mut a, get),
+            Some(200),
+            "woken by its next request"
+        );
+        settle();
+        assert_eq!(parked(), 1, "and parked again");
+
+        // A pipelined head cut short is in hyper's buffer: that connection must not park,
+        // and its head completes.
+        let mut b = connect();
+        assert_eq!(
+            exchange(&mut b, b"GET / HTTP/1.1\r\nhost: x\r\n\r\nGET / HT"),
+            Some(200)
+        );
+        settle();
+        assert_eq!(
+            parked(),
+            1,
+            "a connection holding part of a head stays as it is"
+        );
+        assert_eq!(exchange(&mut b, b"TP/1.1\r\nhost: x\r\n\r\n"), Some(200));
+
+        // After a body with Content-Length its end cannot be told: not parked either.
+        let mut c = connect();
+        assert_eq!(
+            exchange(
+                &mut c,
+                b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello"
+            ),
+            Some(200)
+        );
+        settle();
+        // `b` has parked meanwhile (its last bytes ended a head); `c` has not.
+        assert_eq!(
+            parked(),
+            2,
+            "a connection whose last request had a body stays as it is"
+        );
+        assert_eq!(exchange(&mut c, get), Some(200));
+        settle();
+        assert_eq!(parked(), 3, "its next bodiless request lets it park");
+
+        // A connection that has sent nothing parks too, and serves its first request.
+        let mut d = connect();
+        settle();
+        assert_eq!(parked(), 4, "a silent new connection parks");
+        assert_eq!(exchange(&mut d, get), Some(200));
+
+        // Every connection still serves.
+        for sock in [&mut a, &mut b, &mut c, &mut d] {
+            assert_eq!(exchange(sock, get), Some(200));
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn parked_connections_keep_their_timeouts_and_close_at_drain() {
+    let mut cfg = config();
+    cfg.park_idle_after = keel_config::Duration::from_millis(50);
+    cfg.header_read_timeout = keel_config::Duration::from_millis(600);
+    cfg.idle_timeout = keel_config::Duration::from_secs(1);
+    let s = start(cfg, 1).await;
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let (addr, stats, shutdown) = (s.addr, s.handle.stats(), &s.shutdown);
+        let connect = || {
+            let sock = std::net::TcpStream::connect(addr).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            sock
+        };
+        let closed_after = |sock: &mut std::net::TcpStream| {
+            let start = Instant::now();
+            let mut buf = [0u8; 64];
+            assert_eq!(sock.read(&mut buf).unwrap_or(0), 0, "closed, nothing sent");
+            start.elapsed()
+        };
+        // Parked before its first byte: still held to the header timeout from accept.
+        let mut silent = connect();
+        let waited = closed_after(&mut silent);
+        assert!(
+            waited >= Duration::from_millis(500) && waited < Duration::from_millis(2500),
+            "header timeout while parked: {waited:?}"
+        );
+        assert_eq!(stats.header_timeouts.load(Ordering::Relaxed), 1);
+        // Parked after a request: closed at the idle timeout.
+        let mut idle = connect();
+        assert_eq!(
+            exchange(&mut idle, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"),
+            Some(200)
+        );
+        let waited = closed_after(&mut idle);
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_millis(3000),
+            "idle timeout while parked: {waited:?}"
+        );
+        assert_eq!(
+            stats.parked.load(Ordering::Relaxed),
+            0,
+            "closed, not parked"
+        );
+        // Parked at a drain: closed at once.
+        let mut drained = connect();
+        assert_eq!(
+            exchange(&mut drained, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"),
+            Some(200)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(stats.parked.load(Ordering::Relaxed), 1);
+        shutdown.advance(Phase::Closing);
+        let waited = closed_after(&mut drained);
+        assert!(
+            waited < Duration::from_millis(900),
+            "drain closes a parked connection: {waited:?}"
+        );
+    })
+    .await
+    .unwrap();
+}

@@ -149,8 +149,9 @@ impl App {
             }
             metrics.add_collector(move |e| {
                 let s = server.stats();
-                let fams: [(&str, &str, &str, u64); 8] = [
+                let fams: [(&str, &str, &str, u64); 9] = [
                     ("keel_server_connections", "Open connections on the main port.", "gauge", s.connections.load(Ordering::Relaxed) as u64),
+                    ("keel_server_connections_parked", "Open connections parked while idle, holding no HTTP/1 buffers (server.park_idle_after).", "gauge", s.parked.load(Ordering::Relaxed) as u64),
                     ("keel_server_held", "Work held open past its request that a drain waits for (the gateway's WebSocket tunnels).", "gauge", lifecycle.held() as u64),
                     ("keel_server_connections_accepted_total", "Connections accepted since start.", "counter", s.accepted.load(Ordering::Relaxed)),
                     ("keel_server_header_timeouts_total", "Connections closed for sending a request head too slowly.", "counter", s.header_timeouts.load(Ordering::Relaxed)),
@@ -471,6 +472,7 @@ impl App {
                     "in_flight": s.in_flight.load(Ordering::Relaxed),
                     "held": lifecycle.held(),
                     "connections": s.connections.load(Ordering::Relaxed),
+                    "parked": s.parked.load(Ordering::Relaxed),
                     "accepted": s.accepted.load(Ordering::Relaxed),
                     "header_timeouts": s.header_timeouts.load(Ordering::Relaxed),
                     "send_timeouts": s.send_timeouts.load(Ordering::Relaxed),
