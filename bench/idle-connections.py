@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Memory per idle keep-alive connection at the proxy (issue 16's target: <= 4 KiB at the
-gateway; nginx about 0.5 KiB): N connections (default 10,000) each send one proxied
-`GET /api/users/x` and then sit idle; the proxy's RSS before and after, divided by N. The
-shop's gateway and nginx, each in front of the same bare hyper upstream.
+"""Memory per idle keep-alive connection (issue 16's target: <= 4 KiB at the gateway; nginx
+about 0.5 KiB): N connections (default 10,000) each send one request and then sit idle; the
+server's RSS before and after, divided by N. Measured, in one run:
 
-Needs release builds (`cargo build --release -p keel-shop --bin gateway`,
-`cargo build --release -p keel-server --example bare_hyper`), nginx, and a hard limit of
-open files above N (`ulimit -Hn`).
+- the shop's gateway and nginx, each proxying `GET /api/users/x` to the same bare hyper
+  upstream; the gateway twice, as configured by default (idle connections parked after
+  `server.park_idle_after`) and with parking off (`0s`);
+- a Keel service (`hello`, `GET /`), parked and not, beside bare hyper serving the same.
+
+Needs release builds (`cargo build --release -p keel-shop --bin gateway -p keel-example-hello
+--bin hello -p keel-server --example bare_hyper`), nginx, and a hard limit of open files above
+N (`ulimit -Hn`).
 Usage: bench/idle-connections.py [N]"""
 import asyncio, os, socket, subprocess, sys, tempfile, time, resource
 h = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; resource.setrlimit(resource.RLIMIT_NOFILE, (h, h))
@@ -31,7 +35,7 @@ async def hold(port, path, hdr):
         conns.append((r, w))
     await asyncio.sleep(3)
     return conns
-def run(name, start):
+def run(name, start, path="/api/users/x", hdr="x-api-key: demo-secret-key\r\n"):
     p, port, pids_fn = start()
     for _ in range(100):
         try: socket.create_connection(("127.0.0.1", port), 0.2).close(); break
@@ -40,14 +44,14 @@ def run(name, start):
     pids = pids_fn(p)
     before = rss(pids)
     loop = asyncio.new_event_loop()
-    conns = loop.run_until_complete(hold(port, "/api/users/x", "x-api-key: demo-secret-key\r\n"))
+    conns = loop.run_until_complete(hold(port, path, hdr))
     after = rss(pids)
-    print(f"{name:8} idle conns {N}: RSS {before} -> {after} KiB = {(after-before)/N:.2f} KiB each")
+    print(f"{name:16} idle conns {N}: RSS {before} -> {after} KiB = {(after-before)/N:.2f} KiB each")
     for r, w in conns: w.close()
     p.terminate(); p.wait()
-def keel():
+def keel(park="250ms"):
     port = free(); cfg = f"{d}/gw.toml"
-    open(cfg, "w").write(f'[server]\naddr = "127.0.0.1:{port}"\n\n[admin]\naddr = "127.0.0.1:{free()}"\n\n[runtime]\nworker_threads = 1\n\n[log]\nlevel = "warn"\n\n' + "".join(f'[clients.{n}]\nendpoints = ["127.0.0.1:{up}"]\n\n' for n in ("user","order","inventory")))
+    open(cfg, "w").write(f'[server]\naddr = "127.0.0.1:{port}"\npark_idle_after = "{park}"\n\n[admin]\naddr = "127.0.0.1:{free()}"\n\n[runtime]\nworker_threads = 1\n\n[log]\nlevel = "warn"\n\n' + "".join(f'[clients.{n}]\nendpoints = ["127.0.0.1:{up}"]\n\n' for n in ("user","order","inventory")))
     env = dict(os.environ, KEEL_CONFIG=cfg, SHOP_RATE="1000000000", SHOP_BURST="1000000000")
     return subprocess.Popen([f"{T}/gateway"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, lambda p: [p.pid]
 def nginx():
@@ -60,5 +64,14 @@ http {{ access_log off; keepalive_timeout 300s; keepalive_requests 100000; upstr
         out = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
         return [p.pid] + [int(x) for x in out]
     return subprocess.Popen(["nginx", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, pids
-run("keel", keel); run("nginx", nginx)
+def hello(park="250ms"):
+    port = free()
+    env = dict(os.environ, KEEL_SERVER__ADDR=f"127.0.0.1:{port}", KEEL_ADMIN__ADDR=f"127.0.0.1:{free()}",
+               KEEL_RUNTIME__WORKER_THREADS="1", KEEL_LOG__LEVEL="warn", KEEL_SERVER__PARK_IDLE_AFTER=park)
+    return subprocess.Popen([f"{T}/hello"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, lambda p: [p.pid]
+def hyper():
+    port = free()
+    return subprocess.Popen([f"{T}/examples/bare_hyper", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, lambda p: [p.pid]
+run("gateway", keel); run("gateway unparked", lambda: keel("0s")); run("nginx", nginx)
+run("hello", hello, "/", ""); run("hello unparked", lambda: hello("0s"), "/", ""); run("bare hyper", hyper, "/", "")
 upstream.terminate()
