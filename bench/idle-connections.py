@@ -49,9 +49,10 @@ def run(name, start, path="/api/users/x", hdr="x-api-key: demo-secret-key\r\n"):
     print(f"{name:16} idle conns {N}: RSS {before} -> {after} KiB = {(after-before)/N:.2f} KiB each")
     for r, w in conns: w.close()
     p.terminate(); p.wait()
-def keel(park="250ms"):
+def keel(park=None):
     port = free(); cfg = f"{d}/gw.toml"
-    open(cfg, "w").write(f'[server]\naddr = "127.0.0.1:{port}"\npark_idle_after = "{park}"\n\n[admin]\naddr = "127.0.0.1:{free()}"\n\n[runtime]\nworker_threads = 1\n\n[log]\nlevel = "warn"\n\n' + "".join(f'[clients.{n}]\nendpoints = ["127.0.0.1:{up}"]\n\n' for n in ("user","order","inventory")))
+    park = f'\npark_idle_after = "{park}"' if park else ""
+    open(cfg, "w").write(f'[server]\naddr = "127.0.0.1:{port}"{park}\n\n[admin]\naddr = "127.0.0.1:{free()}"\n\n[runtime]\nworker_threads = 1\n\n[log]\nlevel = "warn"\n\n' + "".join(f'[clients.{n}]\nendpoints = ["127.0.0.1:{up}"]\n\n' for n in ("user","order","inventory")))
     env = dict(os.environ, KEEL_CONFIG=cfg, SHOP_RATE="1000000000", SHOP_BURST="1000000000")
     return subprocess.Popen([f"{T}/gateway"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, lambda p: [p.pid]
 def nginx():
@@ -64,14 +65,24 @@ http {{ access_log off; keepalive_timeout 300s; keepalive_requests 100000; upstr
         out = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
         return [p.pid] + [int(x) for x in out]
     return subprocess.Popen(["nginx", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, pids
-def hello(park="250ms"):
+def hello(park=None):
     port = free()
     env = dict(os.environ, KEEL_SERVER__ADDR=f"127.0.0.1:{port}", KEEL_ADMIN__ADDR=f"127.0.0.1:{free()}",
-               KEEL_RUNTIME__WORKER_THREADS="1", KEEL_LOG__LEVEL="warn", KEEL_SERVER__PARK_IDLE_AFTER=park)
+               KEEL_RUNTIME__WORKER_THREADS="1", KEEL_LOG__LEVEL="warn")
+    if park: env["KEEL_SERVER__PARK_IDLE_AFTER"] = park
     return subprocess.Popen([f"{T}/hello"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, lambda p: [p.pid]
 def hyper():
     port = free()
     return subprocess.Popen([f"{T}/examples/bare_hyper", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, lambda p: [p.pid]
-run("gateway", keel); run("gateway unparked", lambda: keel("0s")); run("nginx", nginx)
-run("hello", hello, "/", ""); run("hello unparked", lambda: hello("0s"), "/", ""); run("bare hyper", hyper, "/", "")
+# ONLY=name[,name] runs a subset; PARK=<duration> overrides the parked runs' delay (default:
+# the server's own default).
+only = os.environ.get("ONLY", "").split(",") if os.environ.get("ONLY") else None
+park = os.environ.get("PARK")
+for name, start, *req in [
+    ("gateway", lambda: keel(park)), ("gateway unparked", lambda: keel("0s")), ("nginx", nginx),
+    ("hello", lambda: hello(park), "/", ""), ("hello unparked", lambda: hello("0s"), "/", ""),
+    ("bare hyper", hyper, "/", ""),
+]:
+    if only is None or name in only:
+        run(name, start, *req)
 upstream.terminate()

@@ -219,8 +219,7 @@ impl ConnTracker {
     /// When the connection may park, if it can now and parking is on.
     fn park_deadline(&self) -> Option<u64> {
         let park_ms = self.shared.limits.park_idle_after_ms;
-        (park_ms != 0 && self.parkable())
-            .then(|| self.idle_since.load(Ordering::Relaxed) + park_ms)
+        (park_ms != 0 && self.parkable()).then(|| self.idle_since.load(Ordering::Relaxed) + park_ms)
     }
 
     /// What the timer should do now about the connection's deadlines (whether or not hyper's
@@ -518,23 +517,39 @@ pub(crate) const FLUSH_AFTER_STOP: std::time::Duration = std::time::Duration::fr
 /// hyper's built-in HTTP/1 header-count limit.
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
-/// Build the HTTP/1 + HTTP/2 connection builder from the configured limits.
-pub(crate) fn builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
+/// The connection builders, made once per listener from the configured limits.
+pub(crate) struct Builders {
+    /// HTTP/1 or HTTP/2, told apart by the first bytes: every new connection.
+    auto: auto::Builder<TokioExecutor>,
+    /// HTTP/1 alone, with the same settings: a parked connection waking up (its protocol is
+    /// settled, so the detection's read and copy are skipped).
+    http1: hyper::server::conn::http1::Builder,
+}
+
+/// The same HTTP/1 settings on hyper's builder and on the auto builder's HTTP/1 part (two
+/// types with the same methods).
+macro_rules! http1_settings {
+    ($b:expr, $l:expr) => {{
+        $b.timer(TokioTimer::new())
+            // Keel runs its own head timer (see the module doc); hyper's would also fire on
+            // idle keep-alive connections.
+            .header_read_timeout(None)
+            .max_buf_size($l.max_header_bytes)
+            .keep_alive(true);
+        // Setting max_headers moves hyper's header parsing buffer from the stack to the heap
+        // (an allocation per request, ~5 % by hyper's own measure); at hyper's default of
+        // 100 the limit is identical without the cost.
+        if $l.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            $b.max_headers($l.max_headers);
+        }
+    }};
+}
+
+/// Build the connection builders from the configured limits.
+pub(crate) fn builders(shared: &Shared) -> Builders {
     let l = &shared.limits;
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        // Keel runs its own head timer (see the module doc); hyper's would also fire on idle
-        // keep-alive connections.
-        .header_read_timeout(None)
-        .max_buf_size(l.max_header_bytes)
-        .keep_alive(true);
-    // Setting max_headers moves hyper's header parsing buffer from the stack to the heap (an
-    // allocation per request, ~5 % by hyper's own measure); at hyper's default of 100 the
-    // limit is identical without the cost.
-    if l.max_headers != HYPER_DEFAULT_MAX_HEADERS {
-        b.http1().max_headers(l.max_headers);
-    }
+    http1_settings!(b.http1(), l);
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
@@ -546,7 +561,9 @@ pub(crate) fn builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
     if l.h2_extended_connect {
         b.http2().enable_connect_protocol();
     }
-    b
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1_settings!(http1, l);
+    Builders { auto: b, http1 }
 }
 
 /// Serve one accepted connection until it closes, times out, or shutdown ends it. `stack` is
@@ -562,7 +579,7 @@ pub(crate) fn builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
 pub(crate) async fn serve_connection<T, B>(
     stream: TcpStream,
     peer: SocketAddr,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
     shared: Arc<Shared>,
     stack: T,
 ) where
@@ -584,16 +601,18 @@ pub(crate) async fn serve_connection<T, B>(
             _ => shared.now_ms(),
         };
         timer.as_mut().reset(shared.instant_at(first));
-        if !run(
+        // Boxed: a running connection's future (its timers, its drain wait) is most of this
+        // task's size, and a parked connection then holds none of it.
+        if !Box::pin(run(
             &stream,
             peer,
-            &builder,
+            &builders,
             &shared,
             &tracker,
             stack.clone(),
             &mut timer,
             &mut phase_rx,
-        )
+        ))
         .await
         {
             return;
@@ -613,7 +632,7 @@ pub(crate) async fn serve_connection<T, B>(
 async fn run<T, B>(
     stream: &Arc<TcpStream>,
     peer: SocketAddr,
-    builder: &auto::Builder<TokioExecutor>,
+    builders: &Builders,
     shared: &Shared,
     tracker: &Arc<ConnTracker>,
     stack: T,
@@ -643,7 +662,15 @@ where
     };
     // Boxed, so that what a parked connection keeps (this task) does not include room for
     // hyper's state: that lives, and goes, with this box.
-    let mut conn = Box::pin(builder.serve_connection_with_upgrades(io, svc));
+    let mut conn = if tracker.h1.load(Ordering::Relaxed) {
+        Http::H1(Box::pin(
+            builders.http1.serve_connection(io, svc).with_upgrades(),
+        ))
+    } else {
+        Http::Auto(Box::pin(
+            builders.auto.serve_connection_with_upgrades(io, svc),
+        ))
+    };
     let mut closing = false;
     // While parking: the read count when hyper's connection was asked to close.
     let mut parking: Option<u32> = None;
@@ -653,7 +680,7 @@ where
     loop {
         if !closing && *phase_rx.borrow_and_update() >= Phase::Closing {
             closing = true;
-            conn.as_mut().graceful_shutdown();
+            conn.graceful_shutdown();
         }
         if *phase_rx.borrow() >= Phase::Stopped {
             if tracker.in_flight.load(Ordering::Acquire) == 0 {
@@ -661,7 +688,7 @@ where
                 // which can be before this connection wrote that body's last frame (seen as
                 // an HTTP/2 client's stream cut off mid-response under load). Nothing is in
                 // flight here, so let it finish writing, briefly.
-                let _ = tokio::time::timeout(FLUSH_AFTER_STOP, conn.as_mut()).await;
+                let _ = tokio::time::timeout(FLUSH_AFTER_STOP, poll_fn(|cx| conn.poll(cx))).await;
             }
             // Otherwise the grace period is over: dropping the connection cancels its
             // in-flight work.
@@ -670,8 +697,8 @@ where
         let changed = phase_rx.changed();
         let mut changed = pin!(changed);
         let event = poll_fn(|cx| {
-            if let Poll::Ready(res) = conn.as_mut().poll(cx) {
-                return Poll::Ready(Event::Done(res.err()));
+            if let Poll::Ready(err) = conn.poll(cx) {
+                return Poll::Ready(Event::Done(err));
             }
             // A write that just blocked may run out before the timer's deadline: pull the
             // timer in (only while blocked; a load otherwise).
@@ -755,7 +782,7 @@ where
                     // Idle HTTP/1 closes at once, before reading anything more; a connection
                     // still reading its protocol's first bytes (none have come) stops. The
                     // timer stays as a guard.
-                    conn.as_mut().graceful_shutdown();
+                    conn.graceful_shutdown();
                     timer
                         .as_mut()
                         .reset(Instant::now() + shared.limits.h2_keepalive_timeout);
@@ -769,13 +796,52 @@ where
                         return false;
                     }
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    conn.graceful_shutdown();
                     // HTTP/1 closes at once; HTTP/2 sends GOAWAY and waits for the peer.
                     timer
                         .as_mut()
                         .reset(Instant::now() + shared.limits.h2_keepalive_timeout);
                 }
             },
+        }
+    }
+}
+
+/// The socket as hyper's connections take it.
+type Io = TokioIo<TrackedIo>;
+
+/// hyper's connection on one socket: protocol detection first, or HTTP/1 alone once known.
+enum Http<'a, T, B>
+where
+    T: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone,
+    B: http_body::Body + GuardedBody,
+{
+    Auto(Pin<Box<auto::UpgradeableConnection<'a, Io, ConnService<T>, TokioExecutor>>>),
+    H1(Pin<Box<hyper::server::conn::http1::UpgradeableConnection<Io, ConnService<T>>>>),
+}
+
+impl<T, B> Http<'_, T, B>
+where
+    T: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    T::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + GuardedBody + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Drive the connection; `Ready` when it has ended, with its error if it failed.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<BoxError>> {
+        match self {
+            Http::Auto(c) => c.as_mut().poll(cx).map(Result::err),
+            Http::H1(c) => c.as_mut().poll(cx).map(|r| r.err().map(Into::into)),
+        }
+    }
+
+    fn graceful_shutdown(&mut self) {
+        match self {
+            Http::Auto(c) => c.as_mut().graceful_shutdown(),
+            Http::H1(c) => c.as_mut().graceful_shutdown(),
         }
     }
 }
@@ -945,7 +1011,7 @@ impl Drop for InFlight {
 }
 
 enum Event {
-    Done(Option<Box<dyn std::error::Error + Send + Sync>>),
+    Done(Option<BoxError>),
     Timer,
     Phase,
 }

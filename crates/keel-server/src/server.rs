@@ -10,8 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use keel_core::{BoxError, Phase, Shutdown};
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
@@ -275,7 +273,7 @@ impl TokioShard {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let builder: Arc<auto::Builder<TokioExecutor>> = Arc::new(conn::builder(&self.shared));
+        let builders = Arc::new(conn::builders(&self.shared));
         // The request path, composed once for this listener; each connection clones it once.
         let stack = self.shared.layers.stack(service);
         let closing = self.shared.shutdown.reached(Phase::Closing);
@@ -304,10 +302,10 @@ impl TokioShard {
                 .connections
                 .fetch_add(1, Ordering::Relaxed);
             let shared = self.shared.clone();
-            let builder = builder.clone();
+            let builders = builders.clone();
             let svc = stack.clone();
             self.tracker.spawn(async move {
-                conn::serve_connection(stream, peer, builder, shared.clone(), svc).await;
+                conn::serve_connection(stream, peer, builders, shared.clone(), svc).await;
                 shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
             });
         }
