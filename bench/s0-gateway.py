@@ -36,12 +36,12 @@ up = free()
 # The upstream beside wrk on CPU 0, as BENCH.md's S0 has it: CPU 1 is the proxy's alone.
 upstream = subprocess.Popen(["taskset", "-c", "0", f"{T}/examples/bare_hyper", f"127.0.0.1:{up}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 wait(up)
-def keel():
+def keel(exe=None):
     port = free()
     cfg = f"{d}/gw.toml"
     open(cfg, "w").write(f'[server]\naddr = "127.0.0.1:{port}"\n\n[admin]\naddr = "127.0.0.1:{free()}"\n\n[runtime]\nworker_threads = 1\n\n[log]\nlevel = "warn"\n\n' + "".join(f'[clients.{n}]\nendpoints = ["127.0.0.1:{up}"]\n\n' for n in ("user", "order", "inventory")))
     env = dict(os.environ, KEEL_CONFIG=cfg, SHOP_RATE="1000000000", SHOP_BURST="1000000000")
-    p = subprocess.Popen(["taskset", "-c", "1", f"{T}/gateway"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(["taskset", "-c", "1", exe or f"{T}/gateway"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return p, port, [p.pid]
 def nginx():
     port = free()
@@ -82,6 +82,10 @@ def pingora():
 peers = [("keel", keel), ("nginx", nginx), ("haproxy", haproxy)]
 if os.path.exists(PINGORA): peers.append(("pingora", pingora))
 else: print(f"pingora skipped: no {PINGORA} (build: see bench/peers/pingora/README.md)")
+# KEEL_BASELINE_GATEWAY=/path/to/an/older/gateway adds it as `keel-base`, measured in the same
+# rounds: a before/after of a change (build the older commit in a worktree and copy its binary).
+if os.environ.get("KEEL_BASELINE_GATEWAY"):
+    peers.append(("keel-base", lambda: keel(os.environ["KEEL_BASELINE_GATEWAY"])))
 res = {}
 for rnd in range(3):
     for name, start in peers:
@@ -108,4 +112,5 @@ for name, rows in res.items():
     rps = sum(r[0] for r in rows) / len(rows); us = sum(r[1] for r in rows) / len(rows); bad = sum(r[2] for r in rows)
     print(f"{name:8} {rps:10.0f} req/s {us:6.2f} us CPU/req  non-2xx {bad}")
 k = sum(r[1] for r in res["keel"]); print(f"keel/nginx CPU {k/sum(r[1] for r in res['nginx']):.2f}x  keel/haproxy CPU {k/sum(r[1] for r in res['haproxy']):.2f}x"
-    + (f"  keel/pingora CPU {k/sum(r[1] for r in res['pingora']):.2f}x" if "pingora" in res else ""))
+    + (f"  keel/pingora CPU {k/sum(r[1] for r in res['pingora']):.2f}x" if "pingora" in res else "")
+    + (f"  keel/keel-base CPU {k/sum(r[1] for r in res['keel-base']):.2f}x" if "keel-base" in res else ""))
