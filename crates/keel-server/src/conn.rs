@@ -566,6 +566,43 @@ pub(crate) fn builders(shared: &Shared) -> Builders {
     Builders { auto: b, http1 }
 }
 
+/// What a connection asks of the request stack it drives (the bounds its driver, its
+/// running loop and [`Http`] share).
+pub(crate) trait ConnStack<B>:
+    tower::Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T, B> ConnStack<B> for T where
+    T: tower::Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// What a connection asks of its responses' bodies.
+pub(crate) trait ConnBody:
+    http_body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + GuardedBody + Send + 'static
+{
+}
+
+impl<B> ConnBody for B where
+    B: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + GuardedBody + Send + 'static
+{
+}
+
 /// Serve one accepted connection until it closes, times out, or shutdown ends it. `stack` is
 /// the server's request path, cloned for each HTTP state machine the connection gets: once,
 /// and once more each time it wakes from being parked — never per request.
@@ -583,13 +620,8 @@ pub(crate) async fn serve_connection<T, B>(
     shared: Arc<Shared>,
     stack: T,
 ) where
-    T: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    T::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + GuardedBody + Send + 'static,
-    B::Error: Into<BoxError>,
+    T: ConnStack<B>,
+    B: ConnBody,
 {
     let tracker = Arc::new(ConnTracker::new(shared.clone()));
     let stream = Arc::new(stream);
@@ -640,13 +672,8 @@ async fn run<T, B>(
     phase_rx: &mut tokio::sync::watch::Receiver<Phase>,
 ) -> bool
 where
-    T: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    T::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + GuardedBody + Send + 'static,
-    B::Error: Into<BoxError>,
+    T: ConnStack<B>,
+    B: ConnBody,
 {
     let io = TokioIo::new(TrackedIo::new(
         stream.clone(),
@@ -822,13 +849,8 @@ where
 
 impl<T, B> Http<'_, T, B>
 where
-    T: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    T::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + GuardedBody + Send + 'static,
-    B::Error: Into<BoxError>,
+    T: ConnStack<B>,
+    B: ConnBody,
 {
     /// Drive the connection; `Ready` when it has ended, with its error if it failed.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<BoxError>> {
