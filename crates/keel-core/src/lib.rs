@@ -22,6 +22,7 @@ pub mod codec;
 pub mod context;
 pub mod fasthash;
 pub mod grpc;
+mod header_value;
 pub mod headers;
 pub mod observe;
 pub mod propagation;

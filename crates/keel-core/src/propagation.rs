@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use crate::codec::{self, CodecError, b3::B3};
+use crate::codec::{self, CodecError, TraceParent, b3::B3};
 use crate::context::Context;
 
 /// The headers Keel reads and writes.
@@ -71,6 +71,16 @@ pub trait HeaderWriter {
     fn set_owned(&mut self, name: &'static str, value: String) {
         self.set(name, &value);
     }
+
+    /// [`HeaderWriter::set`] for a value Keel's own encoders made or validated (visible ASCII:
+    /// hex ids, digits and a unit, a checked request id), which an HTTP header map takes
+    /// without checking each byte again.
+    fn set_ascii(&mut self, name: &'static str, value: &[u8]) {
+        // Visible ASCII is UTF-8; anything else is a bug upstream and the header is left out.
+        if let Ok(v) = std::str::from_utf8(value) {
+            self.set(name, v);
+        }
+    }
 }
 
 impl HeaderWriter for http::HeaderMap {
@@ -78,53 +88,74 @@ impl HeaderWriter for http::HeaderMap {
         // Every value Keel writes is produced by its own encoders (visible ASCII), so this
         // only fails on a bug; dropping the header then is better than a panic.
         if let Ok(v) = http::HeaderValue::from_str(value) {
-            self.insert(header_name(name), indexing(name, v));
+            insert_named(self, name, v);
         }
     }
 
     fn set_owned(&mut self, name: &'static str, value: String) {
         // The encoder's buffer becomes the header value: validated, not copied.
         if let Ok(v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
-            self.insert(header_name(name), indexing(name, v));
+            insert_named(self, name, v);
+        }
+    }
+
+    fn set_ascii(&mut self, name: &'static str, value: &[u8]) {
+        match crate::header_value::visible_ascii(value) {
+            Some(v) => insert_named(self, name, v),
+            None => self.set_owned(name, String::from_utf8_lossy(value).into_owned()),
         }
     }
 }
 
-/// `value` marked never to be indexed by HPACK when it is new on every call: span ids, the
-/// request id, the time left. Indexed, each would take a slot of the HTTP/2 connection's
-/// dynamic table that no later call can use, push out the entries that do repeat, and make
-/// every later header search the dead ones. What repeats across calls (baggage, trace state,
-/// the retry mark, B3's sampling flags) stays indexable. HTTP/1.1 ignores the mark.
-fn indexing(name: &'static str, mut value: http::HeaderValue) -> http::HeaderValue {
-    let repeats = matches!(name, names::BAGGAGE | names::TRACESTATE | names::RETRY)
-        || name.eq_ignore_ascii_case("x-b3-sampled")
-        || name.eq_ignore_ascii_case("x-b3-flags");
-    if !repeats {
-        value.set_sensitive(true);
+/// Insert under `name`, pre-built when it is one of Keel's, marked for HPACK as [`known`] says.
+fn insert_named(map: &mut http::HeaderMap, name: &'static str, mut value: http::HeaderValue) {
+    match known(name) {
+        Some((header, sensitive)) => {
+            value.set_sensitive(sensitive);
+            map.insert(header.clone(), value);
+        }
+        None => {
+            let repeats = name.eq_ignore_ascii_case("x-b3-sampled")
+                || name.eq_ignore_ascii_case("x-b3-flags");
+            value.set_sensitive(!repeats);
+            map.insert(http::HeaderName::from_static(name), value);
+        }
     }
-    value
 }
 
-/// The `HeaderName` of one of Keel's own header names, made once. `HeaderName::from_static`
-/// called at run time parses and checks its argument every time (it is `const` only for
-/// constant arguments); every outbound call writes half a dozen of these.
-fn header_name(name: &'static str) -> http::HeaderName {
+/// The pre-built `HeaderName` of one of Keel's own headers, and whether its value must never be
+/// indexed by HPACK. `HeaderName::from_static` called at run time parses and checks its
+/// argument every time (it is `const` only for constant arguments), and every outbound call
+/// writes half a dozen of these; a `match` on the name finds it by length and one compare.
+///
+/// Sensitive (never indexed): values new on every call — span ids, the request id, the time
+/// left. Indexed, each would take a slot of the HTTP/2 connection's dynamic table that no
+/// later call can use, push out the entries that do repeat, and make every later header
+/// search the dead ones. What repeats across calls (baggage, trace state, the retry mark,
+/// B3's sampling flags) stays indexable. HTTP/1.1 ignores the mark.
+fn known(name: &str) -> Option<(&'static http::HeaderName, bool)> {
     use http::HeaderName;
-    static KNOWN: [HeaderName; 8] = [
-        HeaderName::from_static(names::KEEL_TIMEOUT),
-        HeaderName::from_static(names::GRPC_TIMEOUT),
-        HeaderName::from_static(names::DEADLINE),
-        HeaderName::from_static(names::B3),
-        HeaderName::from_static(names::TRACEPARENT),
-        HeaderName::from_static(names::TRACESTATE),
-        HeaderName::from_static(names::BAGGAGE),
-        HeaderName::from_static(names::REQUEST_ID),
-    ];
-    KNOWN
-        .iter()
-        .find(|k| k.as_str() == name)
-        .cloned()
-        .unwrap_or_else(|| HeaderName::from_static(name))
+    static KEEL_TIMEOUT: HeaderName = HeaderName::from_static(names::KEEL_TIMEOUT);
+    static GRPC_TIMEOUT: HeaderName = HeaderName::from_static(names::GRPC_TIMEOUT);
+    static DEADLINE: HeaderName = HeaderName::from_static(names::DEADLINE);
+    static B3: HeaderName = HeaderName::from_static(names::B3);
+    static TRACEPARENT: HeaderName = HeaderName::from_static(names::TRACEPARENT);
+    static TRACESTATE: HeaderName = HeaderName::from_static(names::TRACESTATE);
+    static BAGGAGE: HeaderName = HeaderName::from_static(names::BAGGAGE);
+    static REQUEST_ID: HeaderName = HeaderName::from_static(names::REQUEST_ID);
+    static RETRY: HeaderName = HeaderName::from_static(names::RETRY);
+    Some(match name {
+        names::KEEL_TIMEOUT => (&KEEL_TIMEOUT, true),
+        names::GRPC_TIMEOUT => (&GRPC_TIMEOUT, true),
+        names::DEADLINE => (&DEADLINE, true),
+        names::B3 => (&B3, true),
+        names::TRACEPARENT => (&TRACEPARENT, true),
+        names::TRACESTATE => (&TRACESTATE, false),
+        names::BAGGAGE => (&BAGGAGE, false),
+        names::REQUEST_ID => (&REQUEST_ID, true),
+        names::RETRY => (&RETRY, false),
+        _ => return None,
+    })
 }
 
 /// Message headers as string maps (AMQP, Kafka and NATS adapters convert to these). Reads
@@ -229,8 +260,14 @@ pub fn inject<W: HeaderWriter + ?Sized>(
     }
     let budget = remaining - opts.margin;
     match carrier {
-        Carrier::Http => w.set(names::KEEL_TIMEOUT, codec::timeout::encode(budget).as_str()),
-        Carrier::Grpc => w.set(names::GRPC_TIMEOUT, codec::timeout::encode(budget).as_str()),
+        Carrier::Http => w.set_ascii(
+            names::KEEL_TIMEOUT,
+            codec::timeout::encode(budget).as_bytes(),
+        ),
+        Carrier::Grpc => w.set_ascii(
+            names::GRPC_TIMEOUT,
+            codec::timeout::encode(budget).as_bytes(),
+        ),
         Carrier::Message => {
             let at = SystemTime::now() + budget;
             let ms = at
@@ -244,11 +281,14 @@ pub fn inject<W: HeaderWriter + ?Sized>(
     if let Some(span) = opts.span_id {
         tp.parent_id = span;
     }
-    let encoded = tp.encode();
+    // Encoded on the stack: an HTTP header map cuts the values from a shared block.
+    let mut buf = [0u8; TraceParent::LEN];
+    let encoded = tp.encode_into(&mut buf);
     if opts.b3 == B3Format::Single {
-        w.set_owned(names::B3, codec::b3::single_from_traceparent(&tp, &encoded));
+        let mut b3 = [0u8; codec::b3::SINGLE_MAX];
+        w.set_ascii(names::B3, codec::b3::single_into(&tp, &mut b3));
     }
-    w.set_owned(names::TRACEPARENT, encoded);
+    w.set_ascii(names::TRACEPARENT, encoded);
     if let Some(ts) = &ctx.trace().tracestate {
         w.set(names::TRACESTATE, ts.as_str());
     }
@@ -264,7 +304,7 @@ pub fn inject<W: HeaderWriter + ?Sized>(
     if !ctx.baggage().is_empty() {
         w.set_owned(names::BAGGAGE, ctx.baggage().encode());
     }
-    w.set(names::REQUEST_ID, ctx.request_id());
+    w.set_ascii(names::REQUEST_ID, ctx.request_id_ref().as_bytes());
     if opts.retry {
         w.set(names::RETRY, "1");
     }

@@ -165,27 +165,23 @@ pub fn encode_single(b: &B3) -> String {
     s
 }
 
-/// The `b3` single header for the next hop, cut out of that hop's already encoded
-/// `traceparent` (`00-{trace}-{span}-{flags}`) rather than hex-encoding the same ids again:
-/// equal to `encode_single(&B3::from_traceparent(tp))` (a test holds them together).
-pub fn single_from_traceparent(tp: &TraceParent, encoded: &str) -> String {
-    let trace = if tp.trace_id.0[..8] == [0; 8] {
-        encoded.get(19..35)
-    } else {
-        encoded.get(3..35)
-    };
-    match (trace, encoded.get(36..52)) {
-        (Some(trace), Some(span)) => {
-            let mut s = String::with_capacity(trace.len() + 19);
-            s.push_str(trace);
-            s.push('-');
-            s.push_str(span);
-            s.push_str(if tp.sampled() { "-1" } else { "-0" });
-            s
-        }
-        // Not a version-00 encoding: do it the long way.
-        _ => encode_single(&B3::from_traceparent(tp)),
-    }
+/// The longest `b3` single header [`single_into`] writes: a 128-bit trace id, a span id and the
+/// sampling flag.
+pub const SINGLE_MAX: usize = 32 + 1 + 16 + 2;
+
+/// The `b3` single header for the next hop (`{trace}-{span}-{sampled}`), written into a stack
+/// buffer: equal to `encode_single(&B3::from_traceparent(tp))` (a test holds them together),
+/// without a `String` per call.
+pub fn single_into<'a>(tp: &TraceParent, buf: &'a mut [u8; SINGLE_MAX]) -> &'a [u8] {
+    let trace = trace_id_hex(&tp.trace_id);
+    let mut at = 2 * trace.len();
+    hex::encode_into(trace, &mut buf[..at]);
+    buf[at] = b'-';
+    hex::encode_into(&tp.parent_id.0, &mut buf[at + 1..at + 17]);
+    at += 17;
+    buf[at] = b'-';
+    buf[at + 1] = if tp.sampled() { b'1' } else { b'0' };
+    &buf[..at + 2]
 }
 
 /// Encodes the multi headers as `(lowercase name, value)` pairs: trace id, span id, then the

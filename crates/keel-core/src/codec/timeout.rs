@@ -38,6 +38,11 @@ pub struct TimeoutValue {
 }
 
 impl TimeoutValue {
+    /// The header value's bytes (ASCII digits and a unit letter).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+
     /// The header value, e.g. `"1500000u"`.
     pub fn as_str(&self) -> &str {
         // The buffer only ever holds ASCII digits and a unit letter, so this cannot fail.

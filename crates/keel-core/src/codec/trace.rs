@@ -91,7 +91,8 @@ hex_id!(SpanId, 8);
 
 impl TraceParent {
     /// The length of a version-00 `traceparent`: `vv-{32}-{16}-ff`.
-    const LEN: usize = 55;
+    /// The length of a version `00` encoding.
+    pub const LEN: usize = 55;
 
     /// Parses a `traceparent` value.
     ///
@@ -145,14 +146,19 @@ impl TraceParent {
 
     /// Encodes as version `00` (always 55 characters).
     pub fn encode(&self) -> String {
-        let mut s = String::with_capacity(Self::LEN);
-        s.push_str("00-");
-        hex::push(&mut s, &self.trace_id.0);
-        s.push('-');
-        hex::push(&mut s, &self.parent_id.0);
-        s.push('-');
-        hex::push(&mut s, &[self.flags]);
-        s
+        String::from_utf8_lossy(self.encode_into(&mut [0; Self::LEN])).into_owned()
+    }
+
+    /// [`TraceParent::encode`] into a stack buffer: `00-{trace}-{parent}-{flags}`, lowercase
+    /// hex (visible ASCII), for writers that take bytes without a `String` per call.
+    pub fn encode_into<'a>(&self, buf: &'a mut [u8; Self::LEN]) -> &'a [u8] {
+        buf[..3].copy_from_slice(b"00-");
+        hex::encode_into(&self.trace_id.0, &mut buf[3..35]);
+        buf[35] = b'-';
+        hex::encode_into(&self.parent_id.0, &mut buf[36..52]);
+        buf[52] = b'-';
+        hex::encode_into(&[self.flags], &mut buf[53..55]);
+        buf
     }
 
     /// The `traceparent` for the next hop: same trace and flags, with a fresh span id standing

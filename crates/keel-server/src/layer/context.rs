@@ -22,7 +22,6 @@ use std::sync::atomic::Ordering;
 use std::task::{Poll, ready};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Request, Response};
 use keel_core::context::{InboundError, InboundPolicy};
 use keel_core::observe::{Outcome, ServerRecord, SharedObserver};
@@ -247,34 +246,13 @@ where
 /// response then searches every earlier id for a match and evicts the entries that do repeat
 /// (`content-type`, `grpc-status`), which must be sent in full again. Measured on unary gRPC
 /// under callgrind, that was about 4,000 instructions a call. HTTP/1.1 ignores the mark.
-///
-/// `HeaderValue::from_bytes` would allocate for every response. Instead each value is cut
-/// from a per-thread block (`split` of a `BytesMut`, then `freeze`): the value shares the
-/// block and holds a reference count on it, so a block of [`ID_BLOCK`] bytes serves dozens of
-/// ids for two allocations, and goes when the last response that carries one of them is sent.
+/// The value shares a per-thread block ([`keel_core::codec::request_id::RequestId::header_value`]):
+/// no allocation per response.
 fn request_id_value(ctx: &Context) -> Option<HeaderValue> {
-    thread_local! {
-        static BLOCK: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
-    }
-    let id = ctx.request_id_ref().as_bytes();
-    let bytes = BLOCK
-        .try_with(|block| {
-            let mut block = block.borrow_mut();
-            if block.capacity() < id.len() {
-                *block = BytesMut::with_capacity(ID_BLOCK.max(id.len()));
-            }
-            block.extend_from_slice(id);
-            block.split().freeze()
-        })
-        // Only while the thread is being torn down.
-        .unwrap_or_else(|_| Bytes::copy_from_slice(id));
-    let mut value = HeaderValue::from_maybe_shared(bytes).ok()?;
+    let mut value = ctx.request_id_ref().header_value()?;
     value.set_sensitive(true);
     Some(value)
 }
-
-/// Bytes per block of request-id header values: 128 generated ids.
-const ID_BLOCK: usize = 4096;
 
 /// Held until the response ends: then the request's scoped tasks are cancelled (nobody waits
 /// for them any more) and its task-dump entry goes.
@@ -374,8 +352,8 @@ mod tests {
 
     #[test]
     fn request_id_values_cut_from_shared_blocks_stay_whole_and_distinct() {
-        // Enough ids to fill several blocks, and values kept alive across block changes.
-        let ctxs: Vec<Context> = (0..3 * ID_BLOCK / 16)
+        // Enough ids to fill several 4 KiB blocks, and values kept alive across block changes.
+        let ctxs: Vec<Context> = (0..3 * 4096 / 16)
             .map(|_| Context::background(std::time::Duration::from_secs(1)))
             .collect();
         let values: Vec<HeaderValue> = ctxs.iter().map(|c| request_id_value(c).unwrap()).collect();
