@@ -1,9 +1,10 @@
 //! A fast, non-cryptographic hasher for Keel's small hot-path maps whose keys are bounded and
 //! not chosen freely by request input: the client's maps keyed by socket address (outlier
-//! state, connection pools; keys from configuration and discovery) and telemetry's series
-//! keyed by route label (templates, and a capped set of gRPC methods). HashDoS resistance
-//! (what std's SipHash buys) is not needed there, and SipHash was a visible share of every
-//! call's and every request's cost.
+//! state, connection pools; keys from configuration and discovery), telemetry's series
+//! keyed by route label (templates, and a capped set of gRPC methods) or by upstream and
+//! topic name, and the gateway's clusters and rate buckets (configured names, verified
+//! token subjects). HashDoS resistance (what std's SipHash buys) is not needed there, and
+//! SipHash was a visible share of every call's and every request's cost.
 
 use std::hash::{BuildHasherDefault, Hasher};
 

@@ -23,6 +23,8 @@
 //!    passed is 504; any other failure to get an answer is 503.
 
 use std::collections::HashMap;
+
+use keel_core::fasthash::FastMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -346,7 +348,8 @@ impl Caller<'_> {
 /// The configured proxy. Build it once, then [`Gateway::router`].
 pub struct Gateway {
     routes: Routes,
-    clusters: HashMap<String, Arc<Client>>,
+    /// By cluster name (from configuration): looked up on every request.
+    clusters: FastMap<String, Arc<Client>>,
     keys: HashMap<String, Key>,
     #[cfg(feature = "jwt")]
     jwt: Option<crate::jwt::Verifier>,
@@ -387,7 +390,7 @@ impl Gateway {
             reason,
         };
         let routes = Routes::new(&cfg.routes)?;
-        let mut clusters = HashMap::new();
+        let mut clusters = FastMap::default();
         for route in routes.iter() {
             if clusters.contains_key(route.cluster()) {
                 continue;

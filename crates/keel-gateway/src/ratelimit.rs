@@ -12,7 +12,7 @@
 //! ([`RedisLimiter::fallbacks`]), and after a failure Redis is left alone for
 //! [`RETRY_AFTER_FAILURE`] so an outage adds no timeout to every request.
 
-use std::collections::HashMap;
+use keel_core::fasthash::FastMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -54,7 +54,9 @@ pub struct Rate {
 #[derive(Debug)]
 pub struct LocalLimiter {
     rate: Rate,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    /// By credential name: a configured key's, or a verified token's subject (never a value
+    /// the request chose freely), so the fast hasher serves.
+    buckets: Mutex<FastMap<String, Bucket>>,
 }
 
 #[derive(Debug)]
@@ -68,7 +70,7 @@ impl LocalLimiter {
     pub fn new(rate: Rate) -> LocalLimiter {
         LocalLimiter {
             rate,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(FastMap::default()),
         }
     }
 

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use keel_core::fasthash::FastMap;
 use keel_core::observe::{ClientRecord, MessageRecord, Outcome, ServerRecord};
 
 /// Histogram bucket upper bounds, in seconds. Sub-millisecond services need resolution below
@@ -173,9 +174,9 @@ struct Inner {
     server: RwLock<keel_core::fasthash::FastMap<String, MethodSeries>>,
     /// Raw-path route labels admitted so far (templates are not counted against the cap).
     raw_routes: AtomicU64,
-    client: RwLock<HashMap<String, Arc<Series>>>,
+    client: RwLock<FastMap<String, Arc<Series>>>,
     /// `system destination side` → series (destinations come from config).
-    messages: RwLock<HashMap<String, Arc<Series>>>,
+    messages: RwLock<FastMap<String, Arc<Series>>>,
     /// `system destination` → (redelivered, duplicates skipped).
     redeliveries: RwLock<HashMap<String, Arc<(AtomicU64, AtomicU64)>>>,
     in_flight: AtomicI64,
@@ -205,8 +206,8 @@ impl Metrics {
                 cfg,
                 server: RwLock::new(Default::default()),
                 raw_routes: AtomicU64::new(0),
-                client: RwLock::new(HashMap::new()),
-                messages: RwLock::new(HashMap::new()),
+                client: RwLock::new(FastMap::default()),
+                messages: RwLock::new(FastMap::default()),
                 redeliveries: RwLock::new(HashMap::new()),
                 in_flight: AtomicI64::new(0),
                 long_polls: RwLock::new(HashMap::new()),
@@ -577,7 +578,7 @@ impl Metrics {
 }
 
 fn lookup(
-    map: &RwLock<HashMap<String, Arc<Series>>>,
+    map: &RwLock<FastMap<String, Arc<Series>>>,
     key: &str,
     owned: impl FnOnce() -> String,
 ) -> Arc<Series> {
