@@ -164,7 +164,12 @@ pub struct Router<S = ()> {
     /// called directly (see there); `None` for every other template. Each clone of the router
     /// (one per connection) has its own, so a call needs no clone of the service.
     grpc: Vec<Option<GrpcEndpoint>>,
+    /// Headers every answer carries unless its handler set them ([`Router::response_header`]).
+    defaults: Option<Arc<Defaults>>,
 }
+
+/// See [`Router::response_header`].
+type Defaults = Vec<(http::HeaderName, http::HeaderValue)>;
 
 /// A gRPC service as the router calls it directly.
 type GrpcEndpoint =
@@ -176,6 +181,7 @@ impl<S> Clone for Router<S> {
             inner: self.inner.clone(),
             table: self.table.clone(),
             grpc: self.grpc.clone(),
+            defaults: self.defaults.clone(),
         }
     }
 }
@@ -239,6 +245,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
             inner: axum::Router::new(),
             table: Arc::default(),
             grpc: Vec::new(),
+            defaults: None,
         }
     }
 
@@ -316,11 +323,28 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
         self
     }
 
+    /// Answer every request through this router with `name: value` unless the handler's
+    /// response already has `name` (a proxy passing on its upstream's, say). Set again, a
+    /// name takes the new value.
+    ///
+    /// What `axum::middleware::map_response` would do for a fixed header, without a layer's
+    /// cost: a layer wraps and boxes every route once more (and sends [`Router::grpc_service`]
+    /// calls through axum); this is a lookup and an insert on the way out. On the shop's
+    /// gateway the layer cost about 4,000 instructions a proxied request.
+    pub fn response_header(mut self, name: http::HeaderName, value: http::HeaderValue) -> Self {
+        let defaults = Arc::make_mut(self.defaults.get_or_insert_with(Arc::default));
+        defaults.retain(|(n, _)| *n != name);
+        defaults.push((name, value));
+        self
+    }
+
     /// `axum::Router::merge`. The templates of a merged [`Router`] join this one's; a plain
-    /// axum `Router`'s routes are labelled by [`RouteLabelLayer`] instead.
+    /// axum `Router`'s routes are labelled by [`RouteLabelLayer`] instead. A merged
+    /// [`Router`]'s [`Router::response_header`]s apply to its routes only.
     #[track_caller]
     pub fn merge(mut self, other: impl Into<Router<S>>) -> Self {
         let other = other.into();
+        let other = other.defaults_as_layer();
         self.inner = self.inner.merge(other.inner);
         let mut grpc = other.grpc.into_iter();
         for t in &other.table.templates {
@@ -330,10 +354,31 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     }
 
     /// `axum::Router::nest`. The nested router's requests are labelled by
-    /// [`RouteLabelLayer`] (its templates under `path` are axum's to compose).
+    /// [`RouteLabelLayer`] (its templates under `path` are axum's to compose), and its
+    /// [`Router::response_header`]s apply to its routes only.
     #[track_caller]
     pub fn nest(mut self, path: &str, router: Router<S>) -> Self {
-        self.inner = self.inner.nest(path, layered(router.inner));
+        self.inner = self
+            .inner
+            .nest(path, layered(router.defaults_as_layer().inner));
+        self
+    }
+
+    /// This router with its [`Router::response_header`]s applied by a layer on its routes,
+    /// for when it joins another router (whose answers must not get them): the slow way, paid
+    /// only by routers that are merged or nested. A route layer: on the routes, not on the
+    /// fallback, which a merge or a nest may make the whole router's.
+    fn defaults_as_layer(mut self) -> Self {
+        if let Some(defaults) = self.defaults.take()
+            && self.inner.has_routes()
+        {
+            let tag = axum::middleware::map_response(move |mut resp: Response| {
+                set_defaults(&mut resp, &defaults);
+                std::future::ready(resp)
+            });
+            self.inner = self.inner.route_layer(tag);
+            self.grpc.iter_mut().for_each(|g| *g = None);
+        }
         self
     }
 
@@ -370,6 +415,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
             inner: self.inner.with_state(state),
             table: self.table,
             grpc: self.grpc,
+            defaults: self.defaults,
         }
     }
 }
@@ -383,6 +429,7 @@ impl Router<()> {
             inner: self.inner.with_state(()),
             table: self.table,
             grpc: self.grpc,
+            defaults: self.defaults,
         }
     }
 }
@@ -394,6 +441,7 @@ impl<S: Clone + Send + Sync + 'static> From<axum::Router<S>> for Router<S> {
             inner: layered(router),
             table: Arc::default(),
             grpc: Vec::new(),
+            defaults: None,
         }
     }
 }
@@ -431,24 +479,48 @@ where
                 .poll_ready(&mut TaskContext::from_waker(std::task::Waker::noop()))
                 .is_ready()
         {
-            return RouterFuture::Grpc {
-                fut: grpc.call(req.map(axum::body::Body::new)),
+            return RouterFuture {
+                dispatch: Dispatch::Grpc {
+                    fut: grpc.call(req.map(axum::body::Body::new)),
+                },
+                defaults: self.defaults.clone(),
             };
         }
-        RouterFuture::Axum {
-            fut: self.inner.call(req),
+        RouterFuture {
+            dispatch: Dispatch::Axum {
+                fut: self.inner.call(req),
+            },
+            defaults: self.defaults.clone(),
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// Future of a [`Router`]'s call: axum's, or a gRPC service's called directly.
-    #[project = RouterProj]
-    pub enum RouterFuture<F> {
+    /// Future of a [`Router`]'s call.
+    pub struct RouterFuture<F> {
+        #[pin]
+        dispatch: Dispatch<F>,
+        defaults: Option<Arc<Defaults>>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Where a [`Router`]'s call went: axum's router, or a gRPC service called directly.
+    #[project = DispatchProj]
+    enum Dispatch<F> {
         /// Through axum's router.
         Axum { #[pin] fut: F },
         /// A gRPC service's own (boxed, as axum's would be).
         Grpc { fut: <GrpcEndpoint as tower::Service<Request<axum::body::Body>>>::Future },
+    }
+}
+
+/// `defaults` on `resp`, where it has none of its own.
+fn set_defaults(resp: &mut Response, defaults: &Defaults) {
+    for (name, value) in defaults {
+        if !resp.headers().contains_key(name) {
+            resp.headers_mut().insert(name.clone(), value.clone());
+        }
     }
 }
 
@@ -466,9 +538,17 @@ where
 
     #[inline]
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            RouterProj::Axum { fut } => fut.poll(cx),
-            RouterProj::Grpc { fut } => fut.as_mut().poll(cx),
+        let this = self.project();
+        let out = match this.dispatch.project() {
+            DispatchProj::Axum { fut } => fut.poll(cx),
+            DispatchProj::Grpc { fut } => fut.as_mut().poll(cx),
+        };
+        match this.defaults {
+            None => out,
+            Some(defaults) => out.map_ok(|mut resp| {
+                set_defaults(&mut resp, defaults);
+                resp
+            }),
         }
     }
 }
@@ -650,5 +730,87 @@ mod tests {
         req.extensions_mut().insert(ctx.clone());
         tower::ServiceExt::oneshot(&mut router, req).await.unwrap();
         assert_eq!(ctx.route().map(|r| &**r), Some("/outer/{x}"));
+    }
+
+    /// `router`'s answer to `GET path`: its status and the `x-tag` and `x-b` headers.
+    async fn tags(router: &Router, path: &str) -> (u16, Option<String>, Option<String>) {
+        let req = Request::get(path).body(axum::body::Body::empty()).unwrap();
+        let resp = tower::ServiceExt::oneshot(router.clone(), req)
+            .await
+            .unwrap();
+        let h = |n: &str| {
+            resp.headers()
+                .get(n)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        (resp.status().as_u16(), h("x-tag"), h("x-b"))
+    }
+
+    #[tokio::test]
+    async fn response_headers_tag_every_answer_the_handler_did_not_tag_itself() {
+        use axum::response::IntoResponse;
+        use axum::routing::get;
+        use http::{HeaderName, HeaderValue};
+        let tag = HeaderName::from_static("x-tag");
+        let b = HeaderName::from_static("x-b");
+        let merged = Router::new()
+            .route("/merged", get(|| async { "m" }))
+            .response_header(b.clone(), HeaderValue::from_static("merged"));
+        let nested = Router::new()
+            .route("/n", get(|| async { "n" }))
+            .response_header(b.clone(), HeaderValue::from_static("nested"));
+        let router: Router = Router::new()
+            .route("/", get(|| async { "hi" }))
+            .route(
+                "/own",
+                get(|| async { ([("x-tag", "upstream")], "proxied").into_response() }),
+            )
+            .response_header(tag.clone(), HeaderValue::from_static("first"))
+            // Set again: the new value wins.
+            .response_header(tag, HeaderValue::from_static("gateway"))
+            .merge(merged)
+            .nest("/inner", nested)
+            .prepared();
+        let gw = Some("gateway".to_string());
+        assert_eq!(tags(&router, "/").await, (200, gw.clone(), None));
+        // The handler's own value stays (a proxy's upstream said who answered).
+        assert_eq!(
+            tags(&router, "/own").await,
+            (200, Some("upstream".into()), None)
+        );
+        // No route: the fallback's 404 is tagged too.
+        assert_eq!(tags(&router, "/nowhere").await, (404, gw.clone(), None));
+        // A merged or nested router's headers reach its own routes and no others.
+        let merged_tag = Some("merged".to_string());
+        assert_eq!(
+            tags(&router, "/merged").await,
+            (200, gw.clone(), merged_tag)
+        );
+        let nested_tag = Some("nested".to_string());
+        assert_eq!(tags(&router, "/inner/n").await, (200, gw, nested_tag));
+    }
+
+    #[tokio::test]
+    async fn a_response_header_leaves_grpc_calls_direct_and_tags_them() {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let router: Router = Router::new()
+            .grpc_service(health)
+            .response_header(
+                http::HeaderName::from_static("x-tag"),
+                http::HeaderValue::from_static("yes"),
+            )
+            .prepared();
+        assert!(
+            router.grpc.iter().all(Option::is_some),
+            "still called directly"
+        );
+        let answer = HealthClient::new(router)
+            .check(HealthCheckRequest { service: "".into() })
+            .await
+            .unwrap();
+        assert_eq!(answer.metadata().get("x-tag").unwrap(), "yes");
+        assert_eq!(answer.into_inner().status, ServingStatus::Serving as i32);
     }
 }

@@ -27,18 +27,11 @@ pub async fn get(
 }
 
 /// Tag every answer with `x-shop-instance: name` (which copy of a service answered: the
-/// gateway's colour routing is visible from outside).
+/// gateway's colour routing is visible from outside). A proxied answer keeps the upstream's
+/// tag: it says who really answered.
 pub fn tag_instance(router: impl Into<keel::Router>, name: String) -> keel::Router {
+    static INSTANCE: http::HeaderName = http::HeaderName::from_static("x-shop-instance");
     let value = http::HeaderValue::from_str(&name)
         .unwrap_or_else(|_| http::HeaderValue::from_static("invalid-instance-name"));
-    router
-        .into()
-        .layer(axum::middleware::map_response(move |mut resp: Response| {
-            let value = value.clone();
-            async move {
-                // A proxied answer keeps the upstream's tag: it says who really answered.
-                resp.headers_mut().entry("x-shop-instance").or_insert(value);
-                resp
-            }
-        }))
+    router.into().response_header(INSTANCE.clone(), value)
 }
