@@ -131,7 +131,87 @@ impl Forwarding {
         host: Option<&HeaderValue>,
         proto: &'static str,
     ) {
-        let earlier = earlier.unwrap_or_default();
+        let peer = peer.map(|p| canonical(p.ip()));
+        let values = match earlier {
+            // Nearly every request: the values follow from the peer, the host and the
+            // protocol alone, which a connection's requests share — the last ones made on
+            // this thread serve again when those match (two reference counts instead of
+            // formatting, checking and allocating both values).
+            None => LAST
+                .try_with(|last| {
+                    let mut last = last.borrow_mut();
+                    match last.as_ref() {
+                        Some(made)
+                            if made.peer == peer
+                                && made.proto == proto
+                                && same(made.host.as_ref(), host) =>
+                        {
+                            made.values.clone()
+                        }
+                        _ => {
+                            let values = Values::of(Earlier::default(), peer, host, proto);
+                            *last = Some(Made {
+                                peer,
+                                host: host.cloned(),
+                                proto,
+                                values: values.clone(),
+                            });
+                            values
+                        }
+                    }
+                })
+                // Only while the thread is being torn down.
+                .unwrap_or_else(|_| Values::of(Earlier::default(), peer, host, proto)),
+            Some(earlier) => Values::of(earlier, peer, host, proto),
+        };
+        if let Some(v) = values.for_ {
+            out.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        if let Some(v) = values.forwarded {
+            out.insert(FORWARDED.clone(), v);
+        }
+        out.insert(X_FORWARDED_PROTO.clone(), values.proto);
+        if let Some(h) = values.host {
+            out.insert(X_FORWARDED_HOST.clone(), h);
+        }
+    }
+}
+
+thread_local! {
+    /// The values [`Forwarding::write`] last made on this thread with nothing from earlier
+    /// proxies, and what they were made from.
+    static LAST: std::cell::RefCell<Option<Made>> = const { std::cell::RefCell::new(None) };
+}
+
+/// See [`LAST`].
+struct Made {
+    peer: Option<IpAddr>,
+    host: Option<HeaderValue>,
+    proto: &'static str,
+    values: Values,
+}
+
+fn same(a: Option<&HeaderValue>, b: Option<&HeaderValue>) -> bool {
+    a.map(HeaderValue::as_bytes) == b.map(HeaderValue::as_bytes)
+}
+
+/// The four headers' values for one request.
+#[derive(Clone)]
+struct Values {
+    for_: Option<HeaderValue>,
+    forwarded: Option<HeaderValue>,
+    proto: HeaderValue,
+    host: Option<HeaderValue>,
+}
+
+impl Values {
+    /// What `earlier` proxies said followed by this hop — `peer` (canonical), `host`, `proto`.
+    fn of(
+        earlier: Earlier,
+        peer: Option<IpAddr>,
+        host: Option<&HeaderValue>,
+        proto: &'static str,
+    ) -> Values {
         // Only the visible ASCII a `Host` should be is repeated; anything else is left out.
         let host = host.filter(|h| {
             !h.is_empty()
@@ -140,21 +220,19 @@ impl Forwarding {
                     .all(|&b| b.is_ascii_graphic() && b != b'"')
         });
         let mut ip = IpText::default();
-        let peer_ip = peer.map(|p| ip.of(canonical(p.ip())));
+        let peer_ip = peer.map(|p| ip.of(p));
 
-        if let Some(ip) = peer_ip {
-            let value = match earlier.for_ {
+        let for_ = peer_ip.and_then(|ip| {
+            match earlier.for_ {
                 Some(mut all) => {
                     all.push_str(", ");
                     all.push_str(ip);
                     HeaderValue::from_maybe_shared(Bytes::from(all))
                 }
                 None => HeaderValue::from_str(ip),
-            };
-            if let Ok(v) = value {
-                out.insert(X_FORWARDED_FOR.clone(), v);
             }
-        }
+            .ok()
+        });
 
         // Sized for `for=` an IPv6 address, a host and the proto without growing.
         let mut element = earlier.forwarded.unwrap_or_default();
@@ -188,16 +266,11 @@ impl Forwarding {
         }
         element.push_str("proto=");
         element.push_str(proto);
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(element)) {
-            out.insert(FORWARDED.clone(), v);
-        }
-
-        out.insert(
-            X_FORWARDED_PROTO.clone(),
-            earlier.proto.unwrap_or(HeaderValue::from_static(proto)),
-        );
-        if let Some(h) = earlier.host.or_else(|| host.cloned()) {
-            out.insert(X_FORWARDED_HOST.clone(), h);
+        Values {
+            for_,
+            forwarded: HeaderValue::from_maybe_shared(Bytes::from(element)).ok(),
+            proto: earlier.proto.unwrap_or(HeaderValue::from_static(proto)),
+            host: earlier.host.or_else(|| host.cloned()),
         }
     }
 }
@@ -441,5 +514,117 @@ mod tests {
         assert!(!h.contains_key("x-forwarded-for"));
         assert!(!h.contains_key("x-forwarded-host"));
         assert_eq!(h["forwarded"], "proto=http");
+    }
+
+    #[test]
+    fn values_made_again_on_one_thread_follow_every_change_of_peer_host_and_proto() {
+        let fwd = Forwarding::default();
+        let none = HeaderMap::new();
+        let a: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let b: SocketAddr = "[2001:db8::9]:5000".parse().unwrap();
+        let h1 = HeaderValue::from_static("shop.example");
+        let h2 = HeaderValue::from_static("other.example:8080");
+        let seen = |peer, host: Option<&HeaderValue>, proto| {
+            let mut out = HeaderMap::new();
+            fwd.write(&mut out, fwd.capture(&none, peer), peer, host, proto);
+            let get = |n: &HeaderName| out.get(n).map(|v| v.to_str().unwrap().to_string());
+            (
+                get(&X_FORWARDED_FOR),
+                get(&FORWARDED),
+                get(&X_FORWARDED_PROTO),
+                get(&X_FORWARDED_HOST),
+            )
+        };
+        let s = |v: &str| Some(v.to_string());
+        // Each call differs from the one before in one input; the first comes again at the
+        // end, after the values were made for something else.
+        let cases = [
+            (
+                Some(a),
+                Some(&h1),
+                "http",
+                (
+                    s("192.0.2.1"),
+                    s("for=192.0.2.1;host=shop.example;proto=http"),
+                    s("http"),
+                    s("shop.example"),
+                ),
+            ),
+            (
+                Some(a),
+                Some(&h1),
+                "http",
+                (
+                    s("192.0.2.1"),
+                    s("for=192.0.2.1;host=shop.example;proto=http"),
+                    s("http"),
+                    s("shop.example"),
+                ),
+            ),
+            (
+                Some(b),
+                Some(&h1),
+                "http",
+                (
+                    s("2001:db8::9"),
+                    s("for=\"[2001:db8::9]\";host=shop.example;proto=http"),
+                    s("http"),
+                    s("shop.example"),
+                ),
+            ),
+            (
+                Some(b),
+                Some(&h2),
+                "http",
+                (
+                    s("2001:db8::9"),
+                    s("for=\"[2001:db8::9]\";host=\"other.example:8080\";proto=http"),
+                    s("http"),
+                    s("other.example:8080"),
+                ),
+            ),
+            (
+                Some(b),
+                Some(&h2),
+                "https",
+                (
+                    s("2001:db8::9"),
+                    s("for=\"[2001:db8::9]\";host=\"other.example:8080\";proto=https"),
+                    s("https"),
+                    s("other.example:8080"),
+                ),
+            ),
+            (
+                None,
+                Some(&h2),
+                "https",
+                (
+                    None,
+                    s("host=\"other.example:8080\";proto=https"),
+                    s("https"),
+                    s("other.example:8080"),
+                ),
+            ),
+            (
+                None,
+                None,
+                "https",
+                (None, s("proto=https"), s("https"), None),
+            ),
+            (
+                Some(a),
+                Some(&h1),
+                "http",
+                (
+                    s("192.0.2.1"),
+                    s("for=192.0.2.1;host=shop.example;proto=http"),
+                    s("http"),
+                    s("shop.example"),
+                ),
+            ),
+        ];
+        for (peer, host, proto, want) in cases {
+            assert_eq!(seen(peer, host, proto), want, "{peer:?} {host:?} {proto}");
+        }
     }
 }
