@@ -538,29 +538,20 @@ mod tests {
         let s = |v: &str| Some(v.to_string());
         // Each call differs from the one before in one input; the first comes again at the
         // end, after the values were made for something else.
+        let first = (
+            Some(a),
+            Some(&h1),
+            "http",
+            (
+                s("192.0.2.1"),
+                s("for=192.0.2.1;host=shop.example;proto=http"),
+                s("http"),
+                s("shop.example"),
+            ),
+        );
         let cases = [
-            (
-                Some(a),
-                Some(&h1),
-                "http",
-                (
-                    s("192.0.2.1"),
-                    s("for=192.0.2.1;host=shop.example;proto=http"),
-                    s("http"),
-                    s("shop.example"),
-                ),
-            ),
-            (
-                Some(a),
-                Some(&h1),
-                "http",
-                (
-                    s("192.0.2.1"),
-                    s("for=192.0.2.1;host=shop.example;proto=http"),
-                    s("http"),
-                    s("shop.example"),
-                ),
-            ),
+            first.clone(),
+            first.clone(),
             (
                 Some(b),
                 Some(&h1),
@@ -611,17 +602,7 @@ mod tests {
                 "https",
                 (None, s("proto=https"), s("https"), None),
             ),
-            (
-                Some(a),
-                Some(&h1),
-                "http",
-                (
-                    s("192.0.2.1"),
-                    s("for=192.0.2.1;host=shop.example;proto=http"),
-                    s("http"),
-                    s("shop.example"),
-                ),
-            ),
+            first,
         ];
         for (peer, host, proto, want) in cases {
             assert_eq!(seen(peer, host, proto), want, "{peer:?} {host:?} {proto}");
