@@ -338,6 +338,26 @@ async fn a_consumer_in_the_lifecycle_stops_at_the_drain_and_nothing_it_applied_c
         came_back.is_empty(),
         "applied by the drained instance, delivered again: {came_back:?}; {again:?}; the drained instance: {stats:?}"
     );
+    // Nor applied a second time: an id both instances applied would be a double effect the
+    // inbox exists to prevent.
+    let applied_after = next_seen.ids(false);
+    let twice: Vec<&String> = applied_after.intersection(&applied_before).collect();
+    assert!(twice.is_empty(), "applied by both instances: {twice:?}");
+    // What each instance saw, for the count below when it fails: how many ids the next
+    // instance applied, saw only as duplicates, and whether the ledger holds any id twice.
+    let only_duplicates: Vec<String> = next_seen
+        .ids(true)
+        .difference(&applied_after)
+        .cloned()
+        .collect();
+    let ledger = Ledger::totals(&store).await;
+    let seen = format!(
+        "next instance {again:?}, {} distinct ids applied, ids seen only as duplicates \
+         {only_duplicates:?}; drained instance {stats:?}, {} distinct ids applied; ledger \
+         (rows, distinct ids, sum) {ledger:?}",
+        applied_after.len(),
+        applied_before.len(),
+    );
     assert_eq!(
         applied_before.len() as u64,
         applied,
@@ -346,12 +366,12 @@ async fn a_consumer_in_the_lifecycle_stops_at_the_drain_and_nothing_it_applied_c
     // Each handed-back message reached the next instance as a redelivery.
     assert!(
         again.redelivered.load(Ordering::SeqCst) >= returned,
-        "{again:?}"
+        "{seen}"
     );
     assert_eq!(
         again.applied.load(Ordering::SeqCst),
         n as u64 - applied,
-        "{again:?}"
+        "{seen}"
     );
     assert_eq!(Ledger::totals(&store).await.0, n, "each applied once");
     nats.delete_stream(&stream).await.unwrap();
