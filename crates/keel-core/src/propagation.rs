@@ -72,14 +72,35 @@ pub trait HeaderWriter {
         self.set(name, &value);
     }
 
-    /// [`HeaderWriter::set`] for a value Keel's own encoders made or validated (visible ASCII:
-    /// hex ids, digits and a unit, a checked request id), which an HTTP header map takes
-    /// without checking each byte again.
-    fn set_ascii(&mut self, name: &'static str, value: &[u8]) {
-        // Visible ASCII is UTF-8; anything else is a bug upstream and the header is left out.
-        if let Ok(v) = std::str::from_utf8(value) {
+    /// [`HeaderWriter::set`] for a value one of Keel's own encoders made (visible ASCII: hex
+    /// ids, digits and a unit, a request id), which an HTTP header map takes without checking
+    /// each byte again.
+    fn set_encoded(&mut self, name: &'static str, value: Encoded<'_>) {
+        if let Ok(v) = std::str::from_utf8(value.as_bytes()) {
             self.set(name, v);
         }
+    }
+}
+
+/// A header value one of Keel's encoders made: visible ASCII by construction. Only this crate
+/// makes one, so [`HeaderWriter::set_encoded`] can trust it without letting any other caller
+/// hand a header map unchecked bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Encoded<'a>(&'a [u8]);
+
+impl<'a> Encoded<'a> {
+    /// `v`, which the caller's encoder made visible ASCII.
+    fn new(v: &'a [u8]) -> Self {
+        debug_assert!(
+            v.iter().all(u8::is_ascii_graphic),
+            "not visible ASCII: {v:?}"
+        );
+        Encoded(v)
+    }
+
+    /// The value's bytes.
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.0
     }
 }
 
@@ -99,11 +120,12 @@ impl HeaderWriter for http::HeaderMap {
         }
     }
 
-    fn set_ascii(&mut self, name: &'static str, value: &[u8]) {
-        match crate::header_value::visible_ascii(value) {
-            Some(v) => insert_named(self, name, v),
-            None => self.set_owned(name, String::from_utf8_lossy(value).into_owned()),
-        }
+    fn set_encoded(&mut self, name: &'static str, value: Encoded<'_>) {
+        insert_named(
+            self,
+            name,
+            crate::header_value::visible_ascii(value.as_bytes()),
+        );
     }
 }
 
@@ -260,13 +282,13 @@ pub fn inject<W: HeaderWriter + ?Sized>(
     }
     let budget = remaining - opts.margin;
     match carrier {
-        Carrier::Http => w.set_ascii(
+        Carrier::Http => w.set_encoded(
             names::KEEL_TIMEOUT,
-            codec::timeout::encode(budget).as_bytes(),
+            Encoded::new(codec::timeout::encode(budget).as_bytes()),
         ),
-        Carrier::Grpc => w.set_ascii(
+        Carrier::Grpc => w.set_encoded(
             names::GRPC_TIMEOUT,
-            codec::timeout::encode(budget).as_bytes(),
+            Encoded::new(codec::timeout::encode(budget).as_bytes()),
         ),
         Carrier::Message => {
             let at = SystemTime::now() + budget;
@@ -286,9 +308,12 @@ pub fn inject<W: HeaderWriter + ?Sized>(
     let encoded = tp.encode_into(&mut buf);
     if opts.b3 == B3Format::Single {
         let mut b3 = [0u8; codec::b3::SINGLE_MAX];
-        w.set_ascii(names::B3, codec::b3::single_into(&tp, &mut b3));
+        w.set_encoded(
+            names::B3,
+            Encoded::new(codec::b3::single_into(&tp, &mut b3)),
+        );
     }
-    w.set_ascii(names::TRACEPARENT, encoded);
+    w.set_encoded(names::TRACEPARENT, Encoded::new(encoded));
     if let Some(ts) = &ctx.trace().tracestate {
         w.set(names::TRACESTATE, ts.as_str());
     }
@@ -304,7 +329,10 @@ pub fn inject<W: HeaderWriter + ?Sized>(
     if !ctx.baggage().is_empty() {
         w.set_owned(names::BAGGAGE, ctx.baggage().encode());
     }
-    w.set_ascii(names::REQUEST_ID, ctx.request_id_ref().as_bytes());
+    w.set_encoded(
+        names::REQUEST_ID,
+        Encoded::new(ctx.request_id_ref().as_bytes()),
+    );
     if opts.retry {
         w.set(names::RETRY, "1");
     }

@@ -23,8 +23,6 @@
 //!    passed is 504; any other failure to get an answer is 503.
 
 use std::collections::HashMap;
-
-use keel_core::fasthash::FastMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -35,6 +33,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use keel_client::client::{Client, ClientError, RetryPolicy};
 use keel_core::Context;
+use keel_core::fasthash::FastMap;
 use serde::{Deserialize, Serialize};
 
 use crate::forwarded::{Forwarding, is_forwarding_header};

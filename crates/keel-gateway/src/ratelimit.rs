@@ -12,9 +12,10 @@
 //! ([`RedisLimiter::fallbacks`]), and after a failure Redis is left alone for
 //! [`RETRY_AFTER_FAILURE`] so an outage adds no timeout to every request.
 
-use keel_core::fasthash::FastMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use keel_core::fasthash::FastMap;
 
 /// The answer for one request.
 #[derive(Debug, Clone, Copy, PartialEq)]

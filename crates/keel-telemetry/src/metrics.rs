@@ -171,7 +171,7 @@ struct Inner {
     /// Route → its methods' series (a handful), so a lookup borrows the route, no allocation.
     /// Route label → series by method. A fast hasher: the labels are bounded (templates, a
     /// capped set of raw paths or gRPC methods), and this lookup runs on every request.
-    server: RwLock<keel_core::fasthash::FastMap<String, MethodSeries>>,
+    server: RwLock<FastMap<String, MethodSeries>>,
     /// Raw-path route labels admitted so far (templates are not counted against the cap).
     raw_routes: AtomicU64,
     client: RwLock<FastMap<String, Arc<Series>>>,

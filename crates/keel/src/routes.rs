@@ -329,8 +329,10 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     ///
     /// What `axum::middleware::map_response` would do for a fixed header, without a layer's
     /// cost: a layer wraps and boxes every route once more (and sends [`Router::grpc_service`]
-    /// calls through axum); this is a lookup and an insert on the way out. On the shop's
-    /// gateway the layer cost about 4,000 instructions a proxied request.
+    /// calls through axum); this is one lookup on the way out. On the shop's gateway the
+    /// layer cost about 2,600 instructions a proxied request (callgrind). A router merged or
+    /// nested into another keeps its headers on its own routes; one with no routes (a
+    /// fallback alone) has none to keep them on, and they go.
     pub fn response_header(mut self, name: http::HeaderName, value: http::HeaderValue) -> Self {
         let defaults = Arc::make_mut(self.defaults.get_or_insert_with(Arc::default));
         defaults.retain(|(n, _)| *n != name);
@@ -343,8 +345,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     /// [`Router`]'s [`Router::response_header`]s apply to its routes only.
     #[track_caller]
     pub fn merge(mut self, other: impl Into<Router<S>>) -> Self {
-        let other = other.into();
-        let other = other.defaults_as_layer();
+        let other = other.into().defaults_as_layer();
         self.inner = self.inner.merge(other.inner);
         let mut grpc = other.grpc.into_iter();
         for t in &other.table.templates {
@@ -518,8 +519,8 @@ pin_project_lite::pin_project! {
 /// `defaults` on `resp`, where it has none of its own.
 fn set_defaults(resp: &mut Response, defaults: &Defaults) {
     for (name, value) in defaults {
-        if !resp.headers().contains_key(name) {
-            resp.headers_mut().insert(name.clone(), value.clone());
+        if let http::header::Entry::Vacant(slot) = resp.headers_mut().entry(name.clone()) {
+            slot.insert(value.clone());
         }
     }
 }

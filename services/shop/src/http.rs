@@ -30,8 +30,9 @@ pub async fn get(
 /// gateway's colour routing is visible from outside). A proxied answer keeps the upstream's
 /// tag: it says who really answered.
 pub fn tag_instance(router: impl Into<keel::Router>, name: String) -> keel::Router {
-    static INSTANCE: http::HeaderName = http::HeaderName::from_static("x-shop-instance");
     let value = http::HeaderValue::from_str(&name)
         .unwrap_or_else(|_| http::HeaderValue::from_static("invalid-instance-name"));
-    router.into().response_header(INSTANCE.clone(), value)
+    router
+        .into()
+        .response_header(http::HeaderName::from_static("x-shop-instance"), value)
 }

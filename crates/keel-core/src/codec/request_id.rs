@@ -116,9 +116,9 @@ impl RequestId {
     }
 
     /// The id as a header value, cut from a per-thread block rather than allocated (a new id
-    /// is written on every response and every outbound call). `None` only on a bug: the id
-    /// is visible ASCII by construction.
-    pub fn header_value(&self) -> Option<http::HeaderValue> {
+    /// is written on every response and every outbound call); the id is visible ASCII by
+    /// construction, so it is not checked again.
+    pub fn header_value(&self) -> http::HeaderValue {
         crate::header_value::visible_ascii(self.as_bytes())
     }
 

@@ -91,7 +91,6 @@ hex_id!(SpanId, 8);
 
 impl TraceParent {
     /// The length of a version-00 `traceparent`: `vv-{32}-{16}-ff`.
-    /// The length of a version `00` encoding.
     pub const LEN: usize = 55;
 
     /// Parses a `traceparent` value.
