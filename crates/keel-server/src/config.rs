@@ -27,6 +27,21 @@ pub struct ServerConfig {
     /// TCP Fast Open queue length on the listeners; 0 turns it off. 256 bounds the number of
     /// pending TFO handshakes (a SYN flood with cookies cannot pin more than that).
     pub tcp_fastopen_queue: u32,
+    /// Kernel keepalive on accepted sockets: after this long with nothing received, the
+    /// kernel probes the peer, and closes the connection when `tcp_keepalive_probes` probes
+    /// in a row go unanswered. It finds dead peers (a host that vanished, a NAT or middlebox
+    /// that dropped its mapping) on every protocol, including a connection waiting on a
+    /// long request, which the idle timeout does not cover; the probes also keep such
+    /// middleboxes' mappings alive. 20 s is below the 30–60 s idle timeouts typical of them.
+    /// Set once on the listeners and inherited by every accepted socket, so it costs nothing
+    /// per connection or request (HTTP/2 PINGs cost each request; see
+    /// `http2_keepalive_interval`). Whole seconds; `0s` turns it off.
+    pub tcp_keepalive_idle: Duration,
+    /// Time between unanswered keepalive probes. With the defaults a dead peer is found
+    /// 20 s + 2 × 5 s = 30 s after it last sent anything.
+    pub tcp_keepalive_interval: Duration,
+    /// Unanswered probes before the connection is closed.
+    pub tcp_keepalive_probes: u32,
     /// Largest request header block (request line + headers). HTTP/1 answers 431 above it;
     /// HTTP/2 advertises it as `SETTINGS_MAX_HEADER_LIST_SIZE`. 16 KiB fits large cookies and
     /// JWTs (the 8 KiB of nginx's single buffer is a common source of surprise 431s) while
@@ -70,10 +85,13 @@ pub struct ServerConfig {
     /// Concurrent streams allowed per HTTP/2 connection. 256 keeps one connection from
     /// monopolising the server while leaving clients headroom (Go uses 250, hyper 200).
     pub http2_max_concurrent_streams: u32,
-    /// Interval of HTTP/2 PING frames that detect dead peers behind NATs and idle-killing
-    /// middleboxes. 20 s is below the 30–60 s idle timeouts typical of such middleboxes.
+    /// Interval of HTTP/2 PING frames, which detect a dead peer the way the kernel's
+    /// keepalive does (`tcp_keepalive_idle`) and also a peer whose TCP stack answers but
+    /// whose HTTP/2 side does not. Off (`0s`) by default: hyper's PINGs read the clock and
+    /// re-arm a timer on every frame, which measured 1,260 instructions of a 58,650-instruction
+    /// unary gRPC call (2.2 %), while the kernel's keepalive finds dead peers for nothing.
     pub http2_keepalive_interval: Duration,
-    /// How long to wait for a PING ACK before closing the connection. 10 s tolerates a
+    /// How long to wait for a PING ACK before closing the connection (when PINGs are on). 10 s tolerates a
     /// congested but alive peer (many round trips) while freeing a dead one's streams well
     /// before clients' own request timeouts give up on them.
     pub http2_keepalive_timeout: Duration,
@@ -100,6 +118,9 @@ impl Default for ServerConfig {
             backlog: 1024,
             tcp_nodelay: true,
             tcp_fastopen_queue: 256,
+            tcp_keepalive_idle: Duration::from_secs(20),
+            tcp_keepalive_interval: Duration::from_secs(5),
+            tcp_keepalive_probes: 2,
             max_header_bytes: ByteSize::kib(16),
             max_headers: 100,
             header_read_timeout: Duration::from_secs(10),
@@ -108,7 +129,7 @@ impl Default for ServerConfig {
             park_idle_after: Duration::from_millis(250),
             send_timeout: Duration::from_secs(60),
             http2_max_concurrent_streams: 256,
-            http2_keepalive_interval: Duration::from_secs(20),
+            http2_keepalive_interval: Duration::from_secs(0),
             http2_keepalive_timeout: Duration::from_secs(10),
             http2_max_pending_accept_reset_streams: 20,
             http2_max_local_error_reset_streams: 1024,
@@ -129,6 +150,26 @@ impl Validate for ServerConfig {
             self.backlog,
             "must be at least 1",
         );
+        if !self.tcp_keepalive_idle.get().is_zero() {
+            // Linux's limits: TCP_KEEPIDLE and TCP_KEEPINTVL 1..=32767 s, TCP_KEEPCNT 1..=127.
+            for (key, value) in [
+                ("tcp_keepalive_idle", self.tcp_keepalive_idle),
+                ("tcp_keepalive_interval", self.tcp_keepalive_interval),
+            ] {
+                v.check(
+                    (1..=32767).contains(&value.get().as_secs()),
+                    key,
+                    value,
+                    "must be between 1s and 32767s (the kernel counts whole seconds)",
+                );
+            }
+            v.check(
+                (1..=127).contains(&self.tcp_keepalive_probes),
+                "tcp_keepalive_probes",
+                self.tcp_keepalive_probes,
+                "must be between 1 and 127",
+            );
+        }
         v.check(
             self.max_header_bytes.get() >= 8192,
             "max_header_bytes",
@@ -458,5 +499,36 @@ mod tests {
         let mut v = Validator::default();
         v.nested("server", &cfg);
         assert!(!v.is_empty());
+    }
+
+    #[test]
+    fn keepalive_values_the_kernel_would_refuse_are_named_and_off_needs_nothing_else() {
+        let cfg = ServerConfig {
+            tcp_keepalive_idle: Duration::from_millis(500),
+            tcp_keepalive_interval: Duration::from_secs(40_000),
+            tcp_keepalive_probes: 0,
+            ..ServerConfig::default()
+        };
+        let mut v = Validator::default();
+        v.nested("server", &cfg);
+        let keys: Vec<_> = v.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.tcp_keepalive_idle",
+                "server.tcp_keepalive_interval",
+                "server.tcp_keepalive_probes"
+            ]
+        );
+        assert!(v.problems()[0].reason.contains("whole seconds"), "{v:?}");
+
+        // Off: the other two keys are not looked at.
+        let off = ServerConfig {
+            tcp_keepalive_idle: Duration::from_secs(0),
+            ..cfg
+        };
+        let mut v = Validator::default();
+        v.nested("server", &off);
+        assert!(v.is_empty(), "{v:?}");
     }
 }

@@ -554,7 +554,10 @@ pub(crate) fn builders(shared: &Shared) -> Builders {
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(l.h2_max_concurrent_streams)
-        .keep_alive_interval(Some(l.h2_keepalive_interval))
+        // `0s` = no PINGs (see `server.http2_keepalive_interval`).
+        .keep_alive_interval(
+            (!l.h2_keepalive_interval.is_zero()).then_some(l.h2_keepalive_interval),
+        )
         .keep_alive_timeout(l.h2_keepalive_timeout)
         .max_pending_accept_reset_streams(l.h2_max_pending_accept_reset_streams)
         .max_local_error_reset_streams(l.h2_max_local_error_reset_streams);

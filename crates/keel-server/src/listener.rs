@@ -1,4 +1,5 @@
-//! Listening sockets: `SO_REUSEPORT` groups, `TCP_NODELAY`, TCP Fast Open, backlog.
+//! Listening sockets: `SO_REUSEPORT` groups, `TCP_NODELAY`, TCP Fast Open, kernel keepalive,
+//! backlog.
 //!
 //! One socket per runtime shard lets the kernel hash new connections across the sockets, so
 //! accept never funnels through one queue and one waking thread. All sockets of a group share
@@ -20,6 +21,19 @@ pub struct ListenOptions {
     pub backlog: u32,
     /// TCP Fast Open queue length; 0 = off.
     pub fastopen_queue: u32,
+    /// Kernel keepalive for the accepted sockets; `None` = off.
+    pub keepalive: Option<Keepalive>,
+}
+
+/// Kernel keepalive settings (`SO_KEEPALIVE`, `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Quiet time before the first probe.
+    pub idle: std::time::Duration,
+    /// Time between unanswered probes.
+    pub interval: std::time::Duration,
+    /// Unanswered probes before the connection is closed.
+    pub probes: u32,
 }
 
 /// Bind `opts.count` `SO_REUSEPORT` sockets to `addr`. The returned sockets are non-blocking
@@ -44,6 +58,16 @@ fn bind_one(addr: SocketAddr, opts: ListenOptions) -> io::Result<std::net::TcpLi
     socket.set_tcp_nodelay(true)?;
     if opts.fastopen_queue > 0 {
         enable_fastopen(&socket, opts.fastopen_queue);
+    }
+    if let Some(k) = opts.keepalive {
+        // Set on the listener, the options are copied into every socket it accepts (Linux
+        // clones the listener's socket for each connection): no system call per connection.
+        socket.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(k.idle)
+                .with_interval(k.interval)
+                .with_retries(k.probes),
+        )?;
     }
     socket.bind(&addr.into())?;
     let backlog = i32::try_from(opts.backlog).unwrap_or(i32::MAX);
@@ -104,6 +128,7 @@ mod tests {
                 count: 3,
                 backlog: 128,
                 fastopen_queue: 16,
+                keepalive: None,
             },
         )
         .unwrap();
@@ -111,5 +136,42 @@ mod tests {
         let port = ls[0].local_addr().unwrap().port();
         assert_ne!(port, 0);
         assert!(ls.iter().all(|l| l.local_addr().unwrap().port() == port));
+    }
+
+    /// The socket `listener` accepts for a fresh connection to it (kept open by the caller).
+    fn accepted(listener: &std::net::TcpListener) -> (std::net::TcpStream, std::net::TcpStream) {
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_the_listeners_keepalive_and_none_is_off() {
+        let keepalive = Keepalive {
+            idle: std::time::Duration::from_secs(7),
+            interval: std::time::Duration::from_secs(3),
+            probes: 4,
+        };
+        let opts = |keepalive| ListenOptions {
+            count: 1,
+            backlog: 16,
+            fastopen_queue: 0,
+            keepalive,
+        };
+        let on = bind_group("127.0.0.1:0".parse().unwrap(), opts(Some(keepalive))).unwrap();
+        let (_client, server) = accepted(&on[0]);
+        let s = socket2::SockRef::from(&server);
+        assert!(
+            s.keepalive().unwrap(),
+            "SO_KEEPALIVE on the accepted socket"
+        );
+        assert_eq!(s.tcp_keepalive_time().unwrap(), keepalive.idle);
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), keepalive.interval);
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), keepalive.probes);
+
+        let off = bind_group("127.0.0.1:0".parse().unwrap(), opts(None)).unwrap();
+        let (_client, server) = accepted(&off[0]);
+        assert!(!socket2::SockRef::from(&server).keepalive().unwrap());
     }
 }

@@ -20,7 +20,7 @@ use keel_core::tasks::Registry;
 use crate::body::RequestBody;
 use crate::config::{HttpSettings, ShutdownConfig};
 use crate::conn;
-use crate::listener::{ListenOptions, bind_group};
+use crate::listener::{Keepalive, ListenOptions, bind_group};
 use crate::readiness::Readiness;
 use crate::shared::Shared;
 use crate::stats::Stats;
@@ -96,6 +96,11 @@ impl Server {
                 count: listeners,
                 backlog: cfg.backlog,
                 fastopen_queue: cfg.tcp_fastopen_queue,
+                keepalive: (!cfg.tcp_keepalive_idle.get().is_zero()).then(|| Keepalive {
+                    idle: cfg.tcp_keepalive_idle.get(),
+                    interval: cfg.tcp_keepalive_interval.get(),
+                    probes: cfg.tcp_keepalive_probes,
+                }),
             },
         )
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cfg.addr)))?;

@@ -486,6 +486,130 @@ async fn reuseport_group_has_n_listening_sockets() {
     }
 }
 
+/// This process's server-side socket of the connection whose client end is `client`.
+fn server_end(client: &std::net::TcpStream) -> std::net::TcpStream {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    let local = client.local_addr().unwrap();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let Ok(fd) = entry.unwrap().file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if fd == client.as_raw_fd() {
+            continue;
+        }
+        // SAFETY: the descriptor is open (listed just now) and only borrowed for the calls
+        // below; the server keeps the connection open while the client holds its end.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&fd);
+        if sock.peer_addr().ok().and_then(|a| a.as_socket()) == Some(local) {
+            return sock.try_clone().unwrap().into();
+        }
+    }
+    panic!("no server-side socket for {local}");
+}
+
+#[tokio::test]
+async fn accepted_connections_get_the_kernels_keepalive_from_config() {
+    // Defaults: on, 20 s / 5 s / 2 probes.
+    let s = start(config(), 1).await;
+    let client = tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+        assert_eq!(
+            exchange(&mut c, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"),
+            Some(200)
+        );
+        c
+    })
+    .await
+    .unwrap();
+    let server = server_end(&client);
+    let server = socket2::SockRef::from(&server);
+    assert!(server.keepalive().unwrap());
+    assert_eq!(
+        server.tcp_keepalive_time().unwrap(),
+        Duration::from_secs(20)
+    );
+    assert_eq!(
+        server.tcp_keepalive_interval().unwrap(),
+        Duration::from_secs(5)
+    );
+    assert_eq!(server.tcp_keepalive_retries().unwrap(), 2);
+
+    // `0s` turns it off.
+    let s = start(
+        ServerConfig {
+            tcp_keepalive_idle: keel_config::Duration::from_secs(0),
+            ..config()
+        },
+        1,
+    )
+    .await;
+    let client = tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+        assert_eq!(
+            exchange(&mut c, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"),
+            Some(200)
+        );
+        c
+    })
+    .await
+    .unwrap();
+    assert!(
+        !socket2::SockRef::from(&server_end(&client))
+            .keepalive()
+            .unwrap()
+    );
+}
+
+/// Reads HTTP/2 frames from `sock` until one of type `kind` arrives (its flags), or the
+/// connection ends or `within` passes (`None`).
+fn h2_frame_of_type(sock: &mut std::net::TcpStream, kind: u8, within: Duration) -> Option<u8> {
+    use std::io::Read;
+    let until = Instant::now() + within;
+    let mut head = [0u8; 9];
+    loop {
+        sock.set_read_timeout(Some(until.checked_duration_since(Instant::now())?))
+            .unwrap();
+        sock.read_exact(&mut head).ok()?;
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        sock.read_exact(&mut payload).ok()?;
+        if head[3] == kind {
+            return Some(head[4]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn http2_pings_are_sent_only_when_configured() {
+    const PING: u8 = 0x6;
+    // The client preface and an empty SETTINGS frame: an idle HTTP/2 connection.
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    let on = start(
+        ServerConfig {
+            http2_keepalive_interval: keel_config::Duration::from_millis(300),
+            ..config()
+        },
+        1,
+    )
+    .await;
+    let off = start(config(), 1).await;
+    let (on_ping, off_ping) = tokio::task::spawn_blocking(move || {
+        let ping = |addr| {
+            use std::io::Write;
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.write_all(PREFACE).unwrap();
+            h2_frame_of_type(&mut c, PING, Duration::from_secs(3))
+        };
+        (ping(on.addr), ping(off.addr))
+    })
+    .await
+    .unwrap();
+    // A PING, not a PING ACK (flag 0x1).
+    assert_eq!(on_ping, Some(0), "configured PINGs arrive");
+    assert_eq!(off_ping, None, "no PING by default");
+}
+
 #[tokio::test]
 async fn readiness_follows_a_dependency_that_fails_and_recovers() {
     let s = start(config(), 1).await;
