@@ -4,7 +4,9 @@
 #   server  a Keel service's request path (examples/hello, default stack) vs bare hyper
 #           (bench/instructions.sh);
 #   client  one call through Keel's client vs hyper-util's pooled client
-#           (bench/client-instructions.sh).
+#           (bench/client-instructions.sh);
+#   grpc    a unary gRPC call (health check over h2c) to examples/hello vs bare tonic
+#           (bench/instructions.sh --grpc).
 # Each is compared as a ratio to its bare baseline measured in the same run, so a compiler or
 # dependency update that moves both does not trip it; a ratio more than `tolerance` above
 # bench/instructions-baseline.json fails with the numbers.
@@ -25,12 +27,15 @@ fi
 # connections spread ±1.5 % with the machine's load, too close to the tolerance).
 server=$(bench/instructions.sh 3 1)
 client=$(bench/client-instructions.sh 5000)
+grpc=$(bench/instructions.sh 3 1 --grpc)
 echo "$server"
 echo
 echo "$client"
-python3 - "$mode" "$baseline" "$server" "$client" <<'PY'
+echo
+echo "$grpc"
+python3 - "$mode" "$baseline" "$server" "$client" "$grpc" <<'PY'
 import json, re, sys
-mode, path, server, client = sys.argv[1:]
+mode, path, server, client, grpc = sys.argv[1:]
 
 def per(table, system):
     m = re.search(rf"^\| {system} \| (\d+) \|", table, re.M)
@@ -41,6 +46,7 @@ def per(table, system):
 now = {
     "server": {"keel": per(server, "keel"), "bare": per(server, "hyper")},
     "client": {"keel": per(client, "keel"), "bare": per(client, "hyper")},
+    "grpc": {"keel": per(grpc, "keel"), "bare": per(grpc, "tonic")},
 }
 for v in now.values():
     v["ratio"] = round(v["keel"] / v["bare"], 3)
@@ -48,7 +54,7 @@ if mode == "--update":
     json.dump({"tolerance": 0.05, "paths": now,
                "note": "instructions per request/call under callgrind; written by bench/gate.sh --update"},
               open(path, "w"), indent=1)
-    print(f"\nwrote {path}: server {now['server']['ratio']}×, client {now['client']['ratio']}×")
+    print(f"\nwrote {path}: " + ", ".join(f"{k} {v['ratio']}×" for k, v in now.items()))
     sys.exit(0)
 base = json.load(open(path))
 tol = base["tolerance"]
