@@ -31,8 +31,10 @@ pub struct ServerConfig {
     /// kernel probes the peer, and closes the connection when `tcp_keepalive_probes` probes
     /// in a row go unanswered. It finds dead peers (a host that vanished, a NAT or middlebox
     /// that dropped its mapping) on every protocol, including a connection waiting on a
-    /// long request, which the idle timeout does not cover; the probes also keep such
-    /// middleboxes' mappings alive. 20 s is below the 30–60 s idle timeouts typical of them.
+    /// long request, which the idle timeout does not cover (the kernel probes only a quiet
+    /// connection: while a response is being sent, `send_timeout` watches the peer). The
+    /// probes also keep such middleboxes' mappings alive; 20 s is below the 30–60 s idle
+    /// timeouts typical of them.
     /// Set once on the listeners and inherited by every accepted socket, so it costs nothing
     /// per connection or request (HTTP/2 PINGs cost each request; see
     /// `http2_keepalive_interval`). Whole seconds; `0s` turns it off.
