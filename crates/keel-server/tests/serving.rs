@@ -508,12 +508,11 @@ fn server_end(client: &std::net::TcpStream) -> std::net::TcpStream {
     panic!("no server-side socket for {local}");
 }
 
-#[tokio::test]
-async fn accepted_connections_get_the_kernels_keepalive_from_config() {
-    // Defaults: on, 20 s / 5 s / 2 probes.
-    let s = start(config(), 1).await;
-    let client = tokio::task::spawn_blocking(move || {
-        let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+/// A client connection to `addr` that has had one request answered (so the server has
+/// accepted it).
+async fn answered_connection(addr: SocketAddr) -> std::net::TcpStream {
+    tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
         assert_eq!(
             exchange(&mut c, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"),
             Some(200)
@@ -521,7 +520,14 @@ async fn accepted_connections_get_the_kernels_keepalive_from_config() {
         c
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn accepted_connections_get_the_kernels_keepalive_from_config() {
+    // Defaults: on, 20 s / 5 s / 2 probes.
+    let s = start(config(), 1).await;
+    let client = answered_connection(s.addr).await;
     let server = server_end(&client);
     let server = socket2::SockRef::from(&server);
     assert!(server.keepalive().unwrap());
@@ -544,16 +550,7 @@ async fn accepted_connections_get_the_kernels_keepalive_from_config() {
         1,
     )
     .await;
-    let client = tokio::task::spawn_blocking(move || {
-        let mut c = std::net::TcpStream::connect(s.addr).unwrap();
-        assert_eq!(
-            exchange(&mut c, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"),
-            Some(200)
-        );
-        c
-    })
-    .await
-    .unwrap();
+    let client = answered_connection(s.addr).await;
     assert!(
         !socket2::SockRef::from(&server_end(&client))
             .keepalive()
