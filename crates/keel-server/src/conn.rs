@@ -161,9 +161,15 @@ impl ConnTracker {
         self.shared.request_finished();
     }
 
+    /// Bytes arrived: when they start a request head, the header timeout starts. Not when
+    /// they end where a head ends (`at_boundary`): hyper dispatches that head in this same
+    /// poll, which clears the mark again, so the clock is not read for a request that came
+    /// whole (most do). A client that sends only blank lines then waits for the idle
+    /// timeout, as a silent one does.
     fn on_bytes_read(&self) {
         if self.in_flight.load(Ordering::Relaxed) == 0
             && !self.h2.load(Ordering::Relaxed)
+            && !self.at_boundary.load(Ordering::Relaxed)
             && self.head_started.load(Ordering::Relaxed) == 0
         {
             self.head_started
@@ -1117,10 +1123,25 @@ mod tests {
         assert_eq!(t.check(armed), TimerCheck::Wait(armed + 10_000));
         // Bytes of a new head arrive 5 s later; nobody touches the timer.
         tokio::time::advance(std::time::Duration::from_secs(5)).await;
-        t.on_bytes_read();
+        read(&t, b"GET / HTTP/1.1\r\nhost");
         // When the timer fires it re-arms on that head's own deadline, and closes then.
         assert_eq!(t.check(armed + 10_000), TimerCheck::Wait(armed + 15_000));
         assert_eq!(t.check(armed + 15_000), TimerCheck::HeadTimeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_comes_whole_starts_no_header_timer_and_one_in_pieces_does() {
+        let t = tracker();
+        t.request_started(false);
+        t.request_finished(t.shared.now_ms());
+        let idle = t.shared.now_ms();
+        // Whole: hyper dispatches it in the same poll, so no clock is read for it.
+        read(&t, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n");
+        assert_eq!(t.head_started.load(Ordering::Relaxed), 0);
+        assert_eq!(t.check(idle + 10_000), TimerCheck::Wait(idle + 20_000));
+        // In pieces: the header timeout runs from the first piece.
+        read(&t, b"GET / HTTP/1.1\r\n");
+        assert_eq!(t.check(idle + 10_000), TimerCheck::HeadTimeout);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1145,7 +1166,7 @@ mod tests {
         let t = tracker();
         t.request_started(true);
         t.request_finished(t.shared.now_ms());
-        t.on_bytes_read();
+        read(&t, b"\0\0\0\x04\0\0\0\0\0");
         let now = t.shared.now_ms();
         assert_eq!(t.check(now), TimerCheck::Wait(now + 75_000));
     }

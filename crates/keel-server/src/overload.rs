@@ -1078,14 +1078,15 @@ impl std::fmt::Debug for Limiter {
 #[must_use = "dropping the permit frees the slot at once"]
 pub struct Permit {
     limiter: Limiter,
-    /// When the request was admitted, microseconds since the limiter's epoch; [`ANSWERED`]
-    /// once its service time has been reported (a flag of its own would make the permit,
-    /// and every response that carries it, a word bigger).
+    /// When the request was admitted, microseconds since the limiter's epoch; once its
+    /// service time has been reported, when it answered, marked with [`ANSWERED`] (a field
+    /// of its own would make the permit, and every response that carries it, a word bigger).
     started_us: u64,
 }
 
-/// [`Permit::started_us`] of a permit whose answer has been counted.
-const ANSWERED: u64 = u64::MAX;
+/// The mark on [`Permit::started_us`] of a permit whose answer has been counted; the rest of
+/// the word is the answer's time (microseconds since the epoch never reach bit 63).
+const ANSWERED: u64 = 1 << 63;
 
 impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1102,12 +1103,12 @@ impl Permit {
     /// The handler answered after spending `upstream` of its time waiting on upstreams: the
     /// rest is the service's own time, which updates the limit.
     pub fn answered_waiting(&mut self, upstream: Duration) {
-        if self.started_us == ANSWERED {
+        if self.started_us & ANSWERED != 0 {
             return;
         }
-        let started_us = std::mem::replace(&mut self.started_us, ANSWERED);
         let inner = &*self.limiter.inner;
-        let now_us = inner.now_us(Instant::now());
+        let now_us = inner.now_us(Instant::now()) & !ANSWERED;
+        let started_us = std::mem::replace(&mut self.started_us, ANSWERED | now_us);
         let own_us = now_us
             .saturating_sub(started_us)
             .saturating_sub(micros(upstream));
@@ -1124,6 +1125,15 @@ impl Permit {
             drop(algo);
             inner.publish(limit);
         }
+    }
+}
+
+impl Permit {
+    /// When the answer was counted (the clock read [`Permit::answered_waiting`] took, to the
+    /// microsecond), if it was: the layers above reuse it instead of reading the clock again.
+    pub fn answered_at(&self) -> Option<Instant> {
+        (self.started_us & ANSWERED != 0)
+            .then(|| self.limiter.inner.epoch + Duration::from_micros(self.started_us & !ANSWERED))
     }
 }
 
@@ -1898,6 +1908,26 @@ mod tests {
         assert_eq!(s.shed, [1, 1, 0, 0, 0]);
         assert_eq!(s.over_limit, 0);
         assert!(s.max_queue_wait <= Duration::from_millis(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_permit_knows_when_its_answer_was_counted_and_counts_it_once() {
+        let l = one_slot(OverloadConfig::default());
+        let mut p = l.acquire(Duration::from_secs(10), false).await.unwrap();
+        assert_eq!(p.answered_at(), None);
+        tokio::time::advance(Duration::from_millis(7)).await;
+        let before = Instant::now();
+        p.answered();
+        let at = p.answered_at().unwrap();
+        // To the microsecond the epoch-relative reading keeps.
+        assert!(
+            at <= before && before - at < Duration::from_micros(1),
+            "{at:?} {before:?}"
+        );
+        // A second answer changes nothing, not even the time.
+        tokio::time::advance(Duration::from_millis(5)).await;
+        p.answered();
+        assert_eq!(p.answered_at(), Some(at));
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,6 +20,7 @@ use keel_core::{Context, grpc};
 use tokio::time::Instant;
 
 use crate::body::{Fixed, GuardedBody};
+use crate::overload::Permit;
 use crate::refusal::Refused;
 
 /// Records each request for the App's observer.
@@ -142,8 +143,16 @@ where
             None => this.fut.poll(cx),
             Some(rec) => {
                 let started = this.poll_started.take().unwrap_or_else(Instant::now);
-                let res = this.fut.poll(cx);
-                let held = Instant::now().saturating_duration_since(started);
+                let mut res = this.fut.poll(cx);
+                // A response counted by the admission layer carries the clock read taken when
+                // the handler answered, moments ago in this same poll: no second read.
+                let ended = match &mut res {
+                    Poll::Ready(Ok(resp)) => resp.body_mut().guards().slot.as_ref(),
+                    _ => None,
+                }
+                .and_then(Permit::answered_at)
+                .unwrap_or_else(Instant::now);
+                let held = ended.saturating_duration_since(started);
                 if held > LONG_POLL_THRESHOLD
                     && let Some(observer) = &rec.observer
                 {
