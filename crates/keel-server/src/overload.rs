@@ -1126,9 +1126,7 @@ impl Permit {
             inner.publish(limit);
         }
     }
-}
 
-impl Permit {
     /// When the answer was counted (the clock read [`Permit::answered_waiting`] took, to the
     /// microsecond), if it was: the layers above reuse it instead of reading the clock again.
     pub fn answered_at(&self) -> Option<Instant> {
