@@ -168,9 +168,9 @@ type MethodSeries = Vec<(String, Arc<Series>)>;
 
 struct Inner {
     cfg: MetricsConfig,
-    /// Route → its methods' series (a handful), so a lookup borrows the route, no allocation.
-    /// Route label → series by method. A fast hasher: the labels are bounded (templates, a
-    /// capped set of raw paths or gRPC methods), and this lookup runs on every request.
+    /// Route label → its methods' series (a handful), so a lookup borrows the route and
+    /// allocates nothing. A fast hasher: the labels are bounded (templates, a capped set of
+    /// raw paths or gRPC methods), and this lookup runs on every request.
     server: RwLock<FastMap<String, MethodSeries>>,
     /// Raw-path route labels admitted so far (templates are not counted against the cap).
     raw_routes: AtomicU64,
