@@ -185,13 +185,25 @@ struct Peak {
 
 impl Peak {
     fn at(&self, now: Instant, half_life: Duration) -> f64 {
-        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        // Read again at the instant it was set (a lease given back reads it right after
+        // observing): no decay to compute.
+        if now <= self.at {
+            return self.value;
+        }
+        let dt = (now - self.at).as_secs_f64();
         let hl = half_life.as_secs_f64().max(1e-3);
         self.value * (-dt / hl * std::f64::consts::LN_2).exp()
     }
 
     fn observe(&mut self, n: usize, now: Instant, half_life: Duration) {
-        self.value = self.at(now, half_life).max(n as f64);
+        let n = n as f64;
+        // A demand at or above the peak is the new peak whatever the decay, which then need
+        // not be computed (the steady state of a busy pool).
+        self.value = if n >= self.value {
+            n
+        } else {
+            self.at(now, half_life).max(n)
+        };
         self.at = now;
     }
 }
@@ -425,9 +437,11 @@ impl Pool {
     /// Drop expired and closed idle connections, and those above what the decaying peak of
     /// concurrency (or `max_idle`) asks to keep, oldest first.
     fn evict_idle(&self, st: &mut State, now: Instant) {
-        let ttl = self.idle_timeout();
+        // One subtraction for the whole list rather than one per connection. `None`: the
+        // clock has not run for a whole `ttl` yet, so nothing can have expired.
+        let cut_off = now.checked_sub(self.idle_timeout());
         st.idle
-            .retain(|i| now.saturating_duration_since(i.since) < ttl && !i.tx.is_closed());
+            .retain(|i| cut_off.is_none_or(|c| i.since > c) && !i.tx.is_closed());
         let keep = self.idle_allowance(st, now);
         while st.idle.len() > keep {
             st.idle.pop_front();
@@ -932,5 +946,11 @@ mod tests {
         );
         p.observe(50, later, hl);
         assert_eq!(p.at(later, hl), 50.0);
+        // Below the stored peak but above its decay: the observation is the new peak.
+        p.observe(30, later + hl, hl);
+        assert_eq!(p.at(later + hl, hl), 30.0);
+        // Below both: the decay stands.
+        p.observe(10, later + 2 * hl, hl);
+        assert!((p.at(later + 2 * hl, hl) - 15.0).abs() < 1e-9);
     }
 }

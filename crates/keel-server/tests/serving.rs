@@ -245,6 +245,14 @@ async fn oversized_body_gets_413_declared_or_streamed() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 413);
+    // The same over HTTP/2, where the length is the `content-length` header of the HEADERS
+    // frame.
+    let body = Bytes::from(vec![b'x'; 100 * 1024]);
+    let resp = ts::h2c_client()
+        .request(http::Request::post(&url).body(Full::new(body)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
 
     // Streamed (chunked, no length): refused once the limit is crossed while reading.
     let chunks = (0..10).map(|_| {
@@ -275,7 +283,7 @@ async fn oversized_body_gets_413_declared_or_streamed() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), body);
-    assert_eq!(s.handle.stats().body_too_large.load(Ordering::Relaxed), 1);
+    assert_eq!(s.handle.stats().body_too_large.load(Ordering::Relaxed), 2);
 }
 
 #[tokio::test]
