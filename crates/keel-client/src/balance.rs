@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::window::decay;
+
 /// Balancer tuning.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BalanceConfig {
@@ -100,7 +102,7 @@ impl Load {
     pub fn cost(&self, cfg: &BalanceConfig, now: Instant) -> f64 {
         let e = self.lock();
         let idle = now.saturating_duration_since(e.updated).as_secs_f64();
-        let decayed = e.rtt_ns * (-idle / cfg.decay.as_secs_f64().max(f64::MIN_POSITIVE)).exp();
+        let decayed = e.rtt_ns * decay(idle / cfg.decay.as_secs_f64().max(f64::MIN_POSITIVE));
         let base = decayed * (self.in_flight() as f64 + 1.0);
         match e.penalty_until {
             Some(until) if until > now => base * cfg.penalty_factor,
@@ -110,10 +112,15 @@ impl Load {
 
     /// Mark a call started; the guard ends it (observed or abandoned).
     pub fn start(&self) -> InFlight<'_> {
+        self.start_at(Instant::now())
+    }
+
+    /// [`start`](Self::start) for a call sent at `now`.
+    pub fn start_at(&self, now: Instant) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight {
             load: self,
-            started: Instant::now(),
+            started: now,
         }
     }
 
@@ -126,7 +133,7 @@ impl Load {
             e.rtt_ns = sample;
         } else {
             let elapsed = now.saturating_duration_since(e.updated).as_secs_f64();
-            let w = (-elapsed / cfg.decay.as_secs_f64().max(f64::MIN_POSITIVE)).exp();
+            let w = decay(elapsed / cfg.decay.as_secs_f64().max(f64::MIN_POSITIVE));
             e.rtt_ns = e.rtt_ns * w + sample * (1.0 - w);
         }
         e.updated = now;
@@ -134,7 +141,11 @@ impl Load {
 
     /// Penalise after a failure, or for an upstream's `Retry-After`.
     pub fn penalize(&self, cfg: &BalanceConfig, retry_after: Option<Duration>) {
-        let now = Instant::now();
+        self.penalize_at(cfg, retry_after, Instant::now());
+    }
+
+    /// [`penalize`](Self::penalize) from `now` on.
+    pub fn penalize_at(&self, cfg: &BalanceConfig, retry_after: Option<Duration>, now: Instant) {
         let d = retry_after.map_or(cfg.failure_penalty, |r| r.min(cfg.max_retry_after));
         let mut e = self.lock();
         let until = now + d;
@@ -160,17 +171,25 @@ pub struct InFlight<'a> {
 impl InFlight<'_> {
     /// The call answered: fold its response time into the estimate.
     pub fn success(self, cfg: &BalanceConfig) {
-        let now = Instant::now();
+        self.success_at(cfg, Instant::now());
+    }
+
+    /// [`success`](Self::success), the answer having come at `now`.
+    pub fn success_at(self, cfg: &BalanceConfig, now: Instant) {
         self.load
             .observe(cfg, now.saturating_duration_since(self.started), now);
     }
 
     /// The call failed: its time counts (a slow failure is slowness) and a penalty starts.
     pub fn failure(self, cfg: &BalanceConfig, retry_after: Option<Duration>) {
-        let now = Instant::now();
+        self.failure_at(cfg, retry_after, Instant::now());
+    }
+
+    /// [`failure`](Self::failure), the failure having come at `now`.
+    pub fn failure_at(self, cfg: &BalanceConfig, retry_after: Option<Duration>, now: Instant) {
         self.load
             .observe(cfg, now.saturating_duration_since(self.started), now);
-        self.load.penalize(cfg, retry_after);
+        self.load.penalize_at(cfg, retry_after, now);
     }
 }
 
@@ -198,6 +217,28 @@ pub fn p2c<'a, T>(
     load: impl Fn(&T) -> &Load,
     draws: (u64, u64),
 ) -> Option<&'a T> {
+    p2c_when(cfg, candidates, load, draws, Instant::now)
+}
+
+/// [`p2c`] with the costs taken at `now`.
+pub fn p2c_at<'a, T>(
+    cfg: &BalanceConfig,
+    candidates: &'a [T],
+    load: impl Fn(&T) -> &Load,
+    draws: (u64, u64),
+    now: Instant,
+) -> Option<&'a T> {
+    p2c_when(cfg, candidates, load, draws, || now)
+}
+
+/// [`p2c`], the time asked for only when there are two candidates to compare.
+fn p2c_when<'a, T>(
+    cfg: &BalanceConfig,
+    candidates: &'a [T],
+    load: impl Fn(&T) -> &Load,
+    draws: (u64, u64),
+    now: impl FnOnce() -> Instant,
+) -> Option<&'a T> {
     match candidates.len() {
         0 => None,
         1 => candidates.first(),
@@ -205,7 +246,7 @@ pub fn p2c<'a, T>(
             let a = (draws.0 % n as u64) as usize;
             // A second index distinct from the first: offset by 1..n.
             let b = (a + 1 + (draws.1 % (n as u64 - 1)) as usize) % n;
-            let now = Instant::now();
+            let now = now();
             let (ca, cb) = (
                 load(&candidates[a]).cost(cfg, now),
                 load(&candidates[b]).cost(cfg, now),

@@ -186,14 +186,20 @@ impl Breaker {
     /// rejection probability (see the module doc for the formula and the cap). Either way the
     /// request is counted as attempted: a rejected request is still demand (module doc).
     pub fn admit(&self) -> Result<Admitted, BreakerOpen> {
-        self.decide(unit_draw)
+        self.decide(Instant::now(), unit_draw)
+    }
+
+    /// [`admit`](Self::admit) at `now`, a clock reading the caller already has (the client
+    /// reads the clock once when a call starts and passes it to every policy).
+    pub fn admit_at(&self, now: Instant) -> Result<Admitted, BreakerOpen> {
+        self.decide(now, unit_draw)
     }
 
     /// [`admit`](Self::admit) with an explicit draw in `[0, 1)`, for deterministic tests: the
     /// request is rejected exactly when `draw < probability`, so a draw equal to the
     /// probability is admitted and a zero probability admits every draw.
     pub fn admit_with(&self, draw: f64) -> Result<Admitted, BreakerOpen> {
-        self.decide(|| draw)
+        self.decide(Instant::now(), || draw)
     }
 
     /// The probability with which a request arriving now would be rejected.
@@ -213,9 +219,8 @@ impl Breaker {
         }
     }
 
-    fn decide(&self, draw: impl FnOnce() -> f64) -> Result<Admitted, BreakerOpen> {
-        // Read the clock before locking so the critical section stays a few additions long.
-        let now = Instant::now();
+    fn decide(&self, now: Instant, draw: impl FnOnce() -> f64) -> Result<Admitted, BreakerOpen> {
+        // The clock is read before locking, so the critical section stays a few additions long.
         let probability = {
             let mut window = self.shared.lock();
             // The decision uses the history *before* this request; an admitted request joins
@@ -270,7 +275,11 @@ impl Admitted {
     /// The upstream accepted the request: any answer that is not an overload or availability
     /// failure (module doc).
     pub fn success(self) {
-        let now = Instant::now();
+        self.success_at(Instant::now());
+    }
+
+    /// [`success`](Self::success), the answer having come at `now`.
+    pub fn success_at(self, now: Instant) {
         let mut window = self.shared.lock();
         window.add(now, REQUESTS, 1);
         window.add(now, ACCEPTS, 1);
@@ -279,7 +288,12 @@ impl Admitted {
     /// The request failed for overload or availability reasons: it counts as a request with
     /// no accept, which is what raises the probability.
     pub fn failure(self) {
-        self.shared.lock().add(Instant::now(), REQUESTS, 1);
+        self.failure_at(Instant::now());
+    }
+
+    /// [`failure`](Self::failure), the failure having come at `now`.
+    pub fn failure_at(self, now: Instant) {
+        self.shared.lock().add(now, REQUESTS, 1);
     }
 }
 

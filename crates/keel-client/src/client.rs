@@ -35,6 +35,7 @@ use keel_core::Context;
 use keel_core::grpc::is_grpc;
 use keel_core::observe;
 use keel_core::propagation::{self, Carrier, Outbound};
+use tokio::time::Instant;
 
 use crate::body::{Body, GrpcOutcome, OutBody, Payload};
 use crate::breaker::{Breaker, BreakerConfig, BreakerOpen, BreakerStats};
@@ -185,14 +186,18 @@ impl std::fmt::Debug for Client {
 }
 
 /// What one attempt produced.
+///
+/// Each carries the clock reading taken when the attempt ended, which every policy that
+/// hears of the outcome (balancer, outlier detection, breaker, telemetry, the caller's
+/// upstream wait) shares instead of reading the clock again.
 enum Outcome {
     /// An answer for the caller: a success, or an error the caller should see as is.
-    Answer(Response<Body>, SocketAddr),
+    Answer(Response<Body>, SocketAddr, Instant),
     /// A response that speaks against the endpoint (5xx, gRPC UNAVAILABLE…); retried when
     /// that is safe, otherwise handed to the caller.
-    Refused(Response<Body>, Failure, SocketAddr),
+    Refused(Response<Body>, Failure, SocketAddr, Instant),
     /// No response.
-    Error(Failure, SocketAddr),
+    Error(Failure, SocketAddr, Instant),
 }
 
 impl Client {
@@ -415,19 +420,27 @@ impl Client {
         body: &Payload,
         retry: RetryPolicy,
     ) -> Result<Response<Body>, ClientError> {
-        let started = tokio::time::Instant::now();
-        let out = self.send_attempts(ctx, parts, body, retry).await;
-        ctx.add_upstream_wait(started.elapsed());
+        // The call's clock: read here once for everything its first attempt decides, and
+        // once more when each attempt ends (see `Outcome`).
+        let started = Instant::now();
+        let mut ended = None;
+        let out = self
+            .send_attempts(ctx, parts, body, retry, started, &mut ended)
+            .await;
+        let ended = ended.unwrap_or_else(Instant::now);
+        ctx.add_upstream_wait(ended.saturating_duration_since(started));
         out
     }
 
-    /// One call: admission, attempts, retries.
+    /// One call: admission, attempts, retries. `ended`: when the last attempt ended.
     async fn send_attempts(
         &self,
         ctx: &Context,
         parts: Parts,
         body: &Payload,
         retry: RetryPolicy,
+        started: Instant,
+        ended: &mut Option<Instant>,
     ) -> Result<Response<Body>, ClientError> {
         let idempotent = match retry {
             RetryPolicy::Client => self.cfg.idempotent,
@@ -437,16 +450,18 @@ impl Client {
         // Whether another attempt may follow a failure, and then only if its time and the
         // budget allow.
         let again = retry != RetryPolicy::Never;
-        let admitted = self.breaker_for(parts.uri.path()).admit()?;
+        let admitted = self.breaker_for(parts.uri.path()).admit_at(started)?;
         self.calls.fetch_add(1, Ordering::Relaxed);
-        self.budget.deposit();
+        self.budget.deposit_at(started);
         let mut attempt: u32 = 0;
+        let mut now = started;
         loop {
             let (failure, addr) = match self
-                .attempt_hedged(ctx, &parts, body, attempt, idempotent && again)
+                .attempt_hedged(ctx, &parts, body, attempt, idempotent && again, now)
                 .await?
             {
-                Outcome::Answer(mut resp, addr) => {
+                Outcome::Answer(mut resp, addr, at) => {
+                    *ended = Some(at);
                     if status_in_trailers(resp.headers()) {
                         resp.body_mut().report_trailers_to(GrpcOutcome {
                             upstream: self.upstream.clone(),
@@ -454,27 +469,29 @@ impl Client {
                             admitted,
                         });
                     } else {
-                        admitted.success();
+                        admitted.success_at(at);
                     }
                     return Ok(resp);
                 }
-                Outcome::Refused(resp, failure, addr) => {
+                Outcome::Refused(resp, failure, addr, at) => {
+                    *ended = Some(at);
                     if !again
                         || !body.replayable()
                         || !self.may_retry(failure, ctx, attempt, idempotent).await
                     {
-                        admitted.failure();
+                        admitted.failure_at(at);
                         // An answer is an answer: hand the 5xx (or gRPC error) to the caller.
                         return Ok(resp);
                     }
                     (failure, addr)
                 }
-                Outcome::Error(failure, addr) => {
+                Outcome::Error(failure, addr, at) => {
+                    *ended = Some(at);
                     if !again
                         || !body.replayable()
                         || !self.may_retry(failure, ctx, attempt, idempotent).await
                     {
-                        admitted.failure();
+                        admitted.failure_at(at);
                         return Err(ClientError::Failed {
                             upstream: self.name.clone(),
                             addr,
@@ -488,10 +505,13 @@ impl Client {
             tracing::debug!(upstream = %self.name, %addr, ?failure, attempt, "retrying");
             self.retries.fetch_add(1, Ordering::Relaxed);
             attempt += 1;
+            // After the backoff: a new reading for the new attempt.
+            now = Instant::now();
         }
     }
 
     /// One attempt, with a hedge to another endpoint when configured and the first is slow.
+    /// `now`: the clock when it starts.
     async fn attempt_hedged(
         &self,
         ctx: &Context,
@@ -499,6 +519,7 @@ impl Client {
         body: &Payload,
         attempt: u32,
         may_hedge: bool,
+        now: Instant,
     ) -> Result<Outcome, ClientError> {
         match self.cfg.hedge_after {
             // A stream cannot be sent twice at once, nor should one upgrade open two tunnels.
@@ -507,12 +528,12 @@ impl Client {
                     && !ctx.is_retry()
                     && !body.is_stream()
                     && !parts.headers.contains_key(http::header::UPGRADE)
-                    && d < ctx.remaining() =>
+                    && d < ctx.deadline().saturating_duration_since(now) =>
             {
                 // Boxed: two attempts in flight would double the size of every call's future.
-                Box::pin(self.hedged(ctx, parts, body, attempt, d)).await
+                Box::pin(self.hedged(ctx, parts, body, attempt, d, now)).await
             }
-            _ => self.attempt(ctx, parts, body, attempt, false).await,
+            _ => self.attempt(ctx, parts, body, attempt, false, now).await,
         }
     }
 
@@ -523,8 +544,9 @@ impl Client {
         body: &Payload,
         attempt: u32,
         hedge_after: Duration,
+        now: Instant,
     ) -> Result<Outcome, ClientError> {
-        let first = self.attempt(ctx, parts, body, attempt, false);
+        let first = self.attempt(ctx, parts, body, attempt, false, now);
         tokio::pin!(first);
         tokio::select! {
             out = &mut first => return out,
@@ -534,7 +556,7 @@ impl Client {
             return first.await;
         }
         self.hedges.fetch_add(1, Ordering::Relaxed);
-        let second = self.attempt(ctx, parts, body, attempt + 1, true);
+        let second = self.attempt(ctx, parts, body, attempt + 1, true, Instant::now());
         tokio::pin!(second);
         // The first answer wins; a failure waits for the other attempt, whose answer (or
         // failure) then stands. The loser is dropped: its stream reset, or its HTTP/1.1
@@ -551,8 +573,8 @@ impl Client {
         }
     }
 
-    /// One attempt on one endpoint. `hedge`: this attempt should not go where the first
-    /// one went (best effort: a few draws).
+    /// One attempt on one endpoint, starting at `now`. `hedge`: this attempt should not go
+    /// where the first one went (best effort: a few draws).
     async fn attempt(
         &self,
         ctx: &Context,
@@ -560,12 +582,11 @@ impl Client {
         body: &Payload,
         attempt: u32,
         hedge: bool,
+        now: Instant,
     ) -> Result<Outcome, ClientError> {
-        let picked = self.pick(ctx, hedge)?;
+        let picked = self.pick(ctx, hedge, now)?;
         let addr = picked.endpoint.addr;
         let pool = self.pool(addr, picked.version);
-        // One clock read serves the attempt's start and its cut-off.
-        let now = tokio::time::Instant::now();
         // Reported however this attempt ends, including dropped as a losing hedge.
         let mut obs = self.observer.as_deref().map(|observer| AttemptObs {
             observer,
@@ -576,17 +597,23 @@ impl Client {
             attempt,
             span_id: keel_core::codec::SpanId::random(),
             start: now.into_std(),
+            ended: None,
             status: None,
             grpc_status: None,
             outcome: observe::Outcome::Cancelled,
         });
         let span_id = obs.as_ref().map(|o| o.span_id);
-        let out = self.build(ctx, parts, body, &pool, attempt > 0, span_id)?;
+        let opts = Outbound {
+            retry: attempt > 0,
+            span_id,
+            ..self.cfg.outbound
+        };
+        let out = self.build(ctx, parts, body, &pool, &opts, now)?;
         let cut_off = self
             .cfg
             .per_try_timeout
             .map_or(ctx.deadline(), |t| ctx.deadline().min(now + t));
-        let call = picked.load.start();
+        let call = picked.load.start_at(now);
         let sent = tokio::time::timeout_at(cut_off, async {
             let mut lease = match pool.checkout().await {
                 Ok(lease) => lease,
@@ -606,6 +633,10 @@ impl Client {
             }
         })
         .await;
+        let at = Instant::now();
+        if let Some(o) = obs.as_mut() {
+            o.ended = Some(at.into_std());
+        }
         let balance = self.upstream.balance_config();
         let failure = match sent {
             Ok(Ok((resp, lease))) => {
@@ -627,23 +658,23 @@ impl Client {
                 };
                 return Ok(match classified {
                     None => {
-                        call.success(balance);
+                        call.success_at(balance, at);
                         if !status_in_trailers(resp.headers()) {
-                            self.upstream.report(addr, true, None);
+                            self.upstream.report_at(addr, true, None, at);
                         }
-                        Outcome::Answer(resp, addr)
+                        Outcome::Answer(resp, addr, at)
                     }
                     Some((f, retry_after)) => {
-                        call.failure(balance, retry_after);
+                        call.failure_at(balance, retry_after, at);
                         // A `Retry-After` is an endpoint shedding load, alive and protecting
                         // itself: the balancer's penalty above steers calls elsewhere while a
                         // peer exists, but the run of failures that ejects a dead endpoint is
                         // not fed, so a lone endpoint (or every endpoint shedding at once)
                         // stays in rotation.
                         if retry_after.is_none() {
-                            self.upstream.report(addr, false, None);
+                            self.upstream.report_at(addr, false, None, at);
                         }
-                        Outcome::Refused(resp, f, addr)
+                        Outcome::Refused(resp, f, addr, at)
                     }
                 });
             }
@@ -662,31 +693,32 @@ impl Client {
             Err(_) => Failure::Timeout,
         };
         if let Some(o) = obs.as_mut() {
-            o.outcome = if failure == Failure::Timeout && ctx.remaining().is_zero() {
+            o.outcome = if failure == Failure::Timeout && ctx.deadline() <= at {
                 observe::Outcome::DeadlineExceeded
             } else {
                 observe::Outcome::Failed
             };
         }
-        call.failure(balance, None);
-        self.upstream.report(addr, false, None);
-        Ok(Outcome::Error(failure, addr))
+        call.failure_at(balance, None, at);
+        self.upstream.report_at(addr, false, None, at);
+        Ok(Outcome::Error(failure, addr, at))
     }
 
     fn pick(
         &self,
         ctx: &Context,
         avoid_busy: bool,
+        now: Instant,
     ) -> Result<crate::upstream::Picked, ClientError> {
         let none = || ClientError::NoEndpoints(self.name.clone());
-        let picked = self.upstream.pick(ctx.color()).ok_or_else(none)?;
+        let picked = self.upstream.pick_at(ctx.color(), now).ok_or_else(none)?;
         if !avoid_busy || picked.load.in_flight() == 0 {
             return Ok(picked);
         }
         // A hedge wants an endpoint other than the slow one, which is the one with a call in
         // flight; a couple more draws find another in all but tiny fleets.
         for _ in 0..2 {
-            let again = self.upstream.pick(ctx.color()).ok_or_else(none)?;
+            let again = self.upstream.pick_at(ctx.color(), now).ok_or_else(none)?;
             if again.load.in_flight() < picked.load.in_flight() {
                 return Ok(again);
             }
@@ -694,28 +726,24 @@ impl Client {
         Ok(picked)
     }
 
-    /// The outgoing request for one attempt, with the context's headers.
+    /// The outgoing request for one attempt sent at `now`, with the context's headers as
+    /// `opts` says.
     fn build(
         &self,
         ctx: &Context,
         parts: &Parts,
         body: &Payload,
         pool: &Pool,
-        is_retry: bool,
-        span_id: Option<keel_core::codec::SpanId>,
+        opts: &Outbound,
+        now: Instant,
     ) -> Result<Request<OutBody>, ClientError> {
         let mut headers = parts.headers.clone();
-        let opts = Outbound {
-            retry: is_retry,
-            span_id,
-            ..self.cfg.outbound
-        };
         let carrier = if is_grpc(&headers) {
             Carrier::Grpc
         } else {
             Carrier::Http
         };
-        propagation::inject(ctx, carrier, &opts, &mut headers)?;
+        propagation::inject_at(ctx, carrier, opts, &mut headers, now)?;
         let uri = pool.target(parts.uri.path_and_query(), &mut headers);
         // Callers check `replayable` before another attempt, so a stream is still here.
         let body = body.take().ok_or_else(|| ClientError::InvalidRequest {
@@ -785,6 +813,8 @@ struct AttemptObs<'a> {
     attempt: u32,
     span_id: keel_core::codec::SpanId,
     start: std::time::Instant,
+    /// When the attempt ended, if it got that far (a losing hedge is dropped before).
+    ended: Option<std::time::Instant>,
     status: Option<u16>,
     grpc_status: Option<i32>,
     outcome: observe::Outcome,
@@ -816,7 +846,10 @@ impl Drop for AttemptObs<'_> {
                 // Reported as the attempt ends: the span recorder derives the wall-clock
                 // start from `duration`, and only for a sampled trace.
                 start: None,
-                duration: self.start.elapsed(),
+                duration: self
+                    .ended
+                    .unwrap_or_else(std::time::Instant::now)
+                    .saturating_duration_since(self.start),
             });
         }
     }

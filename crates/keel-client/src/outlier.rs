@@ -170,7 +170,11 @@ impl<K: Eq + Hash + Clone> OutlierDetector<K> {
     /// ejection nor start the next run before the endpoint is back. Reports for keys that are
     /// not in the set (a response arriving after the endpoint was removed) are ignored too.
     pub fn report(&self, key: &K, success: bool) -> Option<Instant> {
-        let now = Instant::now();
+        self.report_at(key, success, Instant::now())
+    }
+
+    /// [`report`](Self::report) of an outcome seen at `now`.
+    pub fn report_at(&self, key: &K, success: bool, now: Instant) -> Option<Instant> {
         let mut guard = self.lock();
         let inner = &mut *guard;
 
@@ -234,7 +238,11 @@ impl<K: Eq + Hash + Clone> OutlierDetector<K> {
     /// Whether `key` is ejected now. An ejection ends on its own once its time has passed;
     /// unknown keys are not ejected.
     pub fn is_ejected(&self, key: &K) -> bool {
-        let now = Instant::now();
+        self.is_ejected_at(key, Instant::now())
+    }
+
+    /// [`is_ejected`](Self::is_ejected) at `now`.
+    pub fn is_ejected_at(&self, key: &K, now: Instant) -> bool {
         let mut inner = self.lock();
         match inner.endpoints.get_mut(key) {
             Some(endpoint) => {

@@ -192,7 +192,7 @@ impl Peak {
         }
         let dt = (now - self.at).as_secs_f64();
         let hl = half_life.as_secs_f64().max(1e-3);
-        self.value * (-dt / hl * std::f64::consts::LN_2).exp()
+        self.value * crate::window::decay(dt / hl * std::f64::consts::LN_2)
     }
 
     fn observe(&mut self, n: usize, now: Instant, half_life: Duration) {

@@ -281,7 +281,12 @@ impl RetryBudget {
 
     /// Records one original request (never a retry: retries must not fund themselves).
     pub fn deposit(&self) {
-        self.lock().add(Instant::now(), DEPOSITS, 1);
+        self.deposit_at(Instant::now());
+    }
+
+    /// [`deposit`](Self::deposit) at `now`, a clock reading the caller already has.
+    pub fn deposit_at(&self, now: Instant) {
+        self.lock().add(now, DEPOSITS, 1);
     }
 
     /// Takes one token for a retry. `false` means the budget is exhausted: don't retry; the

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use crate::balance::{self, BalanceConfig, Load};
 use crate::endpoint::{Endpoint, EndpointSet, Endpoints, level_health_of};
 use crate::outlier::{OutlierConfig, OutlierDetector};
@@ -113,15 +115,24 @@ impl Upstream {
     /// Choose an endpoint for a request of traffic colour `color`. `None` only when the
     /// upstream has no endpoints at all.
     pub fn pick(&self, color: Option<&str>) -> Option<Picked> {
-        self.pick_with(color, keel_core::codec::rand::next_u64())
+        self.pick_at(color, Instant::now())
+    }
+
+    /// [`Upstream::pick`] at `now`, a clock reading the caller already has.
+    pub fn pick_at(&self, color: Option<&str>, now: Instant) -> Option<Picked> {
+        self.pick_inner(color, keel_core::codec::rand::next_u64(), now)
     }
 
     /// [`Upstream::pick`] with an explicit random draw (tests).
-    ///
+    pub fn pick_with(&self, color: Option<&str>, draw: u64) -> Option<Picked> {
+        self.pick_inner(color, draw, Instant::now())
+    }
+
     /// On the hot path of every call: one pass over the endpoints with one outlier lookup
     /// each, one lock of the load table, loads found by index, one small allocation (plus
-    /// the priority split's when the endpoints have more than one priority).
-    pub fn pick_with(&self, color: Option<&str>, draw: u64) -> Option<Picked> {
+    /// the priority split's when the endpoints have more than one priority), and no clock
+    /// read of its own.
+    fn pick_inner(&self, color: Option<&str>, draw: u64, now: Instant) -> Option<Picked> {
         let color = color.or_else(|| self.weighted_color(draw.rotate_left(29)));
         let set = self.endpoints.snapshot();
         self.sync(&set);
@@ -131,7 +142,7 @@ impl Upstream {
             .iter()
             .enumerate()
             .filter(|(_, e)| filter.admits(e))
-            .map(|(i, e)| (i, e, !self.outlier.is_ejected(&e.addr)))
+            .map(|(i, e)| (i, e, !self.outlier.is_ejected_at(&e.addr, now)))
             .collect();
         let first = candidates.first()?.1.priority;
         let (level, panic) = if candidates.iter().all(|(_, e, _)| e.priority == first) {
@@ -164,11 +175,12 @@ impl Upstream {
             };
             found.unwrap_or(&self.orphan)
         };
-        let &(i, endpoint, _) = balance::p2c(
+        let &(i, endpoint, _) = balance::p2c_at(
             &self.cfg.balance,
             &candidates,
             |(i, e, _)| load_of(*i, e),
             (draw.rotate_left(17), draw.rotate_left(41)),
+            now,
         )?;
         let load = load_of(i, endpoint).clone();
         let endpoint = endpoint.clone();
@@ -202,12 +214,23 @@ impl Upstream {
     /// Report an attempt's outcome: feeds outlier ejection, and on failure penalises the
     /// endpoint in the balancer (for `retry_after` when the upstream sent one).
     pub fn report(&self, addr: SocketAddr, success: bool, retry_after: Option<Duration>) {
-        if let Some(until) = self.outlier.report(&addr, success) {
+        self.report_at(addr, success, retry_after, Instant::now());
+    }
+
+    /// [`Upstream::report`] of an outcome seen at `now`.
+    pub fn report_at(
+        &self,
+        addr: SocketAddr,
+        success: bool,
+        retry_after: Option<Duration>,
+        now: Instant,
+    ) {
+        if let Some(until) = self.outlier.report_at(&addr, success, now) {
             tracing::warn!(%addr, ?until, "endpoint ejected after consecutive failures");
         }
         if !success {
             if let Some(load) = self.lock_loads().get(&addr) {
-                load.penalize(&self.cfg.balance, retry_after);
+                load.penalize_at(&self.cfg.balance, retry_after, now);
             }
         }
     }

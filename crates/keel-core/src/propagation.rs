@@ -273,7 +273,19 @@ pub fn inject<W: HeaderWriter + ?Sized>(
     opts: &Outbound,
     w: &mut W,
 ) -> Result<(), DeadlineExceeded> {
-    let remaining = ctx.remaining();
+    inject_at(ctx, carrier, opts, w, Instant::now())
+}
+
+/// [`inject`] for a call sent at `now`, a clock reading the caller already has (Keel's
+/// client reads the clock once per attempt).
+pub fn inject_at<W: HeaderWriter + ?Sized>(
+    ctx: &Context,
+    carrier: Carrier,
+    opts: &Outbound,
+    w: &mut W,
+    now: Instant,
+) -> Result<(), DeadlineExceeded> {
+    let remaining = ctx.deadline().saturating_duration_since(now);
     if remaining <= opts.margin {
         return Err(DeadlineExceeded {
             remaining,

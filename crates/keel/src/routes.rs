@@ -130,8 +130,11 @@ where
 /// A gRPC call that reached a service's catch-all route (`/pkg.Service/{*rest}`): labelled
 /// by its method path instead of the template.
 fn grpc_catch_all<B>(template: &str, req: &Request<B>) -> bool {
-    template.ends_with("/{*rest}") && keel_core::grpc::is_grpc(req.headers())
+    template.ends_with(GRPC_CATCH_ALL) && keel_core::grpc::is_grpc(req.headers())
 }
+
+/// How a gRPC service's route template ends (see [`Router::grpc_service`]).
+const GRPC_CATCH_ALL: &str = "/{*rest}";
 
 /// `router` with every route labelled (see the module doc). A router of nothing but a
 /// fallback (a proxy) has no templates: its requests keep the `unmatched` label.
@@ -166,6 +169,10 @@ pub struct Router<S = ()> {
     grpc: Vec<Option<GrpcEndpoint>>,
     /// Headers every answer carries unless its handler set them ([`Router::response_header`]).
     defaults: Option<Arc<Defaults>>,
+    /// The gRPC method label this clone (one connection's) handed out last: a connection
+    /// mostly calls the same method again, which then costs a comparison instead of the
+    /// shared table's lock and lookup.
+    last_method: Option<Arc<str>>,
 }
 
 /// See [`Router::response_header`].
@@ -182,6 +189,7 @@ impl<S> Clone for Router<S> {
             table: self.table.clone(),
             grpc: self.grpc.clone(),
             defaults: self.defaults.clone(),
+            last_method: None,
         }
     }
 }
@@ -221,17 +229,29 @@ impl Table {
     }
 
     /// The index of the template the request's path matches, after labelling the request
-    /// with it (when it has a context and no label yet).
+    /// with it (when it has a context and no label yet). `last_method`: the calling clone's
+    /// last gRPC method label.
     #[inline]
-    fn route<B>(&self, req: &Request<B>) -> Option<usize> {
-        let index = *self.matcher.at(req.uri().path()).ok()?.value;
+    fn route<B>(&self, req: &Request<B>, last_method: &mut Option<Arc<str>>) -> Option<usize> {
+        let path = req.uri().path();
+        let index = *self.matcher.at(path).ok()?.value;
         if let Some(ctx) = req.extensions().get::<Context>()
             && ctx.route().is_none()
         {
             let template = &self.templates[index];
-            let method = grpc_catch_all(template, req)
-                .then(|| self.methods.get(req.uri().path(), true))
-                .flatten();
+            // A server-made context knows whether the call is gRPC, which spares the header
+            // lookup; one made elsewhere (a test, a background context) may not.
+            let method = (template.ends_with(GRPC_CATCH_ALL)
+                && (ctx.is_grpc() || keel_core::grpc::is_grpc(req.headers())))
+            .then(|| match last_method {
+                Some(last) if **last == *path => Some(last.clone()),
+                _ => {
+                    let label = self.methods.get(path, true)?;
+                    *last_method = Some(label.clone());
+                    Some(label)
+                }
+            })
+            .flatten();
             ctx.set_route(method.unwrap_or_else(|| template.clone()));
         }
         Some(index)
@@ -246,6 +266,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
             table: Arc::default(),
             grpc: Vec::new(),
             defaults: None,
+            last_method: None,
         }
     }
 
@@ -417,6 +438,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
             table: self.table,
             grpc: self.grpc,
             defaults: self.defaults,
+            last_method: None,
         }
     }
 }
@@ -431,6 +453,7 @@ impl Router<()> {
             table: self.table,
             grpc: self.grpc,
             defaults: self.defaults,
+            last_method: None,
         }
     }
 }
@@ -443,6 +466,7 @@ impl<S: Clone + Send + Sync + 'static> From<axum::Router<S>> for Router<S> {
             table: Arc::default(),
             grpc: Vec::new(),
             defaults: None,
+            last_method: None,
         }
     }
 }
@@ -472,7 +496,7 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if let Some(index) = self.table.route(&req)
+        if let Some(index) = self.table.route(&req, &mut self.last_method)
             && let Some(Some(grpc)) = self.grpc.get_mut(index)
             // tonic's services are always ready; one that is not goes through axum, which
             // waits for it on a clone.
@@ -684,6 +708,21 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(resp.status(), 404);
+
+        // One clone (one connection) calling methods in turn: the label it remembers from
+        // its last call is reused only for that same method.
+        let mut conn = router.clone();
+        for method in ["Check", "Check", "Watch", "Watch", "Check"] {
+            let path = format!("/grpc.health.v1.Health/{method}");
+            let ctx = Context::background(std::time::Duration::from_secs(5));
+            let mut req = Request::post(path.as_str())
+                .header("content-type", "application/grpc")
+                .body(axum::body::Body::empty())
+                .unwrap();
+            req.extensions_mut().insert(ctx.clone());
+            tower::ServiceExt::oneshot(&mut conn, req).await.unwrap();
+            assert_eq!(ctx.route().map(|r| r.to_string()), Some(path));
+        }
     }
 
     #[tokio::test]
