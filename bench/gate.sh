@@ -6,7 +6,9 @@
 #   client  one call through Keel's client vs hyper-util's pooled client
 #           (bench/client-instructions.sh);
 #   grpc    a unary gRPC call (health check over h2c) to examples/hello vs bare tonic
-#           (bench/instructions.sh --grpc).
+#           (bench/instructions.sh --grpc);
+#   gateway a request proxied by the shop's gateway vs the bare hyper proxy
+#           (bench/gateway-instructions.sh).
 # Each is compared as a ratio to its bare baseline measured in the same run, so a compiler or
 # dependency update that moves both does not trip it; a ratio more than `tolerance` above
 # bench/instructions-baseline.json fails with the numbers.
@@ -28,14 +30,17 @@ fi
 server=$(bench/instructions.sh 3 1)
 client=$(bench/client-instructions.sh 5000)
 grpc=$(bench/instructions.sh 3 1 --grpc)
+gateway=$(bench/gateway-instructions.sh 3 1)
 echo "$server"
 echo
 echo "$client"
 echo
 echo "$grpc"
-python3 - "$mode" "$baseline" "$server" "$client" "$grpc" <<'PY'
+echo
+echo "$gateway"
+python3 - "$mode" "$baseline" "$server" "$client" "$grpc" "$gateway" <<'PY'
 import json, re, sys
-mode, path, server, client, grpc = sys.argv[1:]
+mode, path, server, client, grpc, gateway = sys.argv[1:]
 
 def per(table, system):
     m = re.search(rf"^\| {system} \| (\d+) \|", table, re.M)
@@ -47,6 +52,7 @@ now = {
     "server": {"keel": per(server, "keel"), "bare": per(server, "hyper")},
     "client": {"keel": per(client, "keel"), "bare": per(client, "hyper")},
     "grpc": {"keel": per(grpc, "keel"), "bare": per(grpc, "tonic")},
+    "gateway": {"keel": per(gateway, "gateway"), "bare": per(gateway, "proxy")},
 }
 for v in now.values():
     v["ratio"] = round(v["keel"] / v["bare"], 3)
