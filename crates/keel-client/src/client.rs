@@ -185,6 +185,13 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// A call's request head, with what every attempt asks of it worked out once.
+struct Call {
+    parts: Parts,
+    /// A gRPC call (by its `content-type`): its answer's status may be in `grpc-status`.
+    grpc: bool,
+}
+
 /// What one attempt produced.
 ///
 /// Each carries the clock reading taken when the attempt ended, which every policy that
@@ -450,19 +457,23 @@ impl Client {
         // Whether another attempt may follow a failure, and then only if its time and the
         // budget allow.
         let again = retry != RetryPolicy::Never;
-        let admitted = self.breaker_for(parts.uri.path()).admit_at(started)?;
+        let call = Call {
+            grpc: is_grpc(&parts.headers),
+            parts,
+        };
+        let admitted = self.breaker_for(call.parts.uri.path()).admit_at(started)?;
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.budget.deposit_at(started);
         let mut attempt: u32 = 0;
         let mut now = started;
         loop {
             let (failure, addr) = match self
-                .attempt_hedged(ctx, &parts, body, attempt, idempotent && again, now)
+                .attempt_hedged(ctx, &call, body, attempt, idempotent && again, now)
                 .await?
             {
                 Outcome::Answer(mut resp, addr, at) => {
                     *ended = Some(at);
-                    if status_in_trailers(resp.headers()) {
+                    if call.grpc && status_in_trailers(resp.headers()) {
                         resp.body_mut().report_trailers_to(GrpcOutcome {
                             upstream: self.upstream.clone(),
                             addr,
@@ -515,7 +526,7 @@ impl Client {
     async fn attempt_hedged(
         &self,
         ctx: &Context,
-        parts: &Parts,
+        call: &Call,
         body: &Payload,
         attempt: u32,
         may_hedge: bool,
@@ -527,26 +538,26 @@ impl Client {
                 if may_hedge
                     && !ctx.is_retry()
                     && !body.is_stream()
-                    && !parts.headers.contains_key(http::header::UPGRADE)
+                    && !call.parts.headers.contains_key(http::header::UPGRADE)
                     && d < ctx.deadline().saturating_duration_since(now) =>
             {
                 // Boxed: two attempts in flight would double the size of every call's future.
-                Box::pin(self.hedged(ctx, parts, body, attempt, d, now)).await
+                Box::pin(self.hedged(ctx, call, body, attempt, d, now)).await
             }
-            _ => self.attempt(ctx, parts, body, attempt, false, now).await,
+            _ => self.attempt(ctx, call, body, attempt, false, now).await,
         }
     }
 
     async fn hedged(
         &self,
         ctx: &Context,
-        parts: &Parts,
+        call: &Call,
         body: &Payload,
         attempt: u32,
         hedge_after: Duration,
         now: Instant,
     ) -> Result<Outcome, ClientError> {
-        let first = self.attempt(ctx, parts, body, attempt, false, now);
+        let first = self.attempt(ctx, call, body, attempt, false, now);
         tokio::pin!(first);
         tokio::select! {
             out = &mut first => return out,
@@ -556,7 +567,7 @@ impl Client {
             return first.await;
         }
         self.hedges.fetch_add(1, Ordering::Relaxed);
-        let second = self.attempt(ctx, parts, body, attempt + 1, true, Instant::now());
+        let second = self.attempt(ctx, call, body, attempt + 1, true, Instant::now());
         tokio::pin!(second);
         // The first answer wins; a failure waits for the other attempt, whose answer (or
         // failure) then stands. The loser is dropped: its stream reset, or its HTTP/1.1
@@ -578,7 +589,7 @@ impl Client {
     async fn attempt(
         &self,
         ctx: &Context,
-        parts: &Parts,
+        call: &Call,
         body: &Payload,
         attempt: u32,
         hedge: bool,
@@ -593,7 +604,7 @@ impl Client {
             ctx,
             upstream: &self.name,
             addr,
-            parts,
+            call,
             attempt,
             span_id: keel_core::codec::SpanId::random(),
             start: now.into_std(),
@@ -608,12 +619,12 @@ impl Client {
             span_id,
             ..self.cfg.outbound
         };
-        let out = self.build(ctx, parts, body, &pool, &opts, now)?;
+        let out = self.build(ctx, call, body, &pool, &opts, now)?;
         let cut_off = self
             .cfg
             .per_try_timeout
             .map_or(ctx.deadline(), |t| ctx.deadline().min(now + t));
-        let call = picked.load.start_at(now);
+        let in_flight = picked.load.start_at(now);
         let sent = tokio::time::timeout_at(cut_off, async {
             let mut lease = match pool.checkout().await {
                 Ok(lease) => lease,
@@ -643,9 +654,9 @@ impl Client {
                 if let Some(server) = keep_alive_timeout(resp.headers()) {
                     pool.learn_keepalive(server);
                 }
-                let classified = classify_status(resp.status(), resp.headers());
+                let classified = classify_status(resp.status(), resp.headers(), call.grpc);
                 if let Some(o) = obs.as_mut() {
-                    o.answered(resp.status(), resp.headers());
+                    o.answered(resp.status(), resp.headers(), call.grpc);
                 }
                 let resp = if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     // The connection now belongs to whoever takes the upgrade from the
@@ -658,14 +669,14 @@ impl Client {
                 };
                 return Ok(match classified {
                     None => {
-                        call.success_at(balance, at);
-                        if !status_in_trailers(resp.headers()) {
+                        in_flight.success_at(balance, at);
+                        if !(call.grpc && status_in_trailers(resp.headers())) {
                             self.upstream.report_at(addr, true, None, at);
                         }
                         Outcome::Answer(resp, addr, at)
                     }
                     Some((f, retry_after)) => {
-                        call.failure_at(balance, retry_after, at);
+                        in_flight.failure_at(balance, retry_after, at);
                         // A `Retry-After` is an endpoint shedding load, alive and protecting
                         // itself: the balancer's penalty above steers calls elsewhere while a
                         // peer exists, but the run of failures that ejects a dead endpoint is
@@ -699,7 +710,7 @@ impl Client {
                 observe::Outcome::Failed
             };
         }
-        call.failure_at(balance, None, at);
+        in_flight.failure_at(balance, None, at);
         self.upstream.report_at(addr, false, None, at);
         Ok(Outcome::Error(failure, addr, at))
     }
@@ -731,14 +742,15 @@ impl Client {
     fn build(
         &self,
         ctx: &Context,
-        parts: &Parts,
+        call: &Call,
         body: &Payload,
         pool: &Pool,
         opts: &Outbound,
         now: Instant,
     ) -> Result<Request<OutBody>, ClientError> {
+        let parts = &call.parts;
         let mut headers = parts.headers.clone();
-        let carrier = if is_grpc(&headers) {
+        let carrier = if call.grpc {
             Carrier::Grpc
         } else {
             Carrier::Http
@@ -809,7 +821,7 @@ struct AttemptObs<'a> {
     ctx: &'a Context,
     upstream: &'a str,
     addr: SocketAddr,
-    parts: &'a Parts,
+    call: &'a Call,
     attempt: u32,
     span_id: keel_core::codec::SpanId,
     start: std::time::Instant,
@@ -821,9 +833,13 @@ struct AttemptObs<'a> {
 }
 
 impl AttemptObs<'_> {
-    fn answered(&mut self, status: StatusCode, headers: &HeaderMap) {
+    fn answered(&mut self, status: StatusCode, headers: &HeaderMap, grpc: bool) {
         self.status = Some(status.as_u16());
-        self.grpc_status = keel_core::grpc::status(headers);
+        self.grpc_status = if grpc {
+            keel_core::grpc::status(headers)
+        } else {
+            None
+        };
         self.outcome = observe::Outcome::Answered;
     }
 }
@@ -836,9 +852,9 @@ impl Drop for AttemptObs<'_> {
                 span_id: self.span_id,
                 upstream: self.upstream,
                 addr: self.addr,
-                method: &self.parts.method,
-                path: self.parts.uri.path(),
-                grpc: is_grpc(&self.parts.headers),
+                method: &self.call.parts.method,
+                path: self.call.parts.uri.path(),
+                grpc: self.call.grpc,
                 status: self.status,
                 grpc_status: self.grpc_status,
                 attempt: self.attempt,
@@ -943,16 +959,21 @@ pub fn keep_alive_timeout(h: &HeaderMap) -> Option<Duration> {
 }
 
 /// A response status that counts as a failure of the endpoint, with its `Retry-After`.
-/// For gRPC, a *trailers-only* response (the usual shape of an error) carries `grpc-status`
-/// in its headers and is classified here; a status in trailers after a body is not seen yet.
-fn classify_status(s: StatusCode, h: &HeaderMap) -> Option<(Failure, Option<Duration>)> {
+/// For gRPC (`grpc`: the call was), a *trailers-only* response (the usual shape of an error)
+/// carries `grpc-status` in its headers and is classified here; a status in trailers after a
+/// body is not seen yet. An HTTP call's answer is judged by its status alone.
+fn classify_status(
+    s: StatusCode,
+    h: &HeaderMap,
+    grpc: bool,
+) -> Option<(Failure, Option<Duration>)> {
     let retry_after = || {
         h.get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs)
     };
-    if let Some(code) = keel_core::grpc::status(h) {
+    if let Some(code) = grpc.then(|| keel_core::grpc::status(h)).flatten() {
         return match code {
             // Keel's server sheds gRPC calls as UNAVAILABLE with a `Retry-After` header.
             14 => Some((Failure::GrpcUnavailable, retry_after())),
@@ -988,33 +1009,45 @@ mod tests {
 
     #[test]
     fn statuses_that_speak_about_the_server_count_as_failures() {
-        assert_eq!(classify_status(StatusCode::OK, &headers(&[])), None);
-        assert_eq!(classify_status(StatusCode::NOT_FOUND, &headers(&[])), None);
+        assert_eq!(classify_status(StatusCode::OK, &headers(&[]), false), None);
+        assert_eq!(
+            classify_status(StatusCode::NOT_FOUND, &headers(&[]), false),
+            None
+        );
         assert_eq!(
             classify_status(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &headers(&[("retry-after", "3")])
+                &headers(&[("retry-after", "3")]),
+                false
             ),
             Some((Failure::Status503NoBody, Some(Duration::from_secs(3))))
         );
         assert_eq!(
-            classify_status(StatusCode::BAD_GATEWAY, &headers(&[])),
+            classify_status(StatusCode::BAD_GATEWAY, &headers(&[]), false),
             Some((Failure::Status5xx(502), None))
         );
         // gRPC trailers-only responses travel as HTTP 200.
-        let grpc = |code: &str| classify_status(StatusCode::OK, &headers(&[("grpc-status", code)]));
+        let grpc =
+            |code: &str| classify_status(StatusCode::OK, &headers(&[("grpc-status", code)]), true);
         assert_eq!(grpc("0"), None);
         assert_eq!(grpc("14"), Some((Failure::GrpcUnavailable, None)));
         // A shedding Keel server says when to come back, over gRPC too.
         assert_eq!(
             classify_status(
                 StatusCode::OK,
-                &headers(&[("grpc-status", "14"), ("retry-after", "1")])
+                &headers(&[("grpc-status", "14"), ("retry-after", "1")]),
+                true
             ),
             Some((Failure::GrpcUnavailable, Some(Duration::from_secs(1))))
         );
         assert_eq!(grpc("4"), Some((Failure::GrpcOther(4), None)));
         assert_eq!(grpc("3"), None, "INVALID_ARGUMENT is the caller's fault");
+        // An HTTP call is judged by its status: a `grpc-status` it happens to carry is not
+        // read.
+        assert_eq!(
+            classify_status(StatusCode::OK, &headers(&[("grpc-status", "14")]), false),
+            None
+        );
         assert_eq!(grpc("5"), None, "NOT_FOUND is an answer");
     }
 

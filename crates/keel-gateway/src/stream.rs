@@ -128,13 +128,14 @@ pub fn websocket_upgrade(
     if version != Version::HTTP_11 || method != Method::GET {
         return None;
     }
+    // `Upgrade` first: almost no request has one, and then `Connection` is not read.
+    let upgrade = headers.get(UPGRADE)?;
     let asks = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    let upgrade = headers.get(UPGRADE)?;
     // `websocket`, possibly with a version (`websocket/13` is not registered, but harmless).
     let proto = upgrade.to_str().ok()?.trim();
     let websocket = proto
