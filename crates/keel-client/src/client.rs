@@ -516,8 +516,10 @@ impl Client {
             tracing::debug!(upstream = %self.name, %addr, ?failure, attempt, "retrying");
             self.retries.fetch_add(1, Ordering::Relaxed);
             attempt += 1;
-            // After the backoff: a new reading for the new attempt.
+            // After the backoff: a new reading for the new attempt, and until it ends, the
+            // call's end is whenever it returns (the backoff was time spent on the upstream).
             now = Instant::now();
+            *ended = None;
         }
     }
 
