@@ -4,7 +4,7 @@
 # worker, wrk pinned to CPU 0, systems alternated each round; prints per-round throughput,
 # CPU time per request (utime+stime of the server over the window) and ratios to bare hyper.
 #
-# Usage: bench/server-s1.sh [rounds=3] [seconds=10] [connections=64]
+# Usage: bench/server-s1.sh [rounds=3] [seconds=10] [connections=64]   (even rounds for an A/B)
 #        KEEL_BASELINE_BIN=/path/to/older/hello bench/server-s1.sh …   adds that build as
 #        `keel-base`, measured in the same run: a before/after of a change to the request path
 #        (build the older commit's `hello` in a worktree with its own target directory).
@@ -42,13 +42,20 @@ start() { # name port → pid
 }
 
 systems="hyper axum keel"
-command -v nginx >/dev/null 2>&1 && systems="$systems nginx"
 [ -n "${KEEL_BASELINE_BIN:-}" ] && systems="$systems keel-base"
+command -v nginx >/dev/null 2>&1 && systems="$systems nginx"
+# Odd rounds run the systems in this order, even rounds in reverse: where a system runs in a
+# round moves its figures by a few per cent (an A/A run with the same binary as `keel` and
+# `keel-base`, one after the other in every round, measured the second 1-6 % cheaper per
+# request), so an A/B wants an even number of rounds.
+reversed=$(echo "$systems" | tr ' ' '\n' | tac | tr '\n' ' ')
 declare -A rps cpu
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-6s %-6s %12s %14s\n' round system req/s cpu_us/req
 for r in $(seq "$rounds"); do
-    for sys in $systems; do
+    order=$systems
+    [ $((r % 2)) -eq 0 ] && order=$reversed
+    for sys in $order; do
         port=$(free_port); pid=$(start $sys "$port")
         for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.05; done
         # Check that the process answering is the one we started.
