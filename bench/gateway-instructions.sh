@@ -26,11 +26,12 @@ cargo build --release -q -p keel-loadgen
 bin="$CARGO_TARGET_DIR/release"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
 up=$(free_port)
 "$bin/examples/bare_hyper" "127.0.0.1:$up" >"$out/upstream.log" 2>&1 &
 upstream=$!
-trap '{ kill -9 $upstream; wait $upstream; } 2>/dev/null; rm -rf "$out"' EXIT
+# The script's own status survives the clean-up: under `set -e` the killed upstream's 137,
+# which `wait` returns, would end the trap and become the script's.
+trap 'st=$?; { kill -9 $upstream; wait $upstream || true; } 2>/dev/null; rm -rf "$out"; exit $st' EXIT
 
 # measure NAME PORT CMD...: the proxy under callgrind; prints "requests instructions mallocs".
 measure() {
