@@ -1064,6 +1064,14 @@ mod tests {
         ConnTracker::new(shared)
     }
 
+    /// A tracker whose connection has served one request (over HTTP/2 with `h2`) and is idle.
+    fn idle_after_one_request(h2: bool) -> ConnTracker {
+        let t = tracker();
+        t.request_started(h2);
+        t.request_finished(t.shared.now_ms());
+        t
+    }
+
     #[tokio::test(start_paused = true)]
     async fn fresh_connection_is_held_to_the_header_timeout() {
         let t = tracker();
@@ -1116,9 +1124,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_head_that_starts_unseen_is_still_held_to_the_header_timeout() {
-        let t = tracker();
-        t.request_started(false);
-        t.request_finished(t.shared.now_ms());
+        let t = idle_after_one_request(false);
         let armed = t.shared.now_ms();
         assert_eq!(t.check(armed), TimerCheck::Wait(armed + 10_000));
         // Bytes of a new head arrive 5 s later; nobody touches the timer.
@@ -1131,9 +1137,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_head_that_comes_whole_starts_no_header_timer_and_one_in_pieces_does() {
-        let t = tracker();
-        t.request_started(false);
-        t.request_finished(t.shared.now_ms());
+        let t = idle_after_one_request(false);
         let idle = t.shared.now_ms();
         // Whole: hyper dispatches it in the same poll, so no clock is read for it.
         read(&t, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n");
@@ -1163,9 +1167,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn http2_frames_while_idle_are_not_request_heads() {
-        let t = tracker();
-        t.request_started(true);
-        t.request_finished(t.shared.now_ms());
+        let t = idle_after_one_request(true);
         read(&t, b"\0\0\0\x04\0\0\0\0\0");
         let now = t.shared.now_ms();
         assert_eq!(t.check(now), TimerCheck::Wait(now + 75_000));
