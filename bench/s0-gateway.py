@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """BENCH.md's S0 quick check for the proxy: `GET /api/users/x` through the shop's gateway,
-nginx, haproxy and (when built) pingora, each pinned to CPU 1 with one worker and in front of
+nginx, haproxy, the bare hyper proxy and (when built) pingora, each pinned to CPU 1 with one worker and in front of
 the same bare hyper upstream (on CPU 0 with wrk), wrk -t1 -c64 on CPU 0; three alternating
 rounds of a 2 s warm-up and a 5 s window. Prints throughput, the proxy's CPU time per request
 (its threads' utime + stime from /proc) and the ratios. Wall-clock numbers: compare only within
@@ -73,6 +73,12 @@ backend b
 """)
     p = subprocess.Popen(["taskset", "-c", "1", "haproxy", "-f", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return p, port, [p.pid]
+def bare_proxy():
+    # hyper's server and hyper-util's pooled client with nothing between them: the floor of a
+    # proxy built on the same stack as the gateway.
+    port = free()
+    p = subprocess.Popen(["taskset", "-c", "1", f"{T}/examples/bare_proxy", f"127.0.0.1:{port}", f"127.0.0.1:{up}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return p, port, [p.pid]
 PINGORA = os.path.expanduser("~/.cache/pingora-peer-target/release/pingora-proxy-peer")
 def pingora():
     # One process; its `threads = 1` worker, main and timer threads all count in cpu().
@@ -80,6 +86,8 @@ def pingora():
     p = subprocess.Popen(["taskset", "-c", "1", PINGORA, f"127.0.0.1:{port}", f"127.0.0.1:{up}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return p, port, [p.pid]
 peers = [("keel", keel), ("nginx", nginx), ("haproxy", haproxy)]
+if os.path.exists(f"{T}/examples/bare_proxy"): peers.append(("bare-proxy", bare_proxy))
+else: print(f"bare-proxy skipped: no {T}/examples/bare_proxy (cargo build --release -p keel-server --example bare_proxy)")
 if os.path.exists(PINGORA): peers.append(("pingora", pingora))
 else: print(f"pingora skipped: no {PINGORA} (build: see bench/peers/pingora/README.md)")
 # KEEL_BASELINE_GATEWAY=/path/to/an/older/gateway adds it as `keel-base`, measured in the same
@@ -113,4 +121,5 @@ for name, rows in res.items():
     print(f"{name:8} {rps:10.0f} req/s {us:6.2f} us CPU/req  non-2xx {bad}")
 k = sum(r[1] for r in res["keel"]); print(f"keel/nginx CPU {k/sum(r[1] for r in res['nginx']):.2f}x  keel/haproxy CPU {k/sum(r[1] for r in res['haproxy']):.2f}x"
     + (f"  keel/pingora CPU {k/sum(r[1] for r in res['pingora']):.2f}x" if "pingora" in res else "")
+    + (f"  keel/bare-proxy CPU {k/sum(r[1] for r in res['bare-proxy']):.2f}x" if "bare-proxy" in res else "")
     + (f"  keel/keel-base CPU {k/sum(r[1] for r in res['keel-base']):.2f}x" if "keel-base" in res else ""))

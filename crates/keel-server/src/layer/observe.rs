@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Poll, ready};
+use std::task::Poll;
 
 use http::{HeaderMap, Method, Request, Response};
 use keel_core::observe::{
@@ -139,7 +139,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let Ok(mut resp) = ready!(match this.record.as_mut() {
+        let mut out = match this.record.as_mut() {
             None => this.fut.poll(cx),
             Some(rec) => {
                 let started = this.poll_started.take().unwrap_or_else(Instant::now);
@@ -160,7 +160,13 @@ where
                 }
                 res
             }
-        });
+        };
+        // The response is finished in the place it was returned to, and that place is
+        // returned: no copy of it here (binding it out of the `Poll` and wrapping it again
+        // made two).
+        let Poll::Ready(Ok(resp)) = &mut out else {
+            return out;
+        };
         if let Some(mut rec) = this.record.take() {
             rec.status = Some(resp.status().as_u16());
             if rec.grpc {
@@ -173,7 +179,7 @@ where
             }
             resp.body_mut().guards().record = Some(rec);
         }
-        Poll::Ready(Ok(resp))
+        out
     }
 }
 
