@@ -232,7 +232,14 @@ struct State {
     h2: Vec<H2Slot>,
     next_id: u64,
     peak: Peak,
+    /// When idle connections the server closed were last swept out (see `evict_idle`).
+    swept: Instant,
 }
+
+/// How often checkout looks through the whole idle list for connections the server closed.
+/// Between sweeps a closed one costs nothing: checkout skips it when it comes to the top, and
+/// age or the allowance takes it from the bottom.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The connections to one endpoint.
 pub(crate) struct Pool {
@@ -281,6 +288,7 @@ impl Pool {
                     value: 0.0,
                     at: Instant::now(),
                 },
+                swept: Instant::now(),
             }),
             freed: Notify::new(),
             known_stream_limit: AtomicU32::new(u32::MAX),
@@ -376,9 +384,16 @@ impl Pool {
         let now = Instant::now();
         let mut st = self.lock();
         self.evict_idle(&mut st, now);
-        let step = if let Some(idle) = st.idle.pop_back() {
+        let mut reuse = None;
+        while let Some(idle) = st.idle.pop_back() {
+            if !idle.tx.is_closed() {
+                reuse = Some(idle.tx);
+                break;
+            }
+        }
+        let step = if let Some(tx) = reuse {
             st.busy += 1;
-            Step::Lease(self.lease(Conn::H1(Some(idle.tx)), true))
+            Step::Lease(self.lease(Conn::H1(Some(tx)), true))
         } else if st.busy + st.connecting < self.cfg.max_connections {
             st.connecting += 1;
             Step::Connect
@@ -434,14 +449,26 @@ impl Pool {
         }
     }
 
-    /// Drop expired and closed idle connections, and those above what the decaying peak of
-    /// concurrency (or `max_idle`) asks to keep, oldest first.
+    /// Drop expired idle connections, and those above what the decaying peak of concurrency
+    /// (or `max_idle`) asks to keep, oldest first; once a [`SWEEP_EVERY`], those the server
+    /// closed too.
+    ///
+    /// Runs on every checkout, so it is not a scan: the list is oldest first (connections go
+    /// back at the top as they are released), so the expired ones are at the bottom. A scan per
+    /// checkout was the gateway's largest pool cost with 64 connections idle (775 instructions
+    /// a proxied request, callgrind).
     fn evict_idle(&self, st: &mut State, now: Instant) {
-        // One subtraction for the whole list rather than one per connection. `None`: the
-        // clock has not run for a whole `ttl` yet, so nothing can have expired.
-        let cut_off = now.checked_sub(self.idle_timeout());
-        st.idle
-            .retain(|i| cut_off.is_none_or(|c| i.since > c) && !i.tx.is_closed());
+        // `None`: the clock has not run for a whole idle timeout yet, so nothing can have
+        // expired.
+        if let Some(cut_off) = now.checked_sub(self.idle_timeout()) {
+            while st.idle.front().is_some_and(|i| i.since <= cut_off) {
+                st.idle.pop_front();
+            }
+        }
+        if now.saturating_duration_since(st.swept) >= SWEEP_EVERY {
+            st.swept = now;
+            st.idle.retain(|i| !i.tx.is_closed());
+        }
         let keep = self.idle_allowance(st, now);
         while st.idle.len() > keep {
             st.idle.pop_front();
