@@ -643,6 +643,8 @@ impl<'a> Found<'a> {
                     return Ok(Trace::root(sampled));
                 }
             },
+            // The common request carries no B3 at all: no lookup by name then.
+            None if self.b3_multi.iter().all(Option::is_none) => None,
             None => codec::b3::parse_multi(|name| {
                 B3_MULTI
                     .iter()
