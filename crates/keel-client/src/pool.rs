@@ -238,7 +238,8 @@ struct State {
 
 /// How often checkout looks through the whole idle list for connections the server closed.
 /// Between sweeps a closed one costs nothing: checkout skips it when it comes to the top, and
-/// age or the allowance takes it from the bottom.
+/// age or the allowance takes it from the bottom (until then it still counts as idle in the
+/// pool's figures).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The connections to one endpoint.
