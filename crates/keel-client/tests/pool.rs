@@ -237,3 +237,32 @@ async fn fast_open_connects_serve_calls_whether_or_not_the_kernel_grants_a_cooki
     assert_eq!(stats.connects, 5, "{stats:?}");
     assert_eq!(handle.stats().accepted.load(Ordering::Relaxed), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_reused_within_the_idle_timeout_and_replaced_after_it() {
+    let (addr, _, _handle) = serve(Duration::from_secs(75)).await;
+    let cfg = ClientConfig {
+        pool: PoolConfig {
+            idle_timeout: Duration::from_millis(300),
+            ..PoolConfig::default()
+        },
+        ..ClientConfig::default()
+    };
+    let c = client(&[addr], cfg);
+    assert!(call(&c, "/").await);
+    assert!(call(&c, "/").await);
+    let warm = c.pool_stats_of(addr).unwrap();
+    assert_eq!(
+        warm.connects, 1,
+        "the second call reused the first's connection: {warm:?}"
+    );
+    // Past the timeout the idle connection is dropped at the next checkout, not handed out.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(call(&c, "/").await);
+    let after = c.pool_stats_of(addr).unwrap();
+    assert_eq!(
+        after.connects, 2,
+        "the expired connection was replaced: {after:?}"
+    );
+    assert_eq!(after.idle, 1, "only the new connection is idle: {after:?}");
+}
