@@ -524,8 +524,8 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
-        if let Some(key) =
-            (if api_key.is_none() { bearer } else { None }).and_then(|s| self.keys.get(s))
+        if api_key.is_none()
+            && let Some(key) = bearer.and_then(|s| self.keys.get(s))
         {
             return Ok(Caller::Key(key));
         }
